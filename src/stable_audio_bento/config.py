@@ -1,0 +1,84 @@
+"""Settings: what the engine loads (environment) and how the services are sized (configuration.yaml)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL = "stabilityai/stable-audio-open-1.0"
+FRONT_SERVICE = "StableAudio"
+ENGINE_SERVICE = "StableAudioEngine"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the GPU service loads and how it runs it.
+
+    model: a hub id, a local diffusers-format folder, or ``tiny`` (a small random model built locally).
+    decode_margin_frames: None decodes every latent frame then crops (bit-exact with diffusers); N decodes only
+    the requested window plus N frames each side (``STABLE_AUDIO_DECODE_MARGIN``: ``full`` or N).
+    load_format: ``auto`` reads weights; ``dummy`` builds the same architecture with random weights.
+    device / dtype: ``auto`` picks CUDA with half precision for the DiT and T5 when available, else CPU fp32.
+    """
+
+    model: str = DEFAULT_MODEL
+    load_format: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    vae_dtype: str = "float32"
+    default_inference_steps: int = 100
+    max_inference_steps: int = 500
+    decode_margin_frames: int | None = None
+
+    @classmethod
+    def from_env(cls) -> "EngineConfig":
+        env = os.environ
+        return cls(
+            model=env.get("STABLE_AUDIO_MODEL", cls.model),
+            load_format=env.get("STABLE_AUDIO_LOAD_FORMAT", cls.load_format),
+            device=env.get("STABLE_AUDIO_DEVICE", cls.device),
+            dtype=env.get("STABLE_AUDIO_DTYPE", cls.dtype),
+            vae_dtype=env.get("STABLE_AUDIO_VAE_DTYPE", cls.vae_dtype),
+            default_inference_steps=int(env.get("STABLE_AUDIO_DEFAULT_STEPS", cls.default_inference_steps)),
+            max_inference_steps=int(env.get("STABLE_AUDIO_MAX_STEPS", cls.max_inference_steps)),
+            decode_margin_frames=_parse_margin(env.get("STABLE_AUDIO_DECODE_MARGIN", "full")),
+        )
+
+
+def _parse_margin(value: str) -> int | None:
+    return None if value == "full" else int(value)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Decorator arguments for both BentoML services, read from configuration.yaml.
+
+    The file is also a valid BentoML configuration (``BENTOML_CONFIG=configuration.yaml``); BentoML's new
+    service SDK takes batching limits only from the decorator, so they are read here and passed on.
+    """
+
+    port: int = 8091
+    request_timeout_s: float = 900.0
+    max_batch_size: int = 8
+    max_latency_ms: int = 600_000
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> "ServiceSettings":
+        path = Path(path or os.environ.get("BENTOML_CONFIG") or REPO_ROOT / "configuration.yaml")
+        if not path.is_file():
+            return cls()
+        services: dict[str, Any] = (yaml.safe_load(path.read_text()) or {}).get("services", {})
+        front = services.get(FRONT_SERVICE, {})
+        engine = services.get(ENGINE_SERVICE, {})
+        batching = engine.get("batching", {})
+        return cls(
+            port=front.get("http", {}).get("port", cls.port),
+            request_timeout_s=front.get("traffic", {}).get("timeout", cls.request_timeout_s),
+            max_batch_size=batching.get("max_batch_size", cls.max_batch_size),
+            max_latency_ms=batching.get("max_latency_ms", cls.max_latency_ms),
+        )

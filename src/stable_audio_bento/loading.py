@@ -1,0 +1,177 @@
+"""Load a StableAudioPipeline from the hub, a local folder, a tiny self-made model, or random full-size weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderOobleck, CosineDPMSolverMultistepScheduler, StableAudioDiTModel, StableAudioPipeline
+from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+from .config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+TINY = "tiny"
+TINY_FORMAT_VERSION = 1
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Constructor arguments of every component; the time geometry (hop 2048, 1024 frames, 44.1 kHz stereo)
+    is the same in both sizes, so any request valid for the real model is valid for the tiny one."""
+
+    text_encoder: dict[str, Any]
+    projection: dict[str, Any]
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+
+
+_VAE_GEOMETRY = dict(downsampling_ratios=[2, 4, 4, 8, 8], audio_channels=2, sampling_rate=44100, decoder_input_channels=64)
+
+# stable-audio-open-1.0 as published (T5-base, 1.06 B-parameter DiT, 156 M-parameter Oobleck VAE).
+FULL_SIZE = Architecture(
+    text_encoder=dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, relative_attention_num_buckets=32),
+    projection=dict(text_encoder_dim=768, conditioning_dim=768, min_value=0, max_value=512),
+    transformer=dict(
+        sample_size=1024, in_channels=64, out_channels=64, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, num_key_value_attention_heads=12, cross_attention_dim=768, time_proj_dim=256,
+        global_states_input_dim=1536, cross_attention_input_dim=768,
+    ),
+    vae=dict(_VAE_GEOMETRY, encoder_hidden_size=128, channel_multiples=[1, 2, 4, 8, 16], decoder_channels=128),
+)
+
+TINY_SIZE = Architecture(
+    text_encoder=dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
+    projection=dict(text_encoder_dim=32, conditioning_dim=32, min_value=0, max_value=512),
+    transformer=dict(
+        sample_size=1024, in_channels=64, out_channels=64, num_layers=2, attention_head_dim=16,
+        num_attention_heads=4, num_key_value_attention_heads=2, cross_attention_dim=64, time_proj_dim=32,
+        global_states_input_dim=64, cross_attention_input_dim=32,
+    ),
+    vae=dict(_VAE_GEOMETRY, encoder_hidden_size=128, channel_multiples=[1, 1, 1, 1, 1], decoder_channels=8),
+)
+
+
+def build_offline_tokenizer() -> T5Tokenizer:
+    """A unigram T5 tokenizer over single characters and a few common words, built without any download."""
+    pieces = ["▁" + word for word in "the a of and sound playing in with on music piano dog rain".split()]
+    pieces += ["▁" + ch for ch in string.ascii_lowercase] + list(string.ascii_letters + string.digits + string.punctuation)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(piece, -3.0 - 0.01 * i) for i, piece in enumerate(dict.fromkeys(pieces))]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=128)
+
+
+def build_random_pipeline(architecture: Architecture, seed: int = 0) -> StableAudioPipeline:
+    """Every component with the real classes and random weights (deterministic for a given seed)."""
+    torch.manual_seed(seed)
+    tokenizer = build_offline_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(feed_forward_proj="relu", **architecture.text_encoder))
+    return StableAudioPipeline(
+        vae=AutoencoderOobleck(**architecture.vae),
+        text_encoder=text_encoder.eval(),
+        projection_model=StableAudioProjectionModel(**architecture.projection),
+        tokenizer=tokenizer,
+        transformer=StableAudioDiTModel(**architecture.transformer),
+        scheduler=CosineDPMSolverMultistepScheduler(),
+    )
+
+
+def tiny_model_dir() -> Path:
+    cache = Path(os.environ.get("STABLE_AUDIO_CACHE", Path.home() / ".cache" / "stable-audio-bento"))
+    return cache / f"tiny-v{TINY_FORMAT_VERSION}"
+
+
+def ensure_tiny_model(directory: Path | None = None) -> Path:
+    """Build and save the tiny model once; later loads read it back like any diffusers folder."""
+    directory = directory or tiny_model_dir()
+    if (directory / "model_index.json").is_file():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tiny-"))
+    build_random_pipeline(TINY_SIZE).save_pretrained(staging)
+    try:
+        staging.rename(directory)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype  # DiT, T5 and projection model
+    vae_dtype: torch.dtype
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_placement(config: EngineConfig) -> Placement:
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    if config.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = _parse_dtype(config.dtype, "STABLE_AUDIO_DTYPE")
+    return Placement(device, dtype, _parse_dtype(config.vae_dtype, "STABLE_AUDIO_VAE_DTYPE"))
+
+
+def _parse_dtype(name: str, variable: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"{variable}={name!r} is not one of {sorted(_DTYPES)}") from None
+
+
+def load_pipeline(config: EngineConfig) -> StableAudioPipeline:
+    """The one entry point: pick the source from the configuration, then place components on the device."""
+    if config.load_format == "dummy":
+        logger.info("building full-size stable-audio-open architecture with random weights (dummy load format)")
+        pipe = build_random_pipeline(FULL_SIZE)
+    elif config.load_format != "auto":
+        raise ModelLoadError(f"STABLE_AUDIO_LOAD_FORMAT={config.load_format!r}: use 'auto' or 'dummy'")
+    elif config.model == TINY:
+        pipe = _from_pretrained(str(ensure_tiny_model()))
+    else:
+        pipe = _from_pretrained(config.model)
+    return place_pipeline(pipe, resolve_placement(config))
+
+
+def _from_pretrained(source: str) -> StableAudioPipeline:
+    is_folder = Path(source).is_dir()
+    try:
+        return StableAudioPipeline.from_pretrained(source, token=None if is_folder else os.environ.get("HF_TOKEN"))
+    except Exception as exc:  # diffusers raises OSError, ValueError or HTTP errors depending on what is missing
+        hint = (
+            f"{source!r} is not a complete diffusers-format StableAudioPipeline folder"
+            if is_folder
+            else f"could not fetch {source!r} from the Hugging Face hub (gated: accept the license and set HF_TOKEN)"
+        )
+        raise ModelLoadError(
+            f"{hint}: {exc}. Point STABLE_AUDIO_MODEL at a local diffusers-format folder "
+            f"(e.g. one made with `huggingface-cli download {source} --local-dir DIR`), "
+            "or use STABLE_AUDIO_MODEL=tiny for a small random model."
+        ) from exc
+
+
+def place_pipeline(pipe: StableAudioPipeline, placement: Placement) -> StableAudioPipeline:
+    for name in ("text_encoder", "projection_model", "transformer"):
+        getattr(pipe, name).to(placement.device, placement.dtype)
+    pipe.vae.to(placement.device, placement.vae_dtype)
+    for module in (pipe.text_encoder, pipe.projection_model, pipe.transformer, pipe.vae):
+        module.eval().requires_grad_(False)
+    return pipe

@@ -1,0 +1,150 @@
+"""The HTTP contract: the request body of POST /v1/audio/generate and the OpenAI-style error shape."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .pipeline import AudioRequest, ModelLimits
+
+AudioFormat = Literal["wav", "mp3", "flac", "pcm"]
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
+MAX_GUIDANCE_SCALE = 50.0
+MAX_PROMPT_CHARS = 10_000
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /v1/audio/generate. Strict types: a string where a number belongs is an error, not a guess."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    input: str = Field(description="Text prompt.", max_length=MAX_PROMPT_CHARS)
+    audio_length: float | None = Field(
+        None, description="Seconds of audio to return; default: the model maximum (47.55 s for stable-audio-open-1.0)."
+    )
+    audio_start: float = Field(0.0, description="Start of the returned window in seconds.")
+    negative_prompt: str | None = Field(None, description="What to avoid; used only when guidance_scale > 1.",
+                                        max_length=MAX_PROMPT_CHARS)
+    guidance_scale: float = Field(7.0, description="Classifier-free guidance scale; <= 1 disables guidance.")
+    num_inference_steps: int | None = Field(None, description="Denoising steps; default 100.")
+    seed: int | None = Field(None, description=f"0 to {MAX_SEED}; same seed and request give the same audio. "
+                                               "Default: random, returned in the X-Seed response header.")
+    response_format: AudioFormat = Field("wav", description="wav, mp3, flac or pcm (s16le, interleaved).")
+    model: str | None = Field(None, description="Optional; must name the served model.")
+
+    @field_validator("input")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain non-whitespace text")
+        return value
+
+    @field_validator("audio_length")
+    @classmethod
+    def _length_positive(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError("must be a finite number of seconds greater than 0")
+        return value
+
+    @field_validator("audio_start")
+    @classmethod
+    def _start_not_negative(cls, value: float) -> float:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError("must be a finite number of seconds, 0 or more")
+        return value
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance_in_range(cls, value: float) -> float:
+        if not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE_SCALE):
+            raise ValueError(f"must be a finite number between 0 and {MAX_GUIDANCE_SCALE:g}")
+        return value
+
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _steps_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"must be between 0 and {MAX_SEED}")
+        return value
+
+    def to_audio_request(self, limits: ModelLimits, served_model: str, default_steps: int,
+                         max_steps: int) -> AudioRequest:
+        """Checks what depends on the loaded model, then fills in the defaults."""
+        if self.model is not None and self.model != served_model:
+            raise APIError(f"model {self.model!r} is not served here; this server serves {served_model!r}",
+                           param="model", status=404, code="model_not_found")
+        steps = default_steps if self.num_inference_steps is None else self.num_inference_steps
+        if steps > max_steps:
+            raise APIError(f"num_inference_steps must be at most {max_steps} on this server (got {steps})",
+                           param="num_inference_steps")
+        if self.audio_start >= limits.max_seconds:
+            raise APIError(f"audio_start must be less than {limits.max_seconds:.2f} s for this model "
+                           f"(got {self.audio_start:g})", param="audio_start")
+        length = limits.max_seconds - self.audio_start if self.audio_length is None else self.audio_length
+        if round(length * limits.sample_rate) < 1:
+            raise APIError("audio_length must cover at least one sample", param="audio_length")
+        if self.audio_length is not None and self.audio_length > limits.max_seconds:
+            raise APIError(f"audio_length must be at most {limits.max_seconds:.2f} s for this model "
+                           f"(got {self.audio_length:g})", param="audio_length")
+        end_sample = round(self.audio_start * limits.sample_rate) + round(length * limits.sample_rate)
+        if end_sample > limits.max_samples:
+            raise APIError(f"audio_start + audio_length must be at most {limits.max_seconds:.2f} s for this model "
+                           f"(got {self.audio_start:g} + {length:g})", param="audio_start")
+        return AudioRequest(
+            prompt=self.input,
+            negative_prompt=self.negative_prompt,
+            audio_start=self.audio_start,
+            audio_length=length,
+            guidance_scale=self.guidance_scale,
+            num_inference_steps=steps,
+            seed=secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed,
+        )
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable", 504: "timeout_error"}
+
+
+class APIError(Exception):
+    """An error that reaches the client as ``{"error": {...}}`` with its HTTP status."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.status, self.param, self.code)
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def describe_validation_error(detail: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """(message, field) for the first pydantic error, phrased for a person; BentoML reports them as a list."""
+    if not detail:
+        return "invalid request body", None
+    first = detail[0]
+    fields = [part for part in first.get("loc", ()) if isinstance(part, str) and part not in ("body", "request")]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return "request body is not valid JSON", None
+    if kind in ("model_type", "model_attributes_type", "dataclass_type"):
+        return "request body must be a JSON object with the fields of /v1/audio/generate", None
+    field = fields[0] if fields else None
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if kind == "missing":
+        message = "is required"
+    return (f"{field}: {message}" if field else message), field

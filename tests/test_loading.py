@@ -1,0 +1,79 @@
+"""One loader for the tiny model, local folders, the hub and dummy full-size weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderOobleck, CosineDPMSolverMultistepScheduler, StableAudioDiTModel
+
+from stable_audio_bento.config import EngineConfig
+from stable_audio_bento.loading import ModelLoadError, load_pipeline, resolve_placement, tiny_model_dir
+from stable_audio_bento.pipeline import BatchedStableAudio
+
+
+def test_tiny_model_is_a_saved_diffusers_folder_with_the_real_geometry(tiny_pipe):
+    folder = tiny_model_dir()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableAudioPipeline"
+    assert index["transformer"] == ["diffusers", "StableAudioDiTModel"]
+    assert isinstance(tiny_pipe.transformer, StableAudioDiTModel)
+    assert isinstance(tiny_pipe.vae, AutoencoderOobleck)
+    assert isinstance(tiny_pipe.scheduler, CosineDPMSolverMultistepScheduler)
+    limits = BatchedStableAudio(tiny_pipe).limits
+    assert (limits.sample_rate, limits.channels, limits.hop_length, limits.latent_frames) == (44100, 2, 2048, 1024)
+    assert limits.max_seconds == pytest.approx(47.5545, abs=1e-4)
+    assert sum(p.numel() for p in tiny_pipe.transformer.parameters()) < 1_000_000
+
+
+def test_a_local_folder_loads_through_the_same_code(tiny_pipe):
+    from_folder = load_pipeline(EngineConfig(model=str(tiny_model_dir())))
+    for name in ("transformer", "vae", "text_encoder", "projection_model"):
+        ours, theirs = getattr(tiny_pipe, name).state_dict(), getattr(from_folder, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_missing_folder_says_how_to_point_at_weights(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="STABLE_AUDIO_MODEL"):
+        load_pipeline(EngineConfig(model=str(tmp_path)))
+
+
+def test_hub_id_without_network_fails_with_a_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="local diffusers-format folder"):
+        load_pipeline(EngineConfig(model="stabilityai/stable-audio-open-1.0"))
+
+
+def test_unknown_load_format_and_dtype_are_refused():
+    with pytest.raises(ModelLoadError, match="STABLE_AUDIO_LOAD_FORMAT"):
+        load_pipeline(EngineConfig(model="tiny", load_format="safetensors-please"))
+    with pytest.raises(ModelLoadError, match="STABLE_AUDIO_DTYPE"):
+        resolve_placement(EngineConfig(dtype="float8"))
+
+
+def test_placement_defaults_to_cpu_fp32_without_cuda():
+    placement = resolve_placement(EngineConfig())
+    assert placement.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        assert placement.dtype == placement.vae_dtype == torch.float32
+
+
+def test_environment_selects_model_and_format(monkeypatch):
+    monkeypatch.setenv("STABLE_AUDIO_MODEL", "/models/stable-audio")
+    monkeypatch.setenv("STABLE_AUDIO_LOAD_FORMAT", "dummy")
+    monkeypatch.setenv("STABLE_AUDIO_DECODE_MARGIN", "12")
+    config = EngineConfig.from_env()
+    assert (config.model, config.load_format, config.decode_margin_frames) == ("/models/stable-audio", "dummy", 12)
+
+
+def test_dummy_format_builds_the_full_size_architecture():
+    pipe = load_pipeline(EngineConfig(load_format="dummy"))
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+              for name in ("transformer", "vae", "text_encoder")}
+    assert 1.05e9 < counts["transformer"] < 1.07e9
+    assert 1.55e8 < counts["vae"] < 1.57e8
+    assert 1.0e8 < counts["text_encoder"] < 1.2e8
+    assert pipe.transformer.config.num_layers == 24 and pipe.transformer.config.sample_size == 1024

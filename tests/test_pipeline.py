@@ -1,0 +1,107 @@
+"""The batched engine against diffusers' StableAudioPipeline, and against itself under different batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stable_audio_bento.config import EngineConfig
+from stable_audio_bento.loading import load_pipeline
+from stable_audio_bento.pipeline import AudioRequest, BatchedStableAudio
+
+REFERENCE_CASES = {
+    "guided, no negative prompt": AudioRequest("a dog barking", seed=7, audio_length=10.0, num_inference_steps=8),
+    "guided, negative prompt, offset window": AudioRequest(
+        "a piano playing a gentle melody", seed=11, audio_length=20.0, audio_start=2.5,
+        negative_prompt="low quality, distorted", guidance_scale=3.0, num_inference_steps=6),
+    "unguided, full window": AudioRequest("thunder and rain", seed=3, audio_length=1024 * 2048 / 44100,
+                                          guidance_scale=1.0, negative_prompt="ignored", num_inference_steps=5),
+}
+
+
+def diffusers_reference(pipe, request: AudioRequest) -> np.ndarray:
+    return pipe(
+        request.prompt,
+        audio_start_in_s=request.audio_start,
+        audio_end_in_s=request.audio_start + request.audio_length,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        negative_prompt=request.negative_prompt,
+        generator=torch.Generator().manual_seed(request.seed),
+    ).audios[0].numpy()
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_single_request_is_bit_identical_to_diffusers(tiny_pipe, exact_engine, case):
+    request = REFERENCE_CASES[case]
+    [result] = exact_engine([request])
+    expected = diffusers_reference(tiny_pipe, request)
+    assert result.error is None
+    assert result.audio.shape == expected.shape == (2, round(request.audio_length * 44100))
+    assert np.array_equal(result.audio, expected)
+    assert np.abs(result.audio).max() > 0
+
+
+MIXED_BATCH = [
+    AudioRequest("ocean waves crashing", seed=1, audio_length=8.0, num_inference_steps=7),
+    AudioRequest("guitar playing", seed=2, audio_length=15.0, audio_start=1.0, negative_prompt="low quality",
+                 num_inference_steps=4),
+    AudioRequest("stadium crowd cheering", seed=3, audio_length=5.0, guidance_scale=1.0, num_inference_steps=6),
+    AudioRequest("a bell ringing", seed=4, audio_length=3.3, audio_start=40.0, guidance_scale=2.5,
+                 num_inference_steps=5),
+    AudioRequest("a dog barking", seed=1, audio_length=8.0, guidance_scale=0.5, num_inference_steps=7),
+]
+
+
+def test_batch_does_not_change_any_request(fast_engine):
+    batched = fast_engine(MIXED_BATCH)
+    reordered = fast_engine(MIXED_BATCH[::-1])[::-1]
+    for request, in_batch, in_other_order in zip(MIXED_BATCH, batched, reordered):
+        [alone] = fast_engine([request])
+        assert in_batch.error is None and alone.error is None
+        assert in_batch.audio.shape == (2, round(request.audio_length * 44100))
+        assert np.array_equal(in_batch.audio, alone.audio), request
+        assert np.array_equal(in_other_order.audio, alone.audio), request
+
+
+def test_different_seeds_and_prompts_differ(fast_engine):
+    first, second, third = fast_engine([
+        AudioRequest("rain", seed=1, audio_length=2.0, num_inference_steps=3),
+        AudioRequest("rain", seed=2, audio_length=2.0, num_inference_steps=3),
+        AudioRequest("wind", seed=1, audio_length=2.0, num_inference_steps=3),
+    ])
+    assert not np.array_equal(first.audio, second.audio)
+    assert not np.array_equal(first.audio, third.audio)
+
+
+@pytest.mark.parametrize("start, length", [(0.0, 1.2345), (0.777, 2.5), (47.0, 0.5544), (0.0, 1 / 44100)])
+def test_output_has_exactly_the_requested_samples(fast_engine, start, length):
+    [result] = fast_engine([AudioRequest("click", seed=5, audio_length=length, audio_start=start,
+                                         num_inference_steps=2)])
+    assert result.audio.shape == (2, round(length * 44100))
+    assert result.audio.dtype == np.float32
+
+
+def snr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    noise = np.sum((reference.astype(np.float64) - approximation) ** 2)
+    return float("inf") if noise == 0 else 10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / noise)
+
+
+def test_trimmed_decode_matches_full_decode(exact_engine, fast_engine):
+    windows = [AudioRequest("a synth pad", seed=9, audio_length=length, audio_start=start, num_inference_steps=4)
+               for start, length in [(0.0, 5.0), (20.3, 10.0), (40.0, 7.5)]]
+    for request, full, trimmed in zip(windows, exact_engine(windows), fast_engine(windows)):
+        assert trimmed.audio.shape == full.audio.shape
+        assert snr_db(full.audio, trimmed.audio) >= 100, request
+
+
+def test_half_precision_path_runs_on_cpu(model_cache, exact_engine):
+    """The GPU path (bf16 DiT and T5, fp32 latents and VAE) exercised on CPU: same shapes, audio close to fp32."""
+    half = BatchedStableAudio(load_pipeline(EngineConfig(model="tiny", dtype="bfloat16")))
+    assert half.transformer.dtype == torch.bfloat16 and half.vae.dtype == torch.float32
+    request = AudioRequest("a cat meowing", seed=4, audio_length=3.0, num_inference_steps=6)
+    [low], [full] = half([request]), exact_engine([request])
+    assert low.error is None and low.audio.shape == full.audio.shape
+    assert np.isfinite(low.audio).all()
+    assert snr_db(full.audio, low.audio) > 10

@@ -1,0 +1,47 @@
+"""Request defaults and model-dependent checks, without a server (the HTTP error table is in test_service)."""
+
+from __future__ import annotations
+
+import pytest
+
+from stable_audio_bento.pipeline import ModelLimits
+from stable_audio_bento.protocol import MAX_SEED, APIError, GenerateRequest
+
+LIMITS = ModelLimits(sample_rate=44100, channels=2, hop_length=2048, latent_frames=1024)
+
+
+def audio_request(**fields):
+    return GenerateRequest(**fields).to_audio_request(LIMITS, "stabilityai/stable-audio-open-1.0", 100, 500)
+
+
+def test_defaults_fill_the_model_window():
+    request = audio_request(input="rain")
+    assert request.audio_length == pytest.approx(47.5545, abs=1e-4)
+    assert (request.audio_start, request.guidance_scale, request.num_inference_steps) == (0.0, 7.0, 100)
+    assert request.negative_prompt is None
+    assert 0 <= request.seed <= MAX_SEED
+
+
+def test_default_length_runs_to_the_end_of_the_window_from_audio_start():
+    request = audio_request(input="rain", audio_start=40.0)
+    assert round((request.audio_start + request.audio_length) * 44100) == 1024 * 2048
+
+
+def test_random_seeds_differ_and_given_seeds_are_kept():
+    assert audio_request(input="x").seed != audio_request(input="x").seed
+    assert audio_request(input="x", seed=MAX_SEED).seed == MAX_SEED
+
+
+@pytest.mark.parametrize("fields, param, status", [
+    ({"audio_length": 47.6}, "audio_length", 400),
+    ({"audio_start": 40.0, "audio_length": 8.0}, "audio_start", 400),
+    ({"audio_start": 47.56}, "audio_start", 400),
+    ({"audio_length": 1e-6}, "audio_length", 400),
+    ({"num_inference_steps": 501}, "num_inference_steps", 400),
+    ({"model": "stabilityai/stable-audio-open-2.0"}, "model", 404),
+])
+def test_model_dependent_limits(fields, param, status):
+    with pytest.raises(APIError) as raised:
+        audio_request(input="x", **fields)
+    assert (raised.value.param, raised.value.status) == (param, status)
+    assert raised.value.body()["error"]["param"] == param
