@@ -10,7 +10,7 @@ from diffusers import AutoencoderOobleck, CosineDPMSolverMultistepScheduler, Sta
 
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import ModelLoadError, load_pipeline, resolve_placement, tiny_model_dir
-from stable_audio_bento.pipeline import BatchedStableAudio
+from stable_audio_bento.pipeline import BatchedStableAudio, SamplingOptions
 
 
 def test_tiny_model_is_a_saved_diffusers_folder_with_the_real_geometry(tiny_pipe):
@@ -64,9 +64,16 @@ def test_placement_defaults_to_cpu_fp32_without_cuda():
 def test_environment_selects_model_and_format(monkeypatch):
     monkeypatch.setenv("STABLE_AUDIO_MODEL", "/models/stable-audio")
     monkeypatch.setenv("STABLE_AUDIO_LOAD_FORMAT", "dummy")
-    monkeypatch.setenv("STABLE_AUDIO_DECODE_MARGIN", "12")
+    monkeypatch.setenv("STABLE_AUDIO_DECODE_MARGIN", "full")
+    monkeypatch.setenv("STABLE_AUDIO_SDE_NOISE", "vectorized")
+    monkeypatch.setenv("STABLE_AUDIO_MAX_ROWS", "6")
     config = EngineConfig.from_env()
-    assert (config.model, config.load_format, config.decode_margin_frames) == ("/models/stable-audio", "dummy", 12)
+    assert (config.model, config.load_format) == ("/models/stable-audio", "dummy")
+    assert config.sampling == SamplingOptions(decode_margin_frames=None, sde_noise="vectorized", max_rows=6)
+    assert not config.auto_max_rows
+    monkeypatch.setenv("STABLE_AUDIO_DENOISE_WINDOW", "tiny")
+    with pytest.raises(ValueError, match="STABLE_AUDIO_DENOISE_WINDOW"):
+        EngineConfig.from_env()
 
 
 def test_dummy_format_builds_the_full_size_architecture():

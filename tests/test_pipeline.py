@@ -8,7 +8,7 @@ import torch
 
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import load_pipeline
-from stable_audio_bento.pipeline import AudioRequest, BatchedStableAudio
+from stable_audio_bento.pipeline import AudioRequest, BatchedStableAudio, GaussianIncrements, SamplingOptions
 
 REFERENCE_CASES = {
     "guided, no negative prompt": AudioRequest("a dog barking", seed=7, audio_length=10.0, num_inference_steps=8),
@@ -54,19 +54,19 @@ MIXED_BATCH = [
 ]
 
 
-def test_batch_does_not_change_any_request(fast_engine):
-    batched = fast_engine(MIXED_BATCH)
-    reordered = fast_engine(MIXED_BATCH[::-1])[::-1]
+def test_batch_does_not_change_any_request(engine):
+    batched = engine(MIXED_BATCH)
+    reordered = engine(MIXED_BATCH[::-1])[::-1]
     for request, in_batch, in_other_order in zip(MIXED_BATCH, batched, reordered):
-        [alone] = fast_engine([request])
+        [alone] = engine([request])
         assert in_batch.error is None and alone.error is None
         assert in_batch.audio.shape == (2, round(request.audio_length * 44100))
         assert np.array_equal(in_batch.audio, alone.audio), request
         assert np.array_equal(in_other_order.audio, alone.audio), request
 
 
-def test_different_seeds_and_prompts_differ(fast_engine):
-    first, second, third = fast_engine([
+def test_different_seeds_and_prompts_differ(engine):
+    first, second, third = engine([
         AudioRequest("rain", seed=1, audio_length=2.0, num_inference_steps=3),
         AudioRequest("rain", seed=2, audio_length=2.0, num_inference_steps=3),
         AudioRequest("wind", seed=1, audio_length=2.0, num_inference_steps=3),
@@ -76,8 +76,8 @@ def test_different_seeds_and_prompts_differ(fast_engine):
 
 
 @pytest.mark.parametrize("start, length", [(0.0, 1.2345), (0.777, 2.5), (47.0, 0.5544), (0.0, 1 / 44100)])
-def test_output_has_exactly_the_requested_samples(fast_engine, start, length):
-    [result] = fast_engine([AudioRequest("click", seed=5, audio_length=length, audio_start=start,
+def test_output_has_exactly_the_requested_samples(engine, start, length):
+    [result] = engine([AudioRequest("click", seed=5, audio_length=length, audio_start=start,
                                          num_inference_steps=2)])
     assert result.audio.shape == (2, round(length * 44100))
     assert result.audio.dtype == np.float32
@@ -88,20 +88,60 @@ def snr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / noise)
 
 
-def test_trimmed_decode_matches_full_decode(exact_engine, fast_engine):
+def test_trimmed_decode_matches_full_decode(exact_engine, engine):
     windows = [AudioRequest("a synth pad", seed=9, audio_length=length, audio_start=start, num_inference_steps=4)
                for start, length in [(0.0, 5.0), (20.3, 10.0), (40.0, 7.5)]]
-    for request, full, trimmed in zip(windows, exact_engine(windows), fast_engine(windows)):
+    for request, full, trimmed in zip(windows, exact_engine(windows), engine(windows)):
         assert trimmed.audio.shape == full.audio.shape
         assert snr_db(full.audio, trimmed.audio) >= 100, request
 
 
-def test_half_precision_path_runs_on_cpu(model_cache, exact_engine):
+def test_half_precision_path_runs_on_cpu(model_cache, engine):
     """The GPU path (bf16 DiT and T5, fp32 latents and VAE) exercised on CPU: same shapes, audio close to fp32."""
     half = BatchedStableAudio(load_pipeline(EngineConfig(model="tiny", dtype="bfloat16")))
     assert half.transformer.dtype == torch.bfloat16 and half.vae.dtype == torch.float32
     request = AudioRequest("a cat meowing", seed=4, audio_length=3.0, num_inference_steps=6)
-    [low], [full] = half([request]), exact_engine([request])
+    [low], [full] = half([request]), engine([request])
     assert low.error is None and low.audio.shape == full.audio.shape
     assert np.isfinite(low.audio).all()
     assert snr_db(full.audio, low.audio) > 10
+
+
+def assert_batch_invariant(engine: BatchedStableAudio, requests: list[AudioRequest]) -> list[np.ndarray]:
+    batched = engine(requests)
+    for request, in_batch in zip(requests, batched):
+        [alone] = engine([request])
+        assert in_batch.error is None and in_batch.audio.shape == (2, round(request.audio_length * 44100))
+        assert np.array_equal(in_batch.audio, alone.audio), request
+    return [result.audio for result in batched]
+
+
+def test_vectorized_sde_noise_is_reproducible_batch_invariant_and_not_the_tree(tiny_pipe, engine):
+    vectorized = BatchedStableAudio(tiny_pipe, SamplingOptions(sde_noise="vectorized"))
+    audio = assert_batch_invariant(vectorized, MIXED_BATCH[:3])
+    assert np.array_equal(vectorized(MIXED_BATCH[:1])[0].audio, audio[0])
+    assert not np.array_equal(engine(MIXED_BATCH[:1])[0].audio, audio[0])
+
+
+def test_gaussian_increments_are_standard_normal_from_the_request_generator():
+    like = torch.zeros(1, 64, 1024)
+    draws = GaussianIncrements(torch.Generator().manual_seed(0), like)
+    samples = torch.stack([draws(torch.tensor(10.0 - i), torch.tensor(9.0 - i)) for i in range(8)])
+    assert samples.shape == (8, 1, 64, 1024)
+    assert abs(samples.mean().item()) < 0.01 and abs(samples.std().item() - 1) < 0.01
+    again = GaussianIncrements(torch.Generator().manual_seed(0), like)(torch.tensor(10.0), torch.tensor(9.0))
+    assert torch.equal(again, samples[0])
+
+
+def test_short_window_denoises_fewer_frames_and_stays_batch_invariant(tiny_pipe):
+    short = BatchedStableAudio(tiny_pipe, SamplingOptions(denoise_window="short"))
+    assert short.denoised_frames(AudioRequest("x", seed=0, audio_length=5.0)) == 128
+    assert short.denoised_frames(AudioRequest("x", seed=0, audio_length=10.0, audio_start=37.0)) == 1024
+    assert_batch_invariant(short, MIXED_BATCH)
+
+
+def test_row_cap_splits_a_batch_without_changing_results(tiny_pipe, engine):
+    capped = BatchedStableAudio(tiny_pipe, SamplingOptions(max_rows=3))
+    assert [len(group) for group in capped.split_by_rows(MIXED_BATCH)] == [1, 2, 2]
+    for capped_result, result in zip(capped(MIXED_BATCH), engine(MIXED_BATCH)):
+        assert np.array_equal(capped_result.audio, result.audio)

@@ -188,3 +188,11 @@ def test_command_line_client(server, tmp_path):
     refused = subprocess.run(command[:-2] + ["--guidance-scale", "-2", "-o", str(tmp_path / "x.wav")],
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "guidance_scale" in refused.stderr
+
+
+def test_server_timing_reports_each_stage(server):
+    response = post(server, {"input": "a gong", "audio_length": 1.0, "num_inference_steps": 2, "seed": 5})
+    stages = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+    assert {"queue", "prepare", "denoise", "decode", "encode"} <= set(stages)
+    assert all(float(ms) >= 0 for ms in stages.values())
+    assert float(stages["denoise"]) > 0

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from .pipeline import SamplingOptions
+
 DEFAULT_MODEL = "stabilityai/stable-audio-open-1.0"
 FRONT_SERVICE = "StableAudio"
 ENGINE_SERVICE = "StableAudioEngine"
@@ -17,13 +19,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What the GPU service loads and how it runs it.
+    """What the GPU service loads and how it runs it (environment variables in brackets).
 
-    model: a hub id, a local diffusers-format folder, or ``tiny`` (a small random model built locally).
-    decode_margin_frames: None decodes every latent frame then crops (bit-exact with diffusers); N decodes only
-    the requested window plus N frames each side (``STABLE_AUDIO_DECODE_MARGIN``: ``full`` or N).
-    load_format: ``auto`` reads weights; ``dummy`` builds the same architecture with random weights.
-    device / dtype: ``auto`` picks CUDA with half precision for the DiT and T5 when available, else CPU fp32.
+    model [STABLE_AUDIO_MODEL]: a hub id, a local diffusers-format folder, or ``tiny`` (a small random model).
+    load_format [STABLE_AUDIO_LOAD_FORMAT]: ``auto`` reads weights; ``dummy`` builds the full-size architecture
+        with random weights.
+    device, dtype, vae_dtype [STABLE_AUDIO_DEVICE, _DTYPE, _VAE_DTYPE]: ``auto`` picks CUDA with fp16 for the DiT
+        and T5 when available, else CPU fp32; the VAE stays fp32 unless set.
+    sampling [STABLE_AUDIO_DECODE_MARGIN (``full`` or N), _SDE_NOISE, _DENOISE_WINDOW, _MAX_ROWS (``auto`` or N)]:
+        see SamplingOptions.
+    compile [STABLE_AUDIO_COMPILE=1]: torch.compile the transformer and warm it up before serving.
     """
 
     model: str = DEFAULT_MODEL
@@ -33,11 +38,15 @@ class EngineConfig:
     vae_dtype: str = "float32"
     default_inference_steps: int = 100
     max_inference_steps: int = 500
-    decode_margin_frames: int | None = None
+    sampling: SamplingOptions = SamplingOptions()
+    auto_max_rows: bool = True
+    compile: bool = False
 
     @classmethod
     def from_env(cls) -> "EngineConfig":
         env = os.environ
+        max_rows = env.get("STABLE_AUDIO_MAX_ROWS", "auto")
+        margin = env.get("STABLE_AUDIO_DECODE_MARGIN", str(SamplingOptions.decode_margin_frames))
         return cls(
             model=env.get("STABLE_AUDIO_MODEL", cls.model),
             load_format=env.get("STABLE_AUDIO_LOAD_FORMAT", cls.load_format),
@@ -46,12 +55,22 @@ class EngineConfig:
             vae_dtype=env.get("STABLE_AUDIO_VAE_DTYPE", cls.vae_dtype),
             default_inference_steps=int(env.get("STABLE_AUDIO_DEFAULT_STEPS", cls.default_inference_steps)),
             max_inference_steps=int(env.get("STABLE_AUDIO_MAX_STEPS", cls.max_inference_steps)),
-            decode_margin_frames=_parse_margin(env.get("STABLE_AUDIO_DECODE_MARGIN", "full")),
+            sampling=SamplingOptions(
+                decode_margin_frames=None if margin == "full" else int(margin),
+                sde_noise=_choice(env, "STABLE_AUDIO_SDE_NOISE", ("exact", "vectorized")),
+                denoise_window=_choice(env, "STABLE_AUDIO_DENOISE_WINDOW", ("full", "short")),
+                max_rows=None if max_rows == "auto" else int(max_rows),
+            ),
+            auto_max_rows=max_rows == "auto",
+            compile=env.get("STABLE_AUDIO_COMPILE", "0") == "1",
         )
 
 
-def _parse_margin(value: str) -> int | None:
-    return None if value == "full" else int(value)
+def _choice(env, variable: str, allowed: tuple[str, ...]) -> str:
+    value = env.get(variable, allowed[0])
+    if value not in allowed:
+        raise ValueError(f"{variable}={value!r}: use one of {', '.join(allowed)}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import os
 import shutil
 import string
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioPr
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from .config import EngineConfig
+from .pipeline import BatchedStableAudio
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,19 @@ def _parse_dtype(name: str, variable: str) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise ModelLoadError(f"{variable}={name!r} is not one of {sorted(_DTYPES)}") from None
+
+
+def load_engine(config: EngineConfig) -> BatchedStableAudio:
+    """The pipeline wrapped for batched generation, compiled and warmed up as configured."""
+    engine = BatchedStableAudio(load_pipeline(config), config.sampling)
+    if config.compile:
+        engine.compile()
+    if config.compile or engine.device.type == "cuda":
+        engine.warm_up()
+    if config.auto_max_rows and engine.device.type == "cuda":
+        engine.options = replace(engine.options, max_rows=engine.rows_capacity())
+        logger.info("at most %d DiT rows per forward fit in free GPU memory", engine.options.max_rows)
+    return engine
 
 
 def load_pipeline(config: EngineConfig) -> StableAudioPipeline:

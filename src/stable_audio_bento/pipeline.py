@@ -10,10 +10,12 @@ any batch; see ``tests/test_pipeline.py``.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +29,29 @@ logger = logging.getLogger(__name__)
 # ULPs (diffusers issue #13274); the query is still answered. The rare case that recurses is caught per request.
 warnings.filterwarnings("ignore", message="Should have ", module="torchsde")
 
+SHORT_WINDOW_TAIL_FRAMES = 16  # latent frames denoised past a short clip's end (the decoder reaches ±10)
+SHORT_WINDOW_BUCKET_FRAMES = 64  # window lengths are rounded up to this, so similar clips share a forward
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How generation trades exactness for speed. The defaults keep every request's audio reproducible from
+    its seed alone, whatever else is in the batch.
+
+    decode_margin_frames: None decodes all 1024 latent frames and crops, bit-exact with diffusers; N decodes
+        only the frames under the requested window plus N each side (16 is within float precision of full).
+    sde_noise: ``exact`` draws the SDE noise from diffusers' torchsde Brownian tree (bit-exact, ~20 ms per
+        request per step on CPU); ``vectorized`` draws the same Gaussian increments from the request's generator.
+    denoise_window: ``full`` denoises the model's whole 47.55 s window as diffusers does; ``short`` denoises only
+        the frames up to a clip's end (plus a tail), which changes the audio and is off by default.
+    max_rows: cap on DiT rows per forward (a guided request uses two); None for no cap.
+    """
+
+    decode_margin_frames: int | None = 16
+    sde_noise: Literal["exact", "vectorized"] = "exact"
+    denoise_window: Literal["full", "short"] = "full"
+    max_rows: int | None = None
+
 
 @dataclass(frozen=True)
 class AudioRequest:
@@ -39,6 +64,11 @@ class AudioRequest:
     negative_prompt: str | None = None
     guidance_scale: float = 7.0
     num_inference_steps: int = 100
+
+    @property
+    def rows(self) -> int:
+        """DiT rows this request occupies: unconditional + conditional with guidance, else one."""
+        return 2 if self.guidance_scale > 1.0 else 1
 
 
 @dataclass
@@ -68,6 +98,20 @@ class ModelLimits:
         return self.max_samples / self.sample_rate
 
 
+class GaussianIncrements:
+    """Replaces the scheduler's Brownian-tree sampler in ``vectorized`` mode.
+
+    The tree returns (W(t1) - W(t0)) / sqrt(|t1 - t0|) for consecutive, disjoint intervals: independent standard
+    normals. Drawing those from the request's own generator is the same process without the tree's cost; the
+    values differ from diffusers', so this is a separate, documented mode."""
+
+    def __init__(self, generator: torch.Generator, like: torch.Tensor):
+        self.generator, self.shape, self.device, self.dtype = generator, like.shape, like.device, like.dtype
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        return randn_tensor(self.shape, generator=self.generator, device=self.device, dtype=self.dtype)
+
+
 @dataclass
 class _RequestState:
     """Per-request tensors and solver state carried through the denoising loop."""
@@ -75,20 +119,24 @@ class _RequestState:
     request: AudioRequest
     generator: torch.Generator
     scheduler: object
-    text_conditioning: torch.Tensor  # (rows, text tokens + 2, dim): rows = 2 with guidance, else 1
+    text_conditioning: torch.Tensor  # (rows, text tokens + 2, dim)
     global_conditioning: torch.Tensor  # (rows, 1, inner_dim): global_proj(seconds conditioning)
     latents: torch.Tensor  # (1, channels, frames), float32
     step: int = 0
     error: str | None = None
-    started_at: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def guided(self) -> bool:
-        return self.text_conditioning.shape[0] == 2
+        return self.request.rows == 2
 
     @property
     def timestep(self) -> torch.Tensor:
         return self.scheduler.timesteps[self.step]
+
+    @property
+    def frames(self) -> int:
+        return self.latents.shape[-1]
 
     @property
     def active(self) -> bool:
@@ -98,12 +146,9 @@ class _RequestState:
 class BatchedStableAudio:
     """Runs a list of heterogeneous requests through one ``StableAudioPipeline``'s components."""
 
-    def __init__(self, pipe: StableAudioPipeline, decode_margin_frames: int | None = None):
-        """decode_margin_frames: None decodes all latent frames then crops, exactly as the pipeline does;
-        an integer decodes only the frames under the requested window plus that many on each side
-        (the decoder sees ±10 frames, so 16 matches the full decode to float precision)."""
+    def __init__(self, pipe: StableAudioPipeline, options: SamplingOptions = SamplingOptions()):
         self.pipe = pipe
-        self.decode_margin_frames = decode_margin_frames
+        self.options = options
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.device = pipe.transformer.device
@@ -114,24 +159,55 @@ class BatchedStableAudio:
             hop_length=int(pipe.vae.hop_length),
             latent_frames=int(pipe.transformer.config.sample_size),
         )
-        self.rotary_embedding = tuple(
-            part.to(self.device)
-            for part in get_1d_rotary_pos_embed(
-                pipe.rotary_embed_dim, self.limits.latent_frames + 1, use_real=True, repeat_interleave_real=False
-            )
-        )
+        self._rotary_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._transformer_forward = self.transformer_forward
+
+    def compile(self) -> None:
+        """torch.compile the transformer loop; shapes vary with the batch, so it is compiled as dynamic."""
+        self._transformer_forward = torch.compile(self.transformer_forward, dynamic=True)
+
+    def warm_up(self) -> None:
+        """One short guided generation, so compilation and allocator growth happen before the first request."""
+        self([AudioRequest("warm-up", seed=0, audio_length=1.0, num_inference_steps=2)])
+
+    @torch.no_grad()
+    def rows_capacity(self, headroom: float = 0.8) -> int:
+        """DiT rows per forward that fit in free CUDA memory, from the memory one full-window forward takes."""
+        state = self.prepare_request(AudioRequest("probe", seed=0, audio_length=1.0, num_inference_steps=1))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        self.predict_noise([state])
+        torch.cuda.synchronize(self.device)
+        per_row = (torch.cuda.max_memory_allocated(self.device) - baseline) / state.request.rows
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(2, int(headroom * free / per_row))
 
     @torch.no_grad()
     def __call__(self, requests: list[AudioRequest]) -> list[AudioResult]:
-        states = [self.prepare_request(request) for request in requests]
-        self.denoise(states)
-        return [self.decode(state) for state in states]
+        results = []
+        for group in self.split_by_rows(requests):
+            states = [self.prepare_request(request) for request in group]
+            self.denoise(states)
+            results += [self.decode(state) for state in states]
+        return results
+
+    def split_by_rows(self, requests: list[AudioRequest]) -> list[list[AudioRequest]]:
+        """Consecutive groups whose DiT rows fit ``max_rows``; the groups run one after another."""
+        if self.options.max_rows is None:
+            return [requests] if requests else []
+        groups: list[list[AudioRequest]] = [[]]
+        for request in requests:
+            if groups[-1] and sum(r.rows for r in groups[-1]) + request.rows > self.options.max_rows:
+                groups.append([])
+            groups[-1].append(request)
+        return groups if groups[0] else []
 
     # 1. Per-request conditioning, noise and scheduler, computed exactly as StableAudioPipeline does for one prompt.
     def prepare_request(self, request: AudioRequest) -> _RequestState:
         pipe = self.pipe
-        started_at = time.perf_counter()
-        guided = request.guidance_scale > 1.0
+        started = time.perf_counter()
+        guided = request.rows == 2
         negative_prompt = request.negative_prompt if guided else None
         prompt_embeds = pipe.encode_prompt(request.prompt, self.device, guided, negative_prompt)
         seconds_start, seconds_end = pipe.encode_duration(
@@ -150,7 +226,9 @@ class BatchedStableAudio:
         scheduler = copy.deepcopy(pipe.scheduler)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        latents = self.prepare_latents(generator, scheduler.init_noise_sigma)
+        latents = self.prepare_latents(generator, scheduler.init_noise_sigma, self.denoised_frames(request))
+        if self.options.sde_noise == "vectorized":
+            scheduler.noise_sampler = GaussianIncrements(generator, latents)
         return _RequestState(
             request=request,
             generator=generator,
@@ -158,33 +236,45 @@ class BatchedStableAudio:
             text_conditioning=text_conditioning,
             global_conditioning=self.transformer.global_proj(seconds_conditioning),
             latents=latents,
-            started_at=started_at,
+            timings={"prepare_s": time.perf_counter() - started},
         )
 
-    def prepare_latents(self, generator: torch.Generator, init_noise_sigma: float) -> torch.Tensor:
+    def denoised_frames(self, request: AudioRequest) -> int:
+        if self.options.denoise_window == "full":
+            return self.limits.latent_frames
+        start, length = self.window_samples(request)
+        needed = -(-(start + length) // self.limits.hop_length) + SHORT_WINDOW_TAIL_FRAMES
+        bucketed = -(-needed // SHORT_WINDOW_BUCKET_FRAMES) * SHORT_WINDOW_BUCKET_FRAMES
+        return min(self.limits.latent_frames, bucketed)
+
+    def prepare_latents(self, generator: torch.Generator, init_noise_sigma: float, frames: int) -> torch.Tensor:
+        # Always draw the full window, so a short window starts from the same noise as the full one.
         shape = (1, self.transformer.config.in_channels, self.limits.latent_frames)
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        return noise * init_noise_sigma
+        return noise[:, :, :frames] * init_noise_sigma
 
-    # 2. Denoising: one transformer forward per step over the rows of every request still running.
+    # 2. Denoising: one transformer forward per step (per window length) over the rows of every running request.
     def denoise(self, states: list[_RequestState]) -> None:
+        started = time.perf_counter()
         while active := [state for state in states if state.active]:
-            noise_predictions = self.predict_noise(active)
-            for state, noise_pred in zip(active, noise_predictions):
-                self.scheduler_step(state, noise_pred)
+            for _, same_length in itertools.groupby(sorted(active, key=lambda s: s.frames), key=lambda s: s.frames):
+                same_length = list(same_length)
+                for state, noise_pred in zip(same_length, self.predict_noise(same_length)):
+                    self.scheduler_step(state, noise_pred)
+                    if not state.active:
+                        state.timings["denoise_s"] = time.perf_counter() - started
 
     def predict_noise(self, active: list[_RequestState]) -> list[torch.Tensor]:
         model_inputs, text_rows, global_rows = [], [], []
         for state in active:
-            rows = state.text_conditioning.shape[0]
-            latents = state.latents.expand(rows, -1, -1)
+            latents = state.latents.expand(state.request.rows, -1, -1)
             model_inputs.append(state.scheduler.scale_model_input(latents, state.timestep))
             text_rows.append(state.text_conditioning)
             global_rows.append(state.global_conditioning + self.embed_timestep(state.timestep).unsqueeze(1))
-        output = self.transformer_forward(torch.cat(model_inputs), torch.cat(text_rows), torch.cat(global_rows))
+        output = self._transformer_forward(torch.cat(model_inputs), torch.cat(text_rows), torch.cat(global_rows))
 
         predictions = []
-        for state, rows in zip(active, output.split([s.text_conditioning.shape[0] for s in active])):
+        for state, rows in zip(active, output.split([s.request.rows for s in active])):
             rows = rows.float()
             if state.guided:
                 uncond, cond = rows.chunk(2)
@@ -198,12 +288,21 @@ class BatchedStableAudio:
         dit = self.transformer
         return dit.timestep_proj(dit.time_proj(timestep.unsqueeze(0).to(self.dtype)))
 
+    def rotary_embedding(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if frames not in self._rotary_embeddings:
+            cos, sin = get_1d_rotary_pos_embed(
+                self.pipe.rotary_embed_dim, frames + 1, use_real=True, repeat_interleave_real=False
+            )
+            self._rotary_embeddings[frames] = (cos.to(self.device), sin.to(self.device))
+        return self._rotary_embeddings[frames]
+
     def transformer_forward(
         self, latents: torch.Tensor, text_conditioning: torch.Tensor, global_conditioning: torch.Tensor
     ) -> torch.Tensor:
         """StableAudioDiTModel.forward with the global (seconds + timestep) embedding computed per request."""
         dit = self.transformer
         hidden = latents.to(self.dtype)
+        rotary_embedding = self.rotary_embedding(hidden.shape[-1])
         cross_attention = dit.cross_attention_proj(text_conditioning)
         hidden = (dit.preprocess_conv(hidden) + hidden).transpose(1, 2)
         hidden = torch.cat([global_conditioning, dit.proj_in(hidden)], dim=-2)
@@ -213,7 +312,7 @@ class BatchedStableAudio:
                 attention_mask=None,
                 encoder_hidden_states=cross_attention,
                 encoder_attention_mask=None,
-                rotary_embedding=self.rotary_embedding,
+                rotary_embedding=rotary_embedding,
             )
         hidden = dit.proj_out(hidden).transpose(1, 2)[:, :, 1:]
         return dit.postprocess_conv(hidden) + hidden
@@ -231,29 +330,24 @@ class BatchedStableAudio:
 
     # 3. Decode each request's latents and cut its window: [audio_start, audio_start + audio_length].
     def decode(self, state: _RequestState) -> AudioResult:
-        denoised_at = time.perf_counter()
         if state.error:
             return AudioResult(error=state.error)
+        started = time.perf_counter()
         start, length = self.window_samples(state.request)
-        first_frame, last_frame = self.decoded_frames(start, length)
+        first_frame, last_frame = self.decoded_frames(start, length, state.frames)
         latents = state.latents[:, :, first_frame:last_frame].to(self.vae.dtype)
         audio = self.vae.decode(latents).sample[0]
         offset = start - first_frame * self.limits.hop_length
         audio = audio[:, offset : offset + length].float().cpu().numpy()
         if not np.isfinite(audio).all():
             return AudioResult(error="the model produced non-finite audio")
-        return AudioResult(
-            audio=audio,
-            timings={"denoise_s": denoised_at - state.started_at, "decode_s": time.perf_counter() - denoised_at},
-        )
+        return AudioResult(audio=audio, timings={**state.timings, "decode_s": time.perf_counter() - started})
 
-    def decoded_frames(self, start: int, length: int) -> tuple[int, int]:
-        if self.decode_margin_frames is None:
-            return 0, self.limits.latent_frames
-        hop, margin = self.limits.hop_length, self.decode_margin_frames
-        first = max(0, start // hop - margin)
-        last = min(self.limits.latent_frames, -(-(start + length) // hop) + margin)
-        return first, last
+    def decoded_frames(self, start: int, length: int, frames: int) -> tuple[int, int]:
+        if self.options.decode_margin_frames is None:
+            return 0, frames
+        hop, margin = self.limits.hop_length, self.options.decode_margin_frames
+        return max(0, start // hop - margin), min(frames, -(-(start + length) // hop) + margin)
 
     def window_samples(self, request: AudioRequest) -> tuple[int, int]:
         rate = self.limits.sample_rate

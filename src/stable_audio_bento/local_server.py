@@ -1,0 +1,60 @@
+"""Start `bentoml serve` of this repository on a free loopback port (used by the tests and the benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from .config import REPO_ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def local_server(env: dict[str, str], log_path: Path, startup_timeout_s: float = 600) -> Iterator[str]:
+    """Yields the base URL once /health answers 200; stops the whole process group afterwards."""
+    port = free_port()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(port), "--host", "127.0.0.1"],
+            cwd=REPO_ROOT, env={**os.environ, "BENTOML_CONFIG": str(REPO_ROOT / "configuration.yaml"), **env},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + startup_timeout_s
+            while not is_healthy(url):
+                if process.poll() is not None:
+                    raise RuntimeError(f"bentoml serve exited with {process.returncode}; see {log_path}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server not healthy after {startup_timeout_s:.0f} s; see {log_path}")
+                time.sleep(1)
+            yield url
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
