@@ -25,6 +25,7 @@ from stable_audio_bento.protocol import APIError, GenerateRequest  # noqa: E402
 from stable_audio_bento.serving import ModelCard, OpenAIErrorMiddleware  # noqa: E402
 
 logger = logging.getLogger("stable_audio_bento")
+logger.setLevel(logging.INFO)
 SETTINGS = ServiceSettings.load()
 
 

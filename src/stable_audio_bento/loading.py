@@ -141,6 +141,8 @@ def _parse_dtype(name: str, variable: str) -> torch.dtype:
 def load_engine(config: EngineConfig) -> BatchedStableAudio:
     """The pipeline wrapped for batched generation, compiled and warmed up as configured."""
     engine = BatchedStableAudio(load_pipeline(config), config.sampling)
+    logger.info("engine: %s on %s, DiT dtype %s, VAE dtype %s, %d CPU threads, %s", config.model, engine.device,
+                engine.dtype, engine.vae.dtype, torch.get_num_threads(), config.sampling)
     if config.compile:
         engine.compile()
     if config.compile or engine.device.type == "cuda":

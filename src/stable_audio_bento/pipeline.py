@@ -333,15 +333,19 @@ class BatchedStableAudio:
         if state.error:
             return AudioResult(error=state.error)
         started = time.perf_counter()
-        start, length = self.window_samples(state.request)
-        first_frame, last_frame = self.decoded_frames(start, length, state.frames)
-        latents = state.latents[:, :, first_frame:last_frame].to(self.vae.dtype)
-        audio = self.vae.decode(latents).sample[0]
-        offset = start - first_frame * self.limits.hop_length
-        audio = audio[:, offset : offset + length].float().cpu().numpy()
+        audio = self.decode_window(state.latents, state.request)
         if not np.isfinite(audio).all():
             return AudioResult(error="the model produced non-finite audio")
         return AudioResult(audio=audio, timings={**state.timings, "decode_s": time.perf_counter() - started})
+
+    @torch.no_grad()
+    def decode_window(self, latents: torch.Tensor, request: AudioRequest) -> np.ndarray:
+        """(channels, samples) float32 audio of the request's window from its (1, channels, frames) latents."""
+        start, length = self.window_samples(request)
+        first_frame, last_frame = self.decoded_frames(start, length, latents.shape[-1])
+        audio = self.vae.decode(latents[:, :, first_frame:last_frame].to(self.vae.dtype)).sample[0]
+        offset = start - first_frame * self.limits.hop_length
+        return audio[:, offset : offset + length].float().cpu().numpy()
 
     def decoded_frames(self, start: int, length: int, frames: int) -> tuple[int, int]:
         if self.options.decode_margin_frames is None:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Download, into .whl/ (git-ignored), the Python 3.12 wheels that benchmarks/gpu.sh installs on the GPU machine,
+# which has torch, transformers, numpy and most common packages but not these. Versions are those of ./.venv.
+# Needs PyPI; the result is about 20 MiB. Carry it with the device tool: carry=[".whl"].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NEEDED="bentoml diffusers torchsde trampoline soundfile cffi pycparser pydantic pydantic-core annotated-types
+  typing-inspection fastapi starlette a2wsgi aiohttp-asgi-connector aiosqlite asgiref cattrs click-option-group
+  httpx-ws httpx2 httpcore2 importlib-metadata kantoku lazy-importer opentelemetry-api opentelemetry-sdk
+  opentelemetry-instrumentation opentelemetry-instrumentation-aiohttp-client opentelemetry-instrumentation-asgi
+  opentelemetry-semantic-conventions opentelemetry-util-http pip-requirements-parser python-json-logger
+  python-multipart pyzmq rich-toolkit schema simple-di tomli-w tornado truststore uvicorn watchfiles wsproto"
+pins=$(.venv/bin/python - $NEEDED <<'PY'
+import sys
+from importlib.metadata import version
+print(" ".join(f"{name}=={version(name)}" for name in sys.argv[1:]))
+PY
+)
+rm -rf .whl && mkdir .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d .whl $pins
+du -sh .whl

@@ -1,0 +1,31 @@
+"""The prepared GPU script runs end to end on CPU (tiny model), so GPU minutes are never lost to a typo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_cpu_smoke(tmp_path, model_cache):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--cpu-smoke"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    model = json.loads((tmp_path / "bench-model.json").read_text())
+    assert all(row["snr_db"] >= 100 and row["speedup"] > 1 for row in model["decode"])
+    assert all(row["snr_db"] >= 30 for row in model["precision"] if row["component"] == "DiT + T5")
+    assert [row["case"] for row in model["latency"]] == ["10 s, exact window", "10 s, short window"]
+    assert model["scheduler"][0]["vectorized_s"] < model["scheduler"][0]["tree_s"]
+
+    serving = json.loads((tmp_path / "bench-serving.json").read_text())
+    assert serving["serving"]["http_s"] > 0 and serving["serving"]["direct_s"] > 0
+    assert all(row["ok"] == row["requests"] for row in serving["throughput"]["service"])
+    assert [row["load"] for row in serving["arrivals"]] == [0.5, 0.9]
+    assert all(row["ok"] == row["requests"] for row in serving["arrivals"])
+    assert "## throughput" in done.stdout and "## arrivals" in done.stdout
