@@ -22,7 +22,7 @@ from stable_audio_bento.config import EngineConfig, ServiceSettings  # noqa: E40
 from stable_audio_bento.loading import load_engine  # noqa: E402
 from stable_audio_bento.pipeline import AudioRequest  # noqa: E402
 from stable_audio_bento.protocol import APIError, GenerateRequest  # noqa: E402
-from stable_audio_bento.serving import ModelCard, OpenAIErrorMiddleware  # noqa: E402
+from stable_audio_bento.serving import ModelCard, OpenAIErrorMiddleware, RequestGuardMiddleware  # noqa: E402
 
 logger = logging.getLogger("stable_audio_bento")
 logger.setLevel(logging.INFO)
@@ -108,3 +108,4 @@ class StableAudio:
 
 
 StableAudio.add_asgi_middleware(OpenAIErrorMiddleware)
+StableAudio.add_asgi_middleware(RequestGuardMiddleware)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -31,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
     parser.add_argument("-o", "--output", type=Path, default=Path("output.wav"), help="output file (default output.wav)")
     parser.add_argument("--url", default="http://localhost:8091", help="server address (default http://localhost:8091)")
+    parser.add_argument("--api-key", default=os.environ.get("STABLE_AUDIO_API_KEY"),
+                        help="sent as 'Authorization: Bearer KEY' (default: $STABLE_AUDIO_API_KEY)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
     return parser.parse_args(argv)
 
@@ -44,8 +47,10 @@ def request_body(args: argparse.Namespace) -> dict:
     return body
 
 
-def generate(url: str, body: dict, timeout: float) -> tuple[bytes, dict[str, str]]:
+def generate(url: str, body: dict, timeout: float, api_key: str | None = None) -> tuple[bytes, dict[str, str]]:
     headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url.rstrip("/") + "/v1/audio/generate", json.dumps(body).encode(), headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.read(), dict(response.headers)
@@ -54,7 +59,7 @@ def generate(url: str, body: dict, timeout: float) -> tuple[bytes, dict[str, str
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        audio, headers = generate(args.url, request_body(args), args.timeout)
+        audio, headers = generate(args.url, request_body(args), args.timeout, args.api_key)
     except urllib.error.HTTPError as error:
         print(f"error {error.code}: {error.read().decode(errors='replace')}", file=sys.stderr)
         return 1

@@ -3,8 +3,10 @@ middleware that gives every error response the OpenAI shape ``{"error": {"messag
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -85,3 +87,80 @@ class OpenAIErrorMiddleware:
         else:
             message = str(data) or f"HTTP {status}"
         return json.dumps(error_body(message, status, param)).encode()
+
+
+async def send_json(send, status: int, body: dict[str, Any], extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra_headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """Optional API key and the request-body limit (environment variables in brackets).
+
+    api_key [STABLE_AUDIO_API_KEY, or the first line of the file named by STABLE_AUDIO_API_KEY_FILE]: when set,
+        every path except ``public_paths`` needs ``Authorization: Bearer <key>``.
+    public_paths [STABLE_AUDIO_PUBLIC_PATHS, comma-separated]: open without a key; add /docs or /metrics here.
+    max_body_bytes [STABLE_AUDIO_MAX_BODY_BYTES]: larger request bodies get 413.
+    """
+
+    api_key: str | None = None
+    public_paths: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz")
+    max_body_bytes: int = 1 << 20
+
+    @classmethod
+    def from_env(cls) -> "GuardSettings":
+        env = os.environ
+        key = env.get("STABLE_AUDIO_API_KEY") or None
+        if key is None and env.get("STABLE_AUDIO_API_KEY_FILE"):
+            with open(env["STABLE_AUDIO_API_KEY_FILE"]) as file:
+                key = file.readline().strip() or None
+        paths = env.get("STABLE_AUDIO_PUBLIC_PATHS")
+        return cls(
+            api_key=key,
+            public_paths=tuple(p.strip() for p in paths.split(",") if p.strip()) if paths else cls.public_paths,
+            max_body_bytes=int(env.get("STABLE_AUDIO_MAX_BODY_BYTES", cls.max_body_bytes)),
+        )
+
+
+class RequestGuardMiddleware:
+    """Checks the API key (constant-time) and caps the body size before a request reaches BentoML."""
+
+    def __init__(self, app, settings: GuardSettings | None = None):
+        self.app = app
+        self.settings = settings or GuardSettings.from_env()
+        self.expected = f"Bearer {self.settings.api_key}".encode() if self.settings.api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.expected is not None and scope["path"] not in self.settings.public_paths:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = error_body("missing or invalid API key: send 'Authorization: Bearer <key>'", 401,
+                                  code="invalid_api_key")
+                return await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        chunks, size = [], 0
+        while True:  # read the whole body (bounded), then replay it
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.settings.max_body_bytes:
+                body = error_body(f"request body exceeds {self.settings.max_body_bytes} bytes", 413)
+                return await send_json(send, 413, body)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)

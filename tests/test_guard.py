@@ -1,0 +1,79 @@
+"""API key and body-size limit, against a real server started with a key file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import bentoml
+import httpx
+import pytest
+
+from stable_audio_bento.local_server import local_server
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+KEY = "s3cret-key-for-tests"
+BODY = {"input": "a door creaking", "audio_length": 1.0, "num_inference_steps": 2, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def keyed_server(model_cache, tmp_path_factory) -> str:
+    key_file = tmp_path_factory.mktemp("secrets") / "api-key"
+    key_file.write_text(KEY + "\n")
+    env = {"STABLE_AUDIO_MODEL": "tiny", "STABLE_AUDIO_API_KEY_FILE": str(key_file),
+           "STABLE_AUDIO_PUBLIC_PATHS": "/health,/metrics"}
+    with local_server(env, ARTIFACTS / "server-keyed.log", startup_timeout_s=180) as url:
+        yield url
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                                     {"Authorization": f"Bearer {KEY}x"}])
+def test_missing_or_wrong_key_is_a_401_in_the_error_shape(keyed_server, headers):
+    response = httpx.post(keyed_server + "/v1/audio/generate", json=BODY, headers=headers, timeout=60)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+
+
+def test_right_key_generates_and_public_paths_stay_open(keyed_server):
+    response = httpx.post(keyed_server + "/v1/audio/generate", json=BODY,
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
+    assert httpx.get(keyed_server + "/health").status_code == 200
+    assert httpx.get(keyed_server + "/metrics").status_code == 200
+    assert httpx.get(keyed_server + "/docs.json").status_code == 401
+
+
+def test_bentoml_client_sends_the_key_as_a_bearer_token(keyed_server):
+    with bentoml.SyncHTTPClient(keyed_server, token=KEY, timeout=300) as client:
+        assert client.generate(**BODY).stat().st_size == 44 + 44100 * 2 * 2
+
+
+def test_oversized_body_is_a_413(server):
+    body = b'{"input": "' + b"x" * (1 << 20) + b'"}'
+    response = httpx.post(server + "/v1/audio/generate", content=body, timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+    def chunks():  # no Content-Length: the limit still holds
+        yield body[: 1 << 19]
+        yield body[1 << 19 :]
+
+    response = httpx.post(server + "/v1/audio/generate", content=chunks(), timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_command_line_client_sends_the_key(keyed_server, tmp_path):
+    command = [sys.executable, "-m", "stable_audio_bento.client", "a door creaking", "--url", keyed_server,
+               "--audio-length", "1", "--num-inference-steps", "2", "-o", str(tmp_path / "door.wav")]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                             env={k: v for k, v in os.environ.items() if k != "STABLE_AUDIO_API_KEY"})
+    assert refused.returncode == 1 and "401" in refused.stderr
+    accepted = subprocess.run(command + ["--api-key", KEY], capture_output=True, text=True, timeout=300)
+    assert accepted.returncode == 0, accepted.stderr
+    assert (tmp_path / "door.wav").stat().st_size == 44 + 44100 * 2 * 2
