@@ -5,7 +5,6 @@ StableAudio (front, HTTP on :8091)  ->  StableAudioEngine (GPU, adaptive batchin
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -14,98 +13,180 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # the Bento ships src/ without installing it
 
 import bentoml  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse, Response  # noqa: E402
 
-from stable_audio_bento.audio import FORMATS, encode_audio  # noqa: E402
-from stable_audio_bento.config import EngineConfig, ServiceSettings  # noqa: E402
+from stable_audio_bento.admission import Admission  # noqa: E402
+from stable_audio_bento.audio import FORMATS  # noqa: E402
+from stable_audio_bento.config import EngineConfig, FrontConfig, ServiceSettings  # noqa: E402
+from stable_audio_bento.gateway import Gateway, GeneratedAudio  # noqa: E402
+from stable_audio_bento.jobs import JobStore, new_job_id  # noqa: E402
 from stable_audio_bento.loading import load_engine  # noqa: E402
-from stable_audio_bento.pipeline import AudioRequest  # noqa: E402
-from stable_audio_bento.protocol import APIError, GenerateRequest  # noqa: E402
-from stable_audio_bento.serving import ModelCard, OpenAIErrorMiddleware, RequestGuardMiddleware  # noqa: E402
+from stable_audio_bento.metrics import EngineMetrics, FrontMetrics, RequestMetricsMiddleware  # noqa: E402
+from stable_audio_bento.pipeline import AudioRequest, AudioResult, release_freed_host_memory  # noqa: E402
+from stable_audio_bento.playground import playground_page  # noqa: E402
+from stable_audio_bento.protocol import APIError, GenerateRequest, describe_validation_error  # noqa: E402
+from stable_audio_bento.serving import (  # noqa: E402
+    ModelCard, OpenAIErrorMiddleware, RequestGuardMiddleware, current_request, error_headers, install_log_filters,
+)
+from stable_audio_bento.tracking import RequestTracker  # noqa: E402
 
 logger = logging.getLogger("stable_audio_bento")
 logger.setLevel(logging.INFO)
 SETTINGS = ServiceSettings.load()
 
 
-@bentoml.service(resources={"gpu": 1}, workers=1, traffic={"timeout": SETTINGS.request_timeout_s})
+# BentoML 1.4 replaces its client session to a service every 100 calls / 300 s and closes the old one with calls
+# still in flight on it, failing them; generations are long and many, so the session is kept for good.
+NEVER_RECYCLE_CONNECTION = {"max_requests": 2**62, "max_age": 1e12}
+
+
+@bentoml.service(resources={"gpu": 1}, workers=1, traffic={"timeout": SETTINGS.request_timeout_s},
+                 runner_connection=NEVER_RECYCLE_CONNECTION)
 class StableAudioEngine:
-    """Holds the diffusers pipeline; each adaptive batch is one call of BatchedStableAudio."""
+    """Holds the diffusers pipeline; each adaptive batch is one call of BatchedStableAudio.
+
+    The batch runs in a worker thread; ``cancel`` and ``progress`` are async so they answer while it runs."""
 
     def __init__(self) -> None:
+        install_log_filters()
         self.config = EngineConfig.from_env()
         self.engine = load_engine(self.config)
+        self.metrics = EngineMetrics.get(SETTINGS.max_batch_size)
+        self.tracker = RequestTracker(observe_step_seconds=self.metrics.step_seconds.observe)
         self.card = ModelCard(self.config.model, self.engine.limits,
                               self.config.default_inference_steps, self.config.max_inference_steps)
 
     @bentoml.api
-    def describe(self) -> dict:
+    async def describe(self) -> dict:
         return self.card.to_dict()
+
+    @bentoml.api
+    async def cancel(self, ids: list[str]) -> None:
+        self.tracker.cancel(ids)
+
+    @bentoml.api
+    async def progress(self, ids: list[str]) -> dict[str, dict[str, int]]:
+        return self.tracker.progress(ids)
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
     def generate(self, requests: list[AudioRequest]) -> list[dict]:
         started_at = time.time()
-        results = self.engine(requests)
-        logger.info("batch of %d requests (%d DiT rows) took %.2f s", len(requests),
-                    sum(r.rows for r in requests), time.time() - started_at)
-        return [{"audio": r.audio, "error": r.error, "timings": r.timings, "started_at": started_at,
-                 "batch_size": len(requests)} for r in results]
+        results = self.engine.generate(requests, self.tracker)
+        release_freed_host_memory()
+        self.record_metrics(requests, results)
+        logger.info("batch of %d requests (%d DiT rows) took %.2f s: %s", len(requests),
+                    sum(r.rows for r in requests), time.time() - started_at,
+                    ", ".join(f"{r.request_id}={result.failure or 'ok'}" for r, result in zip(requests, results)))
+        return [{"audio": r.audio, "error": r.error, "failure": r.failure, "timings": r.timings,
+                 "started_at": started_at, "batch_size": len(requests)} for r in results]
+
+    def record_metrics(self, requests: list[AudioRequest], results: list[AudioResult]) -> None:
+        self.metrics.batch_size.observe(len(requests))
+        for request, result in zip(requests, results):
+            if result.audio is not None:
+                self.metrics.audio_seconds.inc(request.audio_length)
+                engine_seconds = result.timings["denoise_s"] + result.timings["decode_s"]
+                self.metrics.seconds_per_audio_second.observe(engine_seconds / request.audio_length)
 
 
 http_routes = FastAPI()
 
 
+@http_routes.exception_handler(APIError)
+async def api_error(_: Request, error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error_headers(error))
+
+
+@http_routes.exception_handler(RequestValidationError)
+async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
+    message, param = describe_validation_error(error.errors())
+    return await api_error(_, APIError(message, param=param))
+
+
+def audio_response(audio: GeneratedAudio) -> Response:
+    return Response(audio.data, media_type=FORMATS[audio.response_format].media_type, headers=audio.headers())
+
+
 @bentoml.service(http={"port": SETTINGS.port}, traffic={"timeout": SETTINGS.request_timeout_s})
 @bentoml.asgi_app(http_routes, path="/")
 class StableAudio:
-    """The public HTTP API: POST /v1/audio/generate and GET /health."""
+    """The public HTTP API: /v1/audio/generate, /v1/audio/speech, /v1/audio/jobs, /v1/models and /health."""
 
     engine = bentoml.depends(StableAudioEngine)
 
     def __init__(self) -> None:
-        self._card: ModelCard | None = None
-
-    async def model_card(self) -> ModelCard:
-        if self._card is None:
-            self._card = ModelCard.from_dict(await self.engine.to_async.describe())
-        return self._card
+        install_log_filters()
+        self.config = FrontConfig.from_env(SETTINGS.max_batch_size)
+        self.admission = Admission(self.config.max_pending, SETTINGS.max_batch_size,
+                                   on_pending_change=FrontMetrics.get().pending.set)
+        self.admission.drain_on_sigterm()
+        self.gateway = Gateway(self.engine, self.admission)
+        self.jobs = JobStore(self.gateway, self.config.job_ttl_s, self.config.max_finished_jobs)
 
     @http_routes.get("/health")
     async def health(self):
+        if self.admission.draining:
+            raise APIError("shutting down", status=503, code="shutting_down")
         try:
-            card = await self.model_card()
+            card = await self.gateway.model_card()
         except Exception as exc:  # engine still loading or gone: not ready
-            return JSONResponse(APIError(f"model engine unavailable: {exc}", status=503).body(), status_code=503)
+            raise APIError(f"model engine unavailable: {exc}", status=503) from exc
         return {"status": "ok", "model": card.model, "sample_rate": card.limits.sample_rate,
                 "max_audio_length": card.limits.max_seconds}
 
     @bentoml.api(route="/v1/audio/generate", input_spec=GenerateRequest)
     async def generate(self, ctx: bentoml.Context, **fields) -> Path:
         request = GenerateRequest(**fields)  # already validated by BentoML against input_spec
-        submitted_at = time.time()
         try:
-            card = await self.model_card()
-            job = request.to_audio_request(card.limits, card.model, card.default_steps, card.max_steps)
-            [result] = await self.engine.to_async.generate([job])
-            if result["error"]:
-                raise APIError(f"generation failed: {result['error']}", status=500)
-            encode_started = time.perf_counter()
-            data = await asyncio.to_thread(encode_audio, result["audio"], card.limits.sample_rate,
-                                           request.response_format)
+            audio = await self.gateway.serve(request, current_request())
         except APIError as error:
             ctx.response.status_code = error.status
+            ctx.response.headers.update(error_headers(error))
             return JSONResponse(error.body(), status_code=error.status)
-        timings = {"queue": result["started_at"] - submitted_at, **result["timings"],
-                   "encode": time.perf_counter() - encode_started}
-        ctx.response.headers["Server-Timing"] = ", ".join(
-            f"{name.removesuffix('_s')};dur={1000 * seconds:.1f}" for name, seconds in timings.items())
-        ctx.response.headers["X-Seed"] = str(job.seed)
-        ctx.response.headers["X-Batch-Size"] = str(result["batch_size"])
-        path = Path(ctx.temp_dir) / f"audio.{FORMATS[request.response_format].extension}"
-        path.write_bytes(data)
+        ctx.response.headers.update(audio.headers())
+        path = Path(ctx.temp_dir) / audio.filename
+        path.write_bytes(audio.data)
         return path
 
+    @http_routes.post("/v1/audio/speech")
+    async def speech(self, request: GenerateRequest):
+        """OpenAI's speech endpoint, so ``openai.OpenAI(base_url=...).audio.speech.create`` works; ``voice``,
+        ``speed`` and ``instructions`` are ignored, our fields come through the SDK's ``extra_body``."""
+        return audio_response(await self.gateway.serve(request, current_request()))
 
+    @http_routes.get("/ui", include_in_schema=False)
+    async def playground(self):
+        """The browser playground (BentoML's own Swagger page keeps "/")."""
+        return playground_page()
+
+    @http_routes.get("/v1/models")
+    async def models(self):
+        card = await self.gateway.model_card()
+        model = {"id": card.model, "object": "model", "created": 0, "owned_by": "stable-audio-bento",
+                 "max_audio_length": card.limits.max_seconds, "sample_rate": card.limits.sample_rate}
+        return {"object": "list", "data": [model]}
+
+    @http_routes.post("/v1/audio/jobs", status_code=202)
+    async def submit_job(self, request: GenerateRequest):
+        job = self.jobs.submit(await self.gateway.prepare(request, current_request().request_id, new_job_id()),
+                               request.response_format)
+        return await self.jobs.describe(job)
+
+    @http_routes.get("/v1/audio/jobs/{job_id}")
+    async def job_status(self, job_id: str):
+        return await self.jobs.describe(self.jobs.get(job_id))
+
+    @http_routes.get("/v1/audio/jobs/{job_id}/content")
+    async def job_content(self, job_id: str):
+        return audio_response(self.jobs.content(job_id))
+
+    @http_routes.delete("/v1/audio/jobs/{job_id}")
+    async def cancel_job(self, job_id: str):
+        return await self.jobs.cancel(job_id)
+
+
+StableAudio.add_asgi_middleware(RequestMetricsMiddleware)
 StableAudio.add_asgi_middleware(OpenAIErrorMiddleware)
 StableAudio.add_asgi_middleware(RequestGuardMiddleware)

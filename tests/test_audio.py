@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import io
 import mimetypes
+import re
 
 import numpy as np
 import pytest
 import soundfile
+from pydub import AudioSegment
 
-from stable_audio_bento.audio import FORMATS, encode_audio
+from stable_audio_bento import audio
+from stable_audio_bento.audio import FORMATS, EncoderUnavailable, encode_audio, format_unavailable
 
 RATE = 44100
+TONES = [(0.5, 440.0), (0.3, 660.0)]  # (amplitude, Hz) of the left and right channel
+
+
+def tone(seconds: float) -> np.ndarray:
+    t = np.arange(round(seconds * RATE)) / RATE
+    return np.stack([a * np.sin(2 * np.pi * f * t) for a, f in TONES]).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def stereo_tone() -> np.ndarray:
-    t = np.arange(round(2.5 * RATE)) / RATE
-    return np.stack([0.5 * np.sin(2 * np.pi * 440 * t), 0.3 * np.sin(2 * np.pi * 660 * t)]).astype(np.float32)
+    return tone(2.5)
 
 
 @pytest.mark.parametrize("name, container", [("wav", "WAV"), ("flac", "FLAC")])
@@ -53,4 +61,95 @@ def test_out_of_range_samples_are_clipped_not_wrapped():
 
 def test_media_types_follow_the_suffix():
     assert {name: mimetypes.guess_type("x." + spec.extension)[0] for name, spec in FORMATS.items()} == {
-        "wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "pcm": "audio/pcm"}
+        "wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "pcm": "audio/pcm",
+        "opus": "audio/ogg", "aac": "audio/aac"}
+
+
+def decode_with_ffmpeg(data: bytes) -> tuple[np.ndarray, int]:
+    """(channels, samples) floats and their rate, as ffmpeg decodes them through pydub."""
+    segment = AudioSegment.from_file(io.BytesIO(data))
+    samples = np.array(segment.get_array_of_samples(), dtype=np.float64) / (1 << (8 * segment.sample_width - 1))
+    return samples.reshape(-1, segment.channels).T, segment.frame_rate
+
+
+def fit_tone(x: np.ndarray, rate: int, hz: float) -> tuple[float, float]:
+    """Amplitude of the best-fitting `hz` sinusoid, whatever its phase, and its correlation with `x`."""
+    t = np.arange(x.size) / rate
+    basis = np.stack([np.sin(2 * np.pi * hz * t), np.cos(2 * np.pi * hz * t)], axis=1)
+    coefficients = np.linalg.lstsq(basis, x, rcond=None)[0]
+    return float(np.hypot(*coefficients)), float(np.corrcoef(x, basis @ coefficients)[0, 1])
+
+
+def adts_headers(data: bytes) -> list[bytes]:
+    """The 7-byte header of every frame, walking the frame lengths: the whole stream must be ADTS."""
+    headers, at = [], 0
+    while at < len(data):
+        header = data[at:at + 7]
+        assert header[0] == 0xFF and header[1] & 0xF6 == 0xF0, f"no ADTS sync word (0xFFF, layer 0) at byte {at}"
+        headers.append(header)
+        at += max(7, (header[3] & 0x03) << 11 | header[4] << 3 | header[5] >> 5)  # frame length, header included
+    return headers
+
+
+def assert_same_tones(decoded: np.ndarray, rate: int):
+    edge = 2048  # skip the priming and the encoder's fade at the ends
+    for channel, (amplitude, hz) in zip(decoded, TONES):
+        fitted, correlation = fit_tone(channel[edge:-edge], rate, hz)
+        assert fitted == pytest.approx(amplitude, rel=0.02) and correlation > 0.99, (hz, fitted, correlation)
+
+
+@pytest.mark.parametrize("seconds", [1.0, 2.5])
+def test_opus_is_ogg_opus_resampled_to_48_khz(seconds):
+    clip = tone(seconds)
+    data = encode_audio(clip, RATE, "opus")
+    # The first Ogg page (27-byte header, 1 lacing byte) holds the Opus identification header.
+    assert data[:4] == b"OggS" and data[28:36] == b"OpusHead"
+    assert len(data) < clip.nbytes / 4
+    decoded, rate = decode_with_ffmpeg(data)
+    assert rate == 48000 and decoded.shape[0] == 2
+    # The pre-skip and the last page's granule position trim the codec's delay and padding: exact to a sample.
+    assert abs(decoded.shape[1] - clip.shape[1] * 48000 / RATE) <= 1
+    assert_same_tones(decoded, rate)
+
+
+@pytest.mark.parametrize("seconds", [1.0, 2.5])
+def test_aac_is_adts_aac_lc(seconds):
+    clip = tone(seconds)
+    data = encode_audio(clip, RATE, "aac")
+    headers = adts_headers(data)
+    profile_rate_channels = {(h[2] >> 6, h[2] >> 2 & 0xF, (h[2] & 1) << 2 | h[3] >> 6) for h in headers}
+    assert profile_rate_channels == {(1, 4, 2)}  # AAC-LC, 44100 Hz, stereo in every frame
+    assert len(data) < clip.nbytes / 4
+    decoded, rate = decode_with_ffmpeg(data)
+    assert rate == RATE and decoded.shape[0] == 2
+    # ADTS cannot signal the encoder's 1024 priming samples nor the padding of the last 1024-sample frame, so
+    # ffmpeg returns both: 1024 to 2047 extra samples (23 to 46 ms); a decoder that drops the priming, under 1024.
+    assert 0 <= decoded.shape[1] - clip.shape[1] < 2048
+    assert_same_tones(decoded, rate)
+
+
+@pytest.fixture
+def fresh_probe():
+    audio._ffmpeg_encoders.cache_clear()
+    yield
+    audio._ffmpeg_encoders.cache_clear()
+
+
+def test_every_format_is_available_here(fresh_probe):
+    assert {name: format_unavailable(name) for name in FORMATS} == dict.fromkeys(FORMATS)
+
+
+def test_without_ffmpeg_the_ffmpeg_formats_are_refused(fresh_probe, monkeypatch, tmp_path, stereo_tone):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    reason = "response_format 'opus' is unavailable on this server: ffmpeg was not found on PATH"
+    assert format_unavailable("opus") == reason
+    with pytest.raises(EncoderUnavailable, match=re.escape(reason)):
+        encode_audio(stereo_tone, RATE, "opus")
+    assert format_unavailable("wav") is None and encode_audio(stereo_tone, RATE, "wav")[:4] == b"RIFF"
+
+
+def test_an_ffmpeg_without_the_encoder_is_refused(monkeypatch):
+    monkeypatch.setattr(audio, "_ffmpeg_encoders", lambda: frozenset({"aac", "libmp3lame"}))
+    reason = "response_format 'opus' is unavailable on this server: this ffmpeg has no libopus encoder"
+    assert format_unavailable("opus") == reason
+    assert format_unavailable("aac") is None

@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import mimetypes
+import subprocess
 from dataclasses import dataclass
 
 import numpy as np
 import soundfile
+from pydub import AudioSegment
+from pydub.utils import which
+
+# Near-transparent for stereo music: Opus at 128k, ffmpeg's native AAC encoder (weaker than libfdk) at 192k.
+OPUS_BITRATE = "128k"
+AAC_BITRATE = "192k"
+
+
+class EncoderUnavailable(ValueError):
+    """The response format needs an ffmpeg (or an ffmpeg encoder) that this machine lacks."""
+
+
+@dataclass(frozen=True)
+class FfmpegCodec:
+    """Formats libsndfile cannot write go through pydub, which pipes a WAV through ffmpeg."""
+
+    muxer: str  # ffmpeg -f
+    encoder: str  # ffmpeg -acodec, as `ffmpeg -encoders` lists it
+    bitrate: str
 
 
 @dataclass(frozen=True)
 class AudioFormatSpec:
     extension: str
     media_type: str
-    soundfile_format: str | None  # None: raw samples, no container
-    subtype: str
+    soundfile_format: str | None = None  # None and no ffmpeg: raw samples, no container
+    subtype: str = "PCM_16"
+    ffmpeg: FfmpegCodec | None = None
 
 
 FORMATS: dict[str, AudioFormatSpec] = {
@@ -24,6 +46,12 @@ FORMATS: dict[str, AudioFormatSpec] = {
     "mp3": AudioFormatSpec("mp3", "audio/mpeg", "MP3", "MPEG_LAYER_III"),
     # Raw signed 16-bit little-endian samples, channels interleaved (L R L R ...), at the model's rate.
     "pcm": AudioFormatSpec("pcm", "audio/pcm", None, "PCM_16"),
+    # Ogg Opus (RFC 7845, whose media type is audio/ogg; audio/opus names the RTP payload). Opus runs at
+    # 48 kHz only, so ffmpeg resamples the 44.1 kHz input; the pre-skip and end trim keep the length exact.
+    "opus": AudioFormatSpec("opus", "audio/ogg", ffmpeg=FfmpegCodec("opus", "libopus", OPUS_BITRATE)),
+    # Raw ADTS AAC-LC, as streamed. ADTS cannot record the encoder delay, so decoders play 1024 samples of
+    # priming and the padding of the last frame: up to 46 ms more than was encoded.
+    "aac": AudioFormatSpec("aac", "audio/aac", ffmpeg=FfmpegCodec("adts", "aac", AAC_BITRATE)),
 }
 
 # BentoML derives a file response's Content-Type from its suffix through `mimetypes`.
@@ -31,11 +59,54 @@ for _spec in FORMATS.values():
     mimetypes.add_type(_spec.media_type, "." + _spec.extension)
 
 
+@functools.cache
+def _ffmpeg_encoders() -> frozenset[str] | str:
+    """The encoder names of the ffmpeg that pydub runs, or why it cannot run. Probed once per process."""
+    ffmpeg = which(AudioSegment.converter)
+    if ffmpeg is None:
+        return f"{AudioSegment.converter} was not found on PATH"
+    try:
+        listing = subprocess.run([ffmpeg, "-hide_banner", "-encoders"], capture_output=True, text=True,
+                                 check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"{ffmpeg} -encoders failed: {error}"
+    # Below the legend's "------" line, rows read " A..... libopus   libopus Opus (codec opus)".
+    return frozenset(row.split()[1] for row in listing.partition("------")[2].splitlines() if row.strip())
+
+
+def format_unavailable(response_format: str) -> str | None:
+    """None when this server can encode `response_format`, else a one-line reason for the client."""
+    codec = FORMATS[response_format].ffmpeg
+    if codec is None:
+        return None  # soundfile's wheel bundles libsndfile with its encoders
+    encoders = _ffmpeg_encoders()
+    if isinstance(encoders, str):
+        reason = encoders
+    elif codec.encoder not in encoders:
+        reason = f"this ffmpeg has no {codec.encoder} encoder"
+    else:
+        return None
+    return f"response_format {response_format!r} is unavailable on this server: {reason}"
+
+
+def _pcm16(frames: np.ndarray) -> bytes:
+    return np.round(frames * 32767).astype("<i2").tobytes()
+
+
 def encode_audio(audio: np.ndarray, sample_rate: int, response_format: str) -> bytes:
     spec = FORMATS[response_format]
     frames = np.clip(np.asarray(audio, dtype=np.float32).T, -1.0, 1.0)  # soundfile wants (samples, channels)
+    if spec.ffmpeg is not None:
+        reason = format_unavailable(response_format)
+        if reason is not None:
+            raise EncoderUnavailable(reason)
+        # 16-bit input: its quantization noise lies far below what these lossy codecs discard.
+        segment = AudioSegment(_pcm16(frames), sample_width=2, frame_rate=sample_rate, channels=frames.shape[1])
+        codec = spec.ffmpeg
+        return segment.export(io.BytesIO(), format=codec.muxer, codec=codec.encoder,
+                              bitrate=codec.bitrate).getvalue()
     if spec.soundfile_format is None:
-        return np.round(frames * 32767).astype("<i2").tobytes()
+        return _pcm16(frames)
     buffer = io.BytesIO()
     soundfile.write(buffer, frames, sample_rate, format=spec.soundfile_format, subtype=spec.subtype)
     return buffer.getvalue()

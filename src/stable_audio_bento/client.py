@@ -1,4 +1,5 @@
-"""Command-line client for POST /v1/audio/generate (standard library only, so it runs anywhere).
+"""Command-line client (standard library only, so it runs anywhere). It submits a job, shows a progress bar
+while polling it, then downloads the audio; Ctrl-C or --timeout cancels the job on the server.
 
     python -m stable_audio_bento.client "Thunder and rain sounds" --audio-length 15 --seed 42 -o rain.wav
 """
@@ -9,9 +10,13 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+POLL_INTERVAL_S = 0.25
+BAR_WIDTH = 30
 
 FIELDS = {  # flag -> (type, help); None values are left out so the server applies its defaults
     "audio_length": (float, "seconds of audio (default: the model maximum, 47.55 s)"),
@@ -20,7 +25,7 @@ FIELDS = {  # flag -> (type, help); None values are left out so the server appli
     "guidance_scale": (float, "classifier-free guidance scale (default 7; <= 1 disables guidance)"),
     "num_inference_steps": (int, "denoising steps (default 100)"),
     "seed": (int, "random seed; the same seed and request give the same audio"),
-    "response_format": (str, "wav, mp3, flac or pcm (default: from the output file's suffix, else wav)"),
+    "response_format": (str, "wav, mp3, flac, pcm, opus or aac (default: from the output file's suffix, else wav)"),
     "model": (str, "model name; must match the served model if given"),
 }
 
@@ -34,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default="http://localhost:8091", help="server address (default http://localhost:8091)")
     parser.add_argument("--api-key", default=os.environ.get("STABLE_AUDIO_API_KEY"),
                         help="sent as 'Authorization: Bearer KEY' (default: $STABLE_AUDIO_API_KEY)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+    parser.add_argument("--timeout", type=float, default=3600.0,
+                        help="seconds to wait before cancelling the job (default 3600)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
@@ -42,32 +49,87 @@ def request_body(args: argparse.Namespace) -> dict:
     body = {"input": args.input}
     body.update({name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None})
     suffix = args.output.suffix.lstrip(".").lower()
-    if "response_format" not in body and suffix in ("wav", "mp3", "flac", "pcm"):
+    if "response_format" not in body and suffix in ("wav", "mp3", "flac", "pcm", "opus", "aac"):
         body["response_format"] = suffix
     return body
 
 
-def generate(url: str, body: dict, timeout: float, api_key: str | None = None) -> tuple[bytes, dict[str, str]]:
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url.rstrip("/") + "/v1/audio/generate", json.dumps(body).encode(), headers)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.read(), dict(response.headers)
+class Server:
+    def __init__(self, url: str, api_key: str | None, timeout: float = 60.0):
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+
+    def call(self, method: str, path: str, body: dict | None = None) -> tuple[bytes, dict[str, str]]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data, self.headers, method=method)
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            return response.read(), dict(response.headers)
+
+    def job(self, method: str, path: str, body: dict | None = None) -> dict:
+        return json.loads(self.call(method, path, body)[0])
+
+
+def generate(server: Server, body: dict, timeout: float, show: "ProgressBar") -> tuple[bytes, dict]:
+    """Submit, poll until the job ends, download. Returns the audio and the final job status."""
+    job = server.job("POST", "/v1/audio/jobs", body)
+    deadline = time.monotonic() + timeout
+    try:
+        while job["status"] in ("queued", "running"):
+            show(job)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the job took longer than {timeout:g} s")
+            time.sleep(POLL_INTERVAL_S)
+            job = server.job("GET", f"/v1/audio/jobs/{job['id']}")
+    except (KeyboardInterrupt, TimeoutError):
+        server.job("DELETE", f"/v1/audio/jobs/{job['id']}")
+        raise
+    show(job)
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job {job['status']}: {json.dumps(job['error'])}")
+    return server.call("GET", job["result_url"])[0], job
+
+
+class ProgressBar:
+    """One line on stderr, redrawn in place on a terminal; elsewhere a line per 10 % of progress."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.interactive, self.last_tenth = enabled, sys.stderr.isatty(), -1
+
+    def __call__(self, job: dict) -> None:
+        if not self.enabled:
+            return
+        progress = job.get("progress") or {"steps_done": 0, "steps_total": 0}
+        done, total = progress["steps_done"], progress["steps_total"]
+        fraction = done / total if total else 0.0
+        filled = round(BAR_WIDTH * fraction)
+        state = f"queued, position {job['queue_position']}" if job["status"] == "queued" else job["status"]
+        line = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} steps  {state}"
+        final = job["status"] not in ("queued", "running")
+        if self.interactive:
+            print("\r" + line.ljust(70), end="\n" if final else "", file=sys.stderr, flush=True)
+        elif final or int(10 * fraction) > self.last_tenth:
+            self.last_tenth = int(10 * fraction)
+            print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    server = Server(args.url, args.api_key)
     try:
-        audio, headers = generate(args.url, request_body(args), args.timeout, args.api_key)
+        audio, job = generate(server, request_body(args), args.timeout, ProgressBar(not args.quiet))
     except urllib.error.HTTPError as error:
         print(f"error {error.code}: {error.read().decode(errors='replace')}", file=sys.stderr)
         return 1
-    except (urllib.error.URLError, TimeoutError) as error:
-        print(f"could not reach {args.url}: {error}", file=sys.stderr)
+    except (urllib.error.URLError, TimeoutError, RuntimeError) as error:
+        print(f"failed ({args.url}): {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
     args.output.write_bytes(audio)
-    print(f"wrote {args.output} ({len(audio)} bytes, {headers.get('Content-Type')}, seed {headers.get('X-Seed')})")
+    print(f"wrote {args.output} ({len(audio)} bytes, {job['response_format']}, seed {job['seed']})")
     return 0
 
 

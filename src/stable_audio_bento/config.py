@@ -74,6 +74,30 @@ def _choice(env, variable: str, allowed: tuple[str, ...]) -> str:
 
 
 @dataclass(frozen=True)
+class FrontConfig:
+    """How the HTTP front admits work and keeps jobs (environment variables in brackets).
+
+    max_pending [STABLE_AUDIO_MAX_PENDING]: generations queued or running (requests and jobs together) before new
+        ones get 429; default 4 batches' worth.
+    job_ttl_s [STABLE_AUDIO_JOB_TTL_S]: seconds a finished job's result is kept.
+    max_finished_jobs [STABLE_AUDIO_MAX_FINISHED_JOBS]: finished jobs kept at most (oldest dropped first).
+    """
+
+    max_pending: int = 32
+    job_ttl_s: float = 3600.0
+    max_finished_jobs: int = 256
+
+    @classmethod
+    def from_env(cls, max_batch_size: int) -> "FrontConfig":
+        env = os.environ
+        return cls(
+            max_pending=int(env.get("STABLE_AUDIO_MAX_PENDING", 4 * max_batch_size)),
+            job_ttl_s=float(env.get("STABLE_AUDIO_JOB_TTL_S", cls.job_ttl_s)),
+            max_finished_jobs=int(env.get("STABLE_AUDIO_MAX_FINISHED_JOBS", cls.max_finished_jobs)),
+        )
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     """Decorator arguments for both BentoML services, read from configuration.yaml.
 

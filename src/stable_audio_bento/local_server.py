@@ -30,8 +30,14 @@ def is_healthy(url: str) -> bool:
         return False
 
 
+class RunningServer(str):
+    """The base URL of a started server, which also carries its `bentoml serve` process."""
+
+    process: subprocess.Popen
+
+
 @contextlib.contextmanager
-def local_server(env: dict[str, str], log_path: Path, startup_timeout_s: float = 600) -> Iterator[str]:
+def local_server(env: dict[str, str], log_path: Path, startup_timeout_s: float = 600) -> Iterator[RunningServer]:
     """Yields the base URL once /health answers 200; stops the whole process group afterwards."""
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +47,8 @@ def local_server(env: dict[str, str], log_path: Path, startup_timeout_s: float =
             cwd=REPO_ROOT, env={**os.environ, "BENTOML_CONFIG": str(REPO_ROOT / "configuration.yaml"), **env},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        url = f"http://127.0.0.1:{port}"
+        url = RunningServer(f"http://127.0.0.1:{port}")
+        url.process = process
         try:
             deadline = time.monotonic() + startup_timeout_s
             while not is_healthy(url):
@@ -52,7 +59,8 @@ def local_server(env: dict[str, str], log_path: Path, startup_timeout_s: float =
                 time.sleep(1)
             yield url
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # a test may have stopped it already
+                os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:

@@ -5,11 +5,16 @@ its initial noise and SDE noise (from its own seed), its scheduler (step index, 
 tree) and its own number of steps. Only the transformer blocks run on the stacked rows of all requests.
 On CPU fp32 a request's audio is bit-identical to ``StableAudioPipeline`` with the same seed, alone or in
 any batch; see ``tests/test_pipeline.py``.
+
+A ``GenerationMonitor`` watches a batch from outside: it can stop any request between two steps (client gone,
+deadline passed) and hears each request's progress. ``generate`` survives a failing batch by retrying it in halves.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
 import itertools
 import logging
 import time
@@ -31,6 +36,21 @@ warnings.filterwarnings("ignore", message="Should have ", module="torchsde")
 
 SHORT_WINDOW_TAIL_FRAMES = 16  # latent frames denoised past a short clip's end (the decoder reaches ±10)
 SHORT_WINDOW_BUCKET_FRAMES = 64  # window lengths are rounded up to this, so similar clips share a forward
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim with
+        return None
+
+
+def release_freed_host_memory() -> None:
+    """Hands freed heap memory back to the OS (glibc's malloc_trim). CPU batches allocate tensors of ever-changing
+    sizes; without this the allocator keeps the peak of every mix it has seen and the process's RSS creeps up."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,9 @@ class AudioRequest:
     negative_prompt: str | None = None
     guidance_scale: float = 7.0
     num_inference_steps: int = 100
+    id: str = ""  # unique per generation: what cancellation and progress refer to
+    request_id: str = ""  # the client's X-Request-Id, for logs
+    deadline: float | None = None  # time.time() after which the request is abandoned
 
     @property
     def rows(self) -> int:
@@ -71,13 +94,35 @@ class AudioRequest:
         return 2 if self.guidance_scale > 1.0 else 1
 
 
+Failure = Literal["cancelled", "deadline_exceeded", "server_error"]
+
+
 @dataclass
 class AudioResult:
-    """Float32 audio of shape (channels, samples), or the reason this request alone failed."""
+    """Float32 audio of shape (channels, samples), or why this request alone did not finish."""
 
     audio: np.ndarray | None = None
     error: str | None = None
+    failure: Failure | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, failure: Failure, error: str) -> "AudioResult":
+        return cls(error=error, failure=failure)
+
+
+class GenerationMonitor:
+    """Hooks into a running batch. This base class stops nothing and ignores progress."""
+
+    def interruption(self, request: AudioRequest) -> AudioResult | None:
+        """Checked before a request starts and between its steps; a result here ends the request."""
+        return None
+
+    def on_step(self, request: AudioRequest, steps_done: int, steps_total: int) -> None:
+        """Called when a request starts (0 steps done) and after each of its steps."""
+
+    def on_forward(self, rows: int, seconds: float) -> None:
+        """Called after each batched denoising step: one DiT forward over ``rows`` rows and the scheduler steps."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +168,7 @@ class _RequestState:
     global_conditioning: torch.Tensor  # (rows, 1, inner_dim): global_proj(seconds conditioning)
     latents: torch.Tensor  # (1, channels, frames), float32
     step: int = 0
-    error: str | None = None
+    stopped: AudioResult | None = None  # set when the request ends before its last step
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -139,8 +184,12 @@ class _RequestState:
         return self.latents.shape[-1]
 
     @property
+    def steps_total(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    @property
     def active(self) -> bool:
-        return self.error is None and self.step < len(self.scheduler.timesteps)
+        return self.stopped is None and self.step < self.steps_total
 
 
 class BatchedStableAudio:
@@ -183,14 +232,39 @@ class BatchedStableAudio:
         free, _ = torch.cuda.mem_get_info(self.device)
         return max(2, int(headroom * free / per_row))
 
+    def generate(self, requests: list[AudioRequest], monitor: GenerationMonitor = GenerationMonitor()
+                 ) -> list[AudioResult]:
+        """``self(requests)``, except that a batch that raises (out of memory, a bad kernel, a bug one request
+        triggers) is retried in halves until the fault is pinned on single requests; only those fail."""
+        try:
+            return self(requests, monitor)
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the other requests of the batch must not be lost
+            if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(requests) == 1:
+                logger.exception("request %s failed on its own", requests[0].request_id or requests[0].id)
+                message = f"generation failed: {type(exc).__name__}: {exc}"
+                return [AudioResult.failed("server_error", message[:300])]
+            logger.warning("batch of %d failed (%s: %s); retrying in halves", len(requests), type(exc).__name__, exc)
+            half = len(requests) // 2
+            return self.generate(requests[:half], monitor) + self.generate(requests[half:], monitor)
+
     @torch.no_grad()
-    def __call__(self, requests: list[AudioRequest]) -> list[AudioResult]:
-        results = []
-        for group in self.split_by_rows(requests):
+    def __call__(self, requests: list[AudioRequest], monitor: GenerationMonitor = GenerationMonitor()
+                 ) -> list[AudioResult]:
+        results: dict[int, AudioResult] = {}
+        for position, request in enumerate(requests):  # requests stopped while queued are never computed
+            if (stopped := monitor.interruption(request)) is not None:
+                results[position] = stopped
+        waiting = [position for position in range(len(requests)) if position not in results]
+        for group in self.split_by_rows([requests[position] for position in waiting]):
+            positions, waiting = waiting[: len(group)], waiting[len(group) :]
             states = [self.prepare_request(request) for request in group]
-            self.denoise(states)
-            results += [self.decode(state) for state in states]
-        return results
+            for state in states:
+                monitor.on_step(state.request, 0, state.steps_total)
+            self.denoise(states, monitor)
+            results.update(zip(positions, (self.decode(state) for state in states)))
+        return [results[position] for position in range(len(requests))]
 
     def split_by_rows(self, requests: list[AudioRequest]) -> list[list[AudioRequest]]:
         """Consecutive groups whose DiT rows fit ``max_rows``; the groups run one after another."""
@@ -254,15 +328,28 @@ class BatchedStableAudio:
         return noise[:, :, :frames] * init_noise_sigma
 
     # 2. Denoising: one transformer forward per step (per window length) over the rows of every running request.
-    def denoise(self, states: list[_RequestState]) -> None:
+    def denoise(self, states: list[_RequestState], monitor: GenerationMonitor) -> None:
         started = time.perf_counter()
-        while active := [state for state in states if state.active]:
-            for _, same_length in itertools.groupby(sorted(active, key=lambda s: s.frames), key=lambda s: s.frames):
+        while running := self.still_running(states, monitor):
+            for _, same_length in itertools.groupby(sorted(running, key=lambda s: s.frames), key=lambda s: s.frames):
                 same_length = list(same_length)
+                step_started = time.perf_counter()
                 for state, noise_pred in zip(same_length, self.predict_noise(same_length)):
                     self.scheduler_step(state, noise_pred)
+                    monitor.on_step(state.request, state.step, state.steps_total)
                     if not state.active:
                         state.timings["denoise_s"] = time.perf_counter() - started
+                monitor.on_forward(sum(s.request.rows for s in same_length), time.perf_counter() - step_started)
+
+    @staticmethod
+    def still_running(states: list[_RequestState], monitor: GenerationMonitor) -> list[_RequestState]:
+        """The requests that take another step; one the monitor stops leaves the batch here, between steps."""
+        for state in states:
+            if state.active and (stopped := monitor.interruption(state.request)) is not None:
+                state.stopped = stopped
+                logger.info("request %s stopped after %d of %d steps (%s)", state.request.request_id or state.request.id,
+                            state.step, state.steps_total, stopped.failure)
+        return [state for state in states if state.active]
 
     def predict_noise(self, active: list[_RequestState]) -> list[torch.Tensor]:
         model_inputs, text_rows, global_rows = [], [], []
@@ -323,19 +410,22 @@ class BatchedStableAudio:
                 noise_pred, state.timestep, state.latents, generator=state.generator
             ).prev_sample
         except RecursionError:  # torchsde's Brownian tree recursing on an out-of-bounds query (diffusers #13274)
-            state.error = f"the SDE noise sampler failed at step {state.step} for this seed and step count"
+            state.stopped = AudioResult.failed(
+                "server_error", f"the SDE noise sampler failed at step {state.step} for this seed and step count")
             logger.exception("scheduler step failed for seed %d", state.request.seed)
             return
         state.step += 1
 
     # 3. Decode each request's latents and cut its window: [audio_start, audio_start + audio_length].
     def decode(self, state: _RequestState) -> AudioResult:
-        if state.error:
-            return AudioResult(error=state.error)
+        if state.stopped is not None:
+            return state.stopped
         started = time.perf_counter()
         audio = self.decode_window(state.latents, state.request)
-        if not np.isfinite(audio).all():
-            return AudioResult(error="the model produced non-finite audio")
+        if not np.isfinite(audio).all():  # never hand out NaN or silence as a success
+            return AudioResult.failed("server_error", "the model produced non-finite audio")
+        if not audio.any():
+            return AudioResult.failed("server_error", "the model produced digital silence")
         return AudioResult(audio=audio, timings={**state.timings, "decode_s": time.perf_counter() - started})
 
     @torch.no_grad()

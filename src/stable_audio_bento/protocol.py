@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .audio import format_unavailable
 from .pipeline import AudioRequest, ModelLimits
 
-AudioFormat = Literal["wav", "mp3", "flac", "pcm"]
+AudioFormat = Literal["wav", "mp3", "flac", "pcm", "opus", "aac"]
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 MAX_GUIDANCE_SCALE = 50.0
 MAX_PROMPT_CHARS = 10_000
+MAX_TIMEOUT_S = 86_400.0
 
 
 class GenerateRequest(BaseModel):
@@ -32,8 +35,11 @@ class GenerateRequest(BaseModel):
     num_inference_steps: int | None = Field(None, description="Denoising steps; default 100.")
     seed: int | None = Field(None, description=f"0 to {MAX_SEED}; same seed and request give the same audio. "
                                                "Default: random, returned in the X-Seed response header.")
-    response_format: AudioFormat = Field("wav", description="wav, mp3, flac or pcm (s16le, interleaved).")
+    response_format: AudioFormat = Field(
+        "wav", description="wav, mp3, flac, pcm (s16le, interleaved), opus (Ogg Opus, 48 kHz) or aac (ADTS).")
     model: str | None = Field(None, description="Optional; must name the served model.")
+    timeout: float | None = Field(None, description="Seconds this request may take, queueing included; past them "
+                                                    "it is abandoned with a 504. Default: the server's limit.")
 
     @field_validator("input")
     @classmethod
@@ -70,6 +76,13 @@ class GenerateRequest(BaseModel):
             raise ValueError("must be at least 1")
         return value
 
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_positive(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+            raise ValueError(f"must be a number of seconds greater than 0 and at most {MAX_TIMEOUT_S:g}")
+        return value
+
     @field_validator("seed")
     @classmethod
     def _seed_in_range(cls, value: int | None) -> int | None:
@@ -77,25 +90,28 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"must be between 0 and {MAX_SEED}")
         return value
 
-    def to_audio_request(self, limits: ModelLimits, served_model: str, default_steps: int,
-                         max_steps: int) -> AudioRequest:
-        """Checks what depends on the loaded model, then fills in the defaults."""
+    def to_audio_request(self, limits: ModelLimits, served_model: str, default_steps: int, max_steps: int, *,
+                         generation_id: str = "", request_id: str = "") -> AudioRequest:
+        """Checks what depends on the loaded model and this server, then fills in the defaults."""
         if self.model is not None and self.model != served_model:
-            raise APIError(f"model {self.model!r} is not served here; this server serves {served_model!r}",
+            raise APIError(f"model {shown(repr(self.model), 80)} is not served here; this server serves "
+                           f"{served_model!r}",
                            param="model", status=404, code="model_not_found")
+        if (reason := format_unavailable(self.response_format)) is not None:
+            raise APIError(reason, param="response_format", code="format_unavailable")
         steps = default_steps if self.num_inference_steps is None else self.num_inference_steps
         if steps > max_steps:
-            raise APIError(f"num_inference_steps must be at most {max_steps} on this server (got {steps})",
+            raise APIError(f"num_inference_steps must be at most {max_steps} on this server (got {shown(steps)})",
                            param="num_inference_steps")
         if self.audio_start >= limits.max_seconds:
             raise APIError(f"audio_start must be less than {limits.max_seconds:.2f} s for this model "
                            f"(got {self.audio_start:g})", param="audio_start")
         length = limits.max_seconds - self.audio_start if self.audio_length is None else self.audio_length
-        if round(length * limits.sample_rate) < 1:
-            raise APIError("audio_length must cover at least one sample", param="audio_length")
         if self.audio_length is not None and self.audio_length > limits.max_seconds:
             raise APIError(f"audio_length must be at most {limits.max_seconds:.2f} s for this model "
                            f"(got {self.audio_length:g})", param="audio_length")
+        if round(length * limits.sample_rate) < 1:
+            raise APIError("audio_length must cover at least one sample", param="audio_length")
         end_sample = round(self.audio_start * limits.sample_rate) + round(length * limits.sample_rate)
         if end_sample > limits.max_samples:
             raise APIError(f"audio_start + audio_length must be at most {limits.max_seconds:.2f} s for this model "
@@ -108,7 +124,16 @@ class GenerateRequest(BaseModel):
             guidance_scale=self.guidance_scale,
             num_inference_steps=steps,
             seed=secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed,
+            id=generation_id,
+            request_id=request_id,
+            deadline=None if self.timeout is None else time.time() + self.timeout,
         )
+
+
+def shown(value: Any, limit: int = 24) -> str:
+    """A value quoted in an error message, cut short: error bodies stay small whatever the client sent."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -119,9 +144,11 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 class APIError(Exception):
     """An error that reaches the client as ``{"error": {...}}`` with its HTTP status."""
 
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
+        self.retry_after = retry_after  # seconds, sent as Retry-After with 429 and 503
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.status, self.param, self.code)

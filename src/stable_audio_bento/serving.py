@@ -1,17 +1,24 @@
-"""HTTP-side glue that BentoML does not provide: the model card exchanged between services, and one
-middleware that gives every error response the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``."""
+"""HTTP-side glue that BentoML does not provide: the model card exchanged between services, a middleware that
+gives every error response the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``, and one that
+guards each request (API key, body size) and gives it an id and a way to notice that its client went away."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import hmac
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+import re
+import uuid
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pydantic
+
 from .pipeline import ModelLimits
-from .protocol import describe_validation_error, error_body
+from .protocol import APIError, describe_validation_error, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +96,10 @@ class OpenAIErrorMiddleware:
         return json.dumps(error_body(message, status, param)).encode()
 
 
+def error_headers(error: APIError) -> dict[str, str]:
+    return {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
+
+
 async def send_json(send, status: int, body: dict[str, Any], extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra_headers]
@@ -102,12 +113,13 @@ class GuardSettings:
 
     api_key [STABLE_AUDIO_API_KEY, or the first line of the file named by STABLE_AUDIO_API_KEY_FILE]: when set,
         every path except ``public_paths`` needs ``Authorization: Bearer <key>``.
-    public_paths [STABLE_AUDIO_PUBLIC_PATHS, comma-separated]: open without a key; add /docs or /metrics here.
+    public_paths [STABLE_AUDIO_PUBLIC_PATHS, comma-separated]: open without a key (the playground page asks for
+        the key itself); add /docs or /metrics here.
     max_body_bytes [STABLE_AUDIO_MAX_BODY_BYTES]: larger request bodies get 413.
     """
 
     api_key: str | None = None
-    public_paths: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz")
+    public_paths: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz", "/ui")
     max_body_bytes: int = 1 << 20
 
     @classmethod
@@ -125,8 +137,65 @@ class GuardSettings:
         )
 
 
+# Their POST bodies are read as JSON whatever the Content-Type says (multipart is refused with 415).
+JSON_BODY_PATHS = ("/v1/audio/generate", "/v1/audio/speech", "/v1/audio/jobs")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+@dataclass
+class RequestContext:
+    """What the handlers of one HTTP request may need from below the framework."""
+
+    request_id: str
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+_current_request: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar("request", default=None)
+
+
+def current_request() -> RequestContext:
+    """The context of the request being handled; a detached one outside a request (e.g. direct calls in tests)."""
+    return _current_request.get() or RequestContext(request_id=uuid.uuid4().hex)
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Appends the current request's id to every log line written while it is handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = _current_request.get()
+        if context is not None and not getattr(record, "request_id_added", False):
+            record.msg, record.args = f"{record.getMessage()} [request_id={context.request_id}]", None
+            record.request_id_added = True
+        return True
+
+
+class ClientErrorLogFilter(logging.Filter):
+    """BentoML logs a full traceback at ERROR for every body that fails validation. That is the client's mistake,
+    answered with a 400, so it becomes one WARNING line naming the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, pydantic.ValidationError) and record.msg == "Exception on %s [%s]":
+            record.msg = f"rejected %s [%s]: {describe_validation_error(error.errors())[0]}"
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.levelname_bracketed = "[WARNING]"  # BentoML's formatter field, set by its filter before ours
+        return True
+
+
+def install_log_filters() -> None:
+    """On the handlers BentoML configured (the root's and bentoml's), so that its own lines are covered too."""
+    for handler in {*logging.getLogger().handlers, *logging.getLogger("bentoml").handlers}:
+        for kind in (ClientErrorLogFilter, RequestIdLogFilter):
+            if not any(isinstance(existing, kind) for existing in handler.filters):
+                handler.addFilter(kind())
+
+
 class RequestGuardMiddleware:
-    """Checks the API key (constant-time) and caps the body size before a request reaches BentoML."""
+    """Per request, before BentoML sees it: an ``X-Request-Id`` (the client's if well-formed, else a new one)
+    echoed in the response, the API key check (constant-time), the body-size cap, JSON bodies read as JSON
+    whatever their Content-Type, and a watch on the connection that sets ``current_request().disconnected`` when
+    the client goes away."""
 
     def __init__(self, app, settings: GuardSettings | None = None):
         self.app = app
@@ -136,8 +205,21 @@ class RequestGuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        given_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        context = RequestContext(given_id if REQUEST_ID_PATTERN.fullmatch(given_id) else uuid.uuid4().hex)
+        _current_request.set(context)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message["headers"], (b"x-request-id", context.request_id.encode())]}
+            await send(message)
+
+        await self.guard(scope, receive, send_with_id, context, headers)
+
+    async def guard(self, scope, receive, send, context: RequestContext, headers: dict[bytes, bytes]):
         if self.expected is not None and scope["path"] not in self.settings.public_paths:
-            given = dict(scope["headers"]).get(b"authorization", b"")
+            given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 body = error_body("missing or invalid API key: send 'Authorization: Bearer <key>'", 401,
                                   code="invalid_api_key")
@@ -154,13 +236,32 @@ class RequestGuardMiddleware:
                 return await send_json(send, 413, body)
             if not message.get("more_body"):
                 break
+        if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
+            media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if media_type.startswith(b"multipart/"):
+                body = error_body("send the request body as JSON (Content-Type: application/json), "
+                                  "not multipart form data", 415)
+                return await send_json(send, 415, body)
+            if media_type != b"application/json":  # curl -d without -H says form-urlencoded: read it as JSON
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                         + [(b"content-type", b"application/json")]}
         replayed = False
 
         async def replay():
             nonlocal replayed
             if replayed:
-                return await receive()
+                await context.disconnected.wait()
+                return {"type": "http.disconnect"}
             replayed = True
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        await self.app(scope, replay, send)
+        async def watch_connection():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            context.disconnected.set()
+
+        watcher = asyncio.ensure_future(watch_connection())
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            watcher.cancel()

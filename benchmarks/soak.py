@@ -1,0 +1,589 @@
+"""Soak test: mixed valid, invalid, cancelled, deadline and burst requests against a loopback server for a set time.
+
+    python benchmarks/soak.py                                  # starts `bentoml serve` of the tiny model, 600 s
+    python benchmarks/soak.py --duration-s 60 --json           # a short run; JSON summary as the last line
+    python benchmarks/soak.py --url http://127.0.0.1:8091      # a server that is already running (loopback only)
+
+Every request is classified:
+  completed  200 whose body decodes as the requested format, stereo 44.1 kHz, with the requested duration (within
+             1 sample for wav / flac / pcm, 60 ms for mp3); a repeated fixed-seed body must give identical bytes
+  rejected   as expected: an invalid body -> 4xx in the OpenAI error shape {"error": {message, type, param, code}};
+             overload -> 429 / 503 with Retry-After; a request with a "timeout" field past its deadline -> 504
+  cancelled  the client closed the connection on purpose (a longer request, cancelled after 0.05-1 s)
+  lost       anything else: other 5xx, a connection error the client did not cause, no answer within
+             --request-bound-s, a 200 with wrong or undecodable audio, an invalid body accepted, a wrong error shape,
+             a 503 whose error code is engine_unavailable (the front lost its call to a live engine)
+Server memory: the summed RSS of the server's process tree after a warm-up, every 30 s, and at the end.
+Exit status: 1 if any request was lost (2 if --max-rss-growth-pct is given and exceeded), else 0.
+Bounded: --duration-s of new requests, --max-requests in all, each request at most --request-bound-s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import hashlib
+import io
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import psutil
+import soundfile
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from stable_audio_bento.local_server import local_server  # noqa: E402
+
+GENERATE = "/v1/audio/generate"
+SAMPLE_RATE = 44100
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "pcm": "audio/pcm"}
+MP3_TOLERANCE = round(0.06 * SAMPLE_RATE)  # the MP3 frame grid pads the end by under one frame plus decoder delay
+PROMPTS = ["Thunder and rain sounds", "A piano playing a gentle melody", "Ocean waves crashing on a beach",
+           "The sound of a dog barking", "Guitar playing", "Audience clapping and cheering in a stadium"]
+# Fixed-seed bodies sent again and again: each must always come back as the same bytes.
+REPEATED_BODIES = [
+    {"input": "Thunder and rain sounds", "audio_length": 1.5, "num_inference_steps": 3, "seed": 42,
+     "response_format": "wav"},
+    {"input": "A bell", "audio_length": 0.75, "num_inference_steps": 2, "seed": 7, "guidance_scale": 1.0,
+     "response_format": "flac"},
+    {"input": "Guitar playing", "audio_length": 2.0, "audio_start": 1.0, "num_inference_steps": 4, "seed": 2**63,
+     "negative_prompt": "Low quality", "response_format": "pcm"},
+    {"input": "Wind chimes", "audio_length": 1.0, "num_inference_steps": 1, "seed": 0, "response_format": "mp3"},
+]
+# Bodies the server must refuse with a 4xx in the OpenAI error shape.
+INVALID_BODIES: list[dict | bytes] = [
+    {}, {"input": ""}, {"input": "   \n"}, {"input": 42}, {"input": None}, {"audio_length": 1.0},
+    {"input": "x", "audio_length": 0}, {"input": "x", "audio_length": -3.0}, {"input": "x", "audio_length": 47.6},
+    {"input": "x", "audio_length": "ten"}, {"input": "x", "audio_length": True},
+    {"input": "x", "audio_start": -1.0}, {"input": "x", "audio_start": 40.0, "audio_length": 10.0},
+    {"input": "x", "num_inference_steps": 0}, {"input": "x", "num_inference_steps": 100000},
+    {"input": "x", "num_inference_steps": 2.5}, {"input": "x", "num_inference_steps": "4"},
+    {"input": "x", "guidance_scale": -1}, {"input": "x", "guidance_scale": 1000},
+    {"input": "x", "seed": -1}, {"input": "x", "seed": 2**64}, {"input": "x", "seed": "42"},
+    {"input": "x", "seed": True},
+    {"input": "x", "response_format": "wma"}, {"input": "x", "response_format": 3},
+    {"input": "x", "negative_prompt": ["a", "b"]}, {"input": "x", "model": "stabilityai/stable-audio-open-2.0"},
+    b'{"input": "x", "audio_length": NaN}', b'{"input": "x", "guidance_scale": Infinity}',
+    b'{"input": "x", "audio_length": 1e999}', b"not json at all", b'{"input": "x",', b"[1, 2]", b"", b"null",
+    b'"just a string"', b'{"input": "x", "audio_length": 1.0}' + b" " * (1 << 20),  # over the 1 MiB body limit
+]
+KINDS = ["valid", "repeat", "invalid", "cancel", "deadline"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running server (loopback only); default: start the tiny model here")
+    parser.add_argument("--duration-s", type=float, default=600.0, help="seconds of new requests (default 600)")
+    parser.add_argument("--concurrency", type=int, default=8, help="client workers (default 8)")
+    parser.add_argument("--max-requests", type=int, default=100_000, help="hard bound on requests sent")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the request mix")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    parser.add_argument("--mix", default="valid=40,repeat=15,invalid=25,cancel=8,deadline=12",
+                        help="relative weights of the request kinds (%(default)s)")
+    parser.add_argument("--warmup-s", type=float, default=60.0,
+                        help="seconds of the same mix (bursts included) before the first RSS sample, so that it is "
+                             "taken once the server has met every request shape (default 60)")
+    parser.add_argument("--burst-size", type=int, default=48,
+                        help="concurrent short requests in a burst (above the server's admission bound)")
+    parser.add_argument("--burst-every-s", type=float, default=60.0, help="seconds between bursts (0: none)")
+    parser.add_argument("--cancel-steps", default="20,40", help="step range of the requests that get cancelled")
+    parser.add_argument("--request-bound-s", type=float, default=120.0,
+                        help="a request unanswered after this long is lost")
+    parser.add_argument("--rss-every-s", type=float, default=30.0, help="seconds between RSS samples")
+    parser.add_argument("--max-rss-growth-pct", type=float,
+                        help="exit 2 if the server's RSS grew more than this from start to end")
+    parser.add_argument("--no-seed-check", action="store_true",
+                        help="do not require identical bytes for a repeated seed (GPU kernels may differ by batch)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment of the server this script starts (repeatable)")
+    parser.add_argument("--server-log", type=Path, default=REPO / "artifacts" / "soak-server.log")
+    args = parser.parse_args(argv)
+    args.weights = {kind: 0.0 for kind in KINDS}
+    for part in args.mix.split(","):
+        kind, _, weight = part.partition("=")
+        if kind.strip() not in args.weights:
+            parser.error(f"unknown request kind in --mix: {kind!r} (kinds: {', '.join(KINDS)})")
+        args.weights[kind.strip()] = float(weight)
+    args.cancel_steps = tuple(int(s) for s in args.cancel_steps.split(","))
+    if args.url:
+        host = urlsplit(args.url).hostname
+        if host not in LOOPBACK_HOSTS:
+            parser.error(f"refusing {args.url}: only a loopback server ({', '.join(sorted(LOOPBACK_HOSTS))})")
+        args.url = args.url.rstrip("/")
+    for item in args.server_env:
+        if "=" not in item:
+            parser.error(f"--server-env wants KEY=VALUE, got {item!r}")
+    return args
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- requests
+@dataclass
+class Request:
+    kind: str  # warmup, valid, repeat, invalid, cancel, deadline, burst, final
+    body: dict | bytes
+    repeat_index: int | None = None
+    deadline_s: float | None = None  # the body's "timeout" field
+    cancel_after_s: float | None = None
+
+    @property
+    def expects_audio(self) -> bool:
+        return self.kind != "invalid"
+
+
+def valid_body(rng: random.Random, steps: tuple[int, int] = (1, 4), length: tuple[float, float] = (0.5, 3.0)) -> dict:
+    body = {"input": rng.choice(PROMPTS), "audio_length": round(rng.uniform(*length), 2),
+            "num_inference_steps": rng.randint(*steps), "response_format": rng.choice(list(MEDIA_TYPES))}
+    if rng.random() < 0.5:
+        body["seed"] = rng.randrange(2**64)
+    if rng.random() < 0.3:
+        body["guidance_scale"] = rng.choice([1.0, 3.5, 12.0])
+    if rng.random() < 0.3:
+        body["negative_prompt"] = "Low quality"
+    if rng.random() < 0.2:
+        body["audio_start"] = round(rng.uniform(0, 10), 2)
+    return body
+
+
+def draw(kind: str, rng: random.Random, args) -> Request:
+    if kind == "repeat":
+        index = rng.randrange(len(REPEATED_BODIES))
+        return Request(kind, dict(REPEATED_BODIES[index]), repeat_index=index)
+    if kind == "invalid":
+        return Request(kind, rng.choice(INVALID_BODIES))
+    if kind == "cancel":
+        return Request(kind, valid_body(rng, steps=args.cancel_steps), cancel_after_s=rng.uniform(0.05, 1.0))
+    if kind == "deadline":  # most deadlines are shorter than the work, some are generous
+        body = valid_body(rng, steps=(5, 30))
+        body["timeout"] = round(rng.uniform(0.2, 3.0), 2) if rng.random() < 0.75 else 60.0
+        return Request(kind, body, deadline_s=body["timeout"])
+    return Request(kind, valid_body(rng))
+
+
+def error_shape_problem(response: httpx.Response) -> str | None:
+    """None if the body is {"error": {"message": str, "type": str, "param": str|None, "code": ...}}."""
+    try:
+        data = response.json()
+    except ValueError:
+        return "error body is not JSON"
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict) or not {"message", "type", "param", "code"} <= set(error):
+        return "error body is not {'error': {message, type, param, code}}"
+    if not (isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)):
+        return "error message or type is not a non-empty string"
+    if error["param"] is not None and not isinstance(error["param"], str):
+        return "error param is neither a string nor null"
+    if "Traceback" in error["message"]:
+        return "error message holds a traceback"
+    return None
+
+
+def audio_problem(body: dict, response: httpx.Response) -> str | None:
+    """None if the response is the requested format, stereo 44.1 kHz, of the requested duration."""
+    response_format = body.get("response_format", "wav")
+    content_type = response.headers.get("content-type", "").split(";")[0].strip()
+    if content_type != MEDIA_TYPES[response_format]:
+        return f"content-type {content_type!r} for {response_format}"
+    data = response.content
+    if response_format == "pcm":
+        if len(data) % 4:
+            return f"pcm body of {len(data)} bytes is not whole stereo s16 frames"
+        frames, rate, channels = len(data) // 4, SAMPLE_RATE, 2
+        samples = np.frombuffer(data, dtype="<i2")
+    else:
+        try:
+            samples, rate = soundfile.read(io.BytesIO(data), dtype="int16", always_2d=True)
+        except Exception as error:  # noqa: BLE001 (any decoder failure is the finding)
+            return f"{response_format} body does not decode: {error}"
+        frames, channels = samples.shape
+    if rate != SAMPLE_RATE or channels != 2:
+        return f"{rate} Hz, {channels} channels"
+    expected = round(body["audio_length"] * SAMPLE_RATE)
+    tolerance = MP3_TOLERANCE if response_format == "mp3" else 1
+    if abs(frames - expected) > tolerance:
+        return f"{frames} frames, expected {expected} (+-{tolerance})"
+    if not np.any(samples):
+        return "all-zero audio"
+    if "seed" in body and response.headers.get("x-seed") != str(body["seed"]):
+        return f"X-Seed {response.headers.get('x-seed')!r} for seed {body['seed']}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- stats
+@dataclass
+class Stats:
+    sent: int = 0
+    categories: collections.Counter = field(default_factory=collections.Counter)  # completed / rejected / ...
+    by_kind: dict = field(default_factory=lambda: collections.defaultdict(collections.Counter))
+    statuses: collections.Counter = field(default_factory=collections.Counter)
+    reasons: collections.Counter = field(default_factory=collections.Counter)  # rejected and lost, by reason
+    lost_examples: dict = field(default_factory=lambda: collections.defaultdict(list))
+    latencies: dict = field(default_factory=lambda: collections.defaultdict(list))  # completed, by kind
+    deadline_overshoot_s: list = field(default_factory=list)  # 504 arrival minus the body's timeout
+    deadline_ignored: int = 0  # 200 arriving more than 1 s past the body's timeout
+    repeat_digests: dict = field(default_factory=dict)
+    repeat_checked: int = 0
+
+    def record(self, request: Request, category: str, reason: str, status: int | None, latency: float,
+               detail: str = "") -> None:
+        self.categories[category] += 1
+        self.by_kind[request.kind][category] += 1
+        if status is not None:
+            self.statuses[status] += 1
+        if category in ("rejected", "lost"):
+            self.reasons[f"{category}: {reason}"] += 1
+        if category == "completed":
+            self.latencies[request.kind].append(latency)
+        if category == "lost" and len(self.lost_examples[reason]) < 3:
+            body = request.body if isinstance(request.body, dict) else request.body[:120].decode(errors="replace")
+            self.lost_examples[reason].append({"kind": request.kind, "body": body, "status": status,
+                                               "latency_s": round(latency, 3), "detail": detail[:300]})
+
+
+async def post(client: httpx.AsyncClient, url: str, body: dict | bytes) -> httpx.Response:
+    if isinstance(body, dict):
+        return await client.post(url + GENERATE, json=body)
+    return await client.post(url + GENERATE, content=body, headers={"content-type": "application/json"})
+
+
+async def classify(request: Request, response: httpx.Response, latency: float, stats: Stats, args) -> None:
+    status = response.status_code
+
+    def record(category: str, reason: str, detail: str = "") -> None:
+        stats.record(request, category, reason, status, latency, detail)
+
+    if status == 200:
+        if not request.expects_audio:
+            return record("lost", "invalid body accepted with 200")
+        problem = await asyncio.to_thread(audio_problem, request.body, response)
+        if problem:
+            return record("lost", "200 with wrong audio", problem)
+        if request.repeat_index is not None and not args.no_seed_check:
+            digest = hashlib.sha256(response.content).hexdigest()
+            first = stats.repeat_digests.setdefault(request.repeat_index, digest)
+            stats.repeat_checked += 1
+            if digest != first:
+                return record("lost", "same seed, different bytes", f"repeated body #{request.repeat_index}")
+        if request.deadline_s is not None and latency > request.deadline_s + 1.0:
+            stats.deadline_ignored += 1
+        return record("completed", "200")
+    shape = error_shape_problem(response)
+    code = None if shape else response.json()["error"]["code"]
+    if status in (429, 503):
+        if "retry-after" not in response.headers:
+            return record("lost", f"{status} without Retry-After", response.text)
+        if shape:
+            return record("lost", f"{status}: {shape}", response.text)
+        if code == "engine_unavailable":
+            return record("lost", f"{status} {code}", response.text)
+        return record("rejected", f"overload {status} ({code})")
+    if status == 504 and request.deadline_s is not None:
+        if shape:
+            return record("lost", f"504: {shape}", response.text)
+        stats.deadline_overshoot_s.append(latency - request.deadline_s)
+        return record("rejected", "deadline 504")
+    if 400 <= status < 500 and not request.expects_audio:
+        if shape:
+            return record("lost", f"{status}: {shape}", response.text)
+        return record("rejected", f"invalid {status} ({code})")
+    if 400 <= status < 500:
+        return record("lost", f"valid body refused with {status}", response.text)
+    return record("lost", f"HTTP {status}", response.text)
+
+
+async def execute(request: Request, client: httpx.AsyncClient, stats: Stats, args) -> None:
+    started = time.monotonic()
+    task = asyncio.ensure_future(post(client, args.url, request.body))
+    wait_s = args.request_bound_s if request.cancel_after_s is None else request.cancel_after_s
+    done, _ = await asyncio.wait({task}, timeout=wait_s)
+    latency = time.monotonic() - started
+    if not done:
+        task.cancel()  # httpx closes the connection of a cancelled request
+        try:
+            await task
+        except BaseException:  # noqa: BLE001 (CancelledError, or whatever the aborted send raised)
+            pass
+        if request.cancel_after_s is not None:
+            return stats.record(request, "cancelled", "client closed", None, latency)
+        return stats.record(request, "lost", f"no answer within {args.request_bound_s:g} s", None, latency)
+    error = task.exception()
+    if error is not None:
+        return stats.record(request, "lost", f"connection error {type(error).__name__}", None, latency, str(error))
+    await classify(request, task.result(), latency, stats, args)
+
+
+# ------------------------------------------------------------------------------------------------------ RSS
+def server_root(url: str) -> psutil.Process | None:
+    """The topmost `bentoml` process above whatever listens on the URL's port (None if it cannot be seen)."""
+    port = urlsplit(url).port
+    try:
+        listeners = [c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+                     and c.laddr and c.laddr.port == port and c.pid]
+    except psutil.AccessDenied:
+        return None
+    if not listeners:
+        return None
+    process = psutil.Process(listeners[0])
+    root = process
+    for parent in process.parents():
+        try:
+            if "bentoml" in " ".join(parent.cmdline()):
+                root = parent
+        except psutil.Error:
+            break
+    return root
+
+
+def process_label(process: psutil.Process) -> str:
+    command = process.cmdline()
+    for flag in ("--service-name", "--worker-id"):
+        if flag in command[:-1]:
+            return f"{command[command.index(flag) + 1]} ({process.pid})"
+    return f"{' '.join(part.rsplit('/', 1)[-1] for part in command[:4])} ({process.pid})"
+
+
+def tree_rss(root: psutil.Process | None) -> tuple[float, list[int], dict[str, float]] | None:
+    """Summed RSS in MiB of root and all its descendants, their pids, and each one's RSS by label."""
+    if root is None:
+        return None
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total, pids, each = 0, [], {}
+    for process in processes:
+        try:
+            rss = process.memory_info().rss
+            each[process_label(process)] = round(rss / 2**20, 1)
+            total += rss
+            pids.append(process.pid)
+        except psutil.Error:
+            pass
+    return total / 2**20, sorted(pids), each
+
+
+# ------------------------------------------------------------------------------------------------------ run
+async def soak(args, process: psutil.Process | None = None) -> dict:
+    """Runs the soak against args.url; `process`, if given, is the server's root process (else found by port)."""
+    stats = Stats()
+    warmup = Stats()
+    limits = httpx.Limits(max_connections=args.concurrency + args.burst_size + 8, max_keepalive_connections=0)
+    # No keep-alive: every request opens its own connection, so a server closing an idle pooled connection
+    # just as it is reused cannot be mistaken for a lost request.
+    timeout = httpx.Timeout(args.request_bound_s + 5)
+    root = process or server_root(args.url)
+    rss_samples: list[dict] = []
+    pid_sets: list[list[int]] = []
+    soak_started = None
+
+    async def sample(label: str) -> None:
+        measured = await asyncio.to_thread(tree_rss, root)
+        elapsed = 0.0 if soak_started is None else time.monotonic() - soak_started
+        rss_text = "server RSS not visible"
+        if measured is not None:
+            rss_mib, pids, each = measured
+            rss_samples.append({"label": label, "t_s": round(elapsed, 1), "rss_mib": round(rss_mib, 1),
+                                "processes": len(pids), "by_process_mib": each})
+            pid_sets.append(pids)
+            rss_text = f"server RSS {rss_mib:.1f} MiB ({len(pids)} processes)"
+        if label == "sample":
+            c = stats.categories
+            say(f"  t={elapsed:5.0f} s  sent {stats.sent}  completed {c['completed']}  rejected {c['rejected']}  "
+                f"cancelled {c['cancelled']}  lost {c['lost']}  {rss_text}")
+
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        kinds, weights = zip(*((k, w) for k, w in args.weights.items() if w > 0))
+
+        def take(phase: Stats, count: int) -> int:
+            granted = max(0, min(count, args.max_requests - stats.sent - warmup.sent))
+            phase.sent += granted
+            return granted
+
+        async def run_phase(phase: Stats, name: str, started: float, seconds: float) -> None:
+            """Workers drawing from the mix, plus a burst above the admission bound every --burst-every-s."""
+            end = started + seconds
+
+            async def worker(index: int) -> None:
+                rng = random.Random(f"{args.seed}/{name}/{index}")
+                while time.monotonic() < end and take(phase, 1):
+                    await execute(draw(rng.choices(kinds, weights)[0], rng, args), client, phase, args)
+
+            async def burster() -> None:  # 1-step 0.5 s clips, all at once
+                if args.burst_every_s <= 0 or args.burst_size <= 0:
+                    return
+                rng = random.Random(f"{args.seed}/{name}/burst")
+                next_at = started + min(args.burst_every_s, seconds) / 2
+                while True:
+                    await asyncio.sleep(max(0.0, min(next_at, end) - time.monotonic()))
+                    if time.monotonic() >= end:
+                        return
+                    count = take(phase, args.burst_size)
+                    if not count:
+                        return
+                    bodies = [{**valid_body(rng, steps=(1, 1), length=(0.5, 0.5)), "response_format": "wav"}
+                              for _ in range(count)]
+                    await asyncio.gather(*(execute(Request("burst", b), client, phase, args) for b in bodies))
+                    next_at += args.burst_every_s
+
+            await asyncio.gather(burster(), *(worker(i) for i in range(args.concurrency)))
+
+        # Warm-up: the same traffic, so the first RSS sample is of a server that has met every request shape.
+        if args.warmup_s > 0:
+            await run_phase(warmup, "warmup", time.monotonic(), args.warmup_s)
+        say(f"warm-up: {args.warmup_s:g} s, {warmup.sent} requests, {warmup.categories['completed']} completed, "
+            f"{warmup.categories['lost']} lost")
+        await sample("start")
+        if root is None:
+            say("server RSS: the server's processes are not visible from here (no RSS figures)")
+
+        async def sampler() -> None:
+            while True:
+                await asyncio.sleep(args.rss_every_s)
+                await sample("sample")
+
+        soak_started = time.monotonic()
+        sampling = asyncio.ensure_future(sampler())
+        await run_phase(stats, "soak", soak_started, args.duration_s)
+        soak_s = time.monotonic() - soak_started
+        sampling.cancel()
+        # After the drain: one more plain request (it queues behind whatever the engine still runs, e.g. for
+        # cancelled requests) and /health must both answer, then the last RSS sample.
+        final = Stats()
+        await execute(Request("final", {"input": "a gong", "audio_length": 1.0, "num_inference_steps": 2,
+                                        "seed": 5}), client, final, args)
+        try:
+            health = (await client.get(args.url + "/health")).status_code
+        except httpx.HTTPError as error:
+            health = type(error).__name__
+        if health != 200:
+            final.record(Request("final", b"GET /health"), "lost", f"/health answered {health} after the soak",
+                         None, 0.0)
+        await sample("end")
+
+    return summarize(args, stats, warmup, final, soak_s, rss_samples, pid_sets)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+def summarize(args, stats: Stats, warmup: Stats, final: Stats, soak_s: float, rss_samples: list[dict],
+              pid_sets: list[list[int]]) -> dict:
+    lost_examples = {}
+    for source in (warmup, stats, final):
+        for reason, examples in source.lost_examples.items():
+            lost_examples.setdefault(reason, []).extend(examples)
+    c = stats.categories
+    summary = {
+        "url": args.url, "duration_s": args.duration_s, "soak_s": round(soak_s, 1), "concurrency": args.concurrency,
+        "seed": args.seed, "sent": stats.sent, "completed": c["completed"], "rejected": c["rejected"],
+        "cancelled": c["cancelled"],
+        "lost": c["lost"] + warmup.categories["lost"] + final.categories["lost"],
+        "requests_per_s": round(stats.sent / soak_s, 3) if soak_s else None,
+        "warmup": {"sent": warmup.sent, **warmup.categories},
+        "final_checks_ok": final.categories["lost"] == 0,
+        "by_kind": {kind: dict(counter) for kind, counter in sorted(stats.by_kind.items())},
+        "status_codes": {str(k): v for k, v in sorted(stats.statuses.items())},
+        "reasons": dict(sorted(stats.reasons.items())),
+        "latency_s": {kind: {"p50": percentile(v, 50), "p95": percentile(v, 95), "max": round(max(v), 3)}
+                      for kind, v in sorted(stats.latencies.items())},
+        "repeated_seed_checks": stats.repeat_checked,
+        "deadline": {"504": len(stats.deadline_overshoot_s),
+                     "max_504_past_deadline_s": round(max(stats.deadline_overshoot_s), 3)
+                     if stats.deadline_overshoot_s else None,
+                     "completed_over_1s_past_deadline": stats.deadline_ignored},
+        "lost_examples": lost_examples,
+        "rss": None,
+    }
+    if rss_samples:
+        start, end = rss_samples[0]["rss_mib"], rss_samples[-1]["rss_mib"]
+        summary["rss"] = {"start_mib": start, "end_mib": end, "max_mib": max(s["rss_mib"] for s in rss_samples),
+                          "growth_mib": round(end - start, 1),
+                          "growth_pct": round(100 * (end - start) / start, 2) if start else None,
+                          "processes_changed": len({tuple(p) for p in pid_sets}) > 1, "samples": rss_samples}
+        under_load = [s["rss_mib"] for s in rss_samples if s["label"] == "sample"]
+        if len(under_load) >= 4:  # RSS under load swings with the batch in flight: compare halves, not two points
+            half = len(under_load) // 2
+            first, second = statistics.mean(under_load[:half]), statistics.mean(under_load[-half:])
+            summary["rss"]["under_load_first_half_mib"] = round(first, 1)
+            summary["rss"]["under_load_second_half_mib"] = round(second, 1)
+            summary["rss"]["under_load_trend_pct"] = round(100 * (second - first) / first, 2)
+    return summary
+
+
+def report(summary: dict) -> None:
+    say(f"\n## soak: {summary['soak_s']:.0f} s, {summary['concurrency']} workers, seed {summary['seed']}, "
+        f"{summary['url']}")
+    say(f"requests sent {summary['sent']} ({summary['requests_per_s']} req/s) | completed {summary['completed']} | "
+        f"rejected {summary['rejected']} | cancelled {summary['cancelled']} | LOST {summary['lost']}")
+    say(f"warm-up {summary['warmup']}; after the soak, a request and /health: "
+        f"{'ok' if summary['final_checks_ok'] else 'FAILED'}")
+    say("| kind | " + " | ".join(("completed", "rejected", "cancelled", "lost")) + " |\n|---|---|---|---|---|")
+    for kind, counts in summary["by_kind"].items():
+        say(f"| {kind} | " + " | ".join(str(counts.get(c, 0)) for c in ("completed", "rejected", "cancelled", "lost"))
+            + " |")
+    say("status codes: " + ", ".join(f"{k}: {v}" for k, v in summary["status_codes"].items()))
+    say("outcomes: " + "; ".join(f"{k} x{v}" for k, v in summary["reasons"].items()))
+    say("completed latency s (p50 / p95 / max): " + "; ".join(
+        f"{kind} {v['p50']} / {v['p95']} / {v['max']}" for kind, v in summary["latency_s"].items()))
+    deadline = summary["deadline"]
+    say(f"repeated-seed byte checks: {summary['repeated_seed_checks']}; deadline 504s: {deadline['504']} "
+        f"(latest {deadline['max_504_past_deadline_s']} s past the deadline), completed > 1 s past the deadline: "
+        f"{deadline['completed_over_1s_past_deadline']}")
+    rss = summary["rss"]
+    if rss:
+        say(f"server RSS: start {rss['start_mib']:.1f} MiB, end {rss['end_mib']:.1f} MiB, max {rss['max_mib']:.1f} "
+            f"MiB, growth {rss['growth_mib']:+.1f} MiB ({rss['growth_pct']:+.2f} %)"
+            + ("; the server's process set changed during the run" if rss["processes_changed"] else ""))
+        if "under_load_trend_pct" in rss:
+            say(f"  under load: mean of the first half of the samples {rss['under_load_first_half_mib']:.1f} MiB, "
+                f"of the second half {rss['under_load_second_half_mib']:.1f} MiB ({rss['under_load_trend_pct']:+.2f} %)")
+        first, last = rss["samples"][0]["by_process_mib"], rss["samples"][-1]["by_process_mib"]
+        say("  by process (start -> end MiB): " + "; ".join(
+            f"{name} {first.get(name, 0):.1f} -> {last.get(name, 0):.1f}" for name in sorted({*first, *last})))
+    else:
+        say("server RSS: not measured")
+    for reason, examples in summary["lost_examples"].items():
+        say(f"LOST: {reason}")
+        for example in examples:
+            say(f"    {json.dumps(example, default=str)[:600]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.url:
+        summary = asyncio.run(soak(args))
+    else:
+        env = {"STABLE_AUDIO_MODEL": "tiny", **dict(item.split("=", 1) for item in args.server_env)}
+        say(f"starting bentoml serve ({env}); log in {args.server_log}")
+        with local_server(env, args.server_log) as url:
+            args.url = str(url)
+            started = getattr(url, "process", None)  # local_server's URL may carry its process
+            summary = asyncio.run(soak(args, psutil.Process(started.pid) if started else None))
+    report(summary)
+    rss = summary["rss"]
+    rss_failed = bool(args.max_rss_growth_pct is not None and rss and rss["growth_pct"] is not None
+                      and rss["growth_pct"] > args.max_rss_growth_pct)
+    if rss_failed:
+        say(f"server RSS grew {rss['growth_pct']:.2f} %, above --max-rss-growth-pct {args.max_rss_growth_pct}")
+    if args.json:
+        print(json.dumps(summary, default=str), flush=True)
+    return 1 if summary["lost"] else 2 if rss_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

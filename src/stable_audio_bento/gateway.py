@@ -1,0 +1,146 @@
+"""The front's path for one generation: validate against the served model, admit, wait for the engine (giving
+up when the client goes away or the deadline passes, and telling the engine to stop), encode, log.
+
+The synchronous endpoint, the OpenAI speech endpoint and the jobs all go through ``Gateway``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from .admission import Admission
+from .audio import FORMATS, encode_audio
+from .pipeline import AudioRequest
+from .protocol import APIError, GenerateRequest
+from .serving import ModelCard, RequestContext
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads this response
+ENGINE_CONNECTION_ATTEMPTS = 3
+
+
+@dataclass
+class GeneratedAudio:
+    data: bytes
+    response_format: str
+    seed: int
+    batch_size: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: queue, prepare, denoise, ...
+
+    @property
+    def filename(self) -> str:
+        return f"audio.{FORMATS[self.response_format].extension}"
+
+    def headers(self) -> dict[str, str]:
+        stages = ", ".join(f"{name};dur={1000 * seconds:.1f}" for name, seconds in self.timings.items())
+        return {"Server-Timing": stages, "X-Seed": str(self.seed), "X-Batch-Size": str(self.batch_size)}
+
+
+class Gateway:
+    def __init__(self, engine: Any, admission: Admission):
+        self.engine = engine  # the StableAudioEngine dependency
+        self.admission = admission
+        self._card: ModelCard | None = None
+
+    async def model_card(self) -> ModelCard:
+        if self._card is None:
+            self._card = ModelCard.from_dict(await self.engine.to_async.describe())
+        return self._card
+
+    async def prepare(self, request: GenerateRequest, request_id: str, generation_id: str | None = None
+                      ) -> AudioRequest:
+        card = await self.model_card()
+        return request.to_audio_request(card.limits, card.model, card.default_steps, card.max_steps,
+                                        generation_id=generation_id or uuid.uuid4().hex, request_id=request_id)
+
+    async def serve(self, request: GenerateRequest, client: RequestContext) -> GeneratedAudio:
+        """A request whose client waits for the audio: validated, admitted, generated unless the client leaves."""
+        job = await self.prepare(request, client.request_id)
+        with self.admission.admit(job.id):
+            return await self.generate(job, request.response_format, client.disconnected)
+
+    async def generate(self, job: AudioRequest, response_format: str,
+                       disconnected: asyncio.Event | None = None) -> GeneratedAudio:
+        """The audio of an admitted request; raises APIError (500, 504, or 499 once the client has gone)."""
+        submitted_at = time.time()
+        result = await self.wait_for_engine(job, disconnected)
+        failure = result["failure"]
+        if failure == "deadline_exceeded":
+            raise timeout_error()
+        if failure == "cancelled":
+            raise APIError("cancelled", status=CLIENT_CLOSED_REQUEST, code="cancelled")
+        if failure is not None:
+            logger.error("request %s failed: %s", job.request_id, result["error"])
+            raise APIError(f"generation failed: {result['error']}", status=500, code="generation_failed")
+        encode_started = time.perf_counter()
+        card = await self.model_card()
+        data = await asyncio.to_thread(encode_audio, result["audio"], card.limits.sample_rate, response_format)
+        timings = {"queue": result["started_at"] - submitted_at,
+                   **{name.removesuffix("_s"): seconds for name, seconds in result["timings"].items()},
+                   "encode": time.perf_counter() - encode_started}
+        self.admission.record_service_time(timings["denoise"] + timings["decode"])
+        logger.info("generated %.2f s of %s in a batch of %d: %s", job.audio_length, response_format,
+                    result["batch_size"], " ".join(f"{name}={seconds:.3f}s" for name, seconds in timings.items()))
+        return GeneratedAudio(data, response_format, job.seed, result["batch_size"], timings)
+
+    async def wait_for_engine(self, job: AudioRequest, disconnected: asyncio.Event | None) -> dict:
+        """The engine's result, unless the client disconnects or the deadline passes first: then the engine is
+        told to drop the request (from its queue, or from the running batch at the next step)."""
+        call = asyncio.ensure_future(self.call_engine(job))
+        client_gone = asyncio.ensure_future(disconnected.wait()) if disconnected is not None else None
+        timeout = None if job.deadline is None else max(0.0, job.deadline - time.time())
+        try:
+            done, _ = await asyncio.wait([w for w in (call, client_gone) if w], timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the handler itself was cancelled (e.g. BentoML's traffic timeout)
+            await self.abandon(call, job)
+            raise
+        finally:
+            if client_gone is not None:
+                client_gone.cancel()
+        if call in done:
+            try:
+                [result] = call.result()
+            except Exception as exc:  # the engine process is down or restarting: the request may be retried
+                logger.exception("the engine did not answer request %s", job.request_id)
+                raise APIError(f"the model engine is unavailable: {type(exc).__name__}", status=503,
+                               code="engine_unavailable", retry_after=self.admission.retry_after_s()) from exc
+            return result
+        await self.abandon(call, job)
+        if client_gone in done:
+            logger.info("client disconnected; request %s dropped", job.request_id)
+            raise APIError("client disconnected", status=CLIENT_CLOSED_REQUEST, code="cancelled")
+        raise timeout_error()
+
+    async def call_engine(self, job: AudioRequest) -> list[dict]:
+        """The engine call, retried on a fresh connection when a pooled one breaks under it (aiohttp reusing a
+        keep-alive connection the other side is closing). The request's seed makes a retry give the same audio."""
+        for attempt in range(1, ENGINE_CONNECTION_ATTEMPTS + 1):
+            try:
+                return await self.engine.to_async.generate([job])
+            except aiohttp.ClientConnectionError as error:
+                if attempt == ENGINE_CONNECTION_ATTEMPTS:
+                    raise
+                logger.warning("connection to the engine broke (%s); retrying request %s", error, job.request_id)
+
+    async def abandon(self, call: asyncio.Future, job: AudioRequest) -> None:
+        call.cancel()
+        await asyncio.shield(self.cancel([job.id]))
+
+    async def cancel(self, generation_ids: list[str]) -> None:
+        await self.engine.to_async.cancel(generation_ids)
+
+    async def progress(self, generation_ids: list[str]) -> dict[str, dict[str, int]]:
+        return await self.engine.to_async.progress(generation_ids) if generation_ids else {}
+
+
+def timeout_error() -> APIError:
+    return APIError("the request did not finish within its timeout", param="timeout", status=504, code="timeout")

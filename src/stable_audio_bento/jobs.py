@@ -1,0 +1,130 @@
+"""Asynchronous generation jobs: submit and get an id at once, poll status and progress, fetch, cancel.
+
+BentoML's ``@bentoml.task`` gives submit/status/get, but no progress, no queue position, no expiry, and no cancel
+when served locally; a job here is the same admitted generation as a synchronous request, run as an asyncio task
+in the front process, with progress read from the engine. Finished jobs are kept ``ttl_s`` seconds (at most
+``max_finished`` of them, oldest dropped first), then forgotten: their ids answer 404 like unknown ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .admission import Slot
+from .gateway import Gateway, GeneratedAudio
+from .pipeline import AudioRequest
+from .protocol import APIError
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def new_job_id() -> str:
+    return f"job_{uuid.uuid4().hex}"
+
+
+@dataclass
+class Job:
+    request: AudioRequest
+    response_format: str
+    slot: Slot
+    created_at: float = field(default_factory=time.time)
+    status: JobStatus = "queued"
+    finished_at: float | None = None
+    output: GeneratedAudio | None = None
+    error: APIError | None = None
+    task: asyncio.Task | None = None
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+
+class JobStore:
+    def __init__(self, gateway: Gateway, ttl_s: float, max_finished: int):
+        self.gateway, self.ttl_s, self.max_finished = gateway, ttl_s, max_finished
+        self._jobs: dict[str, Job] = {}  # in submission order
+
+    def submit(self, request: AudioRequest, response_format: str) -> Job:
+        """Admits the job (429/503 like a synchronous request) and starts it."""
+        job = Job(request, response_format, self.gateway.admission.admit(request.id))
+        job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
+        self._jobs[job.id] = job
+        return job
+
+    async def _run(self, job: Job) -> None:
+        with job.slot:
+            try:
+                job.output = await self.gateway.generate(job.request, job.response_format)
+                job.status = "succeeded"
+            except APIError as error:
+                job.error = error
+                job.status = "cancelled" if error.code == "cancelled" else "failed"
+            except asyncio.CancelledError:
+                job.status = "cancelled"
+            finally:
+                job.finished_at = time.time()
+
+    def get(self, job_id: str) -> Job:
+        self._expire()
+        if (job := self._jobs.get(job_id)) is None:
+            raise APIError(f"no job {job_id!r}: unknown, or its result expired", param="job_id", status=404,
+                           code="job_not_found")
+        return job
+
+    def content(self, job_id: str) -> GeneratedAudio:
+        job = self.get(job_id)
+        if job.output is None:
+            raise APIError(f"job {job_id!r} is {job.status}; its audio exists only once it has succeeded",
+                           param="job_id", status=409, code="job_not_finished" if not job.finished else job.status)
+        return job.output
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Stops a queued or running job (the engine drops it at its next step); finished jobs stay as they are."""
+        job = self.get(job_id)
+        if not job.finished:
+            job.task.cancel()
+            await asyncio.wait([job.task])
+        return await self.describe(job)
+
+    async def describe(self, job: Job) -> dict[str, Any]:
+        progress, queue_position, status = None, None, job.status
+        if not job.finished:
+            pending = list(self.gateway.admission.pending)
+            started = await self.gateway.progress(pending)
+            progress = started.get(job.id)
+            queue_position = self.gateway.admission.queue_position(job.id, set(started))
+            status = "running" if progress is not None else "queued"
+        elif job.output is not None:
+            progress = {"steps_done": job.request.num_inference_steps, "steps_total": job.request.num_inference_steps}
+        return {
+            "id": job.id,
+            "object": "audio.generation.job",
+            "status": status,
+            "created_at": job.created_at,
+            "finished_at": job.finished_at,
+            "expires_at": None if job.finished_at is None else job.finished_at + self.ttl_s,
+            "progress": progress,
+            "queue_position": queue_position,
+            "seed": job.request.seed,
+            "audio_length": job.request.audio_length,
+            "response_format": job.response_format,
+            "error": None if job.error is None else job.error.body()["error"],
+            "result_url": f"/v1/audio/jobs/{job.id}/content" if job.output is not None else None,
+        }
+
+    def _expire(self) -> None:
+        now = time.time()
+        finished = [job for job in self._jobs.values() if job.finished]
+        finished.sort(key=lambda job: job.finished_at)
+        excess = len(finished) - self.max_finished
+        for position, job in enumerate(finished):
+            if position < excess or now - job.finished_at > self.ttl_s:
+                del self._jobs[job.id]

@@ -1,0 +1,100 @@
+"""Prometheus metrics of our own, served with BentoML's on /metrics.
+
+prometheus_client is imported when the metrics are first needed (in the services' ``__init__`` or the first
+request), not at module import: BentoML may set PROMETHEUS_MULTIPROC_DIR after importing service.py, and
+prometheus_client picks single- or multi-process mode on import; multi-process mode is what makes every
+worker's samples appear on /metrics. Each process creates its metrics once (``front_metrics``, ``engine_metrics``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .audio import FORMATS
+from .serving import JSON_BODY_PATHS
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0)
+RATIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0)
+
+
+@dataclass
+class FrontMetrics:
+    requests: Any  # Counter: generation requests by endpoint, status and response_format
+    pending: Any  # Gauge: generations queued or running
+
+    @classmethod
+    @functools.cache
+    def get(cls) -> "FrontMetrics":
+        import prometheus_client as prometheus
+
+        return cls(
+            requests=prometheus.Counter("stable_audio_requests", "Generation requests by endpoint, HTTP status "
+                                        "and requested response_format", ["endpoint", "status", "format"]),
+            pending=prometheus.Gauge("stable_audio_pending_generations", "Generations admitted and not finished "
+                                     "(queued or running)", multiprocess_mode="livesum"),
+        )
+
+
+@dataclass
+class EngineMetrics:
+    batch_size: Any  # Histogram: requests per adaptive batch
+    step_seconds: Any  # Histogram: one denoising step of a batch (DiT forward + scheduler steps)
+    audio_seconds: Any  # Counter: seconds of audio generated
+    seconds_per_audio_second: Any  # Histogram: engine time (denoise + decode) per second of audio, per request
+
+    @classmethod
+    @functools.cache
+    def get(cls, max_batch_size: int) -> "EngineMetrics":
+        import prometheus_client as prometheus
+
+        batch_buckets = sorted({1, 2, 4, 8, 16, 32, max_batch_size})
+        return cls(
+            batch_size=prometheus.Histogram("stable_audio_batch_size", "Requests per adaptive batch",
+                                            buckets=[b for b in batch_buckets if b <= max_batch_size]),
+            step_seconds=prometheus.Histogram("stable_audio_denoise_step_seconds",
+                                              "Seconds per denoising step of a batch", buckets=STEP_BUCKETS),
+            audio_seconds=prometheus.Counter("stable_audio_generated_audio_seconds", "Seconds of audio generated"),
+            seconds_per_audio_second=prometheus.Histogram(
+                "stable_audio_generation_seconds_per_audio_second",
+                "Engine seconds (denoise + decode) per second of audio, per request", buckets=RATIO_BUCKETS),
+        )
+
+
+class RequestMetricsMiddleware:
+    """Counts each generation request with its status and requested format, 4xx from validation included.
+
+    It sees the body as it passes (the requests are at most the body limit), and reads only ``response_format``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in JSON_BODY_PATHS:
+            return await self.app(scope, receive, send)
+        body = bytearray()
+
+        async def observed_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                body.extend(message.get("body", b""))
+            return message
+
+        async def observed_send(message):
+            if message["type"] == "http.response.start":
+                FrontMetrics.get().requests.labels(path, str(message["status"]), requested_format(bytes(body))).inc()
+            await send(message)
+
+        await self.app(scope, observed_receive, observed_send)
+
+
+def requested_format(body: bytes) -> str:
+    """The body's response_format when it is a known one, ``wav`` when absent, else ``invalid``."""
+    try:
+        value = json.loads(body).get("response_format", "wav")
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep to parse
+        return "invalid"
+    return value if isinstance(value, str) and value in FORMATS else "invalid"

@@ -1,0 +1,149 @@
+"""Users beyond curl: async jobs with progress, the OpenAI SDK, the progress bar of the CLI, and metrics."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile
+
+BODY = {"input": "a kettle whistling", "audio_length": 2.0, "num_inference_steps": 12, "seed": 99,
+        "response_format": "flac"}
+
+
+def poll(server: str, job_id: str, until=("succeeded", "failed", "cancelled"), timeout_s: float = 120) -> list[dict]:
+    """Every status seen until the job reaches one of ``until``."""
+    seen, deadline = [], time.monotonic() + timeout_s
+    while not seen or seen[-1]["status"] not in until:
+        assert time.monotonic() < deadline, seen[-1:]
+        seen.append(httpx.get(f"{server}/v1/audio/jobs/{job_id}").json())
+        time.sleep(0.05)
+    return seen
+
+
+def test_a_job_reports_progress_and_returns_the_same_audio_as_a_direct_request(server):
+    submitted = httpx.post(server + "/v1/audio/jobs", json=BODY)
+    assert submitted.status_code == 202
+    job = submitted.json()
+    assert job["status"] in ("queued", "running") and job["id"].startswith("job_") and job["seed"] == 99
+    statuses = poll(server, job["id"])
+    final = statuses[-1]
+    assert final["status"] == "succeeded" and final["error"] is None
+    done = [s["progress"]["steps_done"] for s in statuses if s["progress"]]
+    assert done == sorted(done) and done[-1] == 12
+    assert final["expires_at"] > final["finished_at"] >= final["created_at"]
+
+    content = httpx.get(server + final["result_url"])
+    assert content.status_code == 200 and content.headers["content-type"] == "audio/flac"
+    assert content.headers["x-seed"] == "99"
+    direct = httpx.post(server + "/v1/audio/generate", json=BODY, timeout=120)
+    assert content.content == direct.content
+    samples, rate = soundfile.read(io.BytesIO(content.content))
+    assert (rate, samples.shape) == (44100, (88200, 2))
+
+
+def test_a_queued_job_knows_its_place_and_cancelled_jobs_have_no_audio(server):
+    long = {"input": "a long drone", "num_inference_steps": 400}
+    running = httpx.post(server + "/v1/audio/jobs", json=long).json()
+    poll(server, running["id"], until=("running",))
+    waiting = httpx.post(server + "/v1/audio/jobs", json=long).json()
+    status = httpx.get(f"{server}/v1/audio/jobs/{waiting['id']}").json()
+    assert status["status"] == "queued" and status["queue_position"] == 0 and status["progress"] is None
+
+    for job in (waiting, running):
+        cancelled = httpx.delete(f"{server}/v1/audio/jobs/{job['id']}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        missing = httpx.get(f"{server}/v1/audio/jobs/{job['id']}/content")
+        assert missing.status_code == 409 and missing.json()["error"]["param"] == "job_id"
+    assert httpx.get(f"{server}/v1/audio/jobs/{running['id']}").json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/audio/jobs/job_nope"), ("GET", "/v1/audio/jobs/x/content"),
+                                          ("DELETE", "/v1/audio/jobs/job_nope")])
+def test_unknown_jobs_are_404_in_the_error_shape(server, method, path):
+    response = httpx.request(method, server + path)
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found_error" and response.json()["error"]["param"] == "job_id"
+
+
+@pytest.mark.parametrize("body, param", [({"input": "x", "audio_length": 99.0}, "audio_length"),
+                                         ({"input": "x", "seed": "7"}, "seed"), (b"{oops", None)])
+def test_bad_job_submissions_are_400_naming_the_field(server, body, param):
+    sent = {"json": body} if isinstance(body, dict) else {"content": body, "headers": {"content-type": "application/json"}}
+    response = httpx.post(server + "/v1/audio/jobs", **sent)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param and response.json()["error"]["message"]
+
+
+def test_the_openai_sdk_lists_the_model_and_creates_speech(server):
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    assert [model.id for model in client.models.list()] == ["tiny"]
+    speech = client.audio.speech.create(model="tiny", input="a kettle whistling", voice="alloy",
+                                        response_format="flac", extra_body={k: BODY[k] for k in
+                                                                           ("audio_length", "num_inference_steps", "seed")})
+    direct = httpx.post(server + "/v1/audio/generate", json=BODY, timeout=120)
+    assert speech.read() == direct.content
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.audio.speech.create(model="tts-1", input="x", voice="alloy")
+    with pytest.raises(openai.BadRequestError, match="audio_length"):
+        client.audio.speech.create(model="tiny", input="x", voice="alloy", extra_body={"audio_length": 100})
+
+
+@pytest.mark.parametrize("response_format", ["opus", "aac"])
+def test_ffmpeg_formats_over_http(server, response_format):
+    body = {"input": "a bell", "audio_length": 1.5, "num_inference_steps": 2, "seed": 1,
+            "response_format": response_format}
+    response = httpx.post(server + "/v1/audio/generate", json=body, timeout=120)
+    assert response.status_code == 200
+    if response_format == "opus":
+        assert response.headers["content-type"] == "audio/ogg" and b"OpusHead" in response.content[:64]
+        samples, rate = soundfile.read(io.BytesIO(response.content))
+        assert rate == 48000 and abs(samples.shape[0] - 72000) <= 1 and np.abs(samples).max() > 0
+    else:
+        assert response.headers["content-type"] == "audio/aac" and response.content[:2] in (b"\xff\xf1", b"\xff\xf9")
+
+
+def test_command_line_client_shows_progress(server, tmp_path):
+    output = tmp_path / "bell.opus"
+    done = subprocess.run([sys.executable, "-m", "stable_audio_bento.client", "a bell", "--url", server,
+                           "--audio-length", "1", "--num-inference-steps", "20", "-o", str(output)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    bars = re.findall(r"\[([#.]{30})\] (\d+)/(\d+) steps", done.stderr)
+    assert bars and bars[-1] == ("#" * 30, "20", "20") and "succeeded" in done.stderr
+    assert soundfile.info(output).frames == 48000
+
+
+def scrape(server: str) -> dict[str, float]:
+    samples = {}
+    for line in httpx.get(server + "/metrics").text.splitlines():
+        if line.startswith("stable_audio_") or line.startswith("bentoml_service_request_total"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_count_requests_batches_steps_and_audio(server):
+    before = scrape(server)
+    ok = httpx.post(server + "/v1/audio/generate", json={**BODY, "response_format": "mp3"}, timeout=120)
+    bad = httpx.post(server + "/v1/audio/generate", json={"input": "x", "guidance_scale": -1, "response_format": "flac"})
+    assert (ok.status_code, bad.status_code) == (200, 400)
+    after = scrape(server)
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew('stable_audio_requests_total{endpoint="/v1/audio/generate",format="mp3",status="200"}') == 1
+    assert grew('stable_audio_requests_total{endpoint="/v1/audio/generate",format="flac",status="400"}') == 1
+    assert grew("stable_audio_generated_audio_seconds_total") == pytest.approx(2.0)
+    assert grew("stable_audio_batch_size_count") >= 1
+    assert grew("stable_audio_denoise_step_seconds_count") >= 12
+    assert grew("stable_audio_generation_seconds_per_audio_second_count") == 1
+    assert after["stable_audio_pending_generations"] == 0

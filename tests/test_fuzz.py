@@ -1,0 +1,585 @@
+"""Fuzzing POST /v1/audio/generate against a real `bentoml serve` of the tiny model.
+
+Generated bodies, content types and headers (hypothesis), plus explicit 413 / non-JSON checks. Every response must
+be below 500; a 200 must be a decodable audio file of the requested duration; every rejection must be JSON in the
+OpenAI error shape; a body that is valid except for one field must be rejected naming that field.
+
+The server caps ``num_inference_steps`` at 4, so a body that is valid by accident is cheap: the default of 100
+steps is already a 400. What stays expensive is the length (a 47.55 s clip takes ~5 s on 2 CPU cores with the tiny
+model, whatever the step count), so generated bodies that might be valid get a short ``audio_length``
+(`bound_cost`); the default-length path is covered by tests/test_service.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import operator
+import urllib.parse
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stable_audio_bento.local_server import local_server
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+ROUTE = "/v1/audio/generate"
+MAX_STEPS = 4
+SAMPLE_RATE = 44100
+MAX_SAMPLES = 1024 * 2048
+MAX_SECONDS = MAX_SAMPLES / SAMPLE_RATE
+MAX_SEED = 2**64 - 1
+MAX_PROMPT_CHARS = 10_000
+MAX_BODY_BYTES = 1 << 20
+FORMATS = ("wav", "flac", "mp3", "pcm")  # generated requests use these (decoded here without ffmpeg)
+VALID_FORMATS = (*FORMATS, "opus", "aac")
+MEDIA_TYPES = {"audio/wav": "wav", "audio/flac": "flac", "audio/mpeg": "mp3", "audio/pcm": "pcm"}
+FIELDS = ("input", "audio_length", "audio_start", "negative_prompt", "guidance_scale", "num_inference_steps",
+          "seed", "response_format", "model", "timeout")
+SERVED_MODEL = "tiny"
+CHEAP_SECONDS = 1.0  # the longest clip a generated body may ask for (~0.1-0.3 s per request)
+TIMEOUT_S = 10  # a rejection takes milliseconds and a CHEAP_SECONDS clip well under a second: no answer is a bug
+
+# Requests sent, per test; the last test asserts the file sent at least 1,000 generated ones.
+REQUESTS: Counter[str] = Counter()
+EXAMPLES = {"test_generated_objects": 350, "test_arbitrary_json_values": 150, "test_arbitrary_bytes": 150,
+            "test_content_types_and_headers": 250, "test_body_with_one_invalid_field_names_it": 30 * len(FIELDS),
+            "test_valid_bodies_return_audio_of_the_requested_length": 40, "test_other_methods": 40}
+
+FUZZ = dict(deadline=None, database=None, print_blob=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
+                                   HealthCheck.large_base_example])
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(model_cache) -> str:
+    env = {"STABLE_AUDIO_MODEL": "tiny", "STABLE_AUDIO_MAX_STEPS": str(MAX_STEPS)}
+    with local_server(env, ARTIFACTS / "fuzz-server.log", startup_timeout_s=180) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(fuzz_server) -> httpx.Client:
+    with httpx.Client(base_url=fuzz_server, timeout=TIMEOUT_S) as shared:
+        yield shared
+
+
+def send(client: httpx.Client, test: str, content=b"", headers: dict | None = None,
+         method: str = "POST") -> httpx.Response:
+    REQUESTS[test] += 1
+    try:
+        return client.request(method, ROUTE, content=content, headers=headers or {})
+    except httpx.TimeoutException as exc:
+        shown = content[:200] if isinstance(content, bytes) else "(streamed)"
+        raise AssertionError(f"no response within {TIMEOUT_S} s to {method} {headers} {shown!r}") from exc
+
+
+# --- what every response must satisfy --------------------------------------------------------------------------
+
+
+def error_of(response: httpx.Response) -> dict:
+    """The ``error`` object of a rejection, after checking the OpenAI shape."""
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
+    assert response.headers.get("content-type", "").startswith("application/json"), response.headers
+    body = response.json()
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error, dict) and {"message", "type", "param", "code"} <= set(error), error
+    assert isinstance(error["message"], str) and error["message"].strip(), error
+    assert "Traceback" not in error["message"], error
+    assert isinstance(error["type"], str) and error["type"], error
+    assert error["param"] is None or isinstance(error["param"], str), error
+    assert error["code"] is None or isinstance(error["code"], (str, int)), error
+    return error
+
+
+def as_number(value) -> float:
+    """A field value as the server read it (JSON numbers, or the strings of a form)."""
+    return float(value.strip() if isinstance(value, str) else value)
+
+
+def expected_samples(fields: dict) -> int:
+    start = as_number(fields.get("audio_start") or 0.0)
+    length = fields.get("audio_length")
+    length = MAX_SECONDS - start if length is None else as_number(length)
+    return round(length * SAMPLE_RATE)
+
+
+def check_audio(response: httpx.Response, fields) -> None:
+    """A 200 is an audio file of the requested duration (stereo, 44.1 kHz)."""
+    assert isinstance(fields, dict), f"200 for a body that is not an object of fields: {fields!r}"
+    media_type = response.headers.get("content-type", "").split(";")[0].strip()
+    assert media_type in MEDIA_TYPES, response.headers
+    response_format = MEDIA_TYPES[media_type]
+    assert fields.get("response_format", "wav") == response_format, (fields, media_type)
+    if response_format == "pcm":
+        assert len(response.content) % 4 == 0
+        samples, rate = np.frombuffer(response.content, dtype="<i2").reshape(-1, 2), SAMPLE_RATE
+    else:
+        samples, rate = soundfile.read(io.BytesIO(response.content), dtype="float32", always_2d=True)
+    assert rate == SAMPLE_RATE and samples.shape[1] == 2, (rate, samples.shape)
+    expected = expected_samples(fields)
+    if response_format == "mp3":  # the MP3 frame grid pads the end by less than one frame plus decoder delay
+        assert abs(samples.shape[0] - expected) < 0.06 * SAMPLE_RATE, (samples.shape, expected, fields)
+    else:
+        assert samples.shape[0] == expected, (samples.shape, expected, fields)
+
+
+def check_response(response: httpx.Response, fields=None) -> None:
+    """status < 500; 200 => audio of the requested length; otherwise the OpenAI error shape."""
+    timeout = fields.get("timeout") if isinstance(fields, dict) else None
+    if response.status_code == 504 and isinstance(timeout, (int, float)) and timeout < TIMEOUT_S:
+        assert response.json()["error"]["param"] == "timeout"  # a valid body with a tiny timeout of its own
+        return
+    assert response.status_code < 500, (response.status_code, response.text[:500])
+    if response.status_code == 200:
+        check_audio(response, fields)
+    else:
+        error_of(response)
+
+
+# --- values ---------------------------------------------------------------------------------------------------
+
+EDGE_FLOATS = [0.0, -0.0, 1e308, -1e308, 5e-324, -5e-324, 1.0, 0.5 / SAMPLE_RATE, 1 / SAMPLE_RATE, 1e-6,
+               MAX_SECONDS, math.nextafter(MAX_SECONDS, math.inf), 47.55, 47.6, 50.0, math.nextafter(50.0, math.inf),
+               float("nan"), float("inf"), float("-inf"), 2.5, -1.0]
+EDGE_INTS = [0, 1, MAX_STEPS, MAX_STEPS + 1, -1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, MAX_SEED, MAX_SEED + 1, -(2**63),
+             -(2**64), 10**100]
+EDGE_STRINGS = ["", " ", "\n\t", "\u3000", "\x00", "NaN", "nan", "Infinity", "-Infinity", "1e308", "1e999", "-0.0",
+                "0", "5", "42", "1.5", "true", "null", "wav", "WAV", " wav", "mp3", "ogg", "tiny",
+                "stabilityai/stable-audio-open-1.0", "\U0001f600" * 3, "\u202e\u0301\ufeff"]
+
+
+def repeated(unit, times: int) -> st.SearchStrategy:
+    """``unit * times``, built lazily so that hypothesis does not print it in every strategy's repr."""
+    return st.builds(operator.mul, st.just(unit), st.just(times))
+
+
+scalars = st.one_of(
+    st.none(), st.booleans(),
+    st.integers(), st.sampled_from(EDGE_INTS), st.builds(pow, st.just(10), st.just(4000)),  # 4,001 digits
+    st.floats(), st.sampled_from(EDGE_FLOATS),
+    st.text(max_size=40), st.sampled_from(EDGE_STRINGS), repeated("a", 10_001), repeated("\U0010ffff", 10_001),
+    st.text(min_size=1, max_size=3).map(lambda s: s * 4000),  # long (and sometimes > 10,000 characters)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=10), inner, max_size=5)),
+    max_leaves=20,
+)
+# Values that are valid somewhere, so that bodies get past the type checks into the range and model checks.
+plausible = {
+    "input": st.one_of(st.text(max_size=60), st.sampled_from(["rain", "The sound of a dog barking"])),
+    "audio_length": st.one_of(st.floats(0, 60), st.integers(-1, 60), st.sampled_from(EDGE_FLOATS)),
+    "audio_start": st.one_of(st.floats(-1, 60), st.integers(-1, 60), st.sampled_from(EDGE_FLOATS)),
+    "negative_prompt": st.one_of(st.none(), st.text(max_size=30)),
+    "guidance_scale": st.one_of(st.floats(-5, 60), st.integers(-5, 60), st.sampled_from(EDGE_FLOATS)),
+    "num_inference_steps": st.one_of(st.integers(-2, 8), st.sampled_from(EDGE_INTS)),
+    "seed": st.one_of(st.none(), st.integers(-5, 2**65), st.sampled_from(EDGE_INTS)),
+    "response_format": st.sampled_from([*FORMATS, "WAV", "ogg", ""]),
+    "model": st.sampled_from([None, SERVED_MODEL, "other-model", ""]),
+    "timeout": st.one_of(st.none(), st.floats(TIMEOUT_S, 86_400), st.sampled_from([0, -1.0, 86_401, 1e308])),
+}
+generated_objects = st.builds(
+    lambda known, extra: {**extra, **known},
+    st.fixed_dictionaries({}, optional={field: st.one_of(plausible[field], json_values) for field in FIELDS}),
+    st.dictionaries(st.text(max_size=12).filter(lambda key: key not in FIELDS), json_values, max_size=4),
+)
+
+
+def _maybe_int(value) -> int | None:
+    try:
+        return int(as_number(value)) if not isinstance(value, (list, dict)) and value is not None else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def bound_cost(fields: dict) -> dict:
+    """A body whose step count may be valid asks for at most CHEAP_SECONDS of audio (a 47 s clip costs ~5 s)."""
+    steps = _maybe_int(fields.get("num_inference_steps"))
+    if steps is None or not 1 <= steps <= MAX_STEPS:
+        return fields
+    length = fields.get("audio_length")
+    try:
+        too_long = length is None or not as_number(length) <= CHEAP_SECONDS
+    except (TypeError, ValueError, OverflowError):
+        too_long = False
+    if length is None:
+        try:
+            too_long = not as_number(fields.get("audio_start") or 0.0) >= MAX_SECONDS - CHEAP_SECONDS
+        except (TypeError, ValueError, OverflowError):
+            too_long = True
+    return {**fields, "audio_length": CHEAP_SECONDS} if too_long else fields
+
+
+def dumps(value, ascii: bool = False) -> bytes:
+    """JSON as a permissive client writes it: NaN and Infinity literals, unicode escaped or raw UTF-8."""
+    return json.dumps(value, ensure_ascii=ascii).encode("utf-8", "surrogatepass")
+
+
+def form_encode(fields: dict) -> bytes:
+    return urllib.parse.urlencode({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()},
+                                  encoding="utf-8", errors="surrogatepass").encode()
+
+
+BOUNDARY = "fuzzboundary7MA4YWxkTrZu0gW"
+
+
+def multipart_encode(fields: dict) -> bytes:
+    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'.encode()
+             + (v if isinstance(v, str) else json.dumps(v)).encode("utf-8", "surrogatepass") + b"\r\n"
+             for k, v in fields.items() if k.isidentifier()]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+# --- the generated requests -----------------------------------------------------------------------------------
+
+
+@settings(max_examples=EXAMPLES["test_generated_objects"], **FUZZ)
+@given(body=generated_objects, ascii=st.booleans())
+def test_generated_objects(client, body, ascii):
+    """JSON objects from the API's fields (every JSON type, edge values, unknown fields, fields missing)."""
+    body = bound_cost(body)
+    response = send(client, "test_generated_objects", dumps(body, ascii), {"content-type": "application/json"})
+    check_response(response, body)
+
+
+@settings(max_examples=EXAMPLES["test_arbitrary_json_values"], **FUZZ)
+@given(value=json_values.filter(lambda v: not isinstance(v, dict)))
+def test_arbitrary_json_values(client, value):
+    """A JSON value that is not an object (scalar, array) is a 400 with no field named."""
+    response = send(client, "test_arbitrary_json_values", dumps(value), {"content-type": "application/json"})
+    assert response.status_code == 400, (response.status_code, response.text[:500])
+    assert error_of(response)["param"] is None
+
+
+def _not_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except (ValueError, RecursionError):
+        return True
+    return False
+
+
+raw_bodies = st.one_of(
+    st.binary(min_size=1, max_size=2000),
+    st.text(min_size=1, max_size=200).map(lambda s: s.encode("utf-8", "surrogatepass")),
+    st.text(min_size=1, max_size=100).map(lambda s: s.encode("utf-16")),
+    st.builds(lambda d, cut: dumps(d)[:cut], generated_objects, st.integers(1, 40)),  # truncated JSON
+    st.builds(lambda d, tail: dumps(d) + tail, generated_objects, st.binary(min_size=1, max_size=10)
+              .filter(lambda b: b.strip())),  # trailing garbage
+    st.builds(lambda d: b"\xef\xbb\xbf" + dumps(d), generated_objects),  # BOM
+    st.builds(lambda d, junk: dumps(d).replace(b'"', b'"' + junk, 1), generated_objects,
+              st.sampled_from([b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\x80"])),  # invalid UTF-8
+    st.sampled_from([b"{", b"}", b"[", b"{'input': 'x'}", b'{"input": "x",}', b"{input: 1}", b"\x00",
+                     b'{"input": "\\ud800"}', b'{"input": "x", "seed": 1e}', b'{"input": "x", "seed": 0x10}']),
+    repeated(b"[", 100_000), repeated(b'{"a":', 50_000),  # deeper than any parser's limit
+    st.builds(lambda digits: b'{"input": "x", "seed": 1' + b"0" * digits + b"}", st.integers(4300, 6000)),
+).filter(_not_json)
+
+
+@settings(max_examples=EXAMPLES["test_arbitrary_bytes"], **FUZZ)
+@given(data=raw_bodies, content_type=st.sampled_from(["application/json", None]))
+def test_arbitrary_bytes(client, data, content_type):
+    """Bytes that are not JSON (garbage, invalid UTF-8, truncated, trailing junk) are a 400, no field named."""
+    headers = {"content-type": content_type} if content_type else {}
+    response = send(client, "test_arbitrary_bytes", data, headers)
+    assert response.status_code == 400, (response.status_code, response.text[:500])
+    assert error_of(response)["param"] is None
+
+
+header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(str.strip)
+content_types = st.one_of(
+    st.sampled_from(["application/json", "application/json; charset=utf-8", "application/json; charset=latin-1",
+                     "text/plain", "text/json", "multipart/form-data", f"multipart/form-data; boundary={BOUNDARY}",
+                     "multipart/form-data; boundary=", "multipart/mixed", "application/x-www-form-urlencoded",
+                     "application/octet-stream", "audio/wav", "*/*", "", ";", "garbage", "application/json,text/plain",
+                     "application/x-www-form-urlencoded; charset=utf-16"]),
+    header_text,
+)
+odd_headers = st.fixed_dictionaries({}, optional={
+    "content-encoding": st.sampled_from(["gzip", "deflate", "br", "identity", "zstd", "garbage"]),
+    "accept": st.sampled_from(["audio/wav", "application/json", "*/*", "text/html", "audio/*;q=0.1", "", "garbage"]),
+    "accept-encoding": st.sampled_from(["gzip", "identity;q=0", "*"]),
+    "authorization": st.sampled_from(["Bearer nothing", "Basic Zm9vOmJhcg==", ""]),
+    "x-request-id": header_text,
+})
+
+
+MATCHING = {"json": "application/json", "form": "application/x-www-form-urlencoded",
+            "multipart": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+@settings(max_examples=EXAMPLES["test_content_types_and_headers"], **FUZZ)
+@given(body=st.one_of(generated_objects, json_values, raw_bodies),
+       encoding=st.sampled_from(["json", "form", "multipart"]),
+       content_type=st.one_of(st.just("matching"), st.none(), content_types), extra=odd_headers)
+def test_content_types_and_headers(client, body, encoding, content_type, extra):
+    """Any content type (or none), form and multipart encodings, odd headers: never a 5xx."""
+    fields = None
+    if isinstance(body, dict):
+        fields = body = bound_cost(body)
+    if isinstance(body, bytes):
+        data = body
+    elif encoding == "form" and isinstance(body, dict):
+        data = form_encode(body)
+    elif encoding == "multipart" and isinstance(body, dict):
+        data = multipart_encode(body)
+    else:
+        data, encoding = dumps(body), "json"
+    headers = dict(extra)
+    if content_type == "matching":
+        content_type = MATCHING[encoding]
+    if content_type is not None:
+        headers["content-type"] = content_type
+    response = send(client, "test_content_types_and_headers", data, headers)
+    assert response.status_code < 500, (response.status_code, response.text[:500], headers, data[:300])
+    if response.status_code == 200:
+        check_audio(response, fields)
+    else:
+        error_of(response)
+
+
+# --- valid bodies, and valid bodies with exactly one field made invalid --------------------------------------------
+
+prompts = st.text(max_size=80).filter(str.strip)
+
+
+@st.composite
+def valid_bodies(draw) -> dict:
+    """A cheap valid request (<= CHEAP_SECONDS of audio, <= MAX_STEPS steps) with any subset of optional fields."""
+    body = {"input": draw(prompts), "num_inference_steps": draw(st.integers(1, MAX_STEPS))}
+    length = draw(st.one_of(st.floats(0.6 / SAMPLE_RATE, CHEAP_SECONDS), st.integers(1, 1),
+                            st.sampled_from([1 / SAMPLE_RATE, 0.6 / SAMPLE_RATE, 0.1, CHEAP_SECONDS]), st.none()))
+    latest = MAX_SECONDS - (CHEAP_SECONDS if length is None else length) - 1 / SAMPLE_RATE
+    start = draw(st.one_of(st.none(), st.floats(0, latest), st.sampled_from([0, 0.0, -0.0, latest]),
+                           st.integers(0, int(latest))))
+    if length is None:  # the default runs to the end of the window: keep it short
+        start = draw(st.floats(MAX_SECONDS - CHEAP_SECONDS, MAX_SECONDS - 1 / SAMPLE_RATE))
+    if length is not None:
+        body["audio_length"] = length
+    if start is not None:
+        body["audio_start"] = start
+    optional = {
+        "negative_prompt": st.one_of(st.none(), st.text(max_size=40)),
+        "guidance_scale": st.one_of(st.floats(0, 50), st.integers(0, 50), st.sampled_from([0.0, 1.0, 50.0, 5e-324])),
+        "seed": st.one_of(st.none(), st.integers(0, MAX_SEED), st.sampled_from([0, MAX_SEED, 2**63])),
+        "response_format": st.sampled_from(FORMATS),
+        "model": st.sampled_from([None, SERVED_MODEL]),
+        "timeout": st.one_of(st.none(), st.floats(TIMEOUT_S, 86_400)),
+    }
+    for field, values in optional.items():
+        if draw(st.booleans()):
+            body[field] = draw(values)
+    if draw(st.booleans()):
+        body.update(draw(st.dictionaries(st.text(max_size=12).filter(lambda key: key not in FIELDS), json_values,
+                                         max_size=3)))
+    return body
+
+
+def wrong_types(*keep: type) -> st.SearchStrategy:
+    """JSON values of every type but ``keep`` (bool is never an int or a float here: types are strict)."""
+    def wrong(value) -> bool:
+        if isinstance(value, bool):
+            return bool not in keep
+        return not isinstance(value, keep)
+    return json_values.filter(wrong)
+
+
+long_text = st.builds(lambda c, n: c * n, st.characters(exclude_categories=["Cs"]),
+                      st.integers(MAX_PROMPT_CHARS + 1, MAX_PROMPT_CHARS + 50))
+blank_text = st.text(st.sampled_from([chr(c) for c in range(0x3001) if chr(c).isspace()]), max_size=20)
+non_finite = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+MISSING = object()
+PAST_END = object()  # an audio_start that is in range but pushes the clip past the end of the window
+
+INVALID = {
+    "input": st.one_of(st.none(), blank_text, long_text, wrong_types(str), st.just(MISSING)),
+    "audio_length": st.one_of(st.floats(max_value=0), st.integers(max_value=0), non_finite,
+                              st.sampled_from([1e308, 4.1e303, 10**303 * 5, -1e308]),
+                              st.floats(0, 0.49 / SAMPLE_RATE, exclude_min=True),  # less than one sample
+                              st.floats(min_value=math.nextafter(MAX_SECONDS, math.inf), allow_infinity=False),
+                              st.integers(48, 10**300), wrong_types(int, float, type(None))),
+    "audio_start": st.one_of(st.just(PAST_END), st.floats(max_value=-1e-300), st.integers(max_value=-1), non_finite,
+                             st.floats(min_value=MAX_SECONDS, allow_infinity=False), st.integers(48, 10**300),
+                             st.none(), wrong_types(int, float)),
+    "negative_prompt": st.one_of(long_text, wrong_types(str, type(None))),
+    "guidance_scale": st.one_of(st.floats(max_value=-1e-300), st.floats(min_value=math.nextafter(50.0, math.inf)),
+                                st.integers(max_value=-1), st.integers(min_value=51), non_finite, st.none(),
+                                wrong_types(int, float)),
+    "num_inference_steps": st.one_of(st.integers(max_value=0), st.integers(min_value=MAX_STEPS + 1),
+                                     st.none(),  # the default, 100, is over this server's cap
+                                     st.sampled_from([1.0, 2.5, 1e0]), wrong_types(int)),
+    "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=MAX_SEED + 1), st.sampled_from([1.0, 42.0]),
+                      wrong_types(int, type(None))),
+    "response_format": st.one_of(st.text(max_size=10).filter(lambda s: s not in VALID_FORMATS),
+                                 st.sampled_from(["WAV", " wav", "wav ", "ogg", "audio/wav"]),
+                                 st.none(), wrong_types(str)),
+    "model": st.one_of(st.text(max_size=40).filter(lambda s: s != SERVED_MODEL),  # 404
+                       st.sampled_from(["stabilityai/stable-audio-open-1.0", "TINY", " tiny"]),
+                       wrong_types(str, type(None))),
+    "timeout": st.one_of(st.floats(max_value=0), st.integers(max_value=0), non_finite,
+                         st.floats(min_value=86_400, exclude_min=True, allow_infinity=False),
+                         wrong_types(int, float, type(None))),
+}
+
+
+@st.composite
+def with_one_invalid_field(draw, field: str) -> dict:
+    """A valid body with ``field`` made invalid (or missing, for ``input``); the other fields stay valid."""
+    body = draw(valid_bodies())
+    value = draw(INVALID[field])
+    if field == "audio_start" and body.get("audio_length") is None:
+        body["audio_length"] = 0.5  # a default length would run from an out-of-range start
+    if value is PAST_END:
+        length = round(body["audio_length"] * SAMPLE_RATE)
+        first = MAX_SAMPLES - length + 1  # the first start sample that puts the end past the window
+        value = draw(st.integers(first, max(first, MAX_SAMPLES - 1))) / SAMPLE_RATE
+    if value is MISSING:
+        del body[field]
+    else:
+        body[field] = value
+    return body
+
+
+@pytest.mark.parametrize("field", FIELDS)
+@settings(max_examples=EXAMPLES["test_body_with_one_invalid_field_names_it"] // len(FIELDS), **FUZZ)
+@given(data=st.data())
+def test_body_with_one_invalid_field_names_it(client, field, data):
+    """A valid body with exactly one field made invalid: 400 (404 for an unknown model name) naming that field."""
+    body = data.draw(with_one_invalid_field(field), label="body")
+    response = send(client, "test_body_with_one_invalid_field_names_it", dumps(body),
+                    {"content-type": "application/json"})
+    error = error_of(response)
+    expected_status = 404 if field == "model" and isinstance(body[field], str) else 400
+    assert response.status_code == expected_status, (response.status_code, error, field)
+    assert error["param"] == field, (error, field)
+    assert field in error["message"], (error, field)
+
+
+@settings(max_examples=EXAMPLES["test_valid_bodies_return_audio_of_the_requested_length"], **FUZZ)
+@given(body=valid_bodies())
+def test_valid_bodies_return_audio_of_the_requested_length(client, body):
+    response = send(client, "test_valid_bodies_return_audio_of_the_requested_length", dumps(body),
+                    {"content-type": "application/json"})
+    assert response.status_code == 200, (response.status_code, response.text[:500], body)
+    check_audio(response, body)
+    if body.get("seed") is not None:
+        assert response.headers["x-seed"] == str(body["seed"])
+
+
+@settings(max_examples=EXAMPLES["test_other_methods"], **FUZZ)
+@given(method=st.sampled_from(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
+       body=st.one_of(st.just(b""), raw_bodies, generated_objects.map(dumps)))
+def test_other_methods(client, method, body):
+    """Only POST is served on the route: the others are a 4xx (405) in the error shape."""
+    response = send(client, "test_other_methods", body, {"content-type": "application/json"}, method=method)
+    assert 400 <= response.status_code < 500, (method, response.status_code, response.text[:300])
+    if method != "HEAD":
+        error_of(response)
+
+
+# --- explicit checks ------------------------------------------------------------------------------------------
+
+OVERSIZED = b'{"input": "' + b"x" * (3 * MAX_BODY_BYTES // 2) + b'"}'  # 1.5 MiB
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "multipart/form-data", "text/plain", None])
+def test_oversized_body_is_a_413_with_content_length(client, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    response = send(client, "explicit", OVERSIZED, headers)
+    assert response.status_code == 413
+    assert "content-length" in {k.lower() for k in response.request.headers}
+    assert error_of(response)["type"] == "invalid_request_error"
+
+
+def test_oversized_chunked_body_is_a_413(client):
+    def chunks():  # no Content-Length: the limit holds on what arrives
+        for offset in range(0, len(OVERSIZED), 64 << 10):
+            yield OVERSIZED[offset:offset + (64 << 10)]
+
+    response = send(client, "explicit", chunks(), {"content-type": "application/json"})
+    assert response.request.headers.get("transfer-encoding") == "chunked"
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413
+    assert error_of(response)["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("audio_length", [1e308, 4.1e303, 10**304])
+def test_huge_audio_length_is_a_400(client, audio_length):
+    """Found by test_body_with_one_invalid_field_names_it: audio_length x 44100 overflowed to inf and
+    round(inf) raised OverflowError, a 500."""
+    body = {"input": "x", "num_inference_steps": 1, "audio_length": audio_length}
+    response = send(client, "explicit", dumps(body), {"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == "audio_length" and "audio_length" in error["message"]
+
+
+def test_body_at_the_limit_is_not_a_413(client):
+    body = b'{"input": "x", "num_inference_steps": 0, "pad": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    body = body[: MAX_BODY_BYTES - 2] + b'"}'
+    assert len(body) == MAX_BODY_BYTES
+    response = send(client, "explicit", body, {"content-type": "application/json"})
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "num_inference_steps"
+
+
+@pytest.mark.parametrize("data", [b"not json at all", b'{"input": "x",', b"\xff\xfe\xfd", b'{"input": "\xff"}',
+                                  "{\"input\": \"x\"}".encode("utf-16"), b"<xml/>", b"input=x"],
+                         ids=["text", "truncated", "bytes", "bad-utf8", "utf16", "xml", "form-like"])
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
+def test_non_json_is_a_400(client, data, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    response = send(client, "explicit", data, headers)
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+    assert "JSON" in error["message"]
+
+
+@pytest.mark.parametrize("data", [b"[" * 1000, b"[" * 1000 + b"]" * 1000, b'{"a":' * 1000, b'{"input": ' + b"[" * 1000,
+                                  b"[" * 100_000],
+                         ids=["arrays", "closed-arrays", "objects", "in-a-field", "very-deep"])
+def test_deeply_nested_json_is_a_400(client, data):
+    """Nesting past any parser's recursion limit is rejected like any other bad body, and answered."""
+    response = send(client, "explicit", data, {"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert error_of(response)["param"] is None
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data", "multipart/form-data; boundary=zzz"])
+@pytest.mark.parametrize("data", [b'{"input": "x"}', b"--zzz\r\n\r\nx\r\n--zzz--\r\n", b"garbage"])
+def test_multipart_is_refused_with_415(client, data, content_type):
+    response = send(client, "explicit", data, {"content-type": content_type})
+    assert response.status_code == 415, (response.status_code, response.text)
+    assert "application/json" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_json_is_read_as_json_whatever_the_content_type_says(client, content_type):
+    """`curl -d '{...}'` without -H sends form-urlencoded; the body is still the API's JSON."""
+    body = {"input": "x", "audio_length": 0.5, "num_inference_steps": 1, "seed": 3}
+    response = send(client, "explicit", dumps(body), {"content-type": content_type} if content_type else {})
+    check_response(response, body)
+    assert response.status_code == 200
+    form = send(client, "explicit", form_encode(body), {"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 400 and error_of(form)["message"] == "request body is not valid JSON"
+
+
+def test_request_count():
+    """The file sends at least 1,000 generated requests (when it runs whole and its fuzz tests pass)."""
+    short = {name: REQUESTS[name] for name, examples in EXAMPLES.items() if REQUESTS[name] < examples}
+    if short:  # deselected, or stopped at a failing example (reported by that test)
+        pytest.skip(f"fuzz tests that did not run all their examples: {short}")
+    total = sum(REQUESTS.values())
+    generated = total - REQUESTS["explicit"]
+    print(f"\nfuzz requests: {total} ({generated} generated): {dict(REQUESTS)}")
+    assert generated >= 1000, dict(REQUESTS)

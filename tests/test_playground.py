@@ -1,0 +1,264 @@
+"""The playground page at /ui, driven in a real headless Chromium (Debian's `chromium` and `chromium-driver`)
+against `bentoml serve` of the tiny model: fill the form, generate, play the clip, check what the page shows."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from stable_audio_bento.audio import format_unavailable
+from stable_audio_bento.local_server import local_server
+from stable_audio_bento.protocol import MAX_SEED
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "artifacts"
+PAGE = REPO / "src" / "stable_audio_bento" / "static" / "playground.html"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"  # given explicitly, so Selenium Manager never runs (it would download)
+GENERATION_TIMEOUT_S = 120
+PROMPT = "Rain on a tin roof"
+
+
+def test_the_page_is_self_contained_and_shipped_in_the_bento():
+    """No build step and no network: inline CSS and JS only; bentofile.yaml's `include` carries the file."""
+    html = PAGE.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html, re.I)
+    assert "@import" not in html and "<script src" not in html
+    include = yaml.safe_load((REPO / "bentofile.yaml").read_text())["include"]
+    assert any(fnmatch.fnmatch(str(PAGE.relative_to(REPO)), pattern) for pattern in include)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium chromium-driver (Debian) for the browser tests")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--autoplay-policy=no-user-gesture-required",
+                 "--window-size=1280,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def open_page(browser, url: str) -> None:
+    browser.get(url + "/ui")
+    browser.execute_script("sessionStorage.clear()")
+    browser.refresh()
+    browser.get_log("browser")  # from here on, the console holds this page's messages only
+    # /health filled in the model and its maximum length
+    wait_for(browser, lambda: "Hz" in text(browser, "server-info"), 30, "the page never showed /health's answer")
+
+
+def text(browser, element_id: str) -> str:
+    return browser.find_element(By.ID, element_id).text
+
+
+def fill(browser, **fields) -> None:
+    for name, value in fields.items():
+        element = browser.find_element(By.ID, name)
+        if element.tag_name == "select":
+            Select(element).select_by_value(value)
+        else:
+            element.clear()
+            element.send_keys(str(value))
+
+
+def wait_for(browser, condition, timeout_s: float, message: str):
+    try:
+        return WebDriverWait(browser, timeout_s, poll_frequency=0.1).until(lambda _: condition())
+    except TimeoutException:
+        raise AssertionError(f"{message}; status: {text(browser, 'status')!r}, error: {text(browser, 'error')!r}, "
+                             f"console: {browser.get_log('browser')}") from None
+
+
+def wait_for_clip(browser) -> dict:
+    """Waits until the player has the clip's metadata and the waveform was decoded; returns the page's state."""
+    state = """
+        const audio = document.getElementById("audio"), progress = document.getElementById("progress"),
+              link = document.getElementById("download");
+        return {ready: audio.readyState, duration: audio.duration, error: audio.error && audio.error.code,
+                progress: progress.value, progressMax: progress.max, href: link.getAttribute("href"),
+                filename: link.download, decoded: document.getElementById("duration").textContent};
+    """
+    return wait_for(browser, lambda: (s := browser.execute_script(state))["ready"] >= 1 and s["decoded"] != "–" and s,
+                    GENERATION_TIMEOUT_S, "the clip never reached the player")
+
+
+def waveform_coverage(browser) -> list[float]:
+    """Per channel lane of the canvas: the fraction of pixel columns where the waveform is drawn."""
+    return browser.execute_script("""
+        const canvas = document.getElementById("waveform"), {width, height} = canvas;
+        const pixels = canvas.getContext("2d").getImageData(0, 0, width, height).data;
+        const colors = [[0x34, 0x51, 0xb2], [0x0e, 0x7c, 0x66]];  // the page's colours for channels 1 and 2
+        return colors.map(([r, g, b], lane) => {
+            let columns = 0;
+            for (let x = 0; x < width; x++) {
+                for (let y = Math.floor(lane * height / 2); y < (lane + 1) * height / 2; y++) {
+                    const i = (y * width + x) * 4;
+                    if (pixels[i] === r && pixels[i + 1] === g && pixels[i + 2] === b && pixels[i + 3] === 255) {
+                        columns++; break;
+                    }
+                }
+            }
+            return columns / width;
+        });
+    """)
+
+
+def play(browser) -> dict:
+    """Plays the clip for about half a second and reports where the playhead got to."""
+    return browser.execute_async_script("""
+        const done = arguments[arguments.length - 1], audio = document.getElementById("audio");
+        audio.currentTime = 0;
+        audio.play().then(() => setTimeout(() => done({currentTime: audio.currentTime, paused: audio.paused,
+                                                        error: audio.error && audio.error.code}), 600),
+                          (error) => done({rejected: String(error)}));
+    """)
+
+
+def downloaded_sha256(browser) -> str:
+    return browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch(document.getElementById("download").href).then((r) => r.arrayBuffer())
+            .then((bytes) => crypto.subtle.digest("SHA-256", bytes))
+            .then((hash) => done([...new Uint8Array(hash)].map((b) => b.toString(16).padStart(2, "0")).join("")),
+                  (error) => done(String(error)));
+    """)
+
+
+def test_generate_play_and_download_a_clip(server, browser):
+    open_page(browser, server)
+    assert browser.find_element(By.ID, "audio_length").get_attribute("max") == "47.55"
+    fill(browser, input=PROMPT, audio_length="2.0", num_inference_steps=3, seed=7)
+    browser.find_element(By.ID, "generate").click()
+
+    clip = wait_for_clip(browser)
+    assert clip["error"] is None
+    assert clip["duration"] == pytest.approx(2.0, abs=0.05)
+    assert clip["decoded"].startswith("2.000 s · 2 ch")
+    assert clip["progress"] == clip["progressMax"] == 3  # the bar reached the requested steps
+    assert text(browser, "seed-used") == "7"
+    assert clip["href"].startswith("blob:")
+    assert clip["filename"] == "stable-audio-7.wav"
+    assert browser.find_element(By.ID, "generate").is_enabled()
+    assert not browser.find_element(By.ID, "cancel").is_displayed()
+
+    assert min(waveform_coverage(browser)) > 0.95  # both channels drawn across the whole width
+
+    # The link offers exactly the bytes the synchronous API returns for the same request.
+    body = {"input": PROMPT, "audio_length": 2.0, "num_inference_steps": 3, "seed": 7, "guidance_scale": 7.0,
+            "audio_start": 0.0, "response_format": "wav"}
+    direct = httpx.post(server + "/v1/audio/generate", json=body, timeout=GENERATION_TIMEOUT_S)
+    assert direct.status_code == 200, direct.text
+    assert downloaded_sha256(browser) == hashlib.sha256(direct.content).hexdigest()
+
+    played = play(browser)
+    assert "rejected" not in played, played
+    assert played["error"] is None
+    assert not played["paused"] and played["currentTime"] > 0.1
+    assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "playground.png"))
+
+
+@pytest.mark.parametrize("response_format, tolerance_s", [("flac", 0.01), ("mp3", 0.05), ("opus", 0.05),
+                                                          ("aac", 0.1)])
+def test_every_playable_format_plays_with_the_largest_seed(server, browser, response_format, tolerance_s):
+    """Opus and AAC players add up to a few tens of ms (resampling to 48 kHz; ADTS keeps its encoder padding)."""
+    if (reason := format_unavailable(response_format)) is not None:
+        pytest.skip(reason)
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length="1.3", num_inference_steps=2, seed=MAX_SEED,
+         response_format=response_format)
+    browser.find_element(By.ID, "generate").click()
+    clip = wait_for_clip(browser)
+    assert clip["error"] is None
+    assert clip["duration"] == pytest.approx(1.3, abs=tolerance_s)
+    assert text(browser, "seed-used") == str(MAX_SEED)  # all 20 digits: no float rounding in the page
+    assert clip["filename"] == f"stable-audio-{MAX_SEED}.{response_format}"
+    played = play(browser)
+    assert "rejected" not in played and played["error"] is None and played["currentTime"] > 0.1, played
+
+
+def test_a_bad_value_shows_the_servers_message_on_its_field(server, browser):
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length=100, num_inference_steps=3)
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "error"), 30, "no error was shown")
+    message = text(browser, "error")
+    assert "audio_length" in message and "47.55" in message, message
+    field = browser.find_element(By.ID, "audio_length")
+    assert "invalid" in field.get_attribute("class")
+    assert field.get_attribute("aria-invalid") == "true"
+    assert "audio_length" in text(browser, "audio_length-error")
+    assert browser.switch_to.active_element == field
+    assert text(browser, "job-id") == "–"  # nothing was submitted
+    assert browser.find_element(By.ID, "generate").is_enabled()
+    browser.save_screenshot(str(ARTIFACTS / "playground-error.png"))
+
+    fill(browser, audio_length=1)  # editing the field clears its mark
+    assert "invalid" not in field.get_attribute("class")
+
+
+def test_cancel_stops_a_running_job(server, browser):
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length=47, num_inference_steps=100)
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "status").startswith("Denoising: step"), 60, "the job never ran")
+    progress = browser.execute_script("const p = document.getElementById('progress'); return [p.value, p.max]")
+    assert progress[1] == 100 and 0 <= progress[0] < 100
+    assert browser.find_element(By.ID, "cancel").is_displayed()
+    browser.find_element(By.ID, "cancel").click()
+    wait_for(browser, lambda: text(browser, "status") == "Cancelled.", 30, "the job was not cancelled")
+    assert browser.find_element(By.ID, "generate").is_enabled()
+    assert browser.find_element(By.ID, "download").get_attribute("href") is None
+    job_id = text(browser, "job-id")
+    assert httpx.get(f"{server}/v1/audio/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(model_cache, tmp_path_factory):
+    """Default guard settings with an API key: /ui must stay open (GuardSettings.public_paths), the API not."""
+    key_file = tmp_path_factory.mktemp("key") / "key"
+    key_file.write_text("playground-secret\n")
+    env = {"STABLE_AUDIO_MODEL": "tiny", "STABLE_AUDIO_API_KEY_FILE": str(key_file)}
+    with local_server(env, ARTIFACTS / "server-playground-keyed.log", startup_timeout_s=180) as url:
+        yield url
+
+
+def test_api_key_is_asked_for_and_sent(keyed_server, browser):
+    page = httpx.get(keyed_server + "/ui")
+    assert page.status_code == 200, "the page itself needs no key: '/ui' belongs in GuardSettings.public_paths"
+    open_page(browser, keyed_server)
+    fill(browser, input=PROMPT, audio_length=1, num_inference_steps=2, seed=3)
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "error"), 30, "no error without the key")
+    assert "API key" in text(browser, "error")
+    assert browser.find_element(By.ID, "api_key").get_attribute("aria-invalid") == "true"
+
+    fill(browser, api_key="playground-secret")
+    browser.find_element(By.ID, "generate").click()
+    clip = wait_for_clip(browser)
+    assert clip["duration"] == pytest.approx(1.0, abs=0.05)
+    assert text(browser, "error") == ""
+
+    browser.refresh()  # kept for the tab (sessionStorage), not beyond
+    assert browser.find_element(By.ID, "api_key").get_attribute("value") == "playground-secret"

@@ -1,0 +1,48 @@
+"""A short soak of the served tiny model: mixed valid, invalid, cancelled, deadline and burst requests lose none."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_soak():
+    """benchmarks/ is not a package: load the script by path (registered, as its dataclasses need)."""
+    if "soak" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("soak", REPO / "benchmarks" / "soak.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["soak"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["soak"]
+
+
+def test_soak_loses_no_request(server, capsys):
+    soak = load_soak()
+    status = soak.main(["--url", server, "--duration-s", "20", "--concurrency", "4", "--warmup-s", "5",
+                        "--burst-size", "16", "--burst-every-s", "10", "--seed", "1", "--json",
+                        "--mix", "valid=35,repeat=15,invalid=25,cancel=12,deadline=13"])
+    output = capsys.readouterr().out
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert summary["lost"] == 0, output[-6000:]
+    assert status == 0
+    assert summary["completed"] > 0 and summary["rejected"] > 0 and summary["cancelled"] > 0, output[-3000:]
+    assert summary["final_checks_ok"]
+    assert summary["repeated_seed_checks"] > 0
+    assert summary["rss"] is not None and summary["rss"]["start_mib"] > 0  # the server's processes were found
+
+
+def test_soak_refuses_a_server_that_is_not_on_loopback(capsys):
+    soak = load_soak()
+    for url in ("http://10.0.0.1:8091", "http://example.com", "http://0.0.0.0:8091"):
+        try:
+            soak.parse_args(["--url", url])
+        except SystemExit as exit:
+            assert exit.code == 2
+        else:
+            raise AssertionError(f"{url} was accepted")
+    assert "only a loopback server" in capsys.readouterr().err
+    assert soak.parse_args(["--url", "http://[::1]:8091/"]).url == "http://[::1]:8091"
