@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 
 from .protocol import APIError
+from .serving import RETRY_AFTER_S
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RETRY_AFTER_S = 5
 SERVICE_TIME_SMOOTHING = 0.2  # weight of the newest generation in the running mean of service times
 
 
@@ -71,7 +71,7 @@ class Admission:
     def retry_after_s(self) -> int:
         """Seconds until a slot is likely free: the batches ahead of a new request, each one service time long."""
         if self.mean_service_s is None:
-            return DEFAULT_RETRY_AFTER_S
+            return RETRY_AFTER_S
         batches_ahead = max(1, math.ceil((len(self.pending) - self.max_pending + 1) / self.max_batch_size))
         return max(1, math.ceil(batches_ahead * self.mean_service_s))
 

@@ -22,7 +22,7 @@ from .protocol import APIError, describe_validation_error, error_body
 
 logger = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 5
+RETRY_AFTER_S = 5  # when nothing better is known: BentoML's own 429/503, or before any generation finished
 
 
 @dataclass(frozen=True)
