@@ -1,13 +1,12 @@
 """stable-audio-bento: text-to-audio with stable-audio-open-1.0 on BentoML.
 
-StableAudio (front, HTTP on :8091)  ->  StableAudioEngine (GPU, adaptive batching of heterogeneous requests)
+StableAudio (front, HTTP on :8091)  ->  StableAudioEngine (GPU: adaptive batching into a step-level denoising loop)
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # the Bento ships src/ without installing it
@@ -21,16 +20,17 @@ from stable_audio_bento.admission import Admission  # noqa: E402
 from stable_audio_bento.audio import FORMATS  # noqa: E402
 from stable_audio_bento.config import EngineConfig, FrontConfig, ServiceSettings  # noqa: E402
 from stable_audio_bento.gateway import Gateway, GeneratedAudio  # noqa: E402
+from stable_audio_bento.generation import AudioRequest  # noqa: E402
 from stable_audio_bento.jobs import JobStore, new_job_id  # noqa: E402
 from stable_audio_bento.loading import load_engine  # noqa: E402
 from stable_audio_bento.metrics import EngineMetrics, FrontMetrics, RequestMetricsMiddleware  # noqa: E402
-from stable_audio_bento.pipeline import AudioRequest, AudioResult, release_freed_host_memory  # noqa: E402
 from stable_audio_bento.playground import playground_page  # noqa: E402
 from stable_audio_bento.protocol import APIError, GenerateRequest, describe_validation_error  # noqa: E402
 from stable_audio_bento.serving import (  # noqa: E402
     ModelCard, OpenAIErrorMiddleware, RequestGuardMiddleware, current_request, error_headers, install_log_filters,
 )
-from stable_audio_bento.tracking import RequestTracker  # noqa: E402
+from stable_audio_bento.step_loop import LoopLimits, StepLoop  # noqa: E402
+from stable_audio_bento.tracking import RequestTracker, ResultBoard  # noqa: E402
 
 logger = logging.getLogger("stable_audio_bento")
 logger.setLevel(logging.INFO)
@@ -45,22 +45,38 @@ NEVER_RECYCLE_CONNECTION = {"max_requests": 2**62, "max_age": 1e12}
 @bentoml.service(resources={"gpu": 1}, workers=1, traffic={"timeout": SETTINGS.request_timeout_s},
                  runner_connection=NEVER_RECYCLE_CONNECTION)
 class StableAudioEngine:
-    """Holds the diffusers pipeline; each adaptive batch is one call of BatchedStableAudio.
-
-    The batch runs in a worker thread; ``cancel`` and ``progress`` are async so they answer while it runs."""
+    """Holds the model and its step loop. Arrivals come in through BentoML's adaptive batching (``submit``), which
+    hands each group to the loop and returns at once; ``result`` waits for one request's audio. The loop runs in
+    its own thread, so every API here is async and answers while it denoises."""
 
     def __init__(self) -> None:
         install_log_filters()
         self.config = EngineConfig.from_env()
         self.engine = load_engine(self.config)
-        self.metrics = EngineMetrics.get(SETTINGS.max_batch_size)
-        self.tracker = RequestTracker(observe_step_seconds=self.metrics.step_seconds.observe)
+        self.tracker = RequestTracker(metrics=EngineMetrics.get(SETTINGS.max_batch_size))
+        self.results = ResultBoard()
+        self.loop = StepLoop(self.engine, self.tracker, LoopLimits(SETTINGS.batching, SETTINGS.max_batch_size,
+                                                                   self.engine.options.max_rows))
+        self.loop.start()
         self.card = ModelCard(self.config.model, self.engine.limits,
                               self.config.default_inference_steps, self.config.max_inference_steps)
+        logger.info("%s batching: at most %d requests and %s DiT rows per step", SETTINGS.batching,
+                    SETTINGS.max_batch_size, self.engine.options.max_rows or "any number of")
 
     @bentoml.api
     async def describe(self) -> dict:
         return self.card.to_dict()
+
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+    async def submit(self, requests: list[AudioRequest]) -> list[str]:
+        for request in requests:
+            if self.results.expect(request.id):
+                self.loop.submit(request, self.results.deliverer(request.id))
+        return [request.id for request in requests]
+
+    @bentoml.api
+    async def result(self, generation_id: str) -> dict:
+        return vars(await self.results.wait(generation_id))
 
     @bentoml.api
     async def cancel(self, ids: list[str]) -> None:
@@ -69,26 +85,6 @@ class StableAudioEngine:
     @bentoml.api
     async def progress(self, ids: list[str]) -> dict[str, dict[str, int]]:
         return self.tracker.progress(ids)
-
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
-    def generate(self, requests: list[AudioRequest]) -> list[dict]:
-        started_at = time.time()
-        results = self.engine.generate(requests, self.tracker)
-        release_freed_host_memory()
-        self.record_metrics(requests, results)
-        logger.info("batch of %d requests (%d DiT rows) took %.2f s: %s", len(requests),
-                    sum(r.rows for r in requests), time.time() - started_at,
-                    ", ".join(f"{r.request_id}={result.failure or 'ok'}" for r, result in zip(requests, results)))
-        return [{"audio": r.audio, "error": r.error, "failure": r.failure, "timings": r.timings,
-                 "started_at": started_at, "batch_size": len(requests)} for r in results]
-
-    def record_metrics(self, requests: list[AudioRequest], results: list[AudioResult]) -> None:
-        self.metrics.batch_size.observe(len(requests))
-        for request, result in zip(requests, results):
-            if result.audio is not None:
-                self.metrics.audio_seconds.inc(request.audio_length)
-                engine_seconds = result.timings["denoise_s"] + result.timings["decode_s"]
-                self.metrics.seconds_per_audio_second.observe(engine_seconds / request.audio_length)
 
 
 http_routes = FastAPI()

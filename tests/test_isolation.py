@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from stable_audio_bento.admission import Admission
-from stable_audio_bento.pipeline import AudioRequest
+from stable_audio_bento.generation import AudioRequest
 from stable_audio_bento.protocol import APIError
+from stable_audio_bento.step_loop import run_to_completion
 from stable_audio_bento.tracking import RequestTracker
 
 BATCH = [
@@ -24,7 +25,7 @@ BATCH = [
 
 @pytest.fixture(scope="module")
 def alone(engine) -> dict[str, np.ndarray]:
-    return {request.id: engine([request])[0].audio for request in BATCH}
+    return {request.id: run_to_completion(engine, [request])[0].audio for request in BATCH}
 
 
 def assert_untouched(results, alone, failed_ids):
@@ -37,26 +38,27 @@ def assert_untouched(results, alone, failed_ids):
 
 def spy_on_forwards(engine, monkeypatch, fail_when=None) -> list[set[str]]:
     """Records the request ids of every batched forward; raises the injected error when ``fail_when`` says so."""
-    forwards, predict_noise = [], engine.predict_noise
+    forwards, forward = [], engine.forward
 
     def spied(states):
         ids = {state.request.id for state in states}
         forwards.append(ids)
         if fail_when is not None and fail_when(ids):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
-        return predict_noise(states)
+        return forward(states)
 
-    monkeypatch.setattr(engine, "predict_noise", spied)
+    monkeypatch.setattr(engine, "forward", spied)
     return forwards
 
 
-def test_an_out_of_memory_batch_is_retried_in_halves_and_fails_only_its_culprit(engine, alone, monkeypatch):
+def test_an_out_of_memory_step_is_retried_in_halves_and_fails_only_its_culprit(engine, alone, monkeypatch):
     forwards = spy_on_forwards(engine, monkeypatch, fail_when=lambda ids: "r2" in ids)
-    results = engine.generate(BATCH)
+    results = run_to_completion(engine, BATCH)
     assert results[2].failure == "server_error" and "OutOfMemoryError" in results[2].error
     assert_untouched(results, alone, {"r2"})
-    assert forwards[0] == {"r0", "r1", "r2", "r3"}  # first the whole batch, then halves until r2 is alone
-    assert {"r2"} in forwards and {"r3"} in forwards
+    # The first step: the whole group, then halves until r2 is alone; no work is redone, the rest go on together.
+    assert forwards[:5] == [{"r0", "r1", "r2", "r3"}, {"r0", "r1"}, {"r2", "r3"}, {"r2"}, {"r3"}]
+    assert forwards[5] == {"r0", "r1", "r3"} and all("r2" not in ids for ids in forwards[5:])
 
 
 @pytest.mark.parametrize("bad_audio, message", [(np.nan, "non-finite"), (0.0, "silence")])
@@ -68,7 +70,7 @@ def test_nan_or_silent_audio_is_never_a_success(engine, alone, monkeypatch, bad_
         return np.full_like(audio, bad_audio) if request.id == "r1" else audio
 
     monkeypatch.setattr(engine, "decode_window", corrupt)
-    results = engine.generate(BATCH)
+    results = run_to_completion(engine, BATCH)
     assert results[1].failure == "server_error" and message in results[1].error
     assert_untouched(results, alone, {"r1"})
 
@@ -89,7 +91,7 @@ class CancelAtStep(RequestTracker):
 def test_cancelling_mid_batch_stops_at_the_next_step_and_leaves_the_others_exact(engine, alone, monkeypatch):
     forwards = spy_on_forwards(engine, monkeypatch)
     tracker = CancelAtStep("r0", steps=2)
-    results = engine.generate(BATCH, tracker)
+    results = run_to_completion(engine, BATCH, tracker)
     assert results[0].failure == "cancelled"
     assert_untouched(results, alone, {"r0"})
     assert sum("r0" in ids for ids in forwards) == 2  # no step computed after the cancel
@@ -102,7 +104,7 @@ def test_cancelled_or_expired_requests_waiting_for_a_batch_are_never_computed(en
     tracker.cancel(["r1"])  # a cancel that arrives before its request does
     expired = {**BATCH[3].__dict__, "deadline": time.time() - 1}
     batch = [*BATCH[:3], AudioRequest(**expired)]
-    results = engine.generate(batch, tracker)
+    results = run_to_completion(engine, batch, tracker)
     assert results[1].failure == "cancelled" and results[3].failure == "deadline_exceeded"
     assert_untouched(results[:3], alone, {"r1"})
     assert not any({"r1", "r3"} & ids for ids in forwards)

@@ -1,4 +1,5 @@
-"""The batched engine against diffusers' StableAudioPipeline, and against itself under different batches."""
+"""The stable-audio-open family's stages against diffusers' StableAudioPipeline, and against themselves under
+different batches (all requests admitted together; admission at other steps is in test_step_loop.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import load_pipeline
-from stable_audio_bento.pipeline import AudioRequest, BatchedStableAudio, GaussianIncrements, SamplingOptions
+from stable_audio_bento.generation import AudioRequest
+from stable_audio_bento.pipeline import BatchedStableAudio, GaussianIncrements, SamplingOptions
+from stable_audio_bento.step_loop import run_to_completion
 
 REFERENCE_CASES = {
     "guided, no negative prompt": AudioRequest("a dog barking", seed=7, audio_length=10.0, num_inference_steps=8),
@@ -35,7 +38,7 @@ def diffusers_reference(pipe, request: AudioRequest) -> np.ndarray:
 @pytest.mark.parametrize("case", REFERENCE_CASES)
 def test_single_request_is_bit_identical_to_diffusers(tiny_pipe, exact_engine, case):
     request = REFERENCE_CASES[case]
-    [result] = exact_engine([request])
+    [result] = run_to_completion(exact_engine, [request])
     expected = diffusers_reference(tiny_pipe, request)
     assert result.error is None
     assert result.audio.shape == expected.shape == (2, round(request.audio_length * 44100))
@@ -55,10 +58,10 @@ MIXED_BATCH = [
 
 
 def test_batch_does_not_change_any_request(engine):
-    batched = engine(MIXED_BATCH)
-    reordered = engine(MIXED_BATCH[::-1])[::-1]
+    batched = run_to_completion(engine, MIXED_BATCH)
+    reordered = run_to_completion(engine, MIXED_BATCH[::-1])[::-1]
     for request, in_batch, in_other_order in zip(MIXED_BATCH, batched, reordered):
-        [alone] = engine([request])
+        [alone] = run_to_completion(engine, [request])
         assert in_batch.error is None and alone.error is None
         assert in_batch.audio.shape == (2, round(request.audio_length * 44100))
         assert np.array_equal(in_batch.audio, alone.audio), request
@@ -66,7 +69,7 @@ def test_batch_does_not_change_any_request(engine):
 
 
 def test_different_seeds_and_prompts_differ(engine):
-    first, second, third = engine([
+    first, second, third = run_to_completion(engine, [
         AudioRequest("rain", seed=1, audio_length=2.0, num_inference_steps=3),
         AudioRequest("rain", seed=2, audio_length=2.0, num_inference_steps=3),
         AudioRequest("wind", seed=1, audio_length=2.0, num_inference_steps=3),
@@ -77,7 +80,7 @@ def test_different_seeds_and_prompts_differ(engine):
 
 @pytest.mark.parametrize("start, length", [(0.0, 1.2345), (0.777, 2.5), (47.0, 0.5544), (0.0, 1 / 44100)])
 def test_output_has_exactly_the_requested_samples(engine, start, length):
-    [result] = engine([AudioRequest("click", seed=5, audio_length=length, audio_start=start,
+    [result] = run_to_completion(engine, [AudioRequest("click", seed=5, audio_length=length, audio_start=start,
                                          num_inference_steps=2)])
     assert result.audio.shape == (2, round(length * 44100))
     assert result.audio.dtype == np.float32
@@ -91,7 +94,8 @@ def snr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
 def test_trimmed_decode_matches_full_decode(exact_engine, engine):
     windows = [AudioRequest("a synth pad", seed=9, audio_length=length, audio_start=start, num_inference_steps=4)
                for start, length in [(0.0, 5.0), (20.3, 10.0), (40.0, 7.5)]]
-    for request, full, trimmed in zip(windows, exact_engine(windows), engine(windows)):
+    full_decodes, trimmed_decodes = run_to_completion(exact_engine, windows), run_to_completion(engine, windows)
+    for request, full, trimmed in zip(windows, full_decodes, trimmed_decodes):
         assert trimmed.audio.shape == full.audio.shape
         assert snr_db(full.audio, trimmed.audio) >= 100, request
 
@@ -101,16 +105,16 @@ def test_half_precision_path_runs_on_cpu(model_cache, engine):
     half = BatchedStableAudio(load_pipeline(EngineConfig(model="tiny", dtype="bfloat16")))
     assert half.transformer.dtype == torch.bfloat16 and half.vae.dtype == torch.float32
     request = AudioRequest("a cat meowing", seed=4, audio_length=3.0, num_inference_steps=6)
-    [low], [full] = half([request]), engine([request])
+    [low], [full] = run_to_completion(half, [request]), run_to_completion(engine, [request])
     assert low.error is None and low.audio.shape == full.audio.shape
     assert np.isfinite(low.audio).all()
     assert snr_db(full.audio, low.audio) > 10
 
 
 def assert_batch_invariant(engine: BatchedStableAudio, requests: list[AudioRequest]) -> list[np.ndarray]:
-    batched = engine(requests)
+    batched = run_to_completion(engine, requests)
     for request, in_batch in zip(requests, batched):
-        [alone] = engine([request])
+        [alone] = run_to_completion(engine, [request])
         assert in_batch.error is None and in_batch.audio.shape == (2, round(request.audio_length * 44100))
         assert np.array_equal(in_batch.audio, alone.audio), request
     return [result.audio for result in batched]
@@ -119,8 +123,8 @@ def assert_batch_invariant(engine: BatchedStableAudio, requests: list[AudioReque
 def test_vectorized_sde_noise_is_reproducible_batch_invariant_and_not_the_tree(tiny_pipe, engine):
     vectorized = BatchedStableAudio(tiny_pipe, SamplingOptions(sde_noise="vectorized"))
     audio = assert_batch_invariant(vectorized, MIXED_BATCH[:3])
-    assert np.array_equal(vectorized(MIXED_BATCH[:1])[0].audio, audio[0])
-    assert not np.array_equal(engine(MIXED_BATCH[:1])[0].audio, audio[0])
+    assert np.array_equal(run_to_completion(vectorized, MIXED_BATCH[:1])[0].audio, audio[0])
+    assert not np.array_equal(run_to_completion(engine, MIXED_BATCH[:1])[0].audio, audio[0])
 
 
 def test_gaussian_increments_are_standard_normal_from_the_request_generator():
@@ -138,10 +142,3 @@ def test_short_window_denoises_fewer_frames_and_stays_batch_invariant(tiny_pipe)
     assert short.denoised_frames(AudioRequest("x", seed=0, audio_length=5.0)) == 128
     assert short.denoised_frames(AudioRequest("x", seed=0, audio_length=10.0, audio_start=37.0)) == 1024
     assert_batch_invariant(short, MIXED_BATCH)
-
-
-def test_row_cap_splits_a_batch_without_changing_results(tiny_pipe, engine):
-    capped = BatchedStableAudio(tiny_pipe, SamplingOptions(max_rows=3))
-    assert [len(group) for group in capped.split_by_rows(MIXED_BATCH)] == [1, 2, 2]
-    for capped_result, result in zip(capped(MIXED_BATCH), engine(MIXED_BATCH)):
-        assert np.array_equal(capped_result.audio, result.audio)

@@ -1,5 +1,5 @@
-"""Over HTTP against a server with a small admission bound: request ids, disconnects, deadlines, bursts, expiry
-of job results, and a graceful SIGTERM."""
+"""Over HTTP against a server with a small admission bound and room for one guided request per step (so that
+requests queue): request ids, disconnects, deadlines, bursts, expiry of job results, and a graceful SIGTERM."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ SHORT = {"input": "a click", "audio_length": 1.0, "num_inference_steps": 2}
 
 @pytest.fixture(scope="module")
 def limited_server(model_cache):
-    env = {"STABLE_AUDIO_MODEL": "tiny", "STABLE_AUDIO_MAX_PENDING": str(MAX_PENDING), "STABLE_AUDIO_JOB_TTL_S": "2"}
+    env = {"STABLE_AUDIO_MODEL": "tiny", "STABLE_AUDIO_MAX_PENDING": str(MAX_PENDING), "STABLE_AUDIO_JOB_TTL_S": "2",
+           "STABLE_AUDIO_MAX_ROWS": "2"}
     with local_server(env, ARTIFACTS / "limited-server.log", startup_timeout_s=180) as url:
         yield url
 
@@ -64,7 +65,7 @@ def test_request_ids_are_echoed_generated_and_logged(limited_server):
     assert made_up.status_code == 400 and re.fullmatch(r"[0-9a-f]{32}", made_up.headers["x-request-id"])
     wait_for_log(r"generated 1\.00 s of wav .*\[request_id=ticket-4711\]")  # the front's line per request
     wait_for_log(r"path=/v1/audio/generate.*status=200.*\[request_id=ticket-4711\]")  # BentoML's access line
-    wait_for_log(r"batch of \d+ requests .*ticket-4711=ok")  # the engine's batch line
+    wait_for_log(r"request ticket-4711 finished: ok")  # the engine's batch line
 
 
 def test_a_client_that_disconnects_while_queued_is_never_computed(limited_server):
@@ -77,7 +78,7 @@ def test_a_client_that_disconnects_while_queued_is_never_computed(limited_server
             return await running
 
     assert asyncio.run(scenario()).status_code == 200
-    wait_for_log(r"batch of \d+ requests .*hangs-up-queued=cancelled")
+    wait_for_log(r"request hangs-up-queued finished: cancelled")
     assert "stopped after" not in "".join(line for line in server_log().splitlines() if "hangs-up-queued" in line)
     assert not re.search(r"generated .*\[request_id=hangs-up-queued\]", server_log())
 

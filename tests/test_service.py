@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
@@ -196,3 +197,40 @@ def test_server_timing_reports_each_stage(server):
     assert {"queue", "prepare", "denoise", "decode", "encode"} <= set(stages)
     assert all(float(ms) >= 0 for ms in stages.values())
     assert float(stages["denoise"]) > 0
+
+
+JOINERS = [  # sent one after another while a long generation runs: steps, lengths, guidance and prompts all differ
+    {"input": "a click", "audio_length": 1.0, "num_inference_steps": 3, "seed": 11},
+    {"input": "a bell", "audio_length": 4.0, "audio_start": 2.0, "num_inference_steps": 5, "seed": 12,
+     "negative_prompt": "noise"},
+    {"input": "wind", "audio_length": 2.5, "num_inference_steps": 4, "seed": 13, "guidance_scale": 1.0},
+    {"input": "a snare drum", "audio_length": 1.5, "num_inference_steps": 6, "seed": 14, "guidance_scale": 3.0,
+     "response_format": "flac"},
+]
+
+
+def test_requests_join_a_running_generation_at_a_step_and_keep_their_solo_audio(server):
+    """Continuous batching: short requests sent while a long one denoises are admitted at its next step, finish
+    long before it, and sound exactly as they do alone."""
+    long_body = {"input": "a long drone", "num_inference_steps": 200, "seed": 10}
+    finished_at = {}
+
+    def timed_post(name, body, delay):
+        time.sleep(delay)
+        response = post(server, body)
+        finished_at[name] = time.monotonic()
+        return response
+
+    with ThreadPoolExecutor(1 + len(JOINERS)) as pool:
+        long_call = pool.submit(timed_post, "long", long_body, 0.0)
+        joiner_calls = [pool.submit(timed_post, i, body, 1.5 + 0.4 * i) for i, body in enumerate(JOINERS)]
+        joined = [call.result() for call in joiner_calls]
+        long_response = long_call.result()
+    assert long_response.status_code == 200 and int(long_response.headers["x-batch-size"]) >= 2
+    for i, (body, response) in enumerate(zip(JOINERS, joined)):
+        assert response.status_code == 200, response.text
+        assert finished_at[i] < finished_at["long"], body  # did not wait for the long generation to end
+        assert int(response.headers["x-batch-size"]) >= 2, body  # it really shared steps
+        alone = post(server, body)
+        assert alone.headers["x-batch-size"] == "1" and response.content == alone.content, body
+    assert long_response.content == post(server, long_body).content

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from .pipeline import SamplingOptions
+from .step_loop import BATCHING_MODES, BatchingMode
 
 DEFAULT_MODEL = "stabilityai/stable-audio-open-1.0"
 FRONT_SERVICE = "StableAudio"
@@ -103,19 +104,22 @@ class ServiceSettings:
 
     The file is also a valid BentoML configuration (``BENTOML_CONFIG=configuration.yaml``); BentoML's new
     service SDK takes batching limits only from the decorator, so they are read here and passed on.
+
+    batching [``batching.mode``, overridden by STABLE_AUDIO_BATCHING]: ``continuous`` admits requests into the
+        running denoising loop at every step; ``whole`` runs each batch to its end before the next (see step_loop).
     """
 
     port: int = 8091
     request_timeout_s: float = 900.0
     max_batch_size: int = 8
     max_latency_ms: int = 600_000
+    batching: BatchingMode = "continuous"
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "ServiceSettings":
         path = Path(path or os.environ.get("BENTOML_CONFIG") or REPO_ROOT / "configuration.yaml")
-        if not path.is_file():
-            return cls()
-        services: dict[str, Any] = (yaml.safe_load(path.read_text()) or {}).get("services", {})
+        loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
+        services: dict[str, Any] = (loaded or {}).get("services", {})
         front = services.get(FRONT_SERVICE, {})
         engine = services.get(ENGINE_SERVICE, {})
         batching = engine.get("batching", {})
@@ -124,4 +128,6 @@ class ServiceSettings:
             request_timeout_s=front.get("traffic", {}).get("timeout", cls.request_timeout_s),
             max_batch_size=batching.get("max_batch_size", cls.max_batch_size),
             max_latency_ms=batching.get("max_latency_ms", cls.max_latency_ms),
+            batching=_choice({"STABLE_AUDIO_BATCHING": batching.get("mode", cls.batching), **os.environ},
+                             "STABLE_AUDIO_BATCHING", BATCHING_MODES),
         )

@@ -17,7 +17,7 @@ import aiohttp
 
 from .admission import Admission
 from .audio import FORMATS, encode_audio
-from .pipeline import AudioRequest
+from .generation import AudioRequest
 from .protocol import APIError, GenerateRequest
 from .serving import ModelCard, RequestContext
 
@@ -87,7 +87,7 @@ class Gateway:
                    **{name.removesuffix("_s"): seconds for name, seconds in result["timings"].items()},
                    "encode": time.perf_counter() - encode_started}
         self.admission.record_service_time(timings["denoise"] + timings["decode"])
-        logger.info("generated %.2f s of %s in a batch of %d: %s", job.audio_length, response_format,
+        logger.info("generated %.2f s of %s with up to %d requests per step: %s", job.audio_length, response_format,
                     result["batch_size"], " ".join(f"{name}={seconds:.3f}s" for name, seconds in timings.items()))
         return GeneratedAudio(data, response_format, job.seed, result["batch_size"], timings)
 
@@ -108,7 +108,7 @@ class Gateway:
                 client_gone.cancel()
         if call in done:
             try:
-                [result] = call.result()
+                result = call.result()
             except Exception as exc:  # the engine process is down or restarting: the request may be retried
                 logger.exception("the engine did not answer request %s", job.request_id)
                 raise APIError(f"the model engine is unavailable: {type(exc).__name__}", status=503,
@@ -120,12 +120,19 @@ class Gateway:
             raise APIError("client disconnected", status=CLIENT_CLOSED_REQUEST, code="cancelled")
         raise timeout_error()
 
-    async def call_engine(self, job: AudioRequest) -> list[dict]:
-        """The engine call, retried on a fresh connection when a pooled one breaks under it (aiohttp reusing a
-        keep-alive connection the other side is closing). The request's seed makes a retry give the same audio."""
+    async def call_engine(self, job: AudioRequest) -> dict:
+        """Hands the request to the engine's step loop, then waits for its result: two calls, so that the engine's
+        batchable entry never waits for a generation. Each is retried on a fresh connection when a pooled one
+        breaks under it (aiohttp reusing a keep-alive connection the other side is closing); the engine ignores
+        a second submit of the same generation id, and keeps a collected result a little while for a retry."""
+        await self.retrying_connection(self.engine.to_async.submit, [job], job)
+        return await self.retrying_connection(self.engine.to_async.result, job.id, job)
+
+    @staticmethod
+    async def retrying_connection(call, argument, job: AudioRequest):
         for attempt in range(1, ENGINE_CONNECTION_ATTEMPTS + 1):
             try:
-                return await self.engine.to_async.generate([job])
+                return await call(argument)
             except aiohttp.ClientConnectionError as error:
                 if attempt == ENGINE_CONNECTION_ATTEMPTS:
                     raise

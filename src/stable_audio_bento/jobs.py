@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from .admission import Slot
 from .gateway import Gateway, GeneratedAudio
-from .pipeline import AudioRequest
+from .generation import AudioRequest
 from .protocol import APIError
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]

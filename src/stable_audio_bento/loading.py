@@ -17,7 +17,9 @@ from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioPr
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from .config import EngineConfig
+from .generation import AudioRequest
 from .pipeline import BatchedStableAudio
+from .step_loop import run_to_completion
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +148,8 @@ def load_engine(config: EngineConfig) -> BatchedStableAudio:
     if config.compile:
         engine.compile()
     if config.compile or engine.device.type == "cuda":
-        engine.warm_up()
+        # One short guided generation, so compilation and allocator growth happen before the first request.
+        run_to_completion(engine, [AudioRequest("warm-up", seed=0, audio_length=1.0, num_inference_steps=2)])
     if config.auto_max_rows and engine.device.type == "cuda":
         engine.options = replace(engine.options, max_rows=engine.rows_capacity())
         logger.info("at most %d DiT rows per forward fit in free GPU memory", engine.options.max_rows)

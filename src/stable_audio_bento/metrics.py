@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .audio import FORMATS
+from .generation import AudioRequest, AudioResult
 from .serving import JSON_BODY_PATHS
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0)
@@ -40,8 +41,9 @@ class FrontMetrics:
 
 @dataclass
 class EngineMetrics:
-    batch_size: Any  # Histogram: requests per adaptive batch
-    step_seconds: Any  # Histogram: one denoising step of a batch (DiT forward + scheduler steps)
+    batch_size: Any  # Histogram: requests per denoising step (one DiT forward)
+    step_rows: Any  # Histogram: DiT rows per denoising step
+    step_seconds: Any  # Histogram: one denoising step (DiT forward + the requests' scheduler steps)
     audio_seconds: Any  # Counter: seconds of audio generated
     seconds_per_audio_second: Any  # Histogram: engine time (denoise + decode) per second of audio, per request
 
@@ -52,15 +54,29 @@ class EngineMetrics:
 
         batch_buckets = sorted({1, 2, 4, 8, 16, 32, max_batch_size})
         return cls(
-            batch_size=prometheus.Histogram("stable_audio_batch_size", "Requests per adaptive batch",
+            batch_size=prometheus.Histogram("stable_audio_batch_size", "Requests per denoising step (one DiT forward)",
                                             buckets=[b for b in batch_buckets if b <= max_batch_size]),
+            step_rows=prometheus.Histogram("stable_audio_step_rows", "DiT rows per denoising step",
+                                           buckets=sorted({*batch_buckets, 2 * max_batch_size})),
             step_seconds=prometheus.Histogram("stable_audio_denoise_step_seconds",
-                                              "Seconds per denoising step of a batch", buckets=STEP_BUCKETS),
+                                              "Seconds per denoising step (DiT forward and solver steps)",
+                                              buckets=STEP_BUCKETS),
             audio_seconds=prometheus.Counter("stable_audio_generated_audio_seconds", "Seconds of audio generated"),
             seconds_per_audio_second=prometheus.Histogram(
                 "stable_audio_generation_seconds_per_audio_second",
                 "Engine seconds (denoise + decode) per second of audio, per request", buckets=RATIO_BUCKETS),
         )
+
+    def observe_step(self, requests: int, rows: int, seconds: float) -> None:
+        self.batch_size.observe(requests)
+        self.step_rows.observe(rows)
+        self.step_seconds.observe(seconds)
+
+    def observe_finished(self, request: AudioRequest, result: AudioResult) -> None:
+        if result.audio is not None:
+            self.audio_seconds.inc(request.audio_length)
+            engine_seconds = result.timings["denoise_s"] + result.timings["decode_s"]
+            self.seconds_per_audio_second.observe(engine_seconds / request.audio_length)
 
 
 class RequestMetricsMiddleware:

@@ -1,13 +1,12 @@
-"""Batched Stable Audio generation: many different requests share one DiT forward per denoising step.
+"""The stable-audio-open-1.0 family: the stages of one request, so that many different requests share one DiT
+forward per denoising step.
 
 Each request keeps everything that makes its audio its own: its prompt encoding, its seconds conditioning,
 its initial noise and SDE noise (from its own seed), its scheduler (step index, solver history, Brownian
 tree) and its own number of steps. Only the transformer blocks run on the stacked rows of all requests.
-On CPU fp32 a request's audio is bit-identical to ``StableAudioPipeline`` with the same seed, alone or in
-any batch; see ``tests/test_pipeline.py``.
-
-A ``GenerationMonitor`` watches a batch from outside: it can stop any request between two steps (client gone,
-deadline passed) and hears each request's progress. ``generate`` survives a failing batch by retrying it in halves.
+On CPU fp32 a request's audio is bit-identical to ``StableAudioPipeline`` with the same seed, alone or with any
+others in any step; see ``tests/test_pipeline.py``. Which requests take each step is the step loop's business
+(``step_loop.py``); this module only knows how one step of one set of requests runs.
 """
 
 from __future__ import annotations
@@ -15,11 +14,8 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
-import itertools
-import logging
-import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -28,7 +24,7 @@ from diffusers import StableAudioPipeline
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 
-logger = logging.getLogger(__name__)
+from .generation import AudioRequest, AudioResult, ModelLimits
 
 # torchsde warns on every Brownian query because diffusers' schedule overshoots the tree's bounds by a few
 # ULPs (diffusers issue #13274); the query is still answered. The rare case that recurses is caught per request.
@@ -73,76 +69,6 @@ class SamplingOptions:
     max_rows: int | None = None
 
 
-@dataclass(frozen=True)
-class AudioRequest:
-    """One generation, already validated against the model's limits."""
-
-    prompt: str
-    seed: int
-    audio_length: float
-    audio_start: float = 0.0
-    negative_prompt: str | None = None
-    guidance_scale: float = 7.0
-    num_inference_steps: int = 100
-    id: str = ""  # unique per generation: what cancellation and progress refer to
-    request_id: str = ""  # the client's X-Request-Id, for logs
-    deadline: float | None = None  # time.time() after which the request is abandoned
-
-    @property
-    def rows(self) -> int:
-        """DiT rows this request occupies: unconditional + conditional with guidance, else one."""
-        return 2 if self.guidance_scale > 1.0 else 1
-
-
-Failure = Literal["cancelled", "deadline_exceeded", "server_error"]
-
-
-@dataclass
-class AudioResult:
-    """Float32 audio of shape (channels, samples), or why this request alone did not finish."""
-
-    audio: np.ndarray | None = None
-    error: str | None = None
-    failure: Failure | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def failed(cls, failure: Failure, error: str) -> "AudioResult":
-        return cls(error=error, failure=failure)
-
-
-class GenerationMonitor:
-    """Hooks into a running batch. This base class stops nothing and ignores progress."""
-
-    def interruption(self, request: AudioRequest) -> AudioResult | None:
-        """Checked before a request starts and between its steps; a result here ends the request."""
-        return None
-
-    def on_step(self, request: AudioRequest, steps_done: int, steps_total: int) -> None:
-        """Called when a request starts (0 steps done) and after each of its steps."""
-
-    def on_forward(self, rows: int, seconds: float) -> None:
-        """Called after each batched denoising step: one DiT forward over ``rows`` rows and the scheduler steps."""
-
-
-@dataclass(frozen=True)
-class ModelLimits:
-    """What the loaded model can produce; requests are validated against this."""
-
-    sample_rate: int
-    channels: int
-    hop_length: int
-    latent_frames: int
-
-    @property
-    def max_samples(self) -> int:
-        return self.latent_frames * self.hop_length
-
-    @property
-    def max_seconds(self) -> float:
-        return self.max_samples / self.sample_rate
-
-
 class GaussianIncrements:
     """Replaces the scheduler's Brownian-tree sampler in ``vectorized`` mode.
 
@@ -158,8 +84,8 @@ class GaussianIncrements:
 
 
 @dataclass
-class _RequestState:
-    """Per-request tensors and solver state carried through the denoising loop."""
+class RequestState:
+    """Per-request tensors and solver state carried through the step loop."""
 
     request: AudioRequest
     generator: torch.Generator
@@ -167,9 +93,7 @@ class _RequestState:
     text_conditioning: torch.Tensor  # (rows, text tokens + 2, dim)
     global_conditioning: torch.Tensor  # (rows, 1, inner_dim): global_proj(seconds conditioning)
     latents: torch.Tensor  # (1, channels, frames), float32
-    step: int = 0
-    stopped: AudioResult | None = None  # set when the request ends before its last step
-    timings: dict[str, float] = field(default_factory=dict)
+    step: int = 0  # steps done
 
     @property
     def guided(self) -> bool:
@@ -188,12 +112,14 @@ class _RequestState:
         return len(self.scheduler.timesteps)
 
     @property
-    def active(self) -> bool:
-        return self.stopped is None and self.step < self.steps_total
+    def finished(self) -> bool:
+        return self.step >= self.steps_total
 
 
 class BatchedStableAudio:
-    """Runs a list of heterogeneous requests through one ``StableAudioPipeline``'s components."""
+    """One ``StableAudioPipeline``'s components as the stages the step loop drives, for any mix of requests:
+    ``prepare_request`` (once, on admission), ``forward`` (one batched DiT forward over the states that share a
+    ``forward_key``), ``advance`` (each request's own scheduler step), ``decode`` (once, when it finishes)."""
 
     def __init__(self, pipe: StableAudioPipeline, options: SamplingOptions = SamplingOptions()):
         self.pipe = pipe
@@ -215,10 +141,6 @@ class BatchedStableAudio:
         """torch.compile the transformer loop; shapes vary with the batch, so it is compiled as dynamic."""
         self._transformer_forward = torch.compile(self.transformer_forward, dynamic=True)
 
-    def warm_up(self) -> None:
-        """One short guided generation, so compilation and allocator growth happen before the first request."""
-        self([AudioRequest("warm-up", seed=0, audio_length=1.0, num_inference_steps=2)])
-
     @torch.no_grad()
     def rows_capacity(self, headroom: float = 0.8) -> int:
         """DiT rows per forward that fit in free CUDA memory, from the memory one full-window forward takes."""
@@ -226,61 +148,22 @@ class BatchedStableAudio:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
-        self.predict_noise([state])
+        self.forward([state])
         torch.cuda.synchronize(self.device)
         per_row = (torch.cuda.max_memory_allocated(self.device) - baseline) / state.request.rows
         free, _ = torch.cuda.mem_get_info(self.device)
         return max(2, int(headroom * free / per_row))
 
-    def generate(self, requests: list[AudioRequest], monitor: GenerationMonitor = GenerationMonitor()
-                 ) -> list[AudioResult]:
-        """``self(requests)``, except that a batch that raises (out of memory, a bad kernel, a bug one request
-        triggers) is retried in halves until the fault is pinned on single requests; only those fail."""
-        try:
-            return self(requests, monitor)
-        except Exception as exc:  # noqa: BLE001 - whatever broke, the other requests of the batch must not be lost
-            if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(requests) == 1:
-                logger.exception("request %s failed on its own", requests[0].request_id or requests[0].id)
-                message = f"generation failed: {type(exc).__name__}: {exc}"
-                return [AudioResult.failed("server_error", message[:300])]
-            logger.warning("batch of %d failed (%s: %s); retrying in halves", len(requests), type(exc).__name__, exc)
-            half = len(requests) // 2
-            return self.generate(requests[:half], monitor) + self.generate(requests[half:], monitor)
-
-    @torch.no_grad()
-    def __call__(self, requests: list[AudioRequest], monitor: GenerationMonitor = GenerationMonitor()
-                 ) -> list[AudioResult]:
-        results: dict[int, AudioResult] = {}
-        for position, request in enumerate(requests):  # requests stopped while queued are never computed
-            if (stopped := monitor.interruption(request)) is not None:
-                results[position] = stopped
-        waiting = [position for position in range(len(requests)) if position not in results]
-        for group in self.split_by_rows([requests[position] for position in waiting]):
-            positions, waiting = waiting[: len(group)], waiting[len(group) :]
-            states = [self.prepare_request(request) for request in group]
-            for state in states:
-                monitor.on_step(state.request, 0, state.steps_total)
-            self.denoise(states, monitor)
-            results.update(zip(positions, (self.decode(state) for state in states)))
-        return [results[position] for position in range(len(requests))]
-
-    def split_by_rows(self, requests: list[AudioRequest]) -> list[list[AudioRequest]]:
-        """Consecutive groups whose DiT rows fit ``max_rows``; the groups run one after another."""
-        if self.options.max_rows is None:
-            return [requests] if requests else []
-        groups: list[list[AudioRequest]] = [[]]
-        for request in requests:
-            if groups[-1] and sum(r.rows for r in groups[-1]) + request.rows > self.options.max_rows:
-                groups.append([])
-            groups[-1].append(request)
-        return groups if groups[0] else []
+    def release_memory(self) -> None:
+        """Returns cached memory after a failed forward or when the loop goes idle."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        release_freed_host_memory()
 
     # 1. Per-request conditioning, noise and scheduler, computed exactly as StableAudioPipeline does for one prompt.
-    def prepare_request(self, request: AudioRequest) -> _RequestState:
+    @torch.no_grad()
+    def prepare_request(self, request: AudioRequest) -> RequestState:
         pipe = self.pipe
-        started = time.perf_counter()
         guided = request.rows == 2
         negative_prompt = request.negative_prompt if guided else None
         prompt_embeds = pipe.encode_prompt(request.prompt, self.device, guided, negative_prompt)
@@ -303,14 +186,13 @@ class BatchedStableAudio:
         latents = self.prepare_latents(generator, scheduler.init_noise_sigma, self.denoised_frames(request))
         if self.options.sde_noise == "vectorized":
             scheduler.noise_sampler = GaussianIncrements(generator, latents)
-        return _RequestState(
+        return RequestState(
             request=request,
             generator=generator,
             scheduler=scheduler,
             text_conditioning=text_conditioning,
             global_conditioning=self.transformer.global_proj(seconds_conditioning),
             latents=latents,
-            timings={"prepare_s": time.perf_counter() - started},
         )
 
     def denoised_frames(self, request: AudioRequest) -> int:
@@ -327,31 +209,16 @@ class BatchedStableAudio:
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         return noise[:, :, :frames] * init_noise_sigma
 
-    # 2. Denoising: one transformer forward per step (per window length) over the rows of every running request.
-    def denoise(self, states: list[_RequestState], monitor: GenerationMonitor) -> None:
-        started = time.perf_counter()
-        while running := self.still_running(states, monitor):
-            for _, same_length in itertools.groupby(sorted(running, key=lambda s: s.frames), key=lambda s: s.frames):
-                same_length = list(same_length)
-                step_started = time.perf_counter()
-                for state, noise_pred in zip(same_length, self.predict_noise(same_length)):
-                    self.scheduler_step(state, noise_pred)
-                    monitor.on_step(state.request, state.step, state.steps_total)
-                    if not state.active:
-                        state.timings["denoise_s"] = time.perf_counter() - started
-                monitor.on_forward(sum(s.request.rows for s in same_length), time.perf_counter() - step_started)
-
+    # 2. One denoising step: a transformer forward over the rows of states of equal window length, then each
+    # request's own guidance and scheduler step.
     @staticmethod
-    def still_running(states: list[_RequestState], monitor: GenerationMonitor) -> list[_RequestState]:
-        """The requests that take another step; one the monitor stops leaves the batch here, between steps."""
-        for state in states:
-            if state.active and (stopped := monitor.interruption(state.request)) is not None:
-                state.stopped = stopped
-                logger.info("request %s stopped after %d of %d steps (%s)", state.request.request_id or state.request.id,
-                            state.step, state.steps_total, stopped.failure)
-        return [state for state in states if state.active]
+    def forward_key(state: RequestState) -> int:
+        """States with equal keys can share one forward: the window length in latent frames."""
+        return state.frames
 
-    def predict_noise(self, active: list[_RequestState]) -> list[torch.Tensor]:
+    @torch.no_grad()
+    def forward(self, active: list[RequestState]) -> list[torch.Tensor]:
+        """Each state's guided noise prediction at its own timestep, from one batched transformer forward."""
         model_inputs, text_rows, global_rows = [], [], []
         for state in active:
             latents = state.latents.expand(state.request.rows, -1, -1)
@@ -404,29 +271,25 @@ class BatchedStableAudio:
         hidden = dit.proj_out(hidden).transpose(1, 2)[:, :, 1:]
         return dit.postprocess_conv(hidden) + hidden
 
-    def scheduler_step(self, state: _RequestState, noise_pred: torch.Tensor) -> None:
+    @torch.no_grad()
+    def advance(self, state: RequestState, noise_pred: torch.Tensor) -> None:
         try:
             state.latents = state.scheduler.step(
                 noise_pred, state.timestep, state.latents, generator=state.generator
             ).prev_sample
-        except RecursionError:  # torchsde's Brownian tree recursing on an out-of-bounds query (diffusers #13274)
-            state.stopped = AudioResult.failed(
-                "server_error", f"the SDE noise sampler failed at step {state.step} for this seed and step count")
-            logger.exception("scheduler step failed for seed %d", state.request.seed)
-            return
+        except RecursionError as error:  # torchsde's Brownian tree recursing on an out-of-bounds query (#13274)
+            raise RuntimeError(f"the SDE noise sampler failed at step {state.step} for this seed and step count"
+                               ) from error
         state.step += 1
 
     # 3. Decode each request's latents and cut its window: [audio_start, audio_start + audio_length].
-    def decode(self, state: _RequestState) -> AudioResult:
-        if state.stopped is not None:
-            return state.stopped
-        started = time.perf_counter()
+    def decode(self, state: RequestState) -> AudioResult:
         audio = self.decode_window(state.latents, state.request)
         if not np.isfinite(audio).all():  # never hand out NaN or silence as a success
             return AudioResult.failed("server_error", "the model produced non-finite audio")
         if not audio.any():
             return AudioResult.failed("server_error", "the model produced digital silence")
-        return AudioResult(audio=audio, timings={**state.timings, "decode_s": time.perf_counter() - started})
+        return AudioResult(audio=audio)
 
     @torch.no_grad()
     def decode_window(self, latents: torch.Tensor, request: AudioRequest) -> np.ndarray:

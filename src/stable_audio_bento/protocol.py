@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .audio import format_unavailable
-from .pipeline import AudioRequest, ModelLimits
+from .generation import AudioRequest, ModelLimits
 
 AudioFormat = Literal["wav", "mp3", "flac", "pcm", "opus", "aac"]
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds

@@ -17,7 +17,7 @@ from typing import Any
 
 import pydantic
 
-from .pipeline import ModelLimits
+from .generation import ModelLimits
 from .protocol import APIError, describe_validation_error, error_body
 
 logger = logging.getLogger(__name__)

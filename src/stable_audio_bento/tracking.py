@@ -1,20 +1,29 @@
-"""The engine's view of requests by id: what stops them (cancellation, deadline) and how far each has got.
+"""The engine's view of requests by id: what stops them (cancellation, deadline), how far each has got, and
+the results waiting to be collected.
 
-The batch runs in BentoML's worker thread while cancel and progress calls arrive on the event loop, so every
-access takes the lock. Entries expire, so a long-running server keeps a bounded amount of state.
+The step loop runs in its own thread while cancel, progress and result calls arrive on the event loop, so the
+tracker's state is under a lock and results cross to the event loop with ``call_soon_threadsafe``. Entries
+expire, so a long-running server keeps a bounded amount of state.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
-from .pipeline import AudioRequest, AudioResult, GenerationMonitor
+from .generation import AudioRequest, AudioResult, GenerationMonitor
+
+logger = logging.getLogger(__name__)
 
 ENTRY_TTL_S = 3600.0
 MAX_ENTRIES = 100_000
+UNCLAIMED_RESULT_TTL_S = 120.0  # the front collects a result at once; one left this long was given up on
+CLAIMED_RESULT_GRACE_S = 30.0  # a result call retried after a broken connection still finds its result
 
 
 class _RecentEntries:
@@ -38,9 +47,11 @@ class _RecentEntries:
 
 
 class RequestTracker(GenerationMonitor):
-    def __init__(self, ttl_s: float = ENTRY_TTL_S, max_entries: int = MAX_ENTRIES,
-                 observe_step_seconds: Callable[[float], None] | None = None):
-        self.observe_step_seconds = observe_step_seconds
+    """The step loop's monitor in the engine: cancellations, deadlines, progress, metrics and the log line of
+    each finished request. ``metrics`` is an ``EngineMetrics`` (None in tests)."""
+
+    def __init__(self, ttl_s: float = ENTRY_TTL_S, max_entries: int = MAX_ENTRIES, metrics: Any = None):
+        self.metrics = metrics
         self._lock = threading.Lock()
         self._cancelled = _RecentEntries(ttl_s, max_entries)
         self._progress = _RecentEntries(ttl_s, max_entries)  # id -> {"steps_done", "steps_total"}
@@ -71,6 +82,51 @@ class RequestTracker(GenerationMonitor):
         with self._lock:
             self._progress.put(request.id, {"steps_done": steps_done, "steps_total": steps_total})
 
-    def on_forward(self, rows: int, seconds: float) -> None:
-        if self.observe_step_seconds is not None:
-            self.observe_step_seconds(seconds)
+    def on_forward(self, requests: int, rows: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_step(requests, rows, seconds)
+
+    def on_finish(self, request: AudioRequest, result: AudioResult) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_finished(request, result)
+        timings = " ".join(f"{name.removesuffix('_s')}={seconds:.3f}s" for name, seconds in result.timings.items())
+        logger.info("request %s finished: %s, up to %d requests per step, %s", request.label,
+                    result.failure or "ok", result.batch_size, timings)
+
+
+class ResultBoard:
+    """Results by generation id, handed from the loop's thread to the async call that waits for each.
+
+    ``expect`` is called on the event loop when a request is submitted; ``deliverer`` gives the loop the callback
+    that posts the result; ``wait`` returns it. Results are dropped a while after they are collected, or after
+    ``UNCLAIMED_RESULT_TTL_S`` when nobody collects them (the front gave up on the request)."""
+
+    def __init__(self, unclaimed_ttl_s: float = UNCLAIMED_RESULT_TTL_S, claimed_grace_s: float = CLAIMED_RESULT_GRACE_S):
+        self.unclaimed_ttl_s, self.claimed_grace_s = unclaimed_ttl_s, claimed_grace_s
+        self._results: dict[str, asyncio.Future] = {}
+
+    def expect(self, generation_id: str) -> bool:
+        """Opens a slot for this id; False if there is one already (a submit retried after a broken connection)."""
+        if generation_id in self._results:
+            return False
+        self._results[generation_id] = asyncio.get_running_loop().create_future()
+        return True
+
+    def deliverer(self, generation_id: str) -> Callable[[AudioResult], None]:
+        event_loop = asyncio.get_running_loop()
+        return lambda result: event_loop.call_soon_threadsafe(self._post, generation_id, result)
+
+    def _post(self, generation_id: str, result: AudioResult) -> None:
+        if (future := self._results.get(generation_id)) is not None and not future.done():
+            future.set_result(result)
+        asyncio.get_running_loop().call_later(self.unclaimed_ttl_s, self._results.pop, generation_id, None)
+
+    async def wait(self, generation_id: str) -> AudioResult:
+        if (future := self._results.get(generation_id)) is None:
+            return AudioResult.failed("server_error", f"no generation {generation_id!r} was submitted here")
+        result = await asyncio.shield(future)
+        asyncio.get_running_loop().call_later(self.claimed_grace_s, self._results.pop, generation_id, None)
+        return result
+
+    def __len__(self) -> int:
+        return len(self._results)

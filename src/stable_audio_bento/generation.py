@@ -1,0 +1,95 @@
+"""What a generation is, for every model family and both sides of the service: the request, its result, the
+hooks that watch it while it runs, and the limits of the served model. Plain data: no torch, no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AudioRequest:
+    """One generation, already validated against the model's limits."""
+
+    prompt: str
+    seed: int
+    audio_length: float
+    audio_start: float = 0.0
+    negative_prompt: str | None = None
+    guidance_scale: float = 7.0
+    num_inference_steps: int = 100
+    id: str = ""  # unique per generation: what cancellation and progress refer to
+    request_id: str = ""  # the client's X-Request-Id, for logs
+    deadline: float | None = None  # time.time() after which the request is abandoned
+
+    @property
+    def rows(self) -> int:
+        """DiT rows this request occupies: unconditional + conditional with guidance, else one."""
+        return 2 if self.guidance_scale > 1.0 else 1
+
+    @property
+    def label(self) -> str:
+        """How logs name this request: the client's request id when there is one."""
+        return self.request_id or self.id
+
+
+Failure = Literal["cancelled", "deadline_exceeded", "server_error"]
+
+
+@dataclass
+class AudioResult:
+    """Float32 audio of shape (channels, samples), or why this request alone did not finish.
+
+    started_at: time.time() when the request was admitted to the step loop (None if it never was).
+    batch_size: the most requests that shared one denoising step (one DiT forward) with this one, itself included.
+    """
+
+    audio: np.ndarray | None = None
+    error: str | None = None
+    failure: Failure | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    started_at: float | None = None
+    batch_size: int = 0
+
+    @classmethod
+    def failed(cls, failure: Failure, error: str) -> "AudioResult":
+        return cls(error=error, failure=failure)
+
+
+class GenerationMonitor:
+    """Hooks into the step loop. This base class stops nothing and ignores progress."""
+
+    def interruption(self, request: AudioRequest) -> AudioResult | None:
+        """Checked while a request waits and between its steps; a result here ends the request."""
+        return None
+
+    def on_step(self, request: AudioRequest, steps_done: int, steps_total: int) -> None:
+        """Called when a request starts (0 steps done) and after each of its steps."""
+
+    def on_forward(self, requests: int, rows: int, seconds: float) -> None:
+        """Called after each batched denoising step: one DiT forward over ``rows`` rows of ``requests`` requests,
+        and their own solver steps."""
+
+    def on_finish(self, request: AudioRequest, result: AudioResult) -> None:
+        """Called once per request when it leaves the loop: with its audio, failed, or stopped."""
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the loaded model can produce; requests are validated against this."""
+
+    sample_rate: int
+    channels: int
+    hop_length: int
+    latent_frames: int
+
+    @property
+    def max_samples(self) -> int:
+        return self.latent_frames * self.hop_length
+
+    @property
+    def max_seconds(self) -> float:
+        return self.max_samples / self.sample_rate

@@ -1,0 +1,287 @@
+"""The step loop: which requests take the next denoising step.
+
+The engine keeps one loop over its active requests. Each turn it drops the requests that were cancelled or ran
+past their deadline (waiting ones are never computed, running ones stop before their next step), admits waiting
+requests first come first served while the caps allow, runs one step for every active request (one batched
+forward per group of requests that can share one, then each request's own solver step), and decodes and hands
+back those whose schedule has ended. In ``continuous`` mode a request joins at the next step boundary; in
+``whole`` mode only an empty loop admits, so a batch runs to its end before the next one starts (the
+behaviour of plain adaptive batching, kept for comparison).
+
+The loop knows nothing of any model: a ``ModelFamily`` provides the stages. Since every request carries its own
+conditioning, noise, generator and solver state, and a forward computes each row independently of the others,
+joining or leaving never changes another request's audio.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from .generation import AudioRequest, AudioResult, GenerationMonitor
+
+logger = logging.getLogger(__name__)
+
+BatchingMode = Literal["continuous", "whole"]
+BATCHING_MODES: tuple[BatchingMode, ...] = ("continuous", "whole")
+
+
+class RequestState(Protocol):
+    step: int  # steps done
+
+    @property
+    def steps_total(self) -> int: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+
+class ModelFamily(Protocol):
+    """The stages of one model family, as the loop drives them."""
+
+    def prepare_request(self, request: AudioRequest) -> RequestState:
+        """Everything that makes this request's audio its own: conditioning, noise, generator, solver state."""
+
+    def forward_key(self, state: RequestState) -> Hashable:
+        """States with equal keys can share one forward."""
+
+    def forward(self, states: list[RequestState]) -> list[Any]:
+        """One batched forward; an output per state. Must not change the states (a failed forward is retried)."""
+
+    def advance(self, state: RequestState, output: Any) -> None:
+        """The request's own solver step with its forward output."""
+
+    def decode(self, state: RequestState) -> AudioResult:
+        """The audio of a finished request."""
+
+    def release_memory(self) -> None:
+        """Gives back cached memory: after a failed forward, and when the loop goes idle."""
+
+
+@dataclass(frozen=True)
+class LoopLimits:
+    """mode: ``continuous`` admits at every step boundary, ``whole`` only into an empty loop.
+    max_requests: requests active at once (the engine's ``max_batch_size``); None for no cap.
+    max_rows: DiT rows per step (a guided request takes two); None for no cap. A request alone in the loop is
+        admitted whatever its rows, so nothing waits forever."""
+
+    mode: BatchingMode = "continuous"
+    max_requests: int | None = None
+    max_rows: int | None = None
+
+
+@dataclass(eq=False)
+class _Held:
+    """A request in the loop's hands: waiting, then active with its family state."""
+
+    request: AudioRequest
+    deliver: Callable[[AudioResult], None]
+    state: Any = None
+    started_at: float | None = None  # time.time() at admission
+    denoise_started: float = 0.0  # perf_counter() at admission
+    timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 0  # the most requests that shared one forward with this one
+
+
+class StepLoop:
+    """``submit`` from any thread; ``step`` (or the thread from ``start``) runs the loop."""
+
+    def __init__(self, family: ModelFamily, monitor: GenerationMonitor = GenerationMonitor(),
+                 limits: LoopLimits = LoopLimits()):
+        self.family, self.monitor, self.limits = family, monitor, limits
+        self._wakeup = threading.Condition()
+        self._incoming: list[_Held] = []  # handed over by submit, taken by the loop; under _wakeup
+        self._waiting: deque[_Held] = deque()  # the loop's own, like everything below
+        self._active: list[_Held] = []
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, request: AudioRequest, deliver: Callable[[AudioResult], None]) -> None:
+        """Queues a request; ``deliver`` is called once with its result, from the loop's thread."""
+        with self._wakeup:
+            self._incoming.append(_Held(request, deliver))
+            self._wakeup.notify()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    @property
+    def active_rows(self) -> int:
+        return sum(held.request.rows for held in self._active)
+
+    def step(self) -> None:
+        """One turn of the loop: drop the stopped, admit, one denoising step for all, retire the finished."""
+        with self._wakeup:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+        self._drop_interrupted()
+        self._admit()
+        for group in self._forward_groups():
+            self._step_group(group)
+        self._retire_finished()
+
+    def run_until_idle(self) -> None:
+        self.step()
+        while self.busy:
+            self.step()
+
+    def start(self) -> None:
+        """Runs the loop in a daemon thread, asleep while there is nothing to do."""
+        self._thread = threading.Thread(target=self._serve, name="step-loop", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        with self._wakeup:
+            self._closing = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _serve(self) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._incoming or self.busy or self._closing):
+                    self._wakeup.wait()
+                if self._closing and not (self._incoming or self.busy):
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a bug in a turn must not end the loop and strand everyone
+                logger.exception("the step loop failed; failing the %d requests it held", len(self._active))
+                for held in [*self._active, *self._waiting]:
+                    self._fail(held, exc)
+            if not self.busy:
+                self.family.release_memory()
+
+    # Who runs: interruptions, admission, grouping.
+    def _drop_interrupted(self) -> None:
+        for held in [*self._waiting, *self._active]:
+            if (stopped := self.monitor.interruption(held.request)) is None:
+                continue
+            if held.state is None:
+                self._waiting.remove(held)  # never computed
+            else:
+                logger.info("request %s stopped after %d of %d steps (%s)", held.request.label, held.state.step,
+                            held.state.steps_total, stopped.failure)
+                self._active.remove(held)
+            self._finish(held, stopped)
+
+    def _admit(self) -> None:
+        if self.limits.mode == "whole" and self._active:
+            return
+        while self._waiting and self._has_room_for(self._waiting[0].request):
+            self._prepare(self._waiting.popleft())
+
+    def _has_room_for(self, request: AudioRequest) -> bool:
+        if not self._active:
+            return True
+        limits = self.limits
+        if limits.max_requests is not None and len(self._active) >= limits.max_requests:
+            return False
+        return limits.max_rows is None or self.active_rows + request.rows <= limits.max_rows
+
+    def _prepare(self, held: _Held) -> None:
+        started = time.perf_counter()
+        try:
+            held.state = self.family.prepare_request(held.request)
+        except Exception as exc:  # noqa: BLE001 - a request that cannot be prepared fails alone
+            logger.exception("request %s could not be prepared", held.request.label)
+            self._fail(held, exc)
+            return
+        held.timings["prepare_s"] = time.perf_counter() - started
+        held.started_at, held.denoise_started = time.time(), time.perf_counter()
+        self._active.append(held)
+        self.monitor.on_step(held.request, 0, held.state.steps_total)
+
+    def _forward_groups(self) -> list[list[_Held]]:
+        groups: dict[Hashable, list[_Held]] = {}
+        for held in self._active:
+            groups.setdefault(self.family.forward_key(held.state), []).append(held)
+        return list(groups.values())
+
+    # How a step runs for one group, and what happens to a request that fails in it.
+    def _step_group(self, group: list[_Held]) -> None:
+        started = time.perf_counter()
+        stepped = self._forward_isolating(group)
+        for held, output in stepped:
+            try:
+                self.family.advance(held.state, output)
+            except Exception as exc:  # noqa: BLE001 - this request's solver failed; the others go on
+                logger.exception("request %s failed in its solver step", held.request.label)
+                self._fail(held, exc)
+                continue
+            self.monitor.on_step(held.request, held.state.step, held.state.steps_total)
+        if stepped:
+            self.monitor.on_forward(len(stepped), sum(held.request.rows for held, _ in stepped),
+                                    time.perf_counter() - started)
+
+    def _forward_isolating(self, group: list[_Held]) -> list[tuple[_Held, Any]]:
+        """The group's forward; if it raises (out of memory, a bad kernel, a bug one request triggers), the
+        forward is retried over halves until the fault is pinned on single requests, which alone fail."""
+        try:
+            outputs = self.family.forward([held.state for held in group])
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the rest of the group must not be lost
+            self.family.release_memory()
+            if len(group) == 1:
+                logger.exception("request %s failed on its own", group[0].request.label)
+                self._fail(group[0], exc)
+                return []
+            logger.warning("a step of %d requests failed (%s: %s); retrying it in halves", len(group),
+                           type(exc).__name__, exc)
+            half = len(group) // 2
+            return self._forward_isolating(group[:half]) + self._forward_isolating(group[half:])
+        for held in group:
+            held.batch_size = max(held.batch_size, len(group))
+        return list(zip(group, outputs))
+
+    def _retire_finished(self) -> None:
+        for held in [held for held in self._active if held.state.finished]:
+            self._active.remove(held)
+            held.timings["denoise_s"] = time.perf_counter() - held.denoise_started
+            started = time.perf_counter()
+            try:
+                result = self.family.decode(held.state)
+            except Exception as exc:  # noqa: BLE001 - a decode that fails loses this request only
+                logger.exception("request %s failed to decode", held.request.label)
+                result = self._failure(exc)
+            held.timings["decode_s"] = time.perf_counter() - started
+            self._finish(held, result)
+
+    def _fail(self, held: _Held, exc: Exception) -> None:
+        if held in self._active:
+            self._active.remove(held)
+        elif held in self._waiting:
+            self._waiting.remove(held)
+        self._finish(held, self._failure(exc))
+
+    @staticmethod
+    def _failure(exc: Exception) -> AudioResult:
+        return AudioResult.failed("server_error", f"generation failed: {type(exc).__name__}: {exc}"[:300])
+
+    def _finish(self, held: _Held, result: AudioResult) -> None:
+        result.timings = {**held.timings, **result.timings}
+        result.started_at, result.batch_size = held.started_at, held.batch_size
+        self.monitor.on_finish(held.request, result)
+        try:
+            held.deliver(result)
+        except Exception:  # noqa: BLE001 - a broken receiver must not stop the loop
+            logger.exception("could not deliver the result of request %s", held.request.label)
+
+
+def run_to_completion(family: ModelFamily, requests: list[AudioRequest],
+                      monitor: GenerationMonitor = GenerationMonitor(),
+                      limits: LoopLimits = LoopLimits()) -> list[AudioResult]:
+    """All requests submitted at once and stepped to the end in the calling thread; results in request order.
+    For tests, benchmarks and warm-up."""
+    results: dict[int, AudioResult] = {}
+    loop = StepLoop(family, monitor, limits)
+    for position, request in enumerate(requests):
+        loop.submit(request, lambda result, position=position: results.__setitem__(position, result))
+    loop.run_until_idle()
+    return [results[position] for position in range(len(requests))]

@@ -1,0 +1,204 @@
+"""The step loop in-process: requests joining and leaving at any step never change anyone's audio; caps, first come
+first served, whole-batch mode, the loop thread and the result board."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from stable_audio_bento import tracking
+from stable_audio_bento.config import ServiceSettings
+from stable_audio_bento.generation import AudioRequest, AudioResult, GenerationMonitor
+from stable_audio_bento.step_loop import LoopLimits, StepLoop, run_to_completion
+from stable_audio_bento.tracking import RequestTracker, ResultBoard
+
+REQUESTS = [
+    AudioRequest("a long drone", seed=1, audio_length=6.0, num_inference_steps=9, id="long"),
+    AudioRequest("a piano melody", seed=2, audio_length=3.0, negative_prompt="noise, distortion",
+                 guidance_scale=4.0, num_inference_steps=5, id="negative"),
+    AudioRequest("rain on a roof", seed=3, audio_length=2.0, audio_start=5.0, guidance_scale=1.0,
+                 num_inference_steps=4, id="unguided"),
+    AudioRequest("a click", seed=4, audio_length=1.0, num_inference_steps=2, id="short"),
+]
+BY_ID = {request.id: request for request in REQUESTS}
+
+
+@pytest.fixture(scope="module")
+def alone(engine) -> dict[str, np.ndarray]:
+    return {request.id: run_to_completion(engine, [request])[0].audio for request in REQUESTS}
+
+
+class Drive:
+    """Runs a loop turn by turn, submitting requests before the turns the schedule names."""
+
+    def __init__(self, engine, monitor: GenerationMonitor = GenerationMonitor(), limits: LoopLimits = LoopLimits()):
+        self.loop = StepLoop(engine, monitor, limits)
+        self.results: dict[str, AudioResult] = {}
+        self.finished_order: list[str] = []
+        self.turns: list[set[str]] = []  # the ids that took a step in each turn
+        self.rows_per_forward: list[int] = []
+        forward = engine.forward
+
+        def spied(states):
+            self.turns[-1].update(state.request.id for state in states)
+            self.rows_per_forward.append(sum(state.request.rows for state in states))
+            return forward(states)
+
+        self.spied_forward = spied
+
+    def run(self, monkeypatch, schedule: dict[int, list[str]], between=lambda turn: None) -> dict[str, AudioResult]:
+        monkeypatch.setattr(self.loop.family, "forward", self.spied_forward)
+        turn = 0
+        while turn <= max(schedule) or self.loop.busy:
+            for request_id in schedule.get(turn, []):
+                self.loop.submit(BY_ID[request_id], lambda result, request_id=request_id: self.deliver(request_id, result))
+            self.turns.append(set())
+            self.loop.step()
+            between(turn)
+            turn += 1
+        return self.results
+
+    def deliver(self, request_id: str, result: AudioResult) -> None:
+        self.results[request_id] = result
+        self.finished_order.append(request_id)
+
+    def first_turn(self, request_id: str) -> int:
+        return next(turn for turn, ids in enumerate(self.turns) if request_id in ids)
+
+    def last_turn(self, request_id: str) -> int:
+        return max(turn for turn, ids in enumerate(self.turns) if request_id in ids)
+
+
+def assert_exact(results: dict[str, AudioResult], alone: dict[str, np.ndarray], ids) -> None:
+    for request_id in ids:
+        result = results[request_id]
+        assert result.error is None, (request_id, result.error)
+        assert np.array_equal(result.audio, alone[request_id]), request_id
+
+
+@pytest.mark.parametrize("join_at", [1, 3, 6])
+def test_requests_joining_a_running_loop_at_any_step_get_their_solo_audio(engine, alone, monkeypatch, join_at):
+    drive = Drive(engine)
+    results = drive.run(monkeypatch, {0: ["long"], join_at: ["negative", "short"], join_at + 1: ["unguided"]})
+    assert_exact(results, alone, BY_ID)
+    assert drive.first_turn("negative") == drive.first_turn("short") == join_at  # admitted at the next step
+    assert drive.first_turn("unguided") == join_at + 1
+    assert results["short"].batch_size >= 2 and "long" in drive.turns[join_at]  # it really shared steps
+    assert drive.finished_order.index("short") < drive.finished_order.index("long")  # and did not wait for it
+    assert results["long"].timings["prepare_s"] >= 0 and results["short"].started_at >= results["long"].started_at
+
+
+def test_neighbours_cancelled_or_expiring_mid_run_leave_the_others_exact(engine, alone, monkeypatch):
+    clock = [1_000.0]
+    monkeypatch.setattr(tracking.time, "time", lambda: clock[0])
+    expiring = AudioRequest("a siren", seed=9, audio_length=2.0, num_inference_steps=8, id="expiring",
+                            deadline=1_000.5)
+    BY_ID["expiring"] = expiring
+    try:
+        tracker = RequestTracker()
+        drive = Drive(engine, tracker)
+
+        def between(turn):
+            if turn == 2:
+                tracker.cancel(["negative"])
+            if turn == 3:
+                clock[0] = 1_001.0  # the expiring request's deadline passes
+
+        results = drive.run(monkeypatch, {0: ["long", "negative"], 1: ["expiring", "unguided"], 4: ["short"]}, between)
+    finally:
+        del BY_ID["expiring"]
+    assert results["negative"].failure == "cancelled" and results["expiring"].failure == "deadline_exceeded"
+    assert drive.last_turn("negative") == 2 and drive.last_turn("expiring") == 3  # nothing computed after
+    assert tracker.progress(["negative"]) == {"negative": {"steps_done": 3, "steps_total": 5}}
+    assert_exact(results, alone, ["long", "unguided", "short"])
+
+
+def test_row_cap_holds_and_a_waiting_request_is_admitted_the_step_rows_free_up(engine, alone, monkeypatch):
+    drive = Drive(engine, limits=LoopLimits(max_rows=3))
+    results = drive.run(monkeypatch, {0: ["short", "unguided", "negative", "long"]})  # rows 2, 1, 2, 2
+    assert_exact(results, alone, BY_ID)
+    assert max(drive.rows_per_forward) <= 3
+    assert drive.turns[0] == {"short", "unguided"}
+    # "negative" (2 rows) waits for "short" to finish its 2 steps, then joins at once; first come, first served.
+    assert drive.first_turn("negative") == 2 and drive.first_turn("long") > drive.first_turn("negative")
+    assert drive.first_turn("long") == drive.last_turn("negative") + 1  # 2 + 2 rows would pass the cap before
+
+
+def test_request_cap_holds(engine, alone, monkeypatch):
+    drive = Drive(engine, limits=LoopLimits(max_requests=2))
+    results = drive.run(monkeypatch, {0: ["unguided", "short", "negative"], 1: ["long"]})
+    assert_exact(results, alone, BY_ID)
+    assert max(len(ids) for ids in drive.turns) == 2
+    assert drive.first_turn("negative") == drive.last_turn("short") + 1
+
+
+def test_a_request_over_the_row_cap_alone_still_runs(engine, alone, monkeypatch):
+    drive = Drive(engine, limits=LoopLimits(max_rows=1))
+    results = drive.run(monkeypatch, {0: ["short", "unguided"]})
+    assert_exact(results, alone, ["short", "unguided"])
+    assert drive.first_turn("unguided") == drive.last_turn("short") + 1
+
+
+def test_whole_mode_admits_only_into_an_empty_loop(engine, alone, monkeypatch):
+    drive = Drive(engine, limits=LoopLimits(mode="whole"))
+    results = drive.run(monkeypatch, {0: ["long", "unguided"], 2: ["short", "negative"]})
+    assert_exact(results, alone, BY_ID)
+    assert drive.first_turn("short") == drive.first_turn("negative") == drive.last_turn("long") + 1
+
+
+def test_the_loop_thread_serves_submissions_from_other_threads(engine, alone):
+    loop = StepLoop(engine, RequestTracker(), LoopLimits(max_requests=8))
+    loop.start()
+    results: dict[str, AudioResult] = {}
+    done = threading.Event()
+
+    def deliver(request_id, result):
+        results[request_id] = result
+        if len(results) == len(REQUESTS):
+            done.set()
+
+    def client(request, delay):
+        time.sleep(delay)
+        loop.submit(request, lambda result: deliver(request.id, result))
+
+    rng = random.Random(0)
+    threads = [threading.Thread(target=client, args=(request, rng.uniform(0, 0.3))) for request in REQUESTS]
+    for thread in threads:
+        thread.start()
+    assert done.wait(300)
+    loop.close()
+    assert_exact(results, alone, BY_ID)
+
+
+def test_result_board_hands_results_from_the_loop_thread_to_waiters_and_forgets_them():
+    async def scenario():
+        board = ResultBoard(unclaimed_ttl_s=0.2, claimed_grace_s=0.1)
+        assert board.expect("a") and board.expect("b") and not board.expect("a")  # a retried submit is ignored
+        threading.Thread(target=board.deliverer("a"), args=(AudioResult(audio=np.ones((2, 3))),)).start()
+        threading.Thread(target=board.deliverer("b"), args=(AudioResult.failed("cancelled", "gone"),)).start()
+        first = await asyncio.wait_for(board.wait("a"), 5)
+        again = await board.wait("a")  # within the grace: a retried result call still finds it
+        assert first is again and first.audio.shape == (2, 3)
+        await asyncio.sleep(0.3)
+        assert len(board) == 0  # collected and uncollected results are both forgotten
+        assert (await board.wait("b")).failure == "server_error"
+
+    asyncio.run(scenario())
+
+
+def test_batching_mode_comes_from_configuration_and_environment(tmp_path, monkeypatch):
+    config = tmp_path / "configuration.yaml"
+    config.write_text("services:\n  StableAudioEngine:\n    batching:\n      mode: whole\n")
+    monkeypatch.delenv("STABLE_AUDIO_BATCHING", raising=False)
+    assert ServiceSettings.load(config).batching == "whole"
+    assert ServiceSettings.load(tmp_path / "absent.yaml").batching == "continuous"
+    monkeypatch.setenv("STABLE_AUDIO_BATCHING", "continuous")
+    assert ServiceSettings.load(config).batching == "continuous"
+    monkeypatch.setenv("STABLE_AUDIO_BATCHING", "sometimes")
+    with pytest.raises(ValueError, match="STABLE_AUDIO_BATCHING"):
+        ServiceSettings.load(config)
