@@ -41,9 +41,11 @@ class FrontMetrics:
 
 @dataclass
 class EngineMetrics:
-    batch_size: Any  # Histogram: requests per denoising step (one DiT forward)
-    step_rows: Any  # Histogram: DiT rows per denoising step
-    step_seconds: Any  # Histogram: one denoising step (DiT forward + the requests' scheduler steps)
+    # Per batched DiT forward: one denoising step of every request in it. A turn of the step loop runs one forward,
+    # or one per window length with STABLE_AUDIO_DENOISE_WINDOW=short.
+    batch_size: Any  # Histogram: requests in the forward
+    step_rows: Any  # Histogram: DiT rows in the forward
+    step_seconds: Any  # Histogram: the forward and the requests' solver steps
     audio_seconds: Any  # Counter: seconds of audio generated
     seconds_per_audio_second: Any  # Histogram: engine time (denoise + decode) per second of audio, per request
 
@@ -54,12 +56,13 @@ class EngineMetrics:
 
         batch_buckets = sorted({1, 2, 4, 8, 16, 32, max_batch_size})
         return cls(
-            batch_size=prometheus.Histogram("stable_audio_batch_size", "Requests per denoising step (one DiT forward)",
+            batch_size=prometheus.Histogram("stable_audio_batch_size",
+                                            "Requests per batched DiT forward (a denoising step of each)",
                                             buckets=[b for b in batch_buckets if b <= max_batch_size]),
-            step_rows=prometheus.Histogram("stable_audio_step_rows", "DiT rows per denoising step",
+            step_rows=prometheus.Histogram("stable_audio_step_rows", "DiT rows per batched forward",
                                            buckets=sorted({*batch_buckets, 2 * max_batch_size})),
             step_seconds=prometheus.Histogram("stable_audio_denoise_step_seconds",
-                                              "Seconds per denoising step (DiT forward and solver steps)",
+                                              "Seconds per batched denoising step (DiT forward and solver steps)",
                                               buckets=STEP_BUCKETS),
             audio_seconds=prometheus.Counter("stable_audio_generated_audio_seconds", "Seconds of audio generated"),
             seconds_per_audio_second=prometheus.Histogram(

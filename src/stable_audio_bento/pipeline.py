@@ -12,8 +12,6 @@ others in any step; see ``tests/test_pipeline.py``. Which requests take each ste
 from __future__ import annotations
 
 import copy
-import ctypes
-import functools
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -32,21 +30,6 @@ warnings.filterwarnings("ignore", message="Should have ", module="torchsde")
 
 SHORT_WINDOW_TAIL_FRAMES = 16  # latent frames denoised past a short clip's end (the decoder reaches ±10)
 SHORT_WINDOW_BUCKET_FRAMES = 64  # window lengths are rounded up to this, so similar clips share a forward
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to trim with
-        return None
-
-
-def release_freed_host_memory() -> None:
-    """Hands freed heap memory back to the OS (glibc's malloc_trim). CPU batches allocate tensors of ever-changing
-    sizes; without this the allocator keeps the peak of every mix it has seen and the process's RSS creeps up."""
-    if (trim := _malloc_trim()) is not None:
-        trim(0)
 
 
 @dataclass(frozen=True)
@@ -155,10 +138,10 @@ class BatchedStableAudio:
         return max(2, int(headroom * free / per_row))
 
     def release_memory(self) -> None:
-        """Returns cached memory after a failed forward or when the loop goes idle."""
+        """After a failed forward: frees what the failed attempt left in CUDA's cache (an out-of-memory error
+        leaves it full), so the retry over fewer rows can allocate."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        release_freed_host_memory()
 
     # 1. Per-request conditioning, noise and scheduler, computed exactly as StableAudioPipeline does for one prompt.
     @torch.no_grad()
