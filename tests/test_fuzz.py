@@ -412,8 +412,8 @@ INVALID = {
                              st.none(), wrong_types(int, float)),
     "negative_prompt": st.one_of(long_text, wrong_types(str, type(None))),
     "guidance_scale": st.one_of(st.floats(max_value=-1e-300), st.floats(min_value=math.nextafter(50.0, math.inf)),
-                                st.integers(max_value=-1), st.integers(min_value=51), non_finite, st.none(),
-                                wrong_types(int, float)),
+                                st.integers(max_value=-1), st.integers(min_value=51), non_finite,
+                                wrong_types(int, float, type(None))),  # null: the model's default
     "num_inference_steps": st.one_of(st.integers(max_value=0), st.integers(min_value=MAX_STEPS + 1),
                                      st.none(),  # the default, 100, is over this server's cap
                                      st.sampled_from([1.0, 2.5, 1e0]), wrong_types(int)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stable_audio_bento.pipeline import ModelLimits
+from stable_audio_bento.generation import ModelLimits
 from stable_audio_bento.protocol import MAX_SEED, APIError, GenerateRequest
 
 LIMITS = ModelLimits(sample_rate=44100, channels=2, hop_length=2048, latent_frames=1024)
@@ -45,3 +45,29 @@ def test_model_dependent_limits(fields, param, status):
         audio_request(input="x", **fields)
     assert (raised.value.param, raised.value.status) == (param, status)
     assert raised.value.body()["error"]["param"] == param
+
+
+SA3_LIMITS = ModelLimits(sample_rate=44100, channels=2, hop_length=4096, latent_frames=1292, max_duration_s=120.0,
+                         fixed_start=True)
+
+
+def sa3_request(**fields):
+    return GenerateRequest(**fields).to_audio_request(SA3_LIMITS, "tiny-sa3", 8, 500, 1.0)
+
+
+def test_stable_audio_3_defaults_come_from_the_model():
+    request = sa3_request(input="rain")
+    assert (request.audio_length, request.num_inference_steps, request.guidance_scale) == (120.0, 8, 1.0)
+    assert sa3_request(input="rain", guidance_scale=4.0).guidance_scale == 4.0
+    assert audio_request(input="rain", guidance_scale=None).guidance_scale == 7.0
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"audio_start": 1.0, "audio_length": 2.0}, "audio_start"),
+    ({"audio_length": 120.01}, "audio_length"),
+    ({"audio_length": 0.9 / 44100}, "audio_length"),  # the pipeline cuts to int(seconds × rate) samples: none
+])
+def test_stable_audio_3_limits(fields, param):
+    with pytest.raises(APIError) as raised:
+        sa3_request(input="x", **fields)
+    assert raised.value.param == param and raised.value.status == 400

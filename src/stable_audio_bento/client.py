@@ -22,7 +22,7 @@ FIELDS = {  # flag -> (type, help); None values are left out so the server appli
     "audio_length": (float, "seconds of audio (default: the model maximum, 47.55 s)"),
     "audio_start": (float, "start of the returned window in seconds (default 0)"),
     "negative_prompt": (str, "what to avoid"),
-    "guidance_scale": (float, "classifier-free guidance scale (default 7; <= 1 disables guidance)"),
+    "guidance_scale": (float, "classifier-free guidance scale (default: the model's; <= 1 disables guidance)"),
     "num_inference_steps": (int, "denoising steps (default 100)"),
     "seed": (int, "random seed; the same seed and request give the same audio"),
     "response_format": (str, "wav, mp3, flac, pcm, opus or aac (default: from the output file's suffix, else wav)"),

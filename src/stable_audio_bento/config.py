@@ -37,7 +37,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     vae_dtype: str = "float32"
-    default_inference_steps: int = 100
+    default_inference_steps: int | None = None  # None: the model's (100 for stable-audio-open, 8 distilled SA3)
     max_inference_steps: int = 500
     sampling: SamplingOptions = SamplingOptions()
     auto_max_rows: bool = True
@@ -54,7 +54,8 @@ class EngineConfig:
             device=env.get("STABLE_AUDIO_DEVICE", cls.device),
             dtype=env.get("STABLE_AUDIO_DTYPE", cls.dtype),
             vae_dtype=env.get("STABLE_AUDIO_VAE_DTYPE", cls.vae_dtype),
-            default_inference_steps=int(env.get("STABLE_AUDIO_DEFAULT_STEPS", cls.default_inference_steps)),
+            default_inference_steps=int(env["STABLE_AUDIO_DEFAULT_STEPS"]) if "STABLE_AUDIO_DEFAULT_STEPS" in env
+            else None,
             max_inference_steps=int(env.get("STABLE_AUDIO_MAX_STEPS", cls.max_inference_steps)),
             sampling=SamplingOptions(
                 decode_margin_frames=None if margin == "full" else int(margin),

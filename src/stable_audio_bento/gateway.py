@@ -59,6 +59,7 @@ class Gateway:
                       ) -> AudioRequest:
         card = await self.model_card()
         return request.to_audio_request(card.limits, card.model, card.default_steps, card.max_steps,
+                                        card.default_guidance_scale,
                                         generation_id=generation_id or uuid.uuid4().hex, request_id=request_id)
 
     async def serve(self, request: GenerateRequest, client: RequestContext) -> GeneratedAudio:

@@ -58,6 +58,15 @@ class AudioResult:
     def failed(cls, failure: Failure, error: str) -> "AudioResult":
         return cls(error=error, failure=failure)
 
+    @classmethod
+    def checked(cls, audio: np.ndarray) -> "AudioResult":
+        """Decoded audio as a success, unless it is non-finite or digital silence: never handed out as a file."""
+        if not np.isfinite(audio).all():
+            return cls.failed("server_error", "the model produced non-finite audio")
+        if not audio.any():
+            return cls.failed("server_error", "the model produced digital silence")
+        return cls(audio=audio)
+
 
 class GenerationMonitor:
     """Hooks into the step loop. This base class stops nothing and ignores progress."""
@@ -79,17 +88,30 @@ class GenerationMonitor:
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """What the loaded model can produce; requests are validated against this."""
+    """What the loaded model can produce; requests are validated against this.
+
+    latent_frames: the model's window (stable-audio-open-1.0), or the latent length of its longest request.
+    max_duration_s: the longest audio when it is not a whole number of frames (Stable Audio 3: 120 s, 380 s).
+    fixed_start: the model generates from 0 s only (Stable Audio 3 has a duration, no start): ``audio_start``
+        must be 0, and the output is the duration cut to whole samples (``int``) rather than rounded."""
 
     sample_rate: int
     channels: int
     hop_length: int
     latent_frames: int
+    max_duration_s: float | None = None
+    fixed_start: bool = False
 
     @property
     def max_samples(self) -> int:
+        if self.max_duration_s is not None:
+            return int(self.max_duration_s * self.sample_rate)
         return self.latent_frames * self.hop_length
 
     @property
     def max_seconds(self) -> float:
-        return self.max_samples / self.sample_rate
+        return self.max_duration_s if self.max_duration_s is not None else self.max_samples / self.sample_rate
+
+    def samples(self, seconds: float) -> int:
+        """Output samples for a length in seconds, as the model's pipeline cuts them."""
+        return int(seconds * self.sample_rate) if self.fixed_start else round(seconds * self.sample_rate)

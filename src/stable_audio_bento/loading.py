@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import string
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderOobleck, CosineDPMSolverMultistepScheduler, StableAudioDiTModel, StableAudioPipeline
+from diffusers import (AutoencoderOobleck, CosineDPMSolverMultistepScheduler, StableAudio3Pipeline, StableAudioDiTModel,
+                       StableAudioPipeline)
 from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from . import sa3_loading
 from .config import EngineConfig
 from .generation import AudioRequest
+from .model_cache import cache_root, save_once
 from .pipeline import BatchedStableAudio
+from .sa3 import BatchedStableAudio3, SA3Options
 from .step_loop import run_to_completion
 
 logger = logging.getLogger(__name__)
@@ -93,23 +95,12 @@ def build_random_pipeline(architecture: Architecture, seed: int = 0) -> StableAu
 
 
 def tiny_model_dir() -> Path:
-    cache = Path(os.environ.get("STABLE_AUDIO_CACHE", Path.home() / ".cache" / "stable-audio-bento"))
-    return cache / f"tiny-v{TINY_FORMAT_VERSION}"
+    return cache_root() / f"tiny-v{TINY_FORMAT_VERSION}"
 
 
 def ensure_tiny_model(directory: Path | None = None) -> Path:
     """Build and save the tiny model once; later loads read it back like any diffusers folder."""
-    directory = directory or tiny_model_dir()
-    if (directory / "model_index.json").is_file():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tiny-"))
-    build_random_pipeline(TINY_SIZE).save_pretrained(staging)
-    try:
-        staging.rename(directory)
-    except OSError:  # another process finished first; its copy is identical
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return save_once(directory or tiny_model_dir(), lambda: build_random_pipeline(TINY_SIZE))
 
 
 @dataclass(frozen=True)
@@ -140,9 +131,13 @@ def _parse_dtype(name: str, variable: str) -> torch.dtype:
         raise ModelLoadError(f"{variable}={name!r} is not one of {sorted(_DTYPES)}") from None
 
 
-def load_engine(config: EngineConfig) -> BatchedStableAudio:
-    """The pipeline wrapped for batched generation, compiled and warmed up as configured."""
-    engine = BatchedStableAudio(load_pipeline(config), config.sampling)
+def load_engine(config: EngineConfig) -> BatchedStableAudio | BatchedStableAudio3:
+    """The served model as its family's stages, compiled and warmed up as configured; the family is read from the
+    model's name or its folder's model_index.json."""
+    if sa3_loading.is_sa3_model(config.model):
+        engine = load_sa3_engine(config)
+    else:
+        engine = BatchedStableAudio(load_pipeline(config), config.sampling)
     logger.info("engine: %s on %s, DiT dtype %s, VAE dtype %s, %d CPU threads, %s", config.model, engine.device,
                 engine.dtype, engine.vae.dtype, torch.get_num_threads(), config.sampling)
     if config.compile:
@@ -154,6 +149,17 @@ def load_engine(config: EngineConfig) -> BatchedStableAudio:
         engine.options = replace(engine.options, max_rows=engine.rows_capacity())
         logger.info("at most %d DiT rows per forward fit in free GPU memory", engine.options.max_rows)
     return engine
+
+
+def load_sa3_engine(config: EngineConfig) -> BatchedStableAudio3:
+    """A Stable Audio 3 model (``tiny-sa3``, ``tiny-sa3-base``, a diffusers-format folder or a hub id)."""
+    if config.load_format != "auto":
+        raise ModelLoadError(f"STABLE_AUDIO_LOAD_FORMAT={config.load_format!r} is not available for Stable Audio 3 "
+                             "yet: use auto")
+    placement = resolve_placement(config)
+    pipe = _from_pretrained(sa3_loading.sa3_source(config.model), StableAudio3Pipeline)
+    pipe = sa3_loading.place_sa3_pipeline(pipe, placement.device, placement.dtype, placement.vae_dtype)
+    return BatchedStableAudio3(pipe, sa3_loading.max_seconds_for(config.model), SA3Options(config.sampling.max_rows))
 
 
 def load_pipeline(config: EngineConfig) -> StableAudioPipeline:
@@ -170,20 +176,20 @@ def load_pipeline(config: EngineConfig) -> StableAudioPipeline:
     return place_pipeline(pipe, resolve_placement(config))
 
 
-def _from_pretrained(source: str) -> StableAudioPipeline:
+def _from_pretrained(source: str, pipeline_class: type = StableAudioPipeline) -> Any:
     is_folder = Path(source).is_dir()
     try:
-        return StableAudioPipeline.from_pretrained(source, token=None if is_folder else os.environ.get("HF_TOKEN"))
+        return pipeline_class.from_pretrained(source, token=None if is_folder else os.environ.get("HF_TOKEN"))
     except Exception as exc:  # diffusers raises OSError, ValueError or HTTP errors depending on what is missing
         hint = (
-            f"{source!r} is not a complete diffusers-format StableAudioPipeline folder"
+            f"{source!r} is not a complete diffusers-format {pipeline_class.__name__} folder"
             if is_folder
             else f"could not fetch {source!r} from the Hugging Face hub (gated: accept the license and set HF_TOKEN)"
         )
         raise ModelLoadError(
             f"{hint}: {exc}. Point STABLE_AUDIO_MODEL at a local diffusers-format folder "
             f"(e.g. one made with `huggingface-cli download {source} --local-dir DIR`), "
-            "or use STABLE_AUDIO_MODEL=tiny for a small random model."
+            "or use STABLE_AUDIO_MODEL=tiny (or tiny-sa3) for a small random model."
         ) from exc
 
 

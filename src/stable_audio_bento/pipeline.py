@@ -22,7 +22,9 @@ from diffusers import StableAudioPipeline
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 
+from .cuda_memory import release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
+from .step_loop import RequestState
 
 # torchsde warns on every Brownian query because diffusers' schedule overshoots the tree's bounds by a few
 # ULPs (diffusers issue #13274); the query is still answered. The rare case that recurses is caught per request.
@@ -66,37 +68,22 @@ class GaussianIncrements:
         return randn_tensor(self.shape, generator=self.generator, device=self.device, dtype=self.dtype)
 
 
-@dataclass
-class RequestState:
-    """Per-request tensors and solver state carried through the step loop."""
+@dataclass(kw_only=True)
+class StableAudioState(RequestState):
+    """Per-request tensors and solver state carried through the step loop; latents (1, channels, frames) fp32."""
 
-    request: AudioRequest
     generator: torch.Generator
     scheduler: object
     text_conditioning: torch.Tensor  # (rows, text tokens + 2, dim)
     global_conditioning: torch.Tensor  # (rows, 1, inner_dim): global_proj(seconds conditioning)
-    latents: torch.Tensor  # (1, channels, frames), float32
-    step: int = 0  # steps done
-
-    @property
-    def guided(self) -> bool:
-        return self.request.rows == 2
 
     @property
     def timestep(self) -> torch.Tensor:
         return self.scheduler.timesteps[self.step]
 
     @property
-    def frames(self) -> int:
-        return self.latents.shape[-1]
-
-    @property
     def steps_total(self) -> int:
         return len(self.scheduler.timesteps)
-
-    @property
-    def finished(self) -> bool:
-        return self.step >= self.steps_total
 
 
 class BatchedStableAudio:
@@ -111,6 +98,8 @@ class BatchedStableAudio:
         self.vae = pipe.vae
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
+        self.default_steps = 100  # the model card's and diffusers' default
+        self.default_guidance_scale = 7.0
         self.limits = ModelLimits(
             sample_rate=int(pipe.vae.config.sampling_rate),
             channels=int(pipe.vae.config.audio_channels),
@@ -125,27 +114,17 @@ class BatchedStableAudio:
         self._transformer_forward = torch.compile(self.transformer_forward, dynamic=True)
 
     @torch.no_grad()
-    def rows_capacity(self, headroom: float = 0.8) -> int:
+    def rows_capacity(self) -> int:
         """DiT rows per forward that fit in free CUDA memory, from the memory one full-window forward takes."""
         state = self.prepare_request(AudioRequest("probe", seed=0, audio_length=1.0, num_inference_steps=1))
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        baseline = torch.cuda.memory_allocated(self.device)
-        self.forward([state])
-        torch.cuda.synchronize(self.device)
-        per_row = (torch.cuda.max_memory_allocated(self.device) - baseline) / state.request.rows
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return max(2, int(headroom * free / per_row))
+        return rows_that_fit(self.device, lambda: self.forward([state]), state.request.rows)
 
     def release_memory(self) -> None:
-        """After a failed forward: frees what the failed attempt left in CUDA's cache (an out-of-memory error
-        leaves it full), so the retry over fewer rows can allocate."""
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached_memory(self.device)
 
     # 1. Per-request conditioning, noise and scheduler, computed exactly as StableAudioPipeline does for one prompt.
     @torch.no_grad()
-    def prepare_request(self, request: AudioRequest) -> RequestState:
+    def prepare_request(self, request: AudioRequest) -> StableAudioState:
         pipe = self.pipe
         guided = request.rows == 2
         negative_prompt = request.negative_prompt if guided else None
@@ -169,7 +148,7 @@ class BatchedStableAudio:
         latents = self.prepare_latents(generator, scheduler.init_noise_sigma, self.denoised_frames(request))
         if self.options.sde_noise == "vectorized":
             scheduler.noise_sampler = GaussianIncrements(generator, latents)
-        return RequestState(
+        return StableAudioState(
             request=request,
             generator=generator,
             scheduler=scheduler,
@@ -195,12 +174,12 @@ class BatchedStableAudio:
     # 2. One denoising step: a transformer forward over the rows of states of equal window length, then each
     # request's own guidance and scheduler step.
     @staticmethod
-    def forward_key(state: RequestState) -> int:
+    def forward_key(state: StableAudioState) -> int:
         """States with equal keys can share one forward: the window length in latent frames."""
         return state.frames
 
     @torch.no_grad()
-    def forward(self, active: list[RequestState]) -> list[torch.Tensor]:
+    def forward(self, active: list[StableAudioState]) -> list[torch.Tensor]:
         """Each state's guided noise prediction at its own timestep, from one batched transformer forward."""
         model_inputs, text_rows, global_rows = [], [], []
         for state in active:
@@ -255,7 +234,7 @@ class BatchedStableAudio:
         return dit.postprocess_conv(hidden) + hidden
 
     @torch.no_grad()
-    def advance(self, state: RequestState, noise_pred: torch.Tensor) -> None:
+    def advance(self, state: StableAudioState, noise_pred: torch.Tensor) -> None:
         try:
             state.latents = state.scheduler.step(
                 noise_pred, state.timestep, state.latents, generator=state.generator
@@ -266,13 +245,8 @@ class BatchedStableAudio:
         state.step += 1
 
     # 3. Decode each request's latents and cut its window: [audio_start, audio_start + audio_length].
-    def decode(self, state: RequestState) -> AudioResult:
-        audio = self.decode_window(state.latents, state.request)
-        if not np.isfinite(audio).all():  # never hand out NaN or silence as a success
-            return AudioResult.failed("server_error", "the model produced non-finite audio")
-        if not audio.any():
-            return AudioResult.failed("server_error", "the model produced digital silence")
-        return AudioResult(audio=audio)
+    def decode(self, state: StableAudioState) -> AudioResult:
+        return AudioResult.checked(self.decode_window(state.latents, state.request))
 
     @torch.no_grad()
     def decode_window(self, latents: torch.Tensor, request: AudioRequest) -> np.ndarray:

@@ -31,8 +31,11 @@ class GenerateRequest(BaseModel):
     audio_start: float = Field(0.0, description="Start of the returned window in seconds.")
     negative_prompt: str | None = Field(None, description="What to avoid; used only when guidance_scale > 1.",
                                         max_length=MAX_PROMPT_CHARS)
-    guidance_scale: float = Field(7.0, description="Classifier-free guidance scale; <= 1 disables guidance.")
-    num_inference_steps: int | None = Field(None, description="Denoising steps; default 100.")
+    guidance_scale: float | None = Field(None, description="Classifier-free guidance scale; <= 1 disables "
+                                         "guidance. Default: the model's (7 for stable-audio-open-1.0, 1 for "
+                                         "Stable Audio 3).")
+    num_inference_steps: int | None = Field(None, description="Denoising steps; default: the model's (100 for "
+                                                              "stable-audio-open-1.0, 8 for distilled Stable Audio 3).")
     seed: int | None = Field(None, description=f"0 to {MAX_SEED}; same seed and request give the same audio. "
                                                "Default: random, returned in the X-Seed response header.")
     response_format: AudioFormat = Field(
@@ -64,8 +67,8 @@ class GenerateRequest(BaseModel):
 
     @field_validator("guidance_scale")
     @classmethod
-    def _guidance_in_range(cls, value: float) -> float:
-        if not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE_SCALE):
+    def _guidance_in_range(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE_SCALE):
             raise ValueError(f"must be a finite number between 0 and {MAX_GUIDANCE_SCALE:g}")
         return value
 
@@ -90,8 +93,9 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"must be between 0 and {MAX_SEED}")
         return value
 
-    def to_audio_request(self, limits: ModelLimits, served_model: str, default_steps: int, max_steps: int, *,
-                         generation_id: str = "", request_id: str = "") -> AudioRequest:
+    def to_audio_request(self, limits: ModelLimits, served_model: str, default_steps: int, max_steps: int,
+                         default_guidance_scale: float = 7.0, *, generation_id: str = "",
+                         request_id: str = "") -> AudioRequest:
         """Checks what depends on the loaded model and this server, then fills in the defaults."""
         if self.model is not None and self.model != served_model:
             raise APIError(f"model {shown(repr(self.model), 80)} is not served here; this server serves "
@@ -103,6 +107,9 @@ class GenerateRequest(BaseModel):
         if steps > max_steps:
             raise APIError(f"num_inference_steps must be at most {max_steps} on this server (got {shown(steps)})",
                            param="num_inference_steps")
+        if limits.fixed_start and self.audio_start != 0:
+            raise APIError(f"this model generates from the start: audio_start must be 0 (got {self.audio_start:g})",
+                           param="audio_start")
         if self.audio_start >= limits.max_seconds:
             raise APIError(f"audio_start must be less than {limits.max_seconds:.2f} s for this model "
                            f"(got {self.audio_start:g})", param="audio_start")
@@ -110,9 +117,9 @@ class GenerateRequest(BaseModel):
         if self.audio_length is not None and self.audio_length > limits.max_seconds:
             raise APIError(f"audio_length must be at most {limits.max_seconds:.2f} s for this model "
                            f"(got {self.audio_length:g})", param="audio_length")
-        if round(length * limits.sample_rate) < 1:
+        if limits.samples(length) < 1:
             raise APIError("audio_length must cover at least one sample", param="audio_length")
-        end_sample = round(self.audio_start * limits.sample_rate) + round(length * limits.sample_rate)
+        end_sample = round(self.audio_start * limits.sample_rate) + limits.samples(length)
         if end_sample > limits.max_samples:
             raise APIError(f"audio_start + audio_length must be at most {limits.max_seconds:.2f} s for this model "
                            f"(got {self.audio_start:g} + {length:g})", param="audio_start")
@@ -121,7 +128,7 @@ class GenerateRequest(BaseModel):
             negative_prompt=self.negative_prompt,
             audio_start=self.audio_start,
             audio_length=length,
-            guidance_scale=self.guidance_scale,
+            guidance_scale=default_guidance_scale if self.guidance_scale is None else self.guidance_scale,
             num_inference_steps=steps,
             seed=secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed,
             id=generation_id,

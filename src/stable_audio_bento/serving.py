@@ -33,13 +33,15 @@ class ModelCard:
     limits: ModelLimits
     default_steps: int
     max_steps: int
+    default_guidance_scale: float = 7.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "max_seconds": self.limits.max_seconds}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
-        return cls(data["model"], ModelLimits(**data["limits"]), data["default_steps"], data["max_steps"])
+        return cls(data["model"], ModelLimits(**data["limits"]), data["default_steps"], data["max_steps"],
+                   data.get("default_guidance_scale", 7.0))
 
 
 class OpenAIErrorMiddleware:

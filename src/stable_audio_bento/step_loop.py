@@ -33,14 +33,30 @@ BatchingMode = Literal["continuous", "whole"]
 BATCHING_MODES: tuple[BatchingMode, ...] = ("continuous", "whole")
 
 
-class RequestState(Protocol):
-    step: int  # steps done
+@dataclass(kw_only=True)
+class RequestState:
+    """What the loop and every family read of a request's state; each family adds its conditioning, noise and
+    solver state, and says how many steps its schedule has."""
+
+    request: AudioRequest
+    latents: Any  # (1, channels, frames)
+    step: int = 0  # steps done
 
     @property
-    def steps_total(self) -> int: ...
+    def guided(self) -> bool:
+        return self.request.rows == 2
 
     @property
-    def finished(self) -> bool: ...
+    def frames(self) -> int:
+        return self.latents.shape[-1]
+
+    @property
+    def steps_total(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.steps_total
 
 
 class ModelFamily(Protocol):

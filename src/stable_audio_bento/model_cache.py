@@ -1,0 +1,30 @@
+"""Where the models this project builds itself (the tiny random ones) are kept, and how one is saved exactly once
+even when several processes start at the same moment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STABLE_AUDIO_CACHE", Path.home() / ".cache" / "stable-audio-bento"))
+
+
+def save_once(directory: Path, build: Callable[[], Any]) -> Path:
+    """Builds the pipeline and saves it to ``directory`` unless a complete copy is there; returns the folder. The
+    copy is written beside it and renamed into place, so a reader never sees half a model."""
+    if (directory / "model_index.json").is_file():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    build().save_pretrained(staging)
+    try:
+        staging.rename(directory)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory

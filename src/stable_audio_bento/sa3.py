@@ -1,0 +1,272 @@
+"""The Stable Audio 3 family: the stages of one request, so that many different requests share one DiT forward
+per denoising step.
+
+Each request keeps everything that makes its audio its own: its text and duration conditioning (projected once,
+on admission), its latent length, its generator (initial noise and, with stochastic sampling, the fresh noise of
+every step), its own sigma schedule and step count. Only the DiT's blocks run on the stacked rows of many requests.
+What the DiT computes per sample (the AdaLN signal from timestep and duration, the text projection) and its residual
+input and output convs run per request, over that request's own rows, as the pipeline runs them for one prompt: on
+CPU a Linear over a few more rows rounds differently, and a Conv1d over one row takes another kernel than over
+several. (The blocks' Linears see rows × frames rows, where the row count no longer changes the rounding.)
+Self-attention over latent frames has no padding mask in diffusers' Stable Audio 3 DiT, so only requests of equal
+latent length share a forward.
+
+On CPU fp32 a request's audio is bit-identical to ``StableAudio3Pipeline`` with the same seed, alone or with any
+others in any step; see ``tests/test_sa3.py``. Which requests take each step is the step loop's business
+(``step_loop.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableAudio3Pipeline
+from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_sigma_schedule
+from diffusers.utils.torch_utils import randn_tensor
+
+from .cuda_memory import release_cached_memory, rows_that_fit
+from .generation import AudioRequest, AudioResult, ModelLimits
+from .step_loop import RequestState
+
+# The pipeline's defaults: the reference sampler's log-SNR range, warped into the sigma schedule.
+LOGSNR_MIN, LOGSNR_MAX = -6.2, 2.0
+DISTILLED_STEPS, BASE_STEPS = 8, 100  # the pipeline's default step counts for the two kinds of checkpoint
+
+
+@dataclass(frozen=True)
+class SA3Options:
+    """max_rows: cap on DiT rows per forward (a guided request uses two); None for no cap. The engine's step loop
+    reads it as it reads ``SamplingOptions.max_rows`` for stable-audio-open."""
+
+    max_rows: int | None = None
+
+
+@dataclass(kw_only=True)
+class StableAudio3State(RequestState):
+    """Per-request tensors and sampler state carried through the step loop; latents (1, latent channels, frames)."""
+
+    generator: torch.Generator
+    timesteps: torch.Tensor  # (steps,): what the DiT is told
+    sigmas: torch.Tensor  # (steps + 1,) float32, ending at 0: what the sampler mixes with
+    context: torch.Tensor  # (rows, text tokens + 1, embed_dim): projected text + duration token, [negative, positive]
+    global_embedding: torch.Tensor  # (rows, embed_dim): the projected duration embedding
+    samples: int  # output length: int(duration · sample rate), as the pipeline trims
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.timesteps[self.step]
+
+    @property
+    def steps_total(self) -> int:
+        return len(self.timesteps)
+
+
+class BatchedStableAudio3:
+    """One ``StableAudio3Pipeline``'s components as the stages the step loop drives, for any mix of requests:
+    ``prepare_request`` (once, on admission), ``forward`` (one batched DiT forward over the states that share a
+    ``forward_key``), ``advance`` (each request's own sampler step), ``decode`` (once, when it finishes).
+
+    max_seconds: the longest audio served; default the duration embedder's clamp (384 s for the published models,
+    whose trained maxima, 380 s medium and 120 s small, the loader knows: ``sa3_loading.max_seconds_for``)."""
+
+    def __init__(self, pipe: StableAudio3Pipeline, max_seconds: float | None = None,
+                 options: SA3Options = SA3Options()):
+        self.pipe = pipe
+        self.options = options
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.device = pipe.transformer.device
+        self.dtype = pipe.transformer.dtype
+        self.noise_dtype = pipe.text_encoder.dtype  # the pipeline draws its first noise in the text embeddings' dtype
+        self.stochastic = bool(pipe.scheduler.config.stochastic_sampling)
+        self.default_steps = DISTILLED_STEPS if self.stochastic else BASE_STEPS
+        self.default_guidance_scale = 1.0  # distilled: guidance is baked in; base: the pipeline's default too
+        self.max_seconds = float(max_seconds or pipe.duration_embedder.config.max_val)
+        sample_rate, hop = int(pipe.vae.config.sampling_rate), int(pipe.vae.downsampling_ratio)
+        self.limits = ModelLimits(
+            sample_rate=sample_rate,
+            channels=int(pipe.vae.config.audio_channels),
+            hop_length=hop,
+            # The latent length of the longest request, so limits.max_seconds is max_seconds rounded up to a frame.
+            latent_frames=math.ceil(self.max_seconds * sample_rate / hop),
+            max_duration_s=self.max_seconds,
+            fixed_start=True,
+        )
+        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rotary_embeddings: dict[int, torch.Tensor] = {}
+        self._transformer_forward = self.transformer_forward
+
+    def compile(self) -> None:
+        """torch.compile the DiT; batch and latent length vary, so it is compiled as dynamic."""
+        self._transformer_forward = torch.compile(self.transformer_forward, dynamic=True)
+
+    @torch.no_grad()
+    def rows_capacity(self) -> int:
+        """DiT rows per forward that fit in free CUDA memory, from the memory one row of the longest request takes."""
+        state = self.prepare_request(AudioRequest("probe", seed=0, audio_length=self.limits.max_seconds,
+                                                  guidance_scale=1.0, num_inference_steps=1))
+        return rows_that_fit(self.device, lambda: self.forward([state]), state.request.rows)
+
+    def release_memory(self) -> None:
+        release_cached_memory(self.device)
+
+    # 1. Per-request conditioning, noise and schedule, computed exactly as StableAudio3Pipeline does for one prompt.
+    @torch.no_grad()
+    def prepare_request(self, request: AudioRequest) -> StableAudio3State:
+        self.check_request(request)
+        duration = self.pipe.encode_duration(request.audio_length, self.device, 1, 1)  # (1, global_cond_dim)
+        context, context_mask = self.encode_text(request, duration)
+        rows_duration = torch.cat([duration] * request.rows)  # the pipeline concatenates, so do we
+        timesteps, sigmas = self.schedule(request.num_inference_steps)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        shape = (1, self.vae.config.latent_dim, self.latent_frames(request.audio_length))
+        return StableAudio3State(
+            request=request,
+            generator=generator,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            context=self.project_context(context, context_mask),
+            global_embedding=self.transformer.to_global_embed(rows_duration),
+            latents=randn_tensor(shape, generator=generator, device=self.device, dtype=self.noise_dtype),
+            samples=int(request.audio_length * self.limits.sample_rate),
+        )
+
+    def check_request(self, request: AudioRequest) -> None:
+        if request.audio_start != 0:
+            raise ValueError("Stable Audio 3 generates from the start: audio_start must be 0")
+        if not 0 < request.audio_length <= self.limits.max_seconds:
+            raise ValueError(f"audio_length must be in (0, {self.limits.max_seconds:.2f}] s for this model")
+        if int(request.audio_length * self.limits.sample_rate) < 1:
+            raise ValueError("audio_length must cover at least one sample")
+
+    def latent_frames(self, duration: float) -> int:
+        # As the pipeline rounds (without silence padding): the whole duration, up to a frame.
+        return math.ceil(duration * self.limits.sample_rate / self.limits.hop_length)
+
+    def encode_text(self, request: AudioRequest, duration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention context and mask, (rows, text tokens + 1, cond dim): the text encoding followed by the
+        duration token; with guidance the negative prompt's rows ("" if none) come first, as in the pipeline."""
+        pipe = self.pipe
+        context, mask = pipe.prepare_cross_attention(*pipe.encode_prompt(request.prompt, self.device, 1), duration)
+        if request.rows == 1:
+            return context, mask
+        negative = request.negative_prompt if request.negative_prompt is not None else ""
+        negative_context, negative_mask = pipe.prepare_cross_attention(
+            *pipe.encode_prompt([negative], self.device, 1), duration)
+        return torch.cat([negative_context, context]), torch.cat([negative_mask, mask])
+
+    def project_context(self, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The DiT's first stage, the same at every step, so it runs once: padded text positions take the learned
+        padding embedding (the DiT then attends to all positions), then the context projection."""
+        dit = self.transformer
+        padding = dit.prompt_padding_embedding.to(context.dtype).view(1, 1, -1)
+        return dit.to_cond_embed(torch.where(mask.bool().unsqueeze(-1), context, padding))
+
+    def schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps, sigmas) for a step count, from a private copy of the pipeline's scheduler: the shared one
+        keeps a step index and cannot serve several requests. The tensors are shared between requests, read only."""
+        if steps not in self._schedules:
+            scheduler = copy.deepcopy(self.pipe.scheduler)
+            scheduler.set_timesteps(sigmas=logsnr_sigma_schedule(steps, LOGSNR_MIN, LOGSNR_MAX), device=self.device)
+            self._schedules[steps] = (scheduler.timesteps, scheduler.sigmas)
+        return self._schedules[steps]
+
+    # 2. One denoising step: a DiT forward over the rows of states of equal latent length, then each request's own
+    # guidance and sampler step.
+    @staticmethod
+    def forward_key(state: StableAudio3State) -> int:
+        """States with equal keys can share one forward: the latent length (no padding mask in self-attention)."""
+        return state.frames
+
+    @torch.no_grad()
+    def forward(self, states: list[StableAudio3State]) -> list[torch.Tensor]:
+        """Each state's (guided) velocity at its own timestep, from one batched pass through the DiT's blocks."""
+        latents = torch.cat([self.preprocess(state) for state in states])
+        context = torch.cat([state.context for state in states])
+        modulation = torch.cat([self.modulation(state) for state in states])
+        hidden = self._transformer_forward(latents, context, modulation)
+        rows = hidden.split([state.request.rows for state in states])
+        return [self.guide(state, self.postprocess(output)) for state, output in zip(states, rows)]
+
+    def preprocess(self, state: StableAudio3State) -> torch.Tensor:
+        """The DiT's residual input conv, per request over its own rows: on CPU a Conv1d over one row runs
+        PyTorch's own kernel and over several oneDNN's (for short clips), which round differently."""
+        latents = torch.cat([state.latents] * state.request.rows).to(self.dtype)  # the pipeline concatenates
+        return self.transformer.preprocess_conv(latents) + latents
+
+    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+        """The DiT's residual output conv, per request over its own rows (as ``preprocess``)."""
+        return self.transformer.postprocess_conv(output) + output
+
+    def modulation(self, state: StableAudio3State) -> torch.Tensor:
+        """The AdaLN signal (rows, 6 · embed_dim) from the duration and this step's timestep: per request, over its
+        own rows, as the pipeline computes it for one prompt."""
+        dit = self.transformer
+        timestep = state.timestep.expand(state.request.rows)
+        timestep_embedding = dit.to_timestep_embed(dit.timestep_features(timestep.float()[:, None]).to(self.dtype))
+        return dit.global_cond_embedder(state.global_embedding + timestep_embedding)
+
+    def rotary_embedding(self, length: int) -> torch.Tensor:
+        if length not in self._rotary_embeddings:
+            self._rotary_embeddings[length] = self.transformer.rotary_pos_emb(length, self.device)
+        return self._rotary_embeddings[length]
+
+    def transformer_forward(self, latents: torch.Tensor, context: torch.Tensor, modulation: torch.Tensor
+                            ) -> torch.Tensor:
+        """StableAudio3DiTModel.forward between its residual convs, with the context and the AdaLN modulation
+        already computed per request: (rows, channels, frames) in and out."""
+        dit, memory_tokens = self.transformer, self.transformer.config.num_memory_tokens
+        hidden = dit.proj_in(self.patch(latents))
+        if memory_tokens:  # the learned memory tokens go in front of the frames, and come off before proj_out
+            hidden = torch.cat([dit.memory_tokens.unsqueeze(0).expand(hidden.shape[0], -1, -1), hidden], dim=1)
+        rope = self.rotary_embedding(hidden.shape[1])
+        for block in dit.transformer_blocks:
+            hidden = block(hidden, context=context, global_modulation=modulation, rope=rope,
+                           num_memory_tokens=memory_tokens)
+        return self.unpatch(dit.proj_out(hidden[:, memory_tokens:]))
+
+    def patch(self, latents: torch.Tensor) -> torch.Tensor:
+        """(batch, channels, frames) → (batch, frames / patch, channels · patch)."""
+        hidden, patch = latents.transpose(1, 2), self.transformer.config.patch_size
+        return hidden if patch == 1 else hidden.reshape(hidden.shape[0], hidden.shape[1] // patch, -1)
+
+    def unpatch(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``patch``."""
+        patch = self.transformer.config.patch_size
+        if patch > 1:
+            hidden = hidden.reshape(hidden.shape[0], hidden.shape[1] * patch, -1)
+        return hidden.transpose(1, 2)
+
+    @staticmethod
+    def guide(state: StableAudio3State, velocity: torch.Tensor) -> torch.Tensor:
+        if not state.guided:
+            return velocity
+        unconditional, conditional = velocity.chunk(2)
+        return unconditional + state.request.guidance_scale * (conditional - unconditional)
+
+    @torch.no_grad()
+    def advance(self, state: StableAudio3State, velocity: torch.Tensor) -> None:
+        """FlowMatchEulerDiscreteScheduler.step for this request alone, with its own step index and generator.
+        Stochastic ("ping-pong", the distilled models): estimate the clean latents, then re-noise them to the next
+        sigma with fresh noise, drawn on every step (the last one too) exactly as the scheduler draws it for one
+        request, so the generator stays in step with a solo run. Otherwise the base models' Euler step."""
+        sigma, sigma_next = state.sigmas[state.step], state.sigmas[state.step + 1]
+        sample = state.latents.to(torch.float32)
+        if self.stochastic:
+            denoised = sample - sigma * velocity
+            noise = randn_tensor(sample.shape, generator=state.generator, device=sample.device, dtype=sample.dtype)
+            latents = (1.0 - sigma_next) * denoised + sigma_next * noise
+        else:
+            latents = sample + (sigma_next - sigma) * velocity
+        state.latents = latents.to(velocity.dtype)
+        state.step += 1
+
+    # 3. Decode each request's latents alone (the SAME decoder's attention would mix in a neighbour's padding) and
+    # trim to its duration.
+    @torch.no_grad()
+    def decode(self, state: StableAudio3State) -> AudioResult:
+        audio = self.vae.decode(state.latents.to(self.vae.dtype)).sample[0, :, : state.samples].clamp(-1.0, 1.0)
+        return AudioResult.checked(audio.float().cpu().numpy())

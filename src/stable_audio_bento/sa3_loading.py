@@ -1,0 +1,181 @@
+"""A tiny random Stable Audio 3 pipeline, built offline and saved like any diffusers folder, for tests and CPU
+serving; and what is known about the published Stable Audio 3 models that their folders do not say.
+
+The tiny model keeps the real time geometry (44.1 kHz stereo, 4096 samples per latent frame, 256 latent
+channels), so any request valid for a real SA3 model has the same latent length and output length here.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableAudio3Pipeline
+from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME
+from diffusers.models.transformers.transformer_stable_audio3 import StableAudio3DiTModel
+from diffusers.pipelines.stable_audio_3.modeling_stable_audio_3 import StableAudio3DurationEmbedder
+from transformers import GemmaTokenizer, T5GemmaConfig, T5GemmaEncoderModel
+
+from .model_cache import cache_root, save_once
+
+TINY_SA3 = "tiny-sa3"  # the distilled kind: stochastic "ping-pong" sampling, 8 steps, no guidance
+TINY_SA3_BASE = "tiny-sa3-base"  # the same weights with the base models' deterministic Euler sampling
+TINY_SA3_FORMAT_VERSION = 1
+
+# The longest audio each published model was trained for; the diffusers folders do not record it (the duration
+# embedder only says where it clamps: 384 s).
+KNOWN_MAX_SECONDS = {
+    "stabilityai/stable-audio-3-medium": 380.0,
+    "stabilityai/stable-audio-3-medium-base": 380.0,
+    "stabilityai/stable-audio-3-small-music": 120.0,
+    "stabilityai/stable-audio-3-small-music-base": 120.0,
+    "stabilityai/stable-audio-3-small-sfx": 120.0,
+    "stabilityai/stable-audio-3-small-sfx-base": 120.0,
+}
+TINY_MAX_SECONDS = 120.0  # the tiny model is for CPUs, like the small models
+
+_TEXT_WIDTH = 32  # T5Gemma hidden size = the DiT's cond_token_dim = the duration embedding's width
+_TINY_TEXT_ENCODER = dict(
+    vocab_size=384, hidden_size=_TEXT_WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, layer_types=["full_attention"],
+    max_position_embeddings=512,
+)
+_TINY_VAE = dict(encoder_channels=8, encoder_transformer_depths=(1,), dim_heads=8, ff_mult=1)  # hop 256 × 16
+_TINY_DIT = dict(embed_dim=64, depth=2, num_heads=4, cond_token_dim=_TEXT_WIDTH, global_cond_dim=_TEXT_WIDTH,
+                 timestep_features_dim=16, num_memory_tokens=4)
+_TINY_DURATION = dict(output_dim=_TEXT_WIDTH, fourier_dim=16, max_val=TINY_MAX_SECONDS)
+
+
+def build_offline_gemma_tokenizer() -> GemmaTokenizer:
+    """A character-level Gemma tokenizer (BPE without merges, byte fallback for anything else), built without any
+    download. Special tokens sit at Gemma's ids (pad 0, eos 1, bos 2), which the T5Gemma config expects."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    byte_tokens = [f"<0x{value:02X}>" for value in range(256)]  # byte fallback needs all 256
+    characters = ["▁", *string.ascii_letters, *string.digits, *string.punctuation]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(specials + byte_tokens + characters))}
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=256)
+
+
+def build_tiny_sa3_pipeline(stochastic_sampling: bool = True, seed: int = 0) -> StableAudio3Pipeline:
+    """Every component with the real classes and random weights (deterministic for a given seed)."""
+    torch.manual_seed(seed)
+    tokenizer = build_offline_gemma_tokenizer()
+    assert len(tokenizer) <= _TINY_TEXT_ENCODER["vocab_size"]
+    text_encoder = T5GemmaEncoderModel(T5GemmaConfig(
+        encoder=_TINY_TEXT_ENCODER, decoder=_TINY_TEXT_ENCODER, vocab_size=_TINY_TEXT_ENCODER["vocab_size"],
+        is_encoder_decoder=False,  # the encoder-only model refuses a config that says otherwise
+    ))
+    pipe = StableAudio3Pipeline(
+        vae=AutoencoderSAME(**_TINY_VAE),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        duration_embedder=StableAudio3DurationEmbedder(**_TINY_DURATION),
+        transformer=StableAudio3DiTModel(**_TINY_DIT),
+        scheduler=tiny_sa3_scheduler(stochastic_sampling),
+    )
+    randomize_zero_initialised(pipe.transformer, gain=0.5)
+    randomize_zero_initialised(pipe.vae, gain=2.0)
+    let_decoder_hear_its_latents(pipe.vae)
+    return pipe
+
+
+def tiny_sa3_scheduler(stochastic_sampling: bool) -> FlowMatchEulerDiscreteScheduler:
+    # As diffusers' converter configures the real models: timesteps equal sigmas in [0, 1], no shift.
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0, stochastic_sampling=stochastic_sampling)
+
+
+@torch.no_grad()
+def randomize_zero_initialised(module: torch.nn.Module, gain: float) -> None:
+    """Gives random values to the weights that start at zero (the DiT's residual convs and padding embedding, the
+    SAME's attention and feed-forward outputs): a trained model has them non-zero, and with zeros the tests
+    would not exercise those paths at all."""
+    for name, parameter in module.named_parameters():
+        if parameter.count_nonzero() or (parameter.dim() < 2 and not name.endswith("padding_embedding")):
+            continue
+        fan_in = parameter[0].numel() if parameter.dim() >= 2 else 1
+        parameter.normal_(std=gain * fan_in**-0.5)
+
+
+@torch.no_grad()
+def let_decoder_hear_its_latents(vae: AutoencoderSAME) -> None:
+    """A freshly initialised SAME decoder hardly depends on its latents: its output tokens start at 1e-5, so both
+    halves of its differential attention are uniform and cancel, and the audio is the channel mapping's bias
+    (two independent latents decode ~100 dB apart). Larger output tokens and no bias make the tiny model's audio
+    follow its latents (~12 dB apart, nothing clipped), so the exactness tests see any difference in them."""
+    for name, parameter in vae.decoder.named_parameters():
+        if name.endswith("new_tokens"):
+            parameter.normal_(std=0.3)
+        elif "mapping" in name and name.endswith("bias"):
+            parameter.zero_()
+
+
+def tiny_sa3_model_dir(variant: str = TINY_SA3) -> Path:
+    """Next to the tiny stable-audio-open model: ``$STABLE_AUDIO_CACHE/<variant>-v<format>``."""
+    return cache_root() / f"{variant}-v{TINY_SA3_FORMAT_VERSION}"
+
+
+def ensure_tiny_sa3_model(directory: Path | None = None, variant: str = TINY_SA3) -> Path:
+    """Build and save the tiny model once; later loads read it back like any diffusers folder. Both variants have
+    the same weights; only the scheduler's ``stochastic_sampling`` differs."""
+    if variant not in (TINY_SA3, TINY_SA3_BASE):
+        raise ValueError(f"unknown tiny Stable Audio 3 variant {variant!r}")
+    return save_once(directory or tiny_sa3_model_dir(variant),
+                     lambda: build_tiny_sa3_pipeline(stochastic_sampling=variant == TINY_SA3))
+
+
+def load_tiny_sa3(directory: Path | None = None, variant: str = TINY_SA3) -> StableAudio3Pipeline:
+    """The tiny model read back through ``from_pretrained``, on CPU in fp32."""
+    pipe = StableAudio3Pipeline.from_pretrained(ensure_tiny_sa3_model(directory, variant))
+    return place_sa3_pipeline(pipe, torch.device("cpu"), torch.float32, torch.float32)
+
+
+# For the engine's loader: which models are Stable Audio 3, where to read them from, how to place them.
+def is_sa3_model(model: str) -> bool:
+    """Whether STABLE_AUDIO_MODEL names a Stable Audio 3 model: a tiny variant, a folder whose model_index.json
+    names StableAudio3Pipeline, or a hub id of the family."""
+    if model in (TINY_SA3, TINY_SA3_BASE):
+        return True
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text()).get("_class_name") == StableAudio3Pipeline.__name__
+    return "stable-audio-3" in model.lower()
+
+
+def sa3_source(model: str) -> str:
+    """What to hand ``StableAudio3Pipeline.from_pretrained``: the tiny variants' folders (built on first use), else
+    the folder or hub id as given."""
+    return str(ensure_tiny_sa3_model(variant=model)) if model in (TINY_SA3, TINY_SA3_BASE) else model
+
+
+def place_sa3_pipeline(pipe: StableAudio3Pipeline, device: torch.device, dtype: torch.dtype,
+                       vae_dtype: torch.dtype) -> StableAudio3Pipeline:
+    """The duration embedder goes with the DiT's dtype: its output feeds the DiT's projections directly."""
+    for module, wanted in ((pipe.text_encoder, dtype), (pipe.duration_embedder, dtype), (pipe.transformer, dtype),
+                           (pipe.vae, vae_dtype)):
+        if (module.device, module.dtype) != (device, wanted):  # diffusers warns on every cast, even to fp32
+            module.to(device, wanted)
+    for module in (pipe.duration_embedder, pipe.transformer, pipe.vae):
+        keep_frequencies_in_fp32(module)
+    for module in (pipe.text_encoder, pipe.duration_embedder, pipe.transformer, pipe.vae):
+        module.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def keep_frequencies_in_fp32(module: torch.nn.Module) -> None:
+    """``module.to(dtype)`` also casts its Fourier and rotary frequency buffers; with a bf16 ``inv_freq`` the DiT
+    counts positions in bf16 (``arange(length, dtype=inv_freq.dtype)``: 257 becomes 256). Only these buffers go
+    back to fp32 (a no-op in fp32): every use of them computes in fp32 and casts back, whereas another buffer (the
+    SAME's running std) would turn its layer's output into fp32."""
+    for submodule in module.modules():
+        for name in ("inv_freq", "freqs"):
+            buffer = submodule._buffers.get(name)
+            if buffer is not None and buffer.dtype != torch.float32:
+                setattr(submodule, name, buffer.float())
+
+
+def max_seconds_for(model: str) -> float | None:
+    """The trained maximum of a published model by its hub id (or a folder named after it); None if unknown."""
+    return KNOWN_MAX_SECONDS.get(model) or KNOWN_MAX_SECONDS.get(f"stabilityai/{Path(model).name}")

@@ -1,0 +1,220 @@
+"""The Stable Audio 3 family's stages against diffusers' StableAudio3Pipeline, against themselves under different
+batches, and with requests joining a running step loop; on a tiny random model built once for this module."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableAudio3Pipeline
+
+from stable_audio_bento.generation import AudioRequest, AudioResult
+from stable_audio_bento.sa3 import BatchedStableAudio3
+from stable_audio_bento.sa3_loading import (TINY_MAX_SECONDS, TINY_SA3, TINY_SA3_BASE, is_sa3_model,
+                                            load_tiny_sa3, max_seconds_for, place_sa3_pipeline, tiny_sa3_model_dir)
+from stable_audio_bento.step_loop import StepLoop, run_to_completion
+
+
+@pytest.fixture(scope="module")
+def sa3_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("sa3-cache")
+
+
+@pytest.fixture(scope="module")
+def pipes(sa3_cache):
+    """Both tiny variants, each saved with save_pretrained and read back with from_pretrained."""
+    return {variant: load_tiny_sa3(sa3_cache / variant, variant) for variant in (TINY_SA3, TINY_SA3_BASE)}
+
+
+@pytest.fixture(scope="module")
+def families(pipes):
+    return {variant: BatchedStableAudio3(pipe) for variant, pipe in pipes.items()}
+
+
+@pytest.fixture(scope="module")
+def family(families):
+    return families[TINY_SA3]
+
+
+def diffusers_reference(pipe, request: AudioRequest, default_steps: int | None = None) -> np.ndarray:
+    """The pipeline's audio for one request; a request for the default step count leaves the pipeline to choose."""
+    return pipe(
+        request.prompt,
+        duration=request.audio_length,
+        num_inference_steps=None if request.num_inference_steps == default_steps else request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        negative_prompt=request.negative_prompt,
+        generator=torch.Generator().manual_seed(request.seed),
+    ).audios[0].numpy()
+
+
+REFERENCE_CASES = {
+    "distilled, unguided, default 8 steps": (TINY_SA3, AudioRequest(
+        "a dog barking", seed=7, audio_length=3.0, guidance_scale=1.0, num_inference_steps=8)),
+    "distilled, guided, negative prompt": (TINY_SA3, AudioRequest(
+        "a piano playing a gentle melody", seed=11, audio_length=2.5, negative_prompt="low quality, distorted",
+        guidance_scale=3.0, num_inference_steps=5)),
+    "distilled, guided, no negative prompt, odd duration": (TINY_SA3, AudioRequest(
+        "rain on a tin roof", seed=5, audio_length=1.2345, guidance_scale=2.0, num_inference_steps=4)),
+    "distilled, unguided, longer, negative prompt ignored": (TINY_SA3, AudioRequest(
+        "thunder", seed=3, audio_length=7.77, negative_prompt="ignored", guidance_scale=1.0, num_inference_steps=3)),
+    "base, guided, negative prompt": (TINY_SA3_BASE, AudioRequest(
+        "a synth pad", seed=9, audio_length=2.0, negative_prompt="noise", guidance_scale=4.0, num_inference_steps=6)),
+    "base, unguided": (TINY_SA3_BASE, AudioRequest(
+        "birds", seed=2, audio_length=4.1, guidance_scale=1.0, num_inference_steps=5)),
+}
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_single_request_is_bit_identical_to_diffusers(pipes, families, case):
+    variant, request = REFERENCE_CASES[case]
+    [result] = run_to_completion(families[variant], [request])
+    expected = diffusers_reference(pipes[variant], request, families[variant].default_steps)
+    assert result.error is None
+    assert result.audio.shape == expected.shape == (2, int(request.audio_length * 44100))
+    assert result.audio.dtype == np.float32
+    assert np.array_equal(result.audio, expected)
+    assert np.abs(result.audio).max() > 0
+
+
+MIXED_BATCH = [  # three of 22 latent frames, two of 36; guided and not; different step counts
+    AudioRequest("ocean waves crashing", seed=1, audio_length=2.0, guidance_scale=1.0, num_inference_steps=8),
+    AudioRequest("guitar playing", seed=2, audio_length=1.98, negative_prompt="low quality", guidance_scale=3.0,
+                 num_inference_steps=5),
+    AudioRequest("stadium crowd cheering", seed=3, audio_length=2.0, guidance_scale=1.0, num_inference_steps=3),
+    AudioRequest("a bell ringing", seed=4, audio_length=3.3, guidance_scale=2.5, num_inference_steps=6),
+    AudioRequest("a dog barking", seed=1, audio_length=3.3, guidance_scale=1.0, num_inference_steps=8),
+]
+
+
+def test_batch_does_not_change_any_request(family):
+    assert [family.latent_frames(r.audio_length) for r in MIXED_BATCH] == [22, 22, 22, 36, 36]
+    batched = run_to_completion(family, MIXED_BATCH)
+    reordered = run_to_completion(family, MIXED_BATCH[::-1])[::-1]
+    assert [result.batch_size for result in batched] == [3, 3, 3, 2, 2]  # equal lengths really shared forwards
+    for request, in_batch, in_other_order in zip(MIXED_BATCH, batched, reordered):
+        [alone] = run_to_completion(family, [request])
+        assert in_batch.error is None and alone.error is None
+        assert in_batch.audio.shape == (2, int(request.audio_length * 44100))
+        assert np.array_equal(in_batch.audio, alone.audio), request
+        assert np.array_equal(in_other_order.audio, alone.audio), request
+
+
+def test_base_model_batch_does_not_change_any_request(families):
+    base = families[TINY_SA3_BASE]
+    batched = run_to_completion(base, MIXED_BATCH[:3])
+    for request, in_batch in zip(MIXED_BATCH[:3], batched):
+        [alone] = run_to_completion(base, [request])
+        assert np.array_equal(in_batch.audio, alone.audio), request
+
+
+JOINING = {
+    "first": AudioRequest("a long drone", seed=21, audio_length=2.0, guidance_scale=1.0, num_inference_steps=8),
+    "joiner": AudioRequest("a piano melody", seed=22, audio_length=1.98, negative_prompt="noise, distortion",
+                           guidance_scale=4.0, num_inference_steps=5),
+    "unguided joiner": AudioRequest("rain", seed=23, audio_length=2.0, guidance_scale=1.0, num_inference_steps=4),
+    "other length": AudioRequest("a click", seed=24, audio_length=1.0, guidance_scale=1.0, num_inference_steps=2),
+}
+
+
+@pytest.mark.parametrize("join_at", [1, 3])
+def test_requests_joining_a_running_loop_get_their_solo_audio(family, join_at):
+    results: dict[str, AudioResult] = {}
+    loop = StepLoop(family)
+
+    def submit(name: str) -> None:
+        loop.submit(JOINING[name], lambda result: results.__setitem__(name, result))
+
+    submit("first")
+    for _ in range(join_at):
+        loop.step()
+    submit("joiner")
+    submit("other length")
+    loop.step()
+    submit("unguided joiner")
+    loop.run_until_idle()
+
+    assert results["joiner"].batch_size >= 2 and results["unguided joiner"].batch_size == 3
+    for name, request in JOINING.items():
+        [alone] = run_to_completion(family, [request])
+        assert results[name].error is None, (name, results[name].error)
+        assert np.array_equal(results[name].audio, alone.audio), name
+
+
+def test_different_seeds_and_prompts_differ(family):
+    first, second, third = run_to_completion(family, [
+        AudioRequest("rain", seed=1, audio_length=1.0, guidance_scale=1.0, num_inference_steps=2),
+        AudioRequest("rain", seed=2, audio_length=1.0, guidance_scale=1.0, num_inference_steps=2),
+        AudioRequest("wind", seed=1, audio_length=1.0, guidance_scale=1.0, num_inference_steps=2),
+    ])
+    assert not np.array_equal(first.audio, second.audio)
+    assert not np.array_equal(first.audio, third.audio)
+
+
+def test_limits_and_defaults_come_from_the_model(families):
+    distilled, base = families[TINY_SA3], families[TINY_SA3_BASE]
+    assert distilled.limits.sample_rate == 44100 and distilled.limits.channels == 2
+    assert distilled.limits.hop_length == 4096
+    assert TINY_MAX_SECONDS <= distilled.limits.max_seconds < TINY_MAX_SECONDS + 4096 / 44100
+    assert (distilled.default_steps, base.default_steps) == (8, 100)
+    assert distilled.default_guidance_scale == base.default_guidance_scale == 1.0
+    assert max_seconds_for("stabilityai/stable-audio-3-medium") == 380.0
+    assert max_seconds_for("/models/stable-audio-3-small-sfx") == 120.0 and max_seconds_for("elsewhere") is None
+
+
+def test_requests_the_model_cannot_serve_fail_alone(family):
+    offset, too_long, fine = run_to_completion(family, [
+        AudioRequest("x", seed=0, audio_length=1.0, audio_start=0.5, guidance_scale=1.0, num_inference_steps=1),
+        AudioRequest("x", seed=0, audio_length=family.limits.max_seconds + 1, guidance_scale=1.0,
+                     num_inference_steps=1),
+        AudioRequest("x", seed=0, audio_length=0.5, guidance_scale=1.0, num_inference_steps=1),
+    ])
+    assert offset.failure == "server_error" and "audio_start" in offset.error
+    assert too_long.failure == "server_error" and "audio_length" in too_long.error
+    assert fine.error is None and fine.audio.shape == (2, 22050)
+
+
+@pytest.mark.parametrize("fill, reason", [(float("nan"), "non-finite"), (0.0, "silence")])
+def test_non_finite_or_silent_audio_is_a_failure_not_a_result(family, monkeypatch, fill, reason):
+    def decode(latents):
+        return SimpleNamespace(sample=torch.full((1, 2, latents.shape[-1] * 4096), fill))
+
+    monkeypatch.setattr(family.vae, "decode", decode)
+    [result] = run_to_completion(family, [AudioRequest("x", seed=0, audio_length=0.5, guidance_scale=1.0,
+                                                       num_inference_steps=1)])
+    assert result.audio is None and result.failure == "server_error" and reason in result.error
+
+
+def snr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    noise = np.sum((reference.astype(np.float64) - approximation) ** 2)
+    return float("inf") if noise == 0 else 10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / noise)
+
+
+def test_half_precision_follows_the_pipeline_and_stays_close_to_fp32(sa3_cache, family):
+    """bf16 everywhere: still the pipeline's audio bit for bit (same dtypes at every stage). bf16 DiT and text
+    encoder with an fp32 VAE (the GPU layout, which the pipeline itself cannot decode): close to fp32."""
+    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
+    request = AudioRequest("a cat meowing", seed=4, audio_length=2.0, negative_prompt="noise", guidance_scale=3.0,
+                           num_inference_steps=4)
+    all_half = place_sa3_pipeline(StableAudio3Pipeline.from_pretrained(sa3_cache / TINY_SA3), cpu, bf16, bf16)
+    [result] = run_to_completion(BatchedStableAudio3(all_half), [request])
+    reference = all_half(request.prompt, duration=request.audio_length, guidance_scale=request.guidance_scale,
+                         num_inference_steps=request.num_inference_steps, negative_prompt=request.negative_prompt,
+                         generator=torch.Generator().manual_seed(request.seed)).audios[0].float().numpy()
+    assert np.array_equal(result.audio, reference)
+
+    served = place_sa3_pipeline(StableAudio3Pipeline.from_pretrained(sa3_cache / TINY_SA3), cpu, bf16, fp32)
+    assert served.transformer.rotary_pos_emb.inv_freq.dtype == fp32  # positions counted in fp32
+    [low], [full] = run_to_completion(BatchedStableAudio3(served), [request]), run_to_completion(family, [request])
+    assert low.error is None and low.audio.shape == full.audio.shape
+    assert snr_db(full.audio, low.audio) > 30  # ~50 dB measured
+
+
+def test_model_names_and_cache_folders(sa3_cache, monkeypatch):
+    assert is_sa3_model(TINY_SA3) and is_sa3_model(TINY_SA3_BASE) and is_sa3_model(str(sa3_cache / TINY_SA3))
+    assert is_sa3_model("stabilityai/stable-audio-3-medium")
+    assert not is_sa3_model("tiny") and not is_sa3_model("stabilityai/stable-audio-open-1.0")
+    monkeypatch.setenv("STABLE_AUDIO_CACHE", str(sa3_cache))
+    assert tiny_sa3_model_dir(TINY_SA3_BASE).parent == sa3_cache
