@@ -59,7 +59,8 @@ class StableAudioEngine:
                                                                    self.engine.options.max_rows))
         self.loop.start()
         self.card = ModelCard(self.config.model, self.engine.limits,
-                              self.config.default_inference_steps, self.config.max_inference_steps)
+                              self.config.default_inference_steps or self.engine.default_steps,
+                              self.config.max_inference_steps, self.engine.default_guidance_scale)
         logger.info("%s batching: at most %d requests and %s DiT rows per step", SETTINGS.batching,
                     SETTINGS.max_batch_size, self.engine.options.max_rows or "any number of")
 
