@@ -1,5 +1,6 @@
 """The Stable Audio 3 family's stages against diffusers' StableAudio3Pipeline, against themselves under different
-batches, and with requests joining a running step loop; on a tiny random model built once for this module."""
+batches, and with requests joining a running step loop; on a tiny random model built once for this module. Also the
+windowed decode against the whole one, and the published models' full-size architectures."""
 
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableAudio3Pipeline
+from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME
+from diffusers.models.transformers.transformer_stable_audio3 import StableAudio3DiTModel
 
+from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.generation import AudioRequest, AudioResult
-from stable_audio_bento.sa3 import BatchedStableAudio3
-from stable_audio_bento.sa3_loading import (TINY_MAX_SECONDS, TINY_SA3, TINY_SA3_BASE, is_sa3_model,
-                                            load_tiny_sa3, max_seconds_for, place_sa3_pipeline, tiny_sa3_model_dir)
+from stable_audio_bento.loading import ModelLoadError, load_sa3_engine
+from stable_audio_bento.pipeline import SamplingOptions
+from stable_audio_bento.sa3 import BatchedStableAudio3, SA3Options, decoder_reach_frames
+from stable_audio_bento.sa3_loading import (MEDIUM_ARCHITECTURE, SMALL_ARCHITECTURE, TINY_MAX_SECONDS, TINY_SA3,
+                                            TINY_SA3_BASE, is_sa3_model, load_tiny_sa3, max_seconds_for,
+                                            place_sa3_pipeline, published_architecture, tiny_sa3_model_dir)
 from stable_audio_bento.step_loop import StepLoop, run_to_completion
 
 
@@ -28,9 +35,12 @@ def pipes(sa3_cache):
     return {variant: load_tiny_sa3(sa3_cache / variant, variant) for variant in (TINY_SA3, TINY_SA3_BASE)}
 
 
+WHOLE_DECODE = SA3Options(decode_window_frames=None)  # as the pipeline decodes: bit-identical
+
+
 @pytest.fixture(scope="module")
 def families(pipes):
-    return {variant: BatchedStableAudio3(pipe) for variant, pipe in pipes.items()}
+    return {variant: BatchedStableAudio3(pipe, options=WHOLE_DECODE) for variant, pipe in pipes.items()}
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +209,7 @@ def test_half_precision_follows_the_pipeline_and_stays_close_to_fp32(sa3_cache, 
     request = AudioRequest("a cat meowing", seed=4, audio_length=2.0, negative_prompt="noise", guidance_scale=3.0,
                            num_inference_steps=4)
     all_half = place_sa3_pipeline(StableAudio3Pipeline.from_pretrained(sa3_cache / TINY_SA3), cpu, bf16, bf16)
-    [result] = run_to_completion(BatchedStableAudio3(all_half), [request])
+    [result] = run_to_completion(BatchedStableAudio3(all_half, options=WHOLE_DECODE), [request])
     reference = all_half(request.prompt, duration=request.audio_length, guidance_scale=request.guidance_scale,
                          num_inference_steps=request.num_inference_steps, negative_prompt=request.negative_prompt,
                          generator=torch.Generator().manual_seed(request.seed)).audios[0].float().numpy()
@@ -207,7 +217,8 @@ def test_half_precision_follows_the_pipeline_and_stays_close_to_fp32(sa3_cache, 
 
     served = place_sa3_pipeline(StableAudio3Pipeline.from_pretrained(sa3_cache / TINY_SA3), cpu, bf16, fp32)
     assert served.transformer.rotary_pos_emb.inv_freq.dtype == fp32  # positions counted in fp32
-    [low], [full] = run_to_completion(BatchedStableAudio3(served), [request]), run_to_completion(family, [request])
+    [low] = run_to_completion(BatchedStableAudio3(served, options=WHOLE_DECODE), [request])
+    [full] = run_to_completion(family, [request])
     assert low.error is None and low.audio.shape == full.audio.shape
     assert snr_db(full.audio, low.audio) > 30  # ~50 dB measured
 
@@ -218,3 +229,83 @@ def test_model_names_and_cache_folders(sa3_cache, monkeypatch):
     assert not is_sa3_model("tiny") and not is_sa3_model("stabilityai/stable-audio-open-1.0")
     monkeypatch.setenv("STABLE_AUDIO_CACHE", str(sa3_cache))
     assert tiny_sa3_model_dir(TINY_SA3_BASE).parent == sa3_cache
+
+
+def decode_latents(family: BatchedStableAudio3, seconds: float, window: int | None) -> np.ndarray:
+    """The audio of a request's initial noise, decoded in windows of the given size."""
+    state = family.prepare_request(AudioRequest("x", seed=1, audio_length=seconds, guidance_scale=1.0,
+                                                num_inference_steps=1))
+    family.options = SA3Options(decode_window_frames=window)
+    return family.decode(state).audio
+
+
+def test_windowed_decode_is_within_float_rounding_of_the_whole_decode(pipes):
+    """A minute of audio (646 latent frames) in windows of two sizes, the last one short; each window takes the
+    decoder's reach (1 frame for the tiny model's one-layer decoder) on both sides. One frame less is far off."""
+    family = BatchedStableAudio3(pipes[TINY_SA3])
+    assert family.options.decode_window_frames == 128  # windowed by default
+    assert decoder_reach_frames(family.vae) == family.decode_margin_frames == 1
+    whole = decode_latents(family, 60.0, None)
+    assert whole.shape == (2, 60 * 44100) and np.abs(whole).max() > 0.01
+    for window in (16, 100):
+        assert snr_db(whole, decode_latents(family, 60.0, window)) > 100, window  # 132-137 dB measured
+    family.decode_margin_frames = 0
+    assert snr_db(whole, decode_latents(family, 60.0, 100)) < 60  # 26 dB measured
+
+
+def test_a_window_spanning_the_clip_is_the_pipelines_decode(pipes, families):
+    request = REFERENCE_CASES["distilled, unguided, longer, negative prompt ignored"][1]
+    [expected] = run_to_completion(families[TINY_SA3], [request])
+    [windowed] = run_to_completion(BatchedStableAudio3(pipes[TINY_SA3], options=SA3Options(decode_window_frames=85)),
+                                   [request])
+    assert np.array_equal(windowed.audio, expected.audio)  # 84 frames: one window, exactly the whole decode
+
+
+def parameters(module: torch.nn.Module, leaving_out: str | None = None) -> int:
+    return sum(parameter.numel() for name, parameter in module.named_parameters()
+               if leaving_out is None or leaving_out not in name)
+
+
+@pytest.mark.parametrize("architecture, dit, with_inpainting, vae", [
+    (MEDIUM_ARCHITECTURE, 1.39e9, 1.45e9, 852e6),
+    (SMALL_ARCHITECTURE, 433e6, 459e6, 108e6),
+], ids=["medium", "small"])
+def test_published_architectures_have_the_published_sizes(architecture, dit, with_inpainting, vae):
+    """Counted on the meta device (no memory, no time): the DiT's published size without and with the inpainting
+    projections, and its SAME autoencoder's (SAME-L 852 M, SAME-S 108 M)."""
+    with torch.device("meta"):
+        transformer = StableAudio3DiTModel(**architecture.transformer)
+        autoencoder = AutoencoderSAME(**architecture.vae)
+    assert parameters(transformer, leaving_out="to_local_embed") == pytest.approx(dit, rel=0.01)
+    assert parameters(transformer) == pytest.approx(with_inpainting, rel=0.01)
+    assert parameters(autoencoder) == pytest.approx(vae, rel=0.01)
+
+
+def test_published_architectures_by_name():
+    assert published_architecture("stabilityai/stable-audio-3-medium-base") is MEDIUM_ARCHITECTURE
+    assert published_architecture("/models/stable-audio-3-small-sfx") is SMALL_ARCHITECTURE
+    with pytest.raises(ValueError, match="not a published"):
+        published_architecture("stabilityai/stable-audio-3-large")
+
+
+def test_dummy_small_model_builds_at_full_size():
+    """STABLE_AUDIO_LOAD_FORMAT=dummy builds the small model at full size with random weights: ~850 M parameters,
+    ~4 GB and ~10 s on 2 cores. No forward: a second of audio through it takes longer than the build."""
+    engine = load_sa3_engine(EngineConfig(model="stabilityai/stable-audio-3-small-music-base", load_format="dummy",
+                                          device="cpu"))
+    assert parameters(engine.transformer, leaving_out="to_local_embed") == pytest.approx(433e6, rel=0.01)
+    assert parameters(engine.vae) == pytest.approx(108e6, rel=0.01)
+    assert engine.pipe.text_encoder.config.encoder.hidden_size == 768
+    assert len(engine.pipe.tokenizer) <= engine.pipe.text_encoder.config.encoder.vocab_size == 256000
+    assert (engine.stochastic, engine.default_steps, engine.limits.max_duration_s) == (False, 100, 120.0)
+    assert engine.options.decode_window_frames == 128 and engine.decode_margin_frames == 6
+
+
+def test_dummy_needs_a_published_model_and_full_decode_is_an_option(sa3_cache, monkeypatch):
+    monkeypatch.setenv("STABLE_AUDIO_CACHE", str(sa3_cache))
+    with pytest.raises(ModelLoadError, match="not a published"):
+        load_sa3_engine(EngineConfig(model="tiny-sa3", load_format="dummy"))
+    with pytest.raises(ModelLoadError, match="'auto' or 'dummy'"):
+        load_sa3_engine(EngineConfig(model="tiny-sa3", load_format="gguf"))
+    whole = load_sa3_engine(EngineConfig(model="tiny-sa3", sampling=SamplingOptions(decode_margin_frames=None)))
+    assert whole.options.decode_window_frames is None

@@ -152,14 +152,25 @@ def load_engine(config: EngineConfig) -> BatchedStableAudio | BatchedStableAudio
 
 
 def load_sa3_engine(config: EngineConfig) -> BatchedStableAudio3:
-    """A Stable Audio 3 model (``tiny-sa3``, ``tiny-sa3-base``, a diffusers-format folder or a hub id)."""
-    if config.load_format != "auto":
-        raise ModelLoadError(f"STABLE_AUDIO_LOAD_FORMAT={config.load_format!r} is not available for Stable Audio 3 "
-                             "yet: use auto")
+    """A Stable Audio 3 model (``tiny-sa3``, ``tiny-sa3-base``, a diffusers-format folder or a hub id), or with
+    ``dummy`` a published model's full-size architecture with random weights. ``STABLE_AUDIO_DECODE_MARGIN=full``
+    decodes the whole clip at once, as the pipeline does (bit-identical); otherwise in windows (see SA3Options)."""
+    if config.load_format == "dummy":
+        try:
+            pipe = sa3_loading.build_dummy_sa3_pipeline(config.model)
+        except ValueError as exc:
+            raise ModelLoadError(f"STABLE_AUDIO_LOAD_FORMAT=dummy: {exc}") from None
+        logger.info("built full-size %s architecture with random weights (dummy load format)", config.model)
+    elif config.load_format == "auto":
+        pipe = _from_pretrained(sa3_loading.sa3_source(config.model), StableAudio3Pipeline)
+    else:
+        raise ModelLoadError(f"STABLE_AUDIO_LOAD_FORMAT={config.load_format!r}: use 'auto' or 'dummy'")
     placement = resolve_placement(config)
-    pipe = _from_pretrained(sa3_loading.sa3_source(config.model), StableAudio3Pipeline)
     pipe = sa3_loading.place_sa3_pipeline(pipe, placement.device, placement.dtype, placement.vae_dtype)
-    return BatchedStableAudio3(pipe, sa3_loading.max_seconds_for(config.model), SA3Options(config.sampling.max_rows))
+    options = SA3Options(config.sampling.max_rows)
+    if config.sampling.decode_margin_frames is None:
+        options = replace(options, decode_window_frames=None)
+    return BatchedStableAudio3(pipe, sa3_loading.max_seconds_for(config.model), options)
 
 
 def load_pipeline(config: EngineConfig) -> StableAudioPipeline:

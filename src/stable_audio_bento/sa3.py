@@ -12,7 +12,9 @@ Self-attention over latent frames has no padding mask in diffusers' Stable Audio
 latent length share a forward.
 
 On CPU fp32 a request's audio is bit-identical to ``StableAudio3Pipeline`` with the same seed, alone or with any
-others in any step; see ``tests/test_sa3.py``. Which requests take each step is the step loop's business
+others in any step, when it is decoded whole as the pipeline decodes it; see ``tests/test_sa3.py``. By default a
+long clip is decoded in windows instead (``SA3Options.decode_window_frames``), within float rounding of the whole
+decode at a small fraction of its memory. Which requests take each step is the step loop's business
 (``step_loop.py``).
 """
 
@@ -20,10 +22,13 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from diffusers import StableAudio3Pipeline
+from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME, SAMEAttention
 from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_sigma_schedule
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -39,9 +44,17 @@ DISTILLED_STEPS, BASE_STEPS = 8, 100  # the pipeline's default step counts for t
 @dataclass(frozen=True)
 class SA3Options:
     """max_rows: cap on DiT rows per forward (a guided request uses two); None for no cap. The engine's step loop
-    reads it as it reads ``SamplingOptions.max_rows`` for stable-audio-open."""
+    reads it as it reads ``SamplingOptions.max_rows`` for stable-audio-open.
+
+    decode_window_frames: decode a clip in windows of this many latent frames (each with the decoder's reach of
+    extra frames on both sides, cropped off again); None decodes the whole clip at once, as the pipeline does, bit
+    for bit. The SAME decoder attends through a dense band mask over 17 tokens per frame (built through an int64
+    table of position differences), so a whole decode needs memory quadratic in the clip: 8.7 GB above the loaded
+    model at 120 s (benchmarks/bench_sa3.py, any decoder width), ~10 times that at 380 s. Windows of 128 frames
+    (~12 s) needed 0.16-0.3 GB at 120 s, and the same at any length."""
 
     max_rows: int | None = None
+    decode_window_frames: int | None = 128
 
 
 @dataclass(kw_only=True)
@@ -95,6 +108,7 @@ class BatchedStableAudio3:
             max_duration_s=self.max_seconds,
             fixed_start=True,
         )
+        self.decode_margin_frames = decoder_reach_frames(pipe.vae)
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rotary_embeddings: dict[int, torch.Tensor] = {}
         self._transformer_forward = self.transformer_forward
@@ -264,9 +278,78 @@ class BatchedStableAudio3:
         state.latents = latents.to(velocity.dtype)
         state.step += 1
 
-    # 3. Decode each request's latents alone (the SAME decoder's attention would mix in a neighbour's padding) and
-    # trim to its duration.
+    # 3. Decode each request's latents alone (the SAME decoder's attention would mix in a neighbour's padding), in
+    # windows, and trim to its duration.
     @torch.no_grad()
     def decode(self, state: StableAudio3State) -> AudioResult:
-        audio = self.vae.decode(state.latents.to(self.vae.dtype)).sample[0, :, : state.samples].clamp(-1.0, 1.0)
-        return AudioResult.checked(audio.float().cpu().numpy())
+        audio = decode_in_windows(self.vae, state.latents.to(self.vae.dtype), self.options.decode_window_frames,
+                                  self.decode_margin_frames)
+        return AudioResult.checked(audio[0, :, : state.samples].clamp(-1.0, 1.0).float().cpu().numpy())
+
+
+def decode_in_windows(vae: AutoencoderSAME, latents: torch.Tensor, window: int | None, margin: int) -> torch.Tensor:
+    """(batch, latent channels, frames) → (batch, audio channels, frames · hop), decoded ``window`` frames at a time
+    (None: all at once), each window with ``margin`` more frames on each side, decoded and cut off again."""
+    frames = latents.shape[-1]
+    window = window or frames
+    return torch.cat([decode_window(vae, latents, start, min(start + window, frames), margin)
+                      for start in range(0, frames, window)], dim=-1)
+
+
+def decode_window(vae: AutoencoderSAME, latents: torch.Tensor, start: int, end: int, margin: int) -> torch.Tensor:
+    """The audio of latent frames [start, end), decoded with ``margin`` frames more on each side (fewer at the clip's
+    ends): with a margin of the decoder's reach, frames further away do not reach these samples, so they come out as
+    in a decode of the whole clip, up to float rounding. A window that spans the clip is exactly the whole decode."""
+    first, last = max(0, start - margin), min(latents.shape[-1], end + margin)
+    with rotary_positions_from(vae, first):
+        audio = vae.decode(latents[..., first:last]).sample
+    hop = vae.downsampling_ratio
+    return audio[..., (start - first) * hop: (end - first) * hop]
+
+
+def decoder_reach_frames(vae: AutoencoderSAME) -> int:
+    """How many latent frames on each side can change a frame's audio in the SAME decoder. Its only layers that mix
+    positions are the band attentions of its resampling blocks: there a block's input frame is 1 + stride tokens
+    and each token sees ``sliding_window`` frames' worth of tokens either way, so each layer reaches that many input
+    frames further (the mapping convs and projections are pointwise). SAME-L: 12 frames, SAME-S: 6."""
+    reach, input_frames_per_latent = 0.0, 1
+    for block in vae.decoder.blocks:
+        reach += len(block.transformers) * block.sliding_window / input_frames_per_latent
+        input_frames_per_latent *= block.stride
+    return math.ceil(reach)
+
+
+@contextmanager
+def rotary_positions_from(vae: AutoencoderSAME, first_frame: int) -> Iterator[None]:
+    """Within it, the SAME decoder's rotary embeddings count positions from ``first_frame`` of the clip rather than
+    from the window's start. Attention depends only on position differences, but fp32 angles of far positions round
+    differently (~1e-3 rad at 20 000 tokens): on the tiny model at 60 s, windows counted from 0 came 122 dB from the
+    whole decode, windows counted from their place in the clip 132-137 dB."""
+    if first_frame == 0:
+        yield
+        return
+    shifted, input_frames_per_latent = [], 1
+    for block in vae.decoder.blocks:
+        for attention in (module for module in block.modules() if isinstance(module, SAMEAttention)):
+            shifted.append((attention, attention.rope))
+            offset = first_frame * input_frames_per_latent * (block.stride + 1)
+            attention.rope = ShiftedRotaryEmbedding(attention.rope, offset)
+        input_frames_per_latent *= block.stride
+    try:
+        yield
+    finally:
+        for attention, rope in shifted:
+            attention.rope = rope
+
+
+class ShiftedRotaryEmbedding(torch.nn.Module):
+    """A SAME attention's rotary table for a window ``offset`` tokens into the clip: the attention keeps the last
+    ``seq_len`` rows of the table it asks for, so a table ``offset`` rows longer gives the window's tokens the same
+    angles, bit for bit, as in a decode of the whole clip."""
+
+    def __init__(self, rope: torch.nn.Module, offset: int):
+        super().__init__()
+        self.rope, self.offset = rope, offset
+
+    def forward(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        return self.rope(seq_len + self.offset, device)

@@ -1,5 +1,6 @@
 """A tiny random Stable Audio 3 pipeline, built offline and saved like any diffusers folder, for tests and CPU
-serving; and what is known about the published Stable Audio 3 models that their folders do not say.
+serving; the published models' full-size architectures with random weights (``STABLE_AUDIO_LOAD_FORMAT=dummy``);
+and what is known about the published Stable Audio 3 models that their folders do not say.
 
 The tiny model keeps the real time geometry (44.1 kHz stereo, 4096 samples per latent frame, 256 latent
 channels), so any request valid for a real SA3 model has the same latent length and output length here.
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import json
 import string
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableAudio3Pipeline
@@ -58,30 +61,89 @@ def build_offline_gemma_tokenizer() -> GemmaTokenizer:
     return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=256)
 
 
+@dataclass(frozen=True)
+class SA3Architecture:
+    """Constructor arguments of every component of a Stable Audio 3 model."""
+
+    text_encoder: dict[str, Any]  # one T5Gemma module's config (the encoder's)
+    vae: dict[str, Any]
+    transformer: dict[str, Any]
+    duration: dict[str, Any]
+
+
+TINY_ARCHITECTURE = SA3Architecture(_TINY_TEXT_ENCODER, _TINY_VAE, _TINY_DIT, _TINY_DURATION)
+
+# The published sizes. T5Gemma-b (google/t5gemma-b-b-ul2), as Stability's MLX port of it records it: 12 layers of
+# width 768, 12 heads of 64, GeGLU 2048, Gemma's 256 000-token vocabulary (197 M of the encoder's 282 M parameters
+# are its embedding). Its query scaling is the head width; the rest (attention softcap 50, a 4096-token sliding window
+# on alternate layers, longer than any prompt) are transformers' T5Gemma defaults, not checked against the hub's
+# config, which is gated.
+_T5GEMMA_B = dict(
+    vocab_size=256000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+    num_key_value_heads=12, head_dim=64, query_pre_attn_scalar=64,
+)
+# SAME-S (108 M) and SAME-L (852 M), as diffusers' AutoencoderSAME documents them: SAME-S is its default; SAME-L is
+# twice as wide and deep, with sinusoidal gating in the decoder's last 8 layers.
+_SAME_S: dict[str, Any] = {}
+_SAME_L = dict(encoder_channels=256, encoder_transformer_depths=(12,), decoder_sinusoidal_blocks=(8,))
+# The medium DiT (1.39 B, 1.45 B with the per-block inpainting projections) is diffusers' default
+# StableAudio3DiTModel: width 1536, 24 blocks of 24 heads, differential attention. The small one (433 M / 459 M):
+# width 1024, 20 blocks of 16 heads, plain attention, as Stability's MLX port and LoRA maps of sa3-sm-music give it.
+_MEDIUM_DIT: dict[str, Any] = {}
+_SMALL_DIT = dict(embed_dim=1024, depth=20, num_heads=16, use_differential_attention=False)
+_DURATION = dict(output_dim=768, fourier_dim=256)  # the duration embedder's default: clamps at 384 s
+
+MEDIUM_ARCHITECTURE = SA3Architecture(_T5GEMMA_B, _SAME_L, _MEDIUM_DIT, _DURATION)
+SMALL_ARCHITECTURE = SA3Architecture(_T5GEMMA_B, _SAME_S, _SMALL_DIT, _DURATION)
+
+
+def published_architecture(model: str) -> SA3Architecture:
+    """The full-size architecture of a published model, by its hub id or a folder named after it."""
+    name = Path(model).name
+    if max_seconds_for(model) is None:
+        raise ValueError(f"{model!r} is not a published Stable Audio 3 model: no full-size architecture known "
+                         f"(use one of {', '.join(KNOWN_MAX_SECONDS)})")
+    return MEDIUM_ARCHITECTURE if "-medium" in name else SMALL_ARCHITECTURE
+
+
+def build_dummy_sa3_pipeline(model: str, seed: int = 0) -> StableAudio3Pipeline:
+    """A published model's full-size architecture with random weights, for benchmarks without a download: the
+    distilled models sample stochastically, the ``-base`` ones with deterministic Euler."""
+    return build_sa3_pipeline(published_architecture(model), not Path(model).name.endswith("-base"), seed)
+
+
 def build_tiny_sa3_pipeline(stochastic_sampling: bool = True, seed: int = 0) -> StableAudio3Pipeline:
-    """Every component with the real classes and random weights (deterministic for a given seed)."""
-    torch.manual_seed(seed)
-    tokenizer = build_offline_gemma_tokenizer()
-    assert len(tokenizer) <= _TINY_TEXT_ENCODER["vocab_size"]
-    text_encoder = T5GemmaEncoderModel(T5GemmaConfig(
-        encoder=_TINY_TEXT_ENCODER, decoder=_TINY_TEXT_ENCODER, vocab_size=_TINY_TEXT_ENCODER["vocab_size"],
-        is_encoder_decoder=False,  # the encoder-only model refuses a config that says otherwise
-    ))
-    pipe = StableAudio3Pipeline(
-        vae=AutoencoderSAME(**_TINY_VAE),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        duration_embedder=StableAudio3DurationEmbedder(**_TINY_DURATION),
-        transformer=StableAudio3DiTModel(**_TINY_DIT),
-        scheduler=tiny_sa3_scheduler(stochastic_sampling),
-    )
+    """Every component with the real classes and random weights (deterministic for a given seed), the weights that
+    start at zero made random too, and a decoder that follows its latents (see below)."""
+    pipe = build_sa3_pipeline(TINY_ARCHITECTURE, stochastic_sampling, seed)
     randomize_zero_initialised(pipe.transformer, gain=0.5)
     randomize_zero_initialised(pipe.vae, gain=2.0)
     let_decoder_hear_its_latents(pipe.vae)
     return pipe
 
 
-def tiny_sa3_scheduler(stochastic_sampling: bool) -> FlowMatchEulerDiscreteScheduler:
+def build_sa3_pipeline(architecture: SA3Architecture, stochastic_sampling: bool, seed: int) -> StableAudio3Pipeline:
+    """Every component with the real classes and freshly initialised weights (deterministic for a given seed)."""
+    torch.manual_seed(seed)
+    tokenizer = build_offline_gemma_tokenizer()
+    text = architecture.text_encoder
+    if len(tokenizer) > text["vocab_size"]:
+        raise ValueError(f"the offline tokenizer's {len(tokenizer)} tokens do not fit {text['vocab_size']} embeddings")
+    text_encoder = T5GemmaEncoderModel(T5GemmaConfig(
+        encoder=text, decoder=text, vocab_size=text["vocab_size"],
+        is_encoder_decoder=False,  # the encoder-only model refuses a config that says otherwise
+    ))
+    return StableAudio3Pipeline(
+        vae=AutoencoderSAME(**architecture.vae),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        duration_embedder=StableAudio3DurationEmbedder(**architecture.duration),
+        transformer=StableAudio3DiTModel(**architecture.transformer),
+        scheduler=sa3_scheduler(stochastic_sampling),
+    )
+
+
+def sa3_scheduler(stochastic_sampling: bool) -> FlowMatchEulerDiscreteScheduler:
     # As diffusers' converter configures the real models: timesteps equal sigmas in [0, 1], no shift.
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0, stochastic_sampling=stochastic_sampling)
 
