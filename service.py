@@ -25,7 +25,9 @@ from stable_audio_bento.jobs import JobStore, new_job_id  # noqa: E402
 from stable_audio_bento.loading import load_engine  # noqa: E402
 from stable_audio_bento.metrics import EngineMetrics, FrontMetrics, RequestMetricsMiddleware  # noqa: E402
 from stable_audio_bento.playground import playground_page  # noqa: E402
-from stable_audio_bento.protocol import APIError, GenerateRequest, describe_validation_error  # noqa: E402
+from stable_audio_bento.protocol import (  # noqa: E402
+    APIError, EditRequest, GenerateRequest, describe_validation_error,
+)
 from stable_audio_bento.serving import (  # noqa: E402
     ModelCard, OpenAIErrorMiddleware, RequestGuardMiddleware, current_request, error_headers, install_log_filters,
 )
@@ -60,7 +62,8 @@ class StableAudioEngine:
         self.loop.start()
         self.card = ModelCard(self.config.model, self.engine.limits,
                               self.config.default_inference_steps or self.engine.default_steps,
-                              self.config.max_inference_steps, self.engine.default_guidance_scale)
+                              self.config.max_inference_steps, self.engine.default_guidance_scale,
+                              edits=getattr(self.engine, "starts_from_audio", False))
         logger.info("%s batching: at most %d requests and %s DiT rows per step", SETTINGS.batching,
                     SETTINGS.max_batch_size, self.engine.options.max_rows or "any number of")
 
@@ -102,6 +105,13 @@ async def invalid_body(_: Request, error: RequestValidationError) -> JSONRespons
     return await api_error(_, APIError(message, param=param))
 
 
+def error_response(ctx: bentoml.Context, error: APIError) -> JSONResponse:
+    """An APIError from a BentoML API method, which cannot raise it: BentoML would answer 500."""
+    ctx.response.status_code = error.status
+    ctx.response.headers.update(error_headers(error))
+    return JSONResponse(error.body(), status_code=error.status)
+
+
 def audio_response(audio: GeneratedAudio) -> Response:
     return Response(audio.data, media_type=FORMATS[audio.response_format].media_type, headers=audio.headers())
 
@@ -109,7 +119,8 @@ def audio_response(audio: GeneratedAudio) -> Response:
 @bentoml.service(http={"port": SETTINGS.port}, traffic={"timeout": SETTINGS.request_timeout_s})
 @bentoml.asgi_app(http_routes, path="/")
 class StableAudio:
-    """The public HTTP API: /v1/audio/generate, /v1/audio/speech, /v1/audio/jobs, /v1/models and /health."""
+    """The public HTTP API: /v1/audio/generate, /v1/audio/edits, /v1/audio/speech, /v1/audio/jobs, /v1/models and
+    /health."""
 
     engine = bentoml.depends(StableAudioEngine)
 
@@ -135,17 +146,36 @@ class StableAudio:
 
     @bentoml.api(route="/v1/audio/generate", input_spec=GenerateRequest)
     async def generate(self, ctx: bentoml.Context, **fields) -> Path:
-        request = GenerateRequest(**fields)  # already validated by BentoML against input_spec
+        return await self.respond(ctx, GenerateRequest(**fields))  # already validated by BentoML against input_spec
+
+    @bentoml.api(route="/v1/audio/edits", input_spec=EditRequest)
+    async def edit(self, ctx: bentoml.Context, **fields) -> Path:
+        """Audio-to-audio: multipart form data with the file in ``audio``, the fields of /v1/audio/generate, and
+        ``strength``."""
+        return await self.respond(ctx, EditRequest(**fields))
+
+    async def respond(self, ctx: bentoml.Context, request: GenerateRequest) -> Path:
+        """The audio as the file BentoML sends, with our headers; or the error in our shape."""
         try:
             audio = await self.gateway.serve(request, current_request())
         except APIError as error:
-            ctx.response.status_code = error.status
-            ctx.response.headers.update(error_headers(error))
-            return JSONResponse(error.body(), status_code=error.status)
+            return error_response(ctx, error)
         ctx.response.headers.update(audio.headers())
         path = Path(ctx.temp_dir) / audio.filename
         path.write_bytes(audio.data)
         return path
+
+    @bentoml.api(route="/v1/audio/edits/jobs", input_spec=EditRequest)
+    async def submit_edit_job(self, ctx: bentoml.Context, **fields) -> dict:
+        """An edit as a job (the form of /v1/audio/edits); poll, fetch and cancel it under /v1/audio/jobs/{id}."""
+        request = EditRequest(**fields)
+        try:
+            prepared = await self.gateway.prepare(request, current_request().request_id, new_job_id())
+            job = self.jobs.submit(prepared, request.response_format)
+        except APIError as error:
+            return error_response(ctx, error)
+        ctx.response.status_code = 202
+        return await self.jobs.describe(job)
 
     @http_routes.post("/v1/audio/speech")
     async def speech(self, request: GenerateRequest):

@@ -2,6 +2,7 @@
 while polling it, then downloads the audio; Ctrl-C or --timeout cancels the job on the server.
 
     python -m stable_audio_bento.client "Thunder and rain sounds" --audio-length 15 --seed 42 -o rain.wav
+    python -m stable_audio_bento.client "A cello" --init-audio loop.wav --strength 0.5 -o cello.wav
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 POLL_INTERVAL_S = 0.25
@@ -27,6 +29,7 @@ FIELDS = {  # flag -> (type, help); None values are left out so the server appli
     "seed": (int, "random seed; the same seed and request give the same audio"),
     "response_format": (str, "wav, mp3, flac, pcm, opus or aac (default: from the output file's suffix, else wav)"),
     "model": (str, "model name; must match the served model if given"),
+    "strength": (float, "with --init-audio: how far from it to go, over 0 and at most 1 (default 0.5)"),
 }
 
 
@@ -35,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("input", help="text prompt")
     for name, (kind, help_text) in FIELDS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
+    parser.add_argument("--init-audio", type=Path, help="start from this audio file (audio-to-audio)")
     parser.add_argument("-o", "--output", type=Path, default=Path("output.wav"), help="output file (default output.wav)")
     parser.add_argument("--url", default="http://localhost:8091", help="server address (default http://localhost:8091)")
     parser.add_argument("--api-key", default=os.environ.get("STABLE_AUDIO_API_KEY"),
@@ -42,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600.0,
                         help="seconds to wait before cancelling the job (default 3600)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.strength is not None and args.init_audio is None:
+        parser.error("--strength needs --init-audio")
+    return args
 
 
 def request_body(args: argparse.Namespace) -> dict:
@@ -61,19 +68,40 @@ class Server:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
 
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[bytes, dict[str, str]]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data, self.headers, method=method)
+    def call(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None
+             ) -> tuple[bytes, dict[str, str]]:
+        """A JSON ``body``, or a ``form`` (multipart body and its Content-Type), or neither."""
+        data, headers = None if body is None else json.dumps(body).encode(), self.headers
+        if form is not None:
+            data, headers = form[0], {**self.headers, "Content-Type": form[1]}
+        request = urllib.request.Request(self.url + path, data, headers, method=method)
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             return response.read(), dict(response.headers)
 
-    def job(self, method: str, path: str, body: dict | None = None) -> dict:
-        return json.loads(self.call(method, path, body)[0])
+    def job(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None) -> dict:
+        return json.loads(self.call(method, path, body, form)[0])
 
 
-def generate(server: Server, body: dict, timeout: float, show: "ProgressBar") -> tuple[bytes, dict]:
-    """Submit, poll until the job ends, download. Returns the audio and the final job status."""
-    job = server.job("POST", "/v1/audio/jobs", body)
+def multipart_form(fields: dict, audio: Path) -> tuple[bytes, str]:
+    """multipart/form-data (RFC 7578) with each field as JSON text, as the server reads form values, and the file
+    in ``audio``."""
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{json.dumps(value)}\r\n'.encode()
+             for name, value in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; filename="upload"\r\n'
+                 "Content-Type: application/octet-stream\r\n\r\n".encode())
+    parts += [audio.read_bytes(), f"\r\n--{boundary}--\r\n".encode()]
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def generate(server: Server, body: dict, timeout: float, show: "ProgressBar", init_audio: Path | None = None
+             ) -> tuple[bytes, dict]:
+    """Submit (an edit of ``init_audio`` if given), poll until the job ends, download. Returns the audio and the
+    final job status."""
+    if init_audio is None:
+        job = server.job("POST", "/v1/audio/jobs", body)
+    else:
+        job = server.job("POST", "/v1/audio/edits/jobs", form=multipart_form(body, init_audio))
     deadline = time.monotonic() + timeout
     try:
         while job["status"] in ("queued", "running"):
@@ -118,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     server = Server(args.url, args.api_key)
     try:
-        audio, job = generate(server, request_body(args), args.timeout, ProgressBar(not args.quiet))
+        audio, job = generate(server, request_body(args), args.timeout, ProgressBar(not args.quiet), args.init_audio)
     except urllib.error.HTTPError as error:
         print(f"error {error.code}: {error.read().decode(errors='replace')}", file=sys.stderr)
         return 1
-    except (urllib.error.URLError, TimeoutError, RuntimeError) as error:
+    except (OSError, RuntimeError) as error:  # URLError and TimeoutError are OSErrors, as is an unreadable file
         print(f"failed ({args.url}): {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

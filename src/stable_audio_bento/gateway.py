@@ -1,7 +1,7 @@
 """The front's path for one generation: validate against the served model, admit, wait for the engine (giving
 up when the client goes away or the deadline passes, and telling the engine to stop), encode, log.
 
-The synchronous endpoint, the OpenAI speech endpoint and the jobs all go through ``Gateway``.
+The synchronous endpoint, the edits endpoint, the OpenAI speech endpoint and the jobs all go through ``Gateway``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -18,7 +18,8 @@ import aiohttp
 from .admission import Admission
 from .audio import FORMATS, encode_audio
 from .generation import AudioRequest
-from .protocol import APIError, GenerateRequest
+from .init_audio import load_init_audio
+from .protocol import APIError, EditRequest, GenerateRequest
 from .serving import ModelCard, RequestContext
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,20 @@ class Gateway:
     async def prepare(self, request: GenerateRequest, request_id: str, generation_id: str | None = None
                       ) -> AudioRequest:
         card = await self.model_card()
-        return request.to_audio_request(card.limits, card.model, card.default_steps, card.max_steps,
-                                        card.default_guidance_scale,
-                                        generation_id=generation_id or uuid.uuid4().hex, request_id=request_id)
+        job = request.to_audio_request(card.limits, card.model, card.default_steps, card.max_steps,
+                                       card.default_guidance_scale,
+                                       generation_id=generation_id or uuid.uuid4().hex, request_id=request_id)
+        if isinstance(request, EditRequest):
+            job = await self.attach_init_audio(job, request, card)
+        return job
+
+    @staticmethod
+    async def attach_init_audio(job: AudioRequest, request: EditRequest, card: ModelCard) -> AudioRequest:
+        if not card.edits:
+            raise APIError(f"{card.model} cannot start from audio yet", param="audio", code="unsupported")
+        # Decoding and resampling take up to a few tenths of a second (0.17 s for 47.55 s at 48 kHz): off the loop.
+        audio = await asyncio.to_thread(load_init_audio, request.audio, card.limits)
+        return replace(job, init_audio=audio, strength=request.strength)
 
     async def serve(self, request: GenerateRequest, client: RequestContext) -> GeneratedAudio:
         """A request whose client waits for the audio: validated, admitted, generated unless the client leaves."""

@@ -5,9 +5,16 @@ hooks that watch it while it runs, and the limits of the served model. Plain dat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal, Optional
 
 import numpy as np
+from pydantic import InstanceOf, WithJsonSchema
+
+
+# BentoML builds a pydantic model (and its JSON schema) of the engine's inputs from AudioRequest; between the
+# services the array travels as it is, pickled.
+InitAudio = Annotated[Optional[InstanceOf[np.ndarray]],
+                      WithJsonSchema({"type": "array", "description": "float32 (channels, samples), or null"})]
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,10 @@ class AudioRequest:
     id: str = ""  # unique per generation: what cancellation and progress refer to
     request_id: str = ""  # the client's X-Request-Id, for logs
     deadline: float | None = None  # time.time() after which the request is abandoned
+    # Audio-to-audio: float32 (channels, samples) at the model's rate, at most its window, and how far from it
+    # the result may go (0 < strength <= 1). Not compared: arrays have no single truth value.
+    init_audio: InitAudio = field(default=None, compare=False, repr=False)
+    strength: float = 1.0
 
     @property
     def rows(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .admission import Slot
@@ -71,6 +71,7 @@ class JobStore:
                 job.status = "cancelled"
             finally:
                 job.finished_at = time.time()
+                job.request = replace(job.request, init_audio=None)  # finished jobs need not hold the upload
 
     def get(self, job_id: str) -> Job:
         self._expire()

@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 from diffusers import StableAudioPipeline
+from diffusers.models.autoencoders.autoencoder_oobleck import OobleckDiagonalGaussianDistribution
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -32,6 +33,7 @@ warnings.filterwarnings("ignore", message="Should have ", module="torchsde")
 
 SHORT_WINDOW_TAIL_FRAMES = 16  # latent frames denoised past a short clip's end (the decoder reaches ±10)
 SHORT_WINDOW_BUCKET_FRAMES = 64  # window lengths are rounded up to this, so similar clips share a forward
+ENCODE_MARGIN_FRAMES = 16  # twice the Oobleck encoder's receptive field (an input sample reaches ±8 latent frames)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class BatchedStableAudio:
     ``prepare_request`` (once, on admission), ``forward`` (one batched DiT forward over the states that share a
     ``forward_key``), ``advance`` (each request's own scheduler step), ``decode`` (once, when it finishes)."""
 
+    starts_from_audio = True  # prepare_request honours AudioRequest.init_audio (edits)
+
     def __init__(self, pipe: StableAudioPipeline, options: SamplingOptions = SamplingOptions()):
         self.pipe = pipe
         self.options = options
@@ -107,6 +111,7 @@ class BatchedStableAudio:
             latent_frames=int(pipe.transformer.config.sample_size),
         )
         self._rotary_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._silence_parameters: tuple[torch.Tensor, torch.Tensor] | None = None
         self._transformer_forward = self.transformer_forward
 
     def compile(self) -> None:
@@ -142,10 +147,15 @@ class BatchedStableAudio:
             text_conditioning = torch.cat([torch.zeros_like(text_conditioning), text_conditioning])
             seconds_conditioning = torch.cat([seconds_conditioning, seconds_conditioning])
 
-        scheduler = copy.deepcopy(pipe.scheduler)
-        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        latents = self.prepare_latents(generator, scheduler.init_noise_sigma, self.denoised_frames(request))
+        frames = self.denoised_frames(request)
+        if request.init_audio is None:
+            scheduler = copy.deepcopy(pipe.scheduler)
+            scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+            latents = self.prepare_latents(generator, scheduler.init_noise_sigma, frames)
+        else:
+            scheduler = self.edit_scheduler(request)
+            latents = self.prepare_edit_latents(generator, request.init_audio, scheduler.config.sigma_max, frames)
         if self.options.sde_noise == "vectorized":
             scheduler.noise_sampler = GaussianIncrements(generator, latents)
         return StableAudioState(
@@ -170,6 +180,64 @@ class BatchedStableAudio:
         shape = (1, self.transformer.config.in_channels, self.limits.latent_frames)
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         return noise[:, :, :frames] * init_noise_sigma
+
+    # 1b. An edit starts part of the way down the schedule, from its audio's latents plus noise of that level.
+    def initial_sigma(self, strength: float) -> float:
+        """sigma_min^(1 - s) * sigma_max^s: the point at fraction s of the model's exponential (log-linear) sigma
+        range, so s = 1 starts where text-to-audio does and s -> 0 leaves the audio as it is."""
+        config = self.pipe.scheduler.config
+        return config.sigma_min ** (1 - strength) * config.sigma_max**strength
+
+    def edit_scheduler(self, request: AudioRequest) -> object:
+        """The pipeline's scheduler with sigma_max = the edit's initial sigma: all its steps spread over
+        [sigma_min, sigma_init], and the Brownian tree (built from the config on the first step) bounded by them."""
+        config = self.pipe.scheduler.config
+        scheduler = type(self.pipe.scheduler).from_config(config, sigma_max=self.initial_sigma(request.strength))
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        return scheduler
+
+    def prepare_edit_latents(self, generator: torch.Generator, audio: np.ndarray, sigma: float, frames: int
+                             ) -> torch.Tensor:
+        """encode(audio laid at the window's start, zero-padded) + sigma * noise. Draws from the request's
+        generator in a fixed order: first the noise (the same values text-to-audio starts from with this seed),
+        then the VAE's latent sample."""
+        noise = self.prepare_latents(generator, sigma, frames)
+        return self.encode_audio(generator, audio)[:, :, :frames] + noise
+
+    @torch.no_grad()
+    def encode_audio(self, generator: torch.Generator, audio: np.ndarray) -> torch.Tensor:
+        """(1, latent channels, latent frames) fp32: a sample of the VAE's posterior for the audio laid at the
+        start of the model window and zero-padded to it."""
+        parameters = self.posterior_parameters(audio, self.limits.latent_frames)
+        return OobleckDiagonalGaussianDistribution(parameters).sample(generator=generator)
+
+    def posterior_parameters(self, audio: np.ndarray, frames: int) -> torch.Tensor:
+        """The encoder's output for ``audio`` zero-padded to ``frames`` latent frames, fp32, without encoding the
+        padding: a frame sees only the input within the encoder's receptive field, so frames more than
+        ENCODE_MARGIN_FRAMES from the audio see silence, whose encoding is a constant away from the window's end
+        and a fixed tail at it (encoding 47.55 s takes minutes on CPU; this costs the audio's length + 32 frames)."""
+        hop, margin = self.limits.hop_length, ENCODE_MARGIN_FRAMES
+        head_frames = min(frames, -(-audio.shape[1] // hop) + 2 * margin)
+        head = torch.zeros((1, self.limits.channels, head_frames * hop), dtype=torch.float32)
+        head[0, :, : audio.shape[1]] = torch.from_numpy(audio)
+        parameters = self.encode_samples(head)
+        if head_frames == frames:
+            return parameters
+        constant, end = self.silence_parameters()
+        filled = constant.expand(-1, -1, frames - head_frames)
+        return torch.cat([parameters[:, :, : head_frames - margin], filled, end], dim=2)
+
+    def silence_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoding of silence: one interior frame and the last ENCODE_MARGIN_FRAMES of a window; computed once."""
+        if self._silence_parameters is None:
+            margin = ENCODE_MARGIN_FRAMES
+            zeros = torch.zeros((1, self.limits.channels, 3 * margin * self.limits.hop_length))
+            parameters = self.encode_samples(zeros)
+            self._silence_parameters = parameters[:, :, margin : margin + 1], parameters[:, :, 2 * margin :]
+        return self._silence_parameters
+
+    def encode_samples(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.vae.encoder(audio.to(self.device, self.vae.dtype)).float()
 
     # 2. One denoising step: a transformer forward over the rows of states of equal window length, then each
     # request's own guidance and scheduler step.

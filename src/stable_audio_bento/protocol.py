@@ -1,10 +1,12 @@
-"""The HTTP contract: the request body of POST /v1/audio/generate and the OpenAI-style error shape."""
+"""The HTTP contract: the request bodies of POST /v1/audio/generate and /v1/audio/edits, and the OpenAI-style
+error shape."""
 
 from __future__ import annotations
 
 import math
 import secrets
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -135,6 +137,27 @@ class GenerateRequest(BaseModel):
             request_id=request_id,
             deadline=None if self.timeout is None else time.time() + self.timeout,
         )
+
+
+DEFAULT_STRENGTH = 0.5  # sigma_init = sqrt(0.3 * 500) ≈ 12.2: a variation of the audio; see the README
+
+
+class EditRequest(GenerateRequest):
+    """Form fields of POST /v1/audio/edits: those of /v1/audio/generate, the audio to start from, and how far
+    from it to go. Each form value is read as JSON when it parses (BentoML's multipart rule), else as text."""
+
+    audio: Path = Field(description="The audio to start from (WAV, FLAC, MP3, Ogg, or anything ffmpeg decodes; "
+                                    "any rate and channel count), at most the model's window long.")
+    strength: float = Field(DEFAULT_STRENGTH, description="How far from the audio the result may go, over 0 and "
+                            "at most 1: denoising starts at the noise level sigma_min^(1-s) * sigma_max^s, so 1 is "
+                            f"text-to-audio's start and values near 0 keep the audio. Default {DEFAULT_STRENGTH:g}.")
+
+    @field_validator("strength")
+    @classmethod
+    def _strength_in_range(cls, value: float) -> float:
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise ValueError("must be a number greater than 0 and at most 1")
+        return value
 
 
 def shown(value: Any, limit: int = 24) -> str:

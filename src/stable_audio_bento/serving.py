@@ -16,6 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pydantic
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
 
 from .generation import ModelLimits
 from .protocol import APIError, describe_validation_error, error_body
@@ -34,6 +38,7 @@ class ModelCard:
     default_steps: int
     max_steps: int
     default_guidance_scale: float = 7.0
+    edits: bool = False  # whether the model family starts from init audio (POST /v1/audio/edits)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "max_seconds": self.limits.max_seconds}
@@ -41,7 +46,7 @@ class ModelCard:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
         return cls(data["model"], ModelLimits(**data["limits"]), data["default_steps"], data["max_steps"],
-                   data.get("default_guidance_scale", 7.0))
+                   data.get("default_guidance_scale", 7.0), data.get("edits", False))
 
 
 class OpenAIErrorMiddleware:
@@ -118,11 +123,13 @@ class GuardSettings:
     public_paths [STABLE_AUDIO_PUBLIC_PATHS, comma-separated]: open without a key (the playground page asks for
         the key itself); add /docs or /metrics here.
     max_body_bytes [STABLE_AUDIO_MAX_BODY_BYTES]: larger request bodies get 413.
+    max_upload_bytes [STABLE_AUDIO_MAX_UPLOAD_BYTES]: the same for the routes that take a file (UPLOAD_PATHS).
     """
 
     api_key: str | None = None
     public_paths: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz", "/ui")
     max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 32 << 20  # 47.55 s of 24-bit stereo WAV at 96 kHz is 27 MB
 
     @classmethod
     def from_env(cls) -> "GuardSettings":
@@ -136,11 +143,14 @@ class GuardSettings:
             api_key=key,
             public_paths=tuple(p.strip() for p in paths.split(",") if p.strip()) if paths else cls.public_paths,
             max_body_bytes=int(env.get("STABLE_AUDIO_MAX_BODY_BYTES", cls.max_body_bytes)),
+            max_upload_bytes=int(env.get("STABLE_AUDIO_MAX_UPLOAD_BYTES", cls.max_upload_bytes)),
         )
 
 
 # Their POST bodies are read as JSON whatever the Content-Type says (multipart is refused with 415).
 JSON_BODY_PATHS = ("/v1/audio/generate", "/v1/audio/speech", "/v1/audio/jobs")
+# Their POST bodies are multipart form data with a file in the named field, and have their own, larger limit.
+UPLOAD_PATHS = {"/v1/audio/edits": "audio", "/v1/audio/edits/jobs": "audio"}
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
@@ -193,6 +203,23 @@ def install_log_filters() -> None:
                 handler.addFilter(kind())
 
 
+async def text_in_file_field(scope, body: bytes, name: str) -> dict[str, Any] | None:
+    """The error body when the multipart form's ``name`` part is text rather than a file. BentoML would take that
+    text for a URL and fetch it, from this server's network, answering 500 when it cannot."""
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request({**scope, "method": "POST"}, receive).form()
+    except (MultiPartException, HTTPException, AssertionError):  # not multipart, or malformed: BentoML answers 400
+        return None
+    value = form.get(name)
+    await form.close()
+    if value is None or isinstance(value, UploadFile):
+        return None
+    return error_body(f"{name} must be a file (curl -F {name}=@FILE), not text", 400, name)
+
+
 class RequestGuardMiddleware:
     """Per request, before BentoML sees it: an ``X-Request-Id`` (the client's if well-formed, else a new one)
     echoed in the response, the API key check (constant-time), the body-size cap, JSON bodies read as JSON
@@ -226,6 +253,8 @@ class RequestGuardMiddleware:
                 body = error_body("missing or invalid API key: send 'Authorization: Bearer <key>'", 401,
                                   code="invalid_api_key")
                 return await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        upload = scope["path"] in UPLOAD_PATHS
+        limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
         chunks, size = [], 0
         while True:  # read the whole body (bounded), then replay it
             message = await receive()
@@ -233,11 +262,13 @@ class RequestGuardMiddleware:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.settings.max_body_bytes:
-                body = error_body(f"request body exceeds {self.settings.max_body_bytes} bytes", 413)
+            if size > limit:
+                body = error_body(f"request body exceeds {limit} bytes", 413, "audio" if upload else None)
                 return await send_json(send, 413, body)
             if not message.get("more_body"):
                 break
+        if upload and (error := await text_in_file_field(scope, b"".join(chunks), UPLOAD_PATHS[scope["path"]])):
+            return await send_json(send, 400, error)
         if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
             media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if media_type.startswith(b"multipart/"):

@@ -1,0 +1,284 @@
+"""Audio-to-audio: the upload's decoding and resampling, the edit's noise schedule and initial latents, its place
+in the shared step loop, and POST /v1/audio/edits over HTTP."""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from stable_audio_bento.generation import AudioRequest, ModelLimits
+from stable_audio_bento.init_audio import load_init_audio
+from stable_audio_bento.pipeline import ENCODE_MARGIN_FRAMES
+from stable_audio_bento.protocol import DEFAULT_STRENGTH, APIError
+from stable_audio_bento.step_loop import run_to_completion
+
+LIMITS = ModelLimits(sample_rate=44100, channels=2, hop_length=2048, latent_frames=1024)
+SIGMA_MIN, SIGMA_MAX = 0.3, 500.0  # stable-audio-open-1.0's scheduler (the tiny model copies it)
+
+
+def tone(rate: int, seconds: float, frequencies: list[float], amplitude: float = 0.5) -> np.ndarray:
+    """(samples, channels) sines, one frequency per channel, with a phase offset so channels differ."""
+    t = np.arange(round(rate * seconds)) / rate
+    return np.stack([amplitude * np.sin(2 * np.pi * f * t + 0.3 * c) for c, f in enumerate(frequencies)], axis=1)
+
+
+def write(path: Path, audio: np.ndarray, rate: int, subtype: str = "FLOAT") -> Path:
+    soundfile.write(path, audio, rate, subtype=subtype)
+    return path
+
+
+def edit(seed: int = 5, strength: float = 0.5, audio: np.ndarray | None = None, **fields) -> AudioRequest:
+    if audio is None:
+        audio = tone(44100, 0.25, [220.0, 330.0]).T.astype(np.float32)
+    fields = {"audio_length": 0.5, "num_inference_steps": 3, **fields}
+    return AudioRequest("a cello", seed=seed, init_audio=audio, strength=strength, **fields)
+
+
+# --- the upload -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rate", [22050, 48000])
+@pytest.mark.parametrize("frequencies", [[1000.0], [1000.0, 5000.0]], ids=["mono", "stereo"])
+def test_resampling_keeps_frequency_and_level(tmp_path, rate, frequencies):
+    seconds = 0.5
+    audio = load_init_audio(write(tmp_path / "tone.wav", tone(rate, seconds, frequencies), rate), LIMITS)
+    assert audio.dtype == np.float32 and audio.shape == (2, round(44100 * seconds))
+    expected = np.resize(tone(44100, seconds, frequencies).T, (2, round(44100 * seconds)))  # mono: copied
+    per_channel = np.resize(frequencies, 2)
+    inner = slice(441, -441)  # 10 ms from each end, where any resampler sees the signal's truncation
+    for got, want, frequency in zip(audio, expected, per_channel):
+        error = got[inner] - want[inner]
+        snr_db = 10 * math.log10(np.mean(want[inner] ** 2) / np.mean(error**2))
+        assert snr_db >= 60, snr_db
+        assert np.sqrt(np.mean(got[inner] ** 2)) == pytest.approx(0.5 / math.sqrt(2), rel=1e-3)
+        assert np.argmax(np.abs(np.fft.rfft(got))) * 44100 / len(got) == pytest.approx(frequency, abs=2)
+
+
+def test_more_channels_keep_the_first_two_and_other_formats_decode(tmp_path):
+    surround = tone(44100, 0.2, [100.0, 200.0, 300.0, 400.0])
+    audio = load_init_audio(write(tmp_path / "quad.flac", surround, 44100, "PCM_24"), LIMITS)
+    assert np.allclose(audio, surround[:, :2].T, atol=1e-6)
+    ogg = write(tmp_path / "tone.ogg", tone(44100, 0.2, [440.0]), 44100, "VORBIS")
+    assert load_init_audio(ogg, LIMITS).shape == (2, 8820)
+
+
+@pytest.mark.parametrize("content", [b"", b"not audio at all " * 64], ids=["empty", "undecodable"])
+def test_unusable_uploads_name_the_audio_field(tmp_path, content):
+    path = tmp_path / "upload"
+    path.write_bytes(content)
+    with pytest.raises(APIError) as raised:
+        load_init_audio(path, LIMITS)
+    assert (raised.value.param, raised.value.status) == ("audio", 400)
+
+
+def test_audio_longer_than_the_window_is_refused(tmp_path):
+    too_long = np.zeros((LIMITS.max_samples // 4 + 8, 1))  # at 11025 Hz: a few samples past 47.55 s
+    with pytest.raises(APIError, match="window") as raised:
+        load_init_audio(write(tmp_path / "long.wav", too_long, 11025, "PCM_16"), LIMITS)
+    assert raised.value.param == "audio"
+
+
+# --- schedule and initial latents -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strength", [0.2, DEFAULT_STRENGTH, 0.9])
+def test_sigma_schedule_spans_sigma_min_to_sigma_init(engine, strength):
+    steps = 7
+    sigma_init = SIGMA_MIN ** (1 - strength) * SIGMA_MAX**strength
+    scheduler = engine.edit_scheduler(edit(strength=strength, num_inference_steps=steps))
+    expected = torch.linspace(math.log(SIGMA_MIN), math.log(sigma_init), steps).exp().flip(0)
+    assert scheduler.config.sigma_max == pytest.approx(sigma_init, rel=1e-12)
+    assert torch.allclose(scheduler.sigmas[:-1], expected, rtol=1e-6) and scheduler.sigmas[-1] == 0
+    assert len(scheduler.timesteps) == steps
+
+
+def test_full_strength_is_text_to_audio_schedule(engine):
+    text = engine.prepare_request(AudioRequest("a cello", seed=5, audio_length=0.5, num_inference_steps=5))
+    assert torch.equal(engine.edit_scheduler(edit(strength=1.0, num_inference_steps=5)).sigmas, text.scheduler.sigmas)
+
+
+def test_brownian_tree_is_bounded_by_the_edit_schedule(engine):
+    request = edit(strength=0.4, num_inference_steps=3)
+    state = engine.prepare_request(request)
+    engine.advance(state, engine.forward([state])[0])
+    [tree] = state.scheduler.noise_sampler.tree.trees
+    assert (tree._start, tree._end) == pytest.approx((SIGMA_MIN, SIGMA_MIN**0.6 * SIGMA_MAX**0.4), rel=1e-6)
+
+
+def test_initial_latents_are_encoded_audio_plus_scaled_noise(engine):
+    request = edit(seed=123, strength=0.3)
+    state = engine.prepare_request(request)
+    generator = torch.Generator().manual_seed(123)
+    shape = (1, 64, 1024)
+    noise = torch.randn(shape, generator=generator)  # first draw: the initial noise, as text-to-audio's
+    posterior_noise = torch.randn(shape, generator=generator)  # second: the VAE posterior's sample
+    with torch.no_grad():
+        mean, scale = engine.posterior_parameters(request.init_audio, 1024).chunk(2, dim=1)
+    encoded = mean + (torch.nn.functional.softplus(scale) + 1e-4) * posterior_noise
+    expected = encoded + noise * (SIGMA_MIN**0.7 * SIGMA_MAX**0.3)
+    assert torch.equal(state.latents, expected)
+
+
+def test_windowed_encoding_matches_encoding_the_whole_padded_window(engine):
+    frames = 3 * ENCODE_MARGIN_FRAMES + 10  # long enough that the padding is filled in, short enough to encode
+    audio = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 5 * 2048 + 77)).astype(np.float32)
+    padded = torch.zeros((1, 2, frames * 2048))
+    padded[0, :, : audio.shape[1]] = torch.from_numpy(audio)
+    with torch.no_grad():
+        stitched = engine.posterior_parameters(audio, frames)
+        whole = engine.encode_samples(padded)
+    assert stitched.shape == whole.shape
+    assert torch.allclose(stitched, whole, rtol=1e-5, atol=1e-5)
+
+
+# --- generation -------------------------------------------------------------------------------------------------
+
+def test_result_depends_on_the_audio_and_the_strength_and_not_on_anything_else(engine):
+    other = tone(44100, 0.25, [440.0, 660.0]).T.astype(np.float32)
+    base, again, other_audio, weaker = (result.audio for result in run_to_completion(
+        engine, [edit(), edit(), edit(audio=other), edit(strength=0.2)]))
+    assert np.array_equal(base, again)
+    assert not np.array_equal(base, other_audio)
+    assert not np.array_equal(base, weaker)
+
+
+def test_edit_is_batch_invariant_among_text_requests_and_other_edits(engine):
+    target = edit(seed=9, strength=0.6, num_inference_steps=4, id="target")
+    others = [
+        AudioRequest("rain", seed=1, audio_length=1.0, num_inference_steps=5, id="text"),
+        AudioRequest("wind", seed=2, audio_length=0.5, guidance_scale=1.0, num_inference_steps=2, id="unguided"),
+        edit(seed=3, strength=0.9, num_inference_steps=2, guidance_scale=1.0, id="other edit"),
+    ]
+    [alone] = run_to_completion(engine, [target])
+    batched = run_to_completion(engine, [others[0], target, *others[1:]])
+    assert all(result.error is None for result in batched)
+    assert alone.audio.shape == (2, 22050)
+    assert np.array_equal(batched[1].audio, alone.audio)
+
+
+# --- over HTTP --------------------------------------------------------------------------------------------------
+
+FIELDS = {"input": "a cello", "audio_length": "0.5", "num_inference_steps": "2", "seed": "4"}
+
+
+def wav_bytes(seconds: float = 0.25, rate: int = 48000) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, tone(rate, seconds, [440.0]), rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def post_edit(server: str, fields: dict, files: dict | None = None) -> httpx.Response:
+    files = {"audio": ("loop.wav", wav_bytes(), "audio/wav")} if files is None else files
+    return httpx.post(server + "/v1/audio/edits", data=fields, files=files, timeout=300)
+
+
+def test_multipart_edit_returns_audio_of_the_requested_length(server):
+    response = post_edit(server, {**FIELDS, "strength": "0.7", "response_format": "flac"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "audio/flac" and response.headers["x-seed"] == "4"
+    audio, rate = soundfile.read(io.BytesIO(response.content))
+    assert (rate, audio.shape) == (44100, (22050, 2))
+    again = post_edit(server, {**FIELDS, "strength": "0.7", "response_format": "flac"})
+    assert again.content == response.content
+
+
+ERROR_CASES = {
+    "no file": ({**FIELDS}, {"input": (None, "a cello")}, 400, "audio"),
+    "empty file": (FIELDS, {"audio": ("loop.wav", b"", "audio/wav")}, 400, "audio"),
+    "undecodable": (FIELDS, {"audio": ("loop.wav", b"RIFF nonsense" * 50, "audio/wav")}, 400, "audio"),
+    "longer than the window": (FIELDS, {"audio": ("long.wav", wav_bytes(48.0, 8000), "audio/wav")}, 400, "audio"),
+    "text, not a file": (FIELDS, {"audio": (None, "not a file")}, 400, "audio"),
+    "a URL, not a file": (FIELDS, {"audio": (None, "http://127.0.0.1:9/loop.wav")}, 400, "audio"),
+    "strength 0": ({**FIELDS, "strength": "0"}, None, 400, "strength"),
+    "strength above 1": ({**FIELDS, "strength": "1.5"}, None, 400, "strength"),
+    "strength not a number": ({**FIELDS, "strength": "strong"}, None, 400, "strength"),
+    "strength NaN": ({**FIELDS, "strength": "NaN"}, None, 400, "strength"),
+    "no prompt": ({"audio_length": "0.5"}, None, 400, "input"),
+    "audio_length too long": ({**FIELDS, "audio_length": "60"}, None, 400, "audio_length"),
+    "bad seed": ({**FIELDS, "seed": "-1"}, None, 400, "seed"),
+    "unknown format": ({**FIELDS, "response_format": "ogg"}, None, 400, "response_format"),
+    "too many steps": ({**FIELDS, "num_inference_steps": "100000"}, None, 400, "num_inference_steps"),
+    "other model": ({**FIELDS, "model": "someone/else"}, None, 404, "model"),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_bad_edits_are_4xx_naming_the_field(server, case):
+    fields, files, status, param = ERROR_CASES[case]
+    if case == "no file":  # multipart with text parts only
+        response = httpx.post(server + "/v1/audio/edits", files={**files, "audio_length": (None, "0.5")}, timeout=60)
+    else:
+        response = post_edit(server, fields, files)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"].endswith("_error") and error["message"]
+
+
+def test_json_body_on_the_edits_route_is_a_400_naming_audio(server):
+    response = httpx.post(server + "/v1/audio/edits", json={"input": "a cello", "audio": "/etc/hostname"}, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "audio"
+
+
+def test_upload_over_the_limit_is_a_413_and_json_routes_keep_theirs(server):
+    big = {"audio": ("big.wav", b"\0" * (32 << 20), "audio/wav")}
+    response = post_edit(server, FIELDS, big)
+    assert response.status_code == 413
+    assert response.json()["error"]["param"] == "audio"
+    json_body = b'{"input": "' + b"x" * (1 << 20) + b'"}'
+    assert httpx.post(server + "/v1/audio/generate", content=json_body, timeout=60).status_code == 413
+
+
+def test_bentoml_client_sends_a_path(server, tmp_path):
+    loop = tmp_path / "loop.wav"
+    loop.write_bytes(wav_bytes())
+    with bentoml.SyncHTTPClient(server, timeout=300) as client:
+        result = client.edit(audio=loop, input="a cello", audio_length=0.5, num_inference_steps=2, seed=4,
+                             strength=0.7)
+    audio, rate = soundfile.read(result)
+    assert (rate, audio.shape) == (44100, (22050, 2))
+
+
+def test_openapi_page_shows_the_file_field(server):
+    spec = httpx.get(server + "/docs.json").json()
+    body = spec["paths"]["/v1/audio/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"audio", "strength", "input", "seed"} <= set(body["properties"])
+
+
+def test_edit_as_a_job_reports_progress_and_returns_the_same_audio(server):
+    fields = {**FIELDS, "strength": "0.7"}
+    files = {"audio": ("loop.wav", wav_bytes(), "audio/wav")}
+    submitted = httpx.post(server + "/v1/audio/edits/jobs", data=fields, files=files, timeout=60)
+    assert submitted.status_code == 202, submitted.text
+    job_url = f"{server}/v1/audio/jobs/{submitted.json()['id']}"
+    deadline = time.monotonic() + 300
+    while (status := httpx.get(job_url).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert status["status"] == "succeeded" and status["progress"] == {"steps_done": 2, "steps_total": 2}
+    assert httpx.get(job_url + "/content").content == post_edit(server, fields).content
+    refused = httpx.post(server + "/v1/audio/edits/jobs", data={**fields, "strength": "2"}, files=files)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "strength"
+
+
+def test_command_line_client_edits_a_file(server, tmp_path):
+    loop = tmp_path / "loop.wav"
+    loop.write_bytes(wav_bytes())
+    command = [sys.executable, "-m", "stable_audio_bento.client", "a cello", "--url", server, "--init-audio", str(loop),
+               "--strength", "0.7", "--audio-length", "0.5", "--num-inference-steps", "2", "--seed", "4",
+               "-o", str(tmp_path / "cello.flac")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "2/2 steps" in done.stderr
+    assert (tmp_path / "cello.flac").read_bytes() == post_edit(
+        server, {**FIELDS, "strength": "0.7", "response_format": "flac"}).content
+    refused = subprocess.run(command[:4] + ["--strength", "0.5"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--strength needs --init-audio" in refused.stderr
