@@ -63,7 +63,7 @@ class StableAudioEngine:
         self.card = ModelCard(self.config.model, self.engine.limits,
                               self.config.default_inference_steps or self.engine.default_steps,
                               self.config.max_inference_steps, self.engine.default_guidance_scale,
-                              edits=getattr(self.engine, "starts_from_audio", False))
+                              edits=self.engine.starts_from_audio)
         logger.info("%s batching: at most %d requests and %s DiT rows per step", SETTINGS.batching,
                     SETTINGS.max_batch_size, self.engine.options.max_rows or "any number of")
 

@@ -85,6 +85,8 @@ class BatchedStableAudio3:
     max_seconds: the longest audio served; default the duration embedder's clamp (384 s for the published models,
     whose trained maxima, 380 s medium and 120 s small, the loader knows: ``sa3_loading.max_seconds_for``)."""
 
+    starts_from_audio = False  # audio-to-audio for Stable Audio 3 is not served yet
+
     def __init__(self, pipe: StableAudio3Pipeline, max_seconds: float | None = None,
                  options: SA3Options = SA3Options()):
         self.pipe = pipe
