@@ -30,6 +30,8 @@ class EngineConfig:
     sampling [STABLE_AUDIO_DECODE_MARGIN (``full`` or N), _SDE_NOISE, _DENOISE_WINDOW, _MAX_ROWS (``auto`` or N)]:
         see SamplingOptions.
     compile [STABLE_AUDIO_COMPILE=1]: torch.compile the transformer and warm it up before serving.
+    sa3_conditioning [STABLE_AUDIO_SA3_CONDITIONING]: ``diffusers`` (StableAudio3Pipeline's text-to-audio, bit for
+        bit) or ``reference`` (Stability's: the all-zero inpainting conditioning, see SA3Options).
     """
 
     model: str = DEFAULT_MODEL
@@ -42,6 +44,7 @@ class EngineConfig:
     sampling: SamplingOptions = SamplingOptions()
     auto_max_rows: bool = True
     compile: bool = False
+    sa3_conditioning: str = "diffusers"
 
     @classmethod
     def from_env(cls) -> "EngineConfig":
@@ -65,6 +68,7 @@ class EngineConfig:
             ),
             auto_max_rows=max_rows == "auto",
             compile=env.get("STABLE_AUDIO_COMPILE", "0") == "1",
+            sa3_conditioning=_choice(env, "STABLE_AUDIO_SA3_CONDITIONING", ("diffusers", "reference")),
         )
 
 

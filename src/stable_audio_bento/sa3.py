@@ -34,6 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .cuda_memory import release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
+from .same_chunked import ChunkedResamplingBlock
 from .step_loop import RequestState
 
 # The pipeline's defaults: the reference sampler's log-SNR range, warped into the sigma schedule.
@@ -51,10 +52,16 @@ class SA3Options:
     for bit. The SAME decoder attends through a dense band mask over 17 tokens per frame (built through an int64
     table of position differences), so a whole decode needs memory quadratic in the clip: 8.7 GB above the loaded
     model at 120 s (benchmarks/bench_sa3.py, any decoder width), ~10 times that at 380 s. Windows of 128 frames
-    (~12 s) needed 0.16-0.3 GB at 120 s, and the same at any length."""
+    (~12 s) needed 0.16-0.3 GB at 120 s, and the same at any length.
+
+    reference_conditioning: feed every DiT block the all-zero inpainting conditioning (mask and masked input) that
+    Stability's own code passes in text-to-audio, so that ``to_local_embed``'s output for zeros (a learned constant
+    per block) is added as in training; the audio then equals ``StableAudio3InpaintPipeline`` with an all-zero mask
+    instead of ``StableAudio3Pipeline``, which skips the term (README, "Departures from diffusers")."""
 
     max_rows: int | None = None
     decode_window_frames: int | None = 128
+    reference_conditioning: bool = False
 
 
 @dataclass(kw_only=True)
@@ -203,7 +210,10 @@ class BatchedStableAudio3:
         latents = torch.cat([self.preprocess(state) for state in states])
         context = torch.cat([state.context for state in states])
         modulation = torch.cat([self.modulation(state) for state in states])
-        hidden = self._transformer_forward(latents, context, modulation)
+        local = None
+        if self.options.reference_conditioning:  # (rows, frames, mask + latent channels), as the DiT takes it
+            local = latents.new_zeros(latents.shape[0], latents.shape[2], self.transformer.config.local_add_cond_dim)
+        hidden = self._transformer_forward(latents, context, modulation, local)
         rows = hidden.split([state.request.rows for state in states])
         return [self.guide(state, self.postprocess(output)) for state, output in zip(states, rows)]
 
@@ -230,17 +240,18 @@ class BatchedStableAudio3:
             self._rotary_embeddings[length] = self.transformer.rotary_pos_emb(length, self.device)
         return self._rotary_embeddings[length]
 
-    def transformer_forward(self, latents: torch.Tensor, context: torch.Tensor, modulation: torch.Tensor
-                            ) -> torch.Tensor:
+    def transformer_forward(self, latents: torch.Tensor, context: torch.Tensor, modulation: torch.Tensor,
+                            local: torch.Tensor | None = None) -> torch.Tensor:
         """StableAudio3DiTModel.forward between its residual convs, with the context and the AdaLN modulation
-        already computed per request: (rows, channels, frames) in and out."""
+        already computed per request: (rows, channels, frames) in and out; ``local`` the inpainting conditioning
+        (rows, frames, channels), or None to skip it as the text-to-audio pipeline does."""
         dit, memory_tokens = self.transformer, self.transformer.config.num_memory_tokens
         hidden = dit.proj_in(self.patch(latents))
         if memory_tokens:  # the learned memory tokens go in front of the frames, and come off before proj_out
             hidden = torch.cat([dit.memory_tokens.unsqueeze(0).expand(hidden.shape[0], -1, -1), hidden], dim=1)
         rope = self.rotary_embedding(hidden.shape[1])
         for block in dit.transformer_blocks:
-            hidden = block(hidden, context=context, global_modulation=modulation, rope=rope,
+            hidden = block(hidden, context=context, global_modulation=modulation, rope=rope, local_seq=local,
                            num_memory_tokens=memory_tokens)
         return self.unpatch(dit.proj_out(hidden[:, memory_tokens:]))
 
@@ -313,10 +324,15 @@ def decoder_reach_frames(vae: AutoencoderSAME) -> int:
     """How many latent frames on each side can change a frame's audio in the SAME decoder. Its only layers that mix
     positions are the band attentions of its resampling blocks: there a block's input frame is 1 + stride tokens
     and each token sees ``sliding_window`` frames' worth of tokens either way, so each layer reaches that many input
-    frames further (the mapping convs and projections are pointwise). SAME-L: 12 frames, SAME-S: 6."""
+    frames further (the mapping convs and projections are pointwise). SAME-L: 12 frames; SAME-S with diffusers'
+    band attention 6, with Stability's chunked attention 4 (``same_chunked.ChunkedResamplingBlock.reach_frames``,
+    whole chunks, so that windows stay aligned to the chunks of the whole clip)."""
     reach, input_frames_per_latent = 0.0, 1
     for block in vae.decoder.blocks:
-        reach += len(block.transformers) * block.sliding_window / input_frames_per_latent
+        if isinstance(block, ChunkedResamplingBlock):
+            reach += block.reach_frames / input_frames_per_latent
+        else:
+            reach += len(block.transformers) * block.sliding_window / input_frames_per_latent
         input_frames_per_latent *= block.stride
     return math.ceil(reach)
 
@@ -332,7 +348,8 @@ def rotary_positions_from(vae: AutoencoderSAME, first_frame: int) -> Iterator[No
         return
     shifted, input_frames_per_latent = [], 1
     for block in vae.decoder.blocks:
-        for attention in (module for module in block.modules() if isinstance(module, SAMEAttention)):
+        chunked = isinstance(block, ChunkedResamplingBlock)  # positions restart in every chunk: nothing to shift
+        for attention in (module for module in block.modules() if isinstance(module, SAMEAttention) and not chunked):
             shifted.append((attention, attention.rope))
             offset = first_frame * input_frames_per_latent * (block.stride + 1)
             attention.rope = ShiftedRotaryEmbedding(attention.rope, offset)
