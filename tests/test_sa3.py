@@ -21,6 +21,7 @@ from stable_audio_bento.sa3 import BatchedStableAudio3, SA3Options, decoder_reac
 from stable_audio_bento.sa3_loading import (MEDIUM_ARCHITECTURE, SMALL_ARCHITECTURE, TINY_MAX_SECONDS, TINY_SA3,
                                             TINY_SA3_BASE, is_sa3_model, load_tiny_sa3, max_seconds_for,
                                             place_sa3_pipeline, published_architecture, tiny_sa3_model_dir)
+from stable_audio_bento.same_chunked import uses_chunked_attention
 from stable_audio_bento.step_loop import StepLoop, run_to_completion
 
 
@@ -298,7 +299,8 @@ def test_dummy_small_model_builds_at_full_size():
     assert engine.pipe.text_encoder.config.encoder.hidden_size == 768
     assert len(engine.pipe.tokenizer) <= engine.pipe.text_encoder.config.encoder.vocab_size == 256000
     assert (engine.stochastic, engine.default_steps, engine.limits.max_duration_s) == (False, 100, 120.0)
-    assert engine.options.decode_window_frames == 128 and engine.decode_margin_frames == 6
+    assert engine.options.decode_window_frames == 128 and engine.decode_margin_frames == 4  # chunked SAME-S
+    assert uses_chunked_attention(engine.vae) and engine.vae.decoder.blocks[0].mapping.weight_v.shape[-1] == 3
 
 
 def test_dummy_needs_a_published_model_and_full_decode_is_an_option(sa3_cache, monkeypatch):

@@ -1,21 +1,27 @@
-"""Stable Audio 3 as Stability's code runs it, where it departs from diffusers' text-to-audio pipeline: the all-zero
-inpainting conditioning (SA3Options.reference_conditioning). On the tiny random model, whose ``to_local_embed``
-is non-trivial (its zero-initialised output weights made random, as training would leave them)."""
+"""Stable Audio 3 as Stability's code runs it, where it departs from diffusers: the all-zero inpainting
+conditioning in text-to-audio (SA3Options.reference_conditioning), and which small-model folders are served (only
+with SAME-S's chunked attention). On the tiny random model, whose ``to_local_embed`` is non-trivial (its
+zero-initialised output weights made random, as training would leave them)."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableAudio3InpaintPipeline
+from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME
 
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.generation import AudioRequest
-from stable_audio_bento.loading import load_sa3_engine
+from stable_audio_bento.loading import ModelLoadError, load_sa3_engine
+from stable_audio_bento.pipeline import SamplingOptions
 from stable_audio_bento.sa3 import BatchedStableAudio3, SA3Options
-from stable_audio_bento.sa3_loading import TINY_SA3, TINY_SA3_BASE, load_tiny_sa3
+from stable_audio_bento.sa3_loading import TINY_SA3, TINY_SA3_BASE, ensure_tiny_sa3_model, load_tiny_sa3
+from stable_audio_bento.same_chunked import use_chunked_attention, uses_chunked_attention
 from stable_audio_bento.step_loop import run_to_completion
 
 
@@ -114,3 +120,32 @@ def test_conditioning_is_chosen_by_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("STABLE_AUDIO_SA3_CONDITIONING", "stability")
     with pytest.raises(ValueError, match="STABLE_AUDIO_SA3_CONDITIONING"):
         EngineConfig.from_env()
+
+
+def test_small_model_is_served_only_with_chunked_attention(tmp_path, monkeypatch):
+    """A folder named like a small model holding diffusers' band-attention SAME is refused; with Stability's chunk
+    settings in vae/config.json and a 3-tap decoder mapping it is served, and a request's audio is the pipeline's
+    with that autoencoder (odd latent length: the decoder pads to whole chunks), bit for bit."""
+    monkeypatch.setenv("STABLE_AUDIO_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "stable-audio-3-small-music"
+    shutil.copytree(ensure_tiny_sa3_model(variant=TINY_SA3), folder)
+    with pytest.raises(ModelLoadError, match="chunked attention"):
+        load_sa3_engine(EngineConfig(model=str(folder)))
+
+    torch.manual_seed(1)
+    chunked = use_chunked_attention(AutoencoderSAME.from_pretrained(folder / "vae"), decoder_mapping_kernel=3)
+    chunked.save_pretrained(folder / "vae")
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**config, "chunk_size": 32, "chunk_midpoint_shift": True}))
+    engine = load_sa3_engine(EngineConfig(model=str(folder), sampling=SamplingOptions(decode_margin_frames=None)))
+    assert uses_chunked_attention(engine.vae) and engine.decode_margin_frames == 4
+    assert engine.vae.decoder.blocks[0].mapping.weight_v.shape[-1] == 3
+    for name, tensor in chunked.state_dict().items():
+        assert torch.equal(engine.vae.state_dict()[name], tensor), name
+
+    request = AudioRequest("a kick drum", seed=4, audio_length=1.5, guidance_scale=1.0, num_inference_steps=4)
+    assert engine.latent_frames(request.audio_length) == 17
+    [result] = run_to_completion(engine, [request])
+    expected = engine.pipe(request.prompt, duration=request.audio_length, num_inference_steps=4,
+                           generator=torch.Generator().manual_seed(request.seed)).audios[0].numpy()
+    assert result.error is None and np.array_equal(result.audio, expected)

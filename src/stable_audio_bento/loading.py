@@ -162,7 +162,12 @@ def load_sa3_engine(config: EngineConfig) -> BatchedStableAudio3:
             raise ModelLoadError(f"STABLE_AUDIO_LOAD_FORMAT=dummy: {exc}") from None
         logger.info("built full-size %s architecture with random weights (dummy load format)", config.model)
     elif config.load_format == "auto":
-        pipe = _from_pretrained(sa3_loading.sa3_source(config.model), StableAudio3Pipeline)
+        source = sa3_loading.sa3_source(config.model)
+        pipe = _from_pretrained(source, StableAudio3Pipeline, **sa3_loading.chunked_autoencoder_components(source))
+        try:
+            sa3_loading.check_autoencoder_is_faithful(config.model, pipe.vae)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
     else:
         raise ModelLoadError(f"STABLE_AUDIO_LOAD_FORMAT={config.load_format!r}: use 'auto' or 'dummy'")
     placement = resolve_placement(config)
@@ -187,10 +192,12 @@ def load_pipeline(config: EngineConfig) -> StableAudioPipeline:
     return place_pipeline(pipe, resolve_placement(config))
 
 
-def _from_pretrained(source: str, pipeline_class: type = StableAudioPipeline) -> Any:
+def _from_pretrained(source: str, pipeline_class: type = StableAudioPipeline, **components: Any) -> Any:
+    """components: already loaded ones, which from_pretrained then does not read from ``source``."""
     is_folder = Path(source).is_dir()
     try:
-        return pipeline_class.from_pretrained(source, token=None if is_folder else os.environ.get("HF_TOKEN"))
+        return pipeline_class.from_pretrained(source, token=None if is_folder else os.environ.get("HF_TOKEN"),
+                                              **components)
     except Exception as exc:  # diffusers raises OSError, ValueError or HTTP errors depending on what is missing
         hint = (
             f"{source!r} is not a complete diffusers-format {pipeline_class.__name__} folder"

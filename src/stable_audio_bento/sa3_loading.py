@@ -19,9 +19,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableAudio3Pipeline
 from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME
 from diffusers.models.transformers.transformer_stable_audio3 import StableAudio3DiTModel
 from diffusers.pipelines.stable_audio_3.modeling_stable_audio_3 import StableAudio3DurationEmbedder
+from safetensors.torch import load_file
 from transformers import GemmaTokenizer, T5GemmaConfig, T5GemmaEncoderModel
 
 from .model_cache import cache_root, save_once
+from .same_chunked import SAME_S_DECODER_MAPPING_KERNEL, use_chunked_attention, uses_chunked_attention
 
 TINY_SA3 = "tiny-sa3"  # the distilled kind: stochastic "ping-pong" sampling, 8 steps, no guidance
 TINY_SA3_BASE = "tiny-sa3-base"  # the same weights with the base models' deterministic Euler sampling
@@ -109,7 +111,11 @@ def published_architecture(model: str) -> SA3Architecture:
 def build_dummy_sa3_pipeline(model: str, seed: int = 0) -> StableAudio3Pipeline:
     """A published model's full-size architecture with random weights, for benchmarks without a download: the
     distilled models sample stochastically, the ``-base`` ones with deterministic Euler."""
-    return build_sa3_pipeline(published_architecture(model), not Path(model).name.endswith("-base"), seed)
+    architecture = published_architecture(model)
+    pipe = build_sa3_pipeline(architecture, not Path(model).name.endswith("-base"), seed)
+    if architecture is SMALL_ARCHITECTURE:  # SAME-S as Stability runs it (README, "Departures from diffusers")
+        use_chunked_attention(pipe.vae, decoder_mapping_kernel=SAME_S_DECODER_MAPPING_KERNEL)
+    return pipe
 
 
 def build_tiny_sa3_pipeline(stochastic_sampling: bool = True, seed: int = 0) -> StableAudio3Pipeline:
@@ -209,6 +215,42 @@ def sa3_source(model: str) -> str:
     """What to hand ``StableAudio3Pipeline.from_pretrained``: the tiny variants' folders (built on first use), else
     the folder or hub id as given."""
     return str(ensure_tiny_sa3_model(variant=model)) if model in (TINY_SA3, TINY_SA3_BASE) else model
+
+
+# Stability's names for SAME-S's attention settings (its model_config.json, autoencoder encoder/decoder config).
+# diffusers' AutoencoderSAME has no such settings; a vae/config.json that records them is loaded with chunked attention.
+CHUNK_SETTINGS = ("chunk_size", "chunk_midpoint_shift")
+
+
+def chunked_autoencoder_components(source: str) -> dict[str, AutoencoderSAME]:
+    """``{"vae": ...}`` for ``from_pretrained`` when ``source`` is a folder whose vae/config.json records
+    ``chunk_size`` (and ``chunk_midpoint_shift``): the autoencoder built from the rest of its config, switched to
+    chunked attention with the decoder mapping's taps read from its weights, then loaded strictly. Else ``{}``."""
+    folder = Path(source) / "vae"
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if "chunk_size" not in config:
+        return {}
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    vae = AutoencoderSAME.from_config({key: value for key, value in config.items() if key not in CHUNK_SETTINGS})
+    use_chunked_attention(vae, int(config["chunk_size"]), bool(config.get("chunk_midpoint_shift", False)),
+                          decoder_mapping_kernel=weights["decoder.blocks.0.mapping.weight_v"].shape[-1])
+    vae.load_state_dict(weights, strict=True)
+    return {"vae": vae}
+
+
+def check_autoencoder_is_faithful(model: str, vae: AutoencoderSAME) -> None:
+    """A small model (by its published name, or a SAME-S-shaped autoencoder: width 128 × 6, 6 layers) is served
+    only with the chunked attention SAME-S was trained with; diffusers' band attention decodes something else."""
+    same_s_shaped = vae.config.encoder_channels == 128 and list(vae.config.encoder_transformer_depths) == [6]
+    published_small = max_seconds_for(model) is not None and "-small-" in Path(model).name
+    if (same_s_shaped or published_small) and not uses_chunked_attention(vae):
+        raise ValueError(
+            f"{model!r}: its autoencoder is SAME-S, which Stability's code runs with chunked attention (chunks of "
+            "32 frames, the second half of the layers on chunks shifted by half) and a 3-tap decoder mapping; "
+            "diffusers' AutoencoderSAME gives it band attention, so the audio would not be the model's. Record "
+            "Stability's chunk_size (32) and chunk_midpoint_shift (true) in vae/config.json and keep the decoder "
+            "mapping's 3-tap weights (README, 'Departures from diffusers')")
 
 
 def place_sa3_pipeline(pipe: StableAudio3Pipeline, device: torch.device, dtype: torch.dtype,
