@@ -149,3 +149,14 @@ def test_small_model_is_served_only_with_chunked_attention(tmp_path, monkeypatch
     expected = engine.pipe(request.prompt, duration=request.audio_length, num_inference_steps=4,
                            generator=torch.Generator().manual_seed(request.seed)).audios[0].numpy()
     assert result.error is None and np.array_equal(result.audio, expected)
+
+
+def test_no_duration_headroom(pipes):
+    """Latent length as diffusers (and Stability's MLX/TensorRT ports) choose it, not the PyTorch reference's
+    duration + 6 s rounded to an even frame count (174 frames for 10 s)."""
+    family = engine(pipes[TINY_SA3], reference=True)
+    for seconds, frames in ((10.0, 108), (1.2345, 14), (120.0, 1292)):
+        state = family.prepare_request(AudioRequest("x", seed=0, audio_length=seconds, guidance_scale=1.0,
+                                                     num_inference_steps=1))
+        assert state.latents.shape[-1] == frames == math.ceil(seconds * 44100 / 4096)
+        assert state.samples == int(seconds * 44100)
