@@ -91,7 +91,7 @@ def load_stability_checkpoint(path: Path, text_encoder: str = TEXT_ENCODER_HUB_I
 
 def convert_checkpoint(model_config: dict[str, Any], state: dict[str, torch.Tensor],
                        text_encoder: str = TEXT_ENCODER_HUB_ID) -> StableAudio3Pipeline:
-    if f"{SAME_PREFIX}encoder.layers.0.new_tokens" not in state or f"{DIT_PREFIX}transformer.memory_tokens" not in state:
+    if not {f"{SAME_PREFIX}encoder.layers.0.new_tokens", f"{DIT_PREFIX}transformer.memory_tokens"} <= state.keys():
         raise CheckpointError("not a Stable Audio 3 checkpoint: it has no SAME autoencoder or no DiT memory tokens "
                               "(for stable-audio-open-1.0 import its hub id, which has the diffusers layout)")
     model = model_config.get("model", {})
@@ -106,7 +106,8 @@ def convert_checkpoint(model_config: dict[str, Any], state: dict[str, torch.Tens
         fill(module, {name: reorder(name, module, state[key]) for name, key in converted.items()})
     ignored = sorted(set(state) - used)
     if ignored:
-        logger.warning("%d checkpoint tensors are not part of the diffusers pipeline (e.g. %s)", len(ignored), ignored[0])
+        logger.warning("%d checkpoint tensors are not part of the diffusers pipeline (e.g. %s)", len(ignored),
+                       ignored[0])
     tokenizer, encoder = load_text_encoder(text_encoder)
     stochastic = model.get("diffusion", {}).get("diffusion_objective") == "rf_denoiser"
     return StableAudio3Pipeline(vae=vae.eval(), text_encoder=encoder.eval(), tokenizer=tokenizer,
