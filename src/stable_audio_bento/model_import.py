@@ -17,6 +17,7 @@ from pathlib import Path
 
 import bentoml
 from diffusers import DiffusionPipeline
+from huggingface_hub import HfApi, hf_hub_download
 
 from . import sa3_checkpoint, sa3_loading
 from .loading import TINY, ensure_tiny_model
@@ -95,8 +96,6 @@ def _pipeline(source: str, **hub: str | None) -> DiffusionPipeline:
 
 
 def _from_hub(repo: str, text_encoder: str) -> tuple[DiffusionPipeline, str]:
-    from huggingface_hub import HfApi, hf_hub_download
-
     token = os.environ.get("HF_TOKEN")
     try:
         info = HfApi(token=token).model_info(repo)
@@ -109,9 +108,13 @@ def _from_hub(repo: str, text_encoder: str) -> tuple[DiffusionPipeline, str]:
     if "model_index.json" in files:
         return _pipeline(repo, revision=info.sha, token=token), info.sha
     if {sa3_checkpoint.CONFIG_FILE, sa3_checkpoint.WEIGHTS_FILE} <= files:
-        weights = Path(hf_hub_download(repo, sa3_checkpoint.WEIGHTS_FILE, revision=info.sha, token=token))
-        hf_hub_download(repo, sa3_checkpoint.CONFIG_FILE, revision=info.sha, token=token)  # lands beside the weights
-        return sa3_checkpoint.load_stability_checkpoint(weights, text_encoder), info.sha
+        try:
+            weights = hf_hub_download(repo, sa3_checkpoint.WEIGHTS_FILE, revision=info.sha, token=token)
+            hf_hub_download(repo, sa3_checkpoint.CONFIG_FILE, revision=info.sha, token=token)  # beside the weights
+        except Exception as exc:  # gated without access, or the connection dropped
+            raise ImportFailed(f"could not download {repo!r}'s checkpoint ({type(exc).__name__}: {exc}); gated "
+                               "models need their license accepted and HF_TOKEN set") from exc
+        return sa3_checkpoint.load_stability_checkpoint(Path(weights), text_encoder), info.sha
     raise ImportFailed(f"{repo!r} has neither model_index.json (diffusers) nor {sa3_checkpoint.CONFIG_FILE} + "
                        f"{sa3_checkpoint.WEIGHTS_FILE} (Stability's layout)")
 

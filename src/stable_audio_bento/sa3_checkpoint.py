@@ -220,7 +220,7 @@ def same_config(state: dict[str, torch.Tensor], model_config: dict[str, Any]) ->
         patch_size=_field(autoencoder, "downsampling_ratio") // math.prod(strides),
         encoder_channels=_field(encoder, "channels"), encoder_c_mults=list(_field(encoder, "c_mults")),
         encoder_strides=strides, encoder_transformer_depths=list(_field(encoder, "transformer_depths")),
-        latent_dim=_require(state, f"{SAME_PREFIX}bottleneck.scaling_factor").shape[1],
+        latent_dim=_require(state, f"{SAME_PREFIX}encoder.layers.{len(strides) + 1}.weight").shape[0],
         use_differential_attention=_require(state, layer + "self_attn.to_qkv.weight").shape[0] == 5 * width,
         dim_heads=_require(state, layer + "self_attn.q_norm.gamma").shape[0],
         ff_mult=_require(state, layer + "ff.ff.0.proj.weight").shape[0] // (2 * width),
