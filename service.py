@@ -18,12 +18,13 @@ from fastapi.responses import JSONResponse, Response  # noqa: E402
 
 from stable_audio_bento.admission import Admission  # noqa: E402
 from stable_audio_bento.audio import FORMATS  # noqa: E402
-from stable_audio_bento.config import EngineConfig, FrontConfig, ServiceSettings  # noqa: E402
+from stable_audio_bento.config import FrontConfig, ServiceSettings  # noqa: E402
 from stable_audio_bento.gateway import Gateway, GeneratedAudio  # noqa: E402
 from stable_audio_bento.generation import AudioRequest  # noqa: E402
 from stable_audio_bento.jobs import JobStore, new_job_id  # noqa: E402
 from stable_audio_bento.loading import load_engine  # noqa: E402
 from stable_audio_bento.metrics import EngineMetrics, FrontMetrics, RequestMetricsMiddleware  # noqa: E402
+from stable_audio_bento.model_store import serving_config, stored_model_reference  # noqa: E402
 from stable_audio_bento.playground import playground_page  # noqa: E402
 from stable_audio_bento.protocol import (  # noqa: E402
     APIError, EditRequest, GenerateRequest, describe_validation_error,
@@ -51,9 +52,12 @@ class StableAudioEngine:
     hands each group to the loop and returns at once; ``result`` waits for one request's audio. The loop runs in
     its own thread, so every API here is async and answers while it denoises."""
 
+    # Declared here so that `bentoml build` packs it into the Bento; None when the model store has none.
+    stored_model = stored_model_reference()
+
     def __init__(self) -> None:
         install_log_filters()
-        self.config = EngineConfig.from_env()
+        self.config = serving_config(self.stored_model)
         self.engine = load_engine(self.config)
         self.tracker = RequestTracker(metrics=EngineMetrics.get(SETTINGS.max_batch_size))
         self.results = ResultBoard()
@@ -63,7 +67,7 @@ class StableAudioEngine:
         self.card = ModelCard(self.config.model, self.engine.limits,
                               self.config.default_inference_steps or self.engine.default_steps,
                               self.config.max_inference_steps, self.engine.default_guidance_scale,
-                              edits=self.engine.starts_from_audio)
+                              edits=self.engine.starts_from_audio, model_tag=self.config.model_tag)
         logger.info("%s batching: at most %d requests and %s DiT rows per step", SETTINGS.batching,
                     SETTINGS.max_batch_size, self.engine.options.max_rows or "any number of")
 
@@ -141,8 +145,8 @@ class StableAudio:
             card = await self.gateway.model_card()
         except Exception as exc:  # engine still loading or gone: not ready
             raise APIError(f"model engine unavailable: {exc}", status=503) from exc
-        return {"status": "ok", "model": card.model, "sample_rate": card.limits.sample_rate,
-                "max_audio_length": card.limits.max_seconds}
+        return {"status": "ok", "model": card.model, "model_tag": card.model_tag,
+                "sample_rate": card.limits.sample_rate, "max_audio_length": card.limits.max_seconds}
 
     @bentoml.api(route="/v1/audio/generate", input_spec=GenerateRequest)
     async def generate(self, ctx: bentoml.Context, **fields) -> Path:

@@ -9,8 +9,11 @@ import torch
 from diffusers import AutoencoderOobleck, CosineDPMSolverMultistepScheduler, StableAudioDiTModel
 
 from stable_audio_bento.config import EngineConfig
-from stable_audio_bento.loading import ModelLoadError, load_pipeline, resolve_placement, tiny_model_dir
+from stable_audio_bento.loading import (ModelLoadError, load_engine, load_pipeline, resolve_placement,
+                                        tiny_model_dir)
 from stable_audio_bento.pipeline import BatchedStableAudio, SamplingOptions
+from stable_audio_bento.sa3 import BatchedStableAudio3
+from stable_audio_bento.sa3_loading import ensure_tiny_sa3_model
 
 
 def test_tiny_model_is_a_saved_diffusers_folder_with_the_real_geometry(tiny_pipe):
@@ -84,3 +87,11 @@ def test_dummy_format_builds_the_full_size_architecture():
     assert 1.55e8 < counts["vae"] < 1.57e8
     assert 1.0e8 < counts["text_encoder"] < 1.2e8
     assert pipe.transformer.config.num_layers == 24 and pipe.transformer.config.sample_size == 1024
+
+
+def test_stored_weights_are_read_from_their_folder_while_the_name_gives_the_limits(model_cache):
+    folder = str(ensure_tiny_sa3_model())
+    engine = load_engine(EngineConfig(model="stabilityai/stable-audio-3-small-music", weights=folder))
+    assert isinstance(engine, BatchedStableAudio3)
+    assert engine.max_seconds == 120.0  # the published model's trained maximum, known by its name
+    assert engine.transformer.config.embed_dim == 64  # the tiny weights, not a download

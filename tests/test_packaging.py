@@ -28,7 +28,10 @@ def test_bentoml_build_produces_a_complete_bento(tmp_path):
     assert "FROM python:3.11" in dockerfile
     assert "libsndfile1" in dockerfile
     assert "ENV BENTOML_CONFIG=$BENTOML_CONFIG" in dockerfile
-    assert "ARG STABLE_AUDIO_MODEL=stabilityai/stable-audio-open-1.0" in dockerfile
+    # No model setting in the image: it would override a model baked in with stable-audio-import-model.
+    assert "STABLE_AUDIO_MODEL" not in dockerfile
+    services = yaml.safe_load((bento / "bento.yaml").read_text())["services"]
+    assert all(service["models"] == [] for service in services)  # an empty model store builds a Bento without one
 
     locked = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
     pins = {line.split("==")[0].lower(): line.split("==")[1].split()[0] for line in locked if "==" in line}

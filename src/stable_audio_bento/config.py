@@ -23,6 +23,8 @@ class EngineConfig:
     """What the GPU service loads and how it runs it (environment variables in brackets).
 
     model [STABLE_AUDIO_MODEL]: a hub id, a local diffusers-format folder, or ``tiny`` (a small random model).
+    weights, model_tag: the model store's copy of ``model`` (a diffusers-format folder) and its tag, when the service
+        serves the stored model (see model_store); None: the weights come from ``model`` itself.
     load_format [STABLE_AUDIO_LOAD_FORMAT]: ``auto`` reads weights; ``dummy`` builds the full-size architecture
         with random weights.
     device, dtype, vae_dtype [STABLE_AUDIO_DEVICE, _DTYPE, _VAE_DTYPE]: ``auto`` picks CUDA with fp16 for the DiT
@@ -35,6 +37,8 @@ class EngineConfig:
     """
 
     model: str = DEFAULT_MODEL
+    weights: str | None = None
+    model_tag: str | None = None
     load_format: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
@@ -52,7 +56,7 @@ class EngineConfig:
         max_rows = env.get("STABLE_AUDIO_MAX_ROWS", "auto")
         margin = env.get("STABLE_AUDIO_DECODE_MARGIN", str(SamplingOptions.decode_margin_frames))
         return cls(
-            model=env.get("STABLE_AUDIO_MODEL", cls.model),
+            model=env.get("STABLE_AUDIO_MODEL") or cls.model,  # set but empty: unset
             load_format=env.get("STABLE_AUDIO_LOAD_FORMAT", cls.load_format),
             device=env.get("STABLE_AUDIO_DEVICE", cls.device),
             dtype=env.get("STABLE_AUDIO_DTYPE", cls.dtype),

@@ -134,11 +134,12 @@ def _parse_dtype(name: str, variable: str) -> torch.dtype:
 def load_engine(config: EngineConfig) -> BatchedStableAudio | BatchedStableAudio3:
     """The served model as its family's stages, compiled and warmed up as configured; the family is read from the
     model's name or its folder's model_index.json."""
-    if sa3_loading.is_sa3_model(config.model):
+    if sa3_loading.is_sa3_model(config.weights or config.model):
         engine = load_sa3_engine(config)
     else:
         engine = BatchedStableAudio(load_pipeline(config), config.sampling)
-    logger.info("engine: %s on %s, DiT dtype %s, VAE dtype %s, %d CPU threads, %s", config.model, engine.device,
+    logger.info("engine: %s%s on %s, DiT dtype %s, VAE dtype %s, %d CPU threads, %s", config.model,
+                f" (stored model {config.model_tag})" if config.model_tag else "", engine.device,
                 engine.dtype, engine.vae.dtype, torch.get_num_threads(), config.sampling)
     if config.compile:
         engine.compile()
@@ -162,7 +163,7 @@ def load_sa3_engine(config: EngineConfig) -> BatchedStableAudio3:
             raise ModelLoadError(f"STABLE_AUDIO_LOAD_FORMAT=dummy: {exc}") from None
         logger.info("built full-size %s architecture with random weights (dummy load format)", config.model)
     elif config.load_format == "auto":
-        source = sa3_loading.sa3_source(config.model)
+        source = config.weights or sa3_loading.sa3_source(config.model)
         pipe = _from_pretrained(source, StableAudio3Pipeline, **sa3_loading.chunked_autoencoder_components(source))
         try:
             sa3_loading.check_autoencoder_is_faithful(config.model, pipe.vae)
@@ -185,6 +186,8 @@ def load_pipeline(config: EngineConfig) -> StableAudioPipeline:
         pipe = build_random_pipeline(FULL_SIZE)
     elif config.load_format != "auto":
         raise ModelLoadError(f"STABLE_AUDIO_LOAD_FORMAT={config.load_format!r}: use 'auto' or 'dummy'")
+    elif config.weights:
+        pipe = _from_pretrained(config.weights)
     elif config.model == TINY:
         pipe = _from_pretrained(str(ensure_tiny_model()))
     else:

@@ -37,13 +37,15 @@ class RunningServer(str):
 
 
 @contextlib.contextmanager
-def local_server(env: dict[str, str], log_path: Path, startup_timeout_s: float = 600) -> Iterator[RunningServer]:
-    """Yields the base URL once /health answers 200; stops the whole process group afterwards."""
+def local_server(env: dict[str, str], log_path: Path, startup_timeout_s: float = 600,
+                 bento: str = ".") -> Iterator[RunningServer]:
+    """Yields the base URL once /health answers 200; stops the whole process group afterwards. ``bento``: what
+    `bentoml serve` serves (this repository, or a Bento's folder)."""
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(port), "--host", "127.0.0.1"],
+            [sys.executable, "-m", "bentoml", "serve", bento, "--port", str(port), "--host", "127.0.0.1"],
             cwd=REPO_ROOT, env={**os.environ, "BENTOML_CONFIG": str(REPO_ROOT / "configuration.yaml"), **env},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

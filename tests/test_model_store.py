@@ -1,0 +1,137 @@
+"""`stable-audio-import-model` puts the model in BentoML's model store; the service serves it when no
+STABLE_AUDIO_MODEL is set; `bentoml build` declares it and the exported Bento carries it (as containerize does)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from bentoml._internal.models import ModelStore
+from diffusers import StableAudioPipeline
+
+from stable_audio_bento.audio import encode_audio
+from stable_audio_bento.generation import AudioRequest
+from stable_audio_bento.local_server import local_server
+from stable_audio_bento.model_import import main
+from stable_audio_bento.model_store import STORED_MODEL_TAG, serving_config
+from stable_audio_bento.step_loop import run_to_completion
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "artifacts"
+
+
+def bentoml_env(home: Path) -> dict[str, str]:
+    return dict(os.environ, BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True")
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, model_cache) -> tuple[Path, str, subprocess.CompletedProcess]:
+    """A model store holding `tiny`, imported by the command a user runs; (BENTOML_HOME, version, the run)."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    done = subprocess.run([sys.executable, "-m", "stable_audio_bento.model_import", "tiny"], env=bentoml_env(home),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    version = (home / "models" / "stable-audio" / "latest").read_text().strip()
+    return home, version, done
+
+
+def test_import_stores_the_pipeline_with_source_revision_family_and_size(imported, tiny_pipe):
+    home, version, done = imported
+    folder = home / "models" / "stable-audio" / version
+    info = yaml.safe_load((folder / "model.yaml").read_text())
+    assert info["labels"] == {"source": "tiny", "family": "stable-audio-open"}
+    metadata = info["metadata"]
+    assert (metadata["source"], metadata["family"]) == ("tiny", "stable-audio-open")
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", metadata["revision"])
+    weights = [path for path in folder.rglob("*") if path.is_file() and path.name != "model.yaml"]
+    assert metadata["size_bytes"] == sum(path.stat().st_size for path in weights) > 1_000_000
+    assert f"stored stable-audio:{version} (stable-audio-open, " in done.stdout
+    assert metadata["revision"] in done.stdout
+    stored = StableAudioPipeline.from_pretrained(folder)
+    for name in ("transformer", "vae", "text_encoder", "projection_model"):
+        ours, theirs = getattr(tiny_pipe, name).state_dict(), getattr(stored, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours), name
+
+
+def test_stored_model_is_served_unless_stable_audio_model_names_another(imported, monkeypatch):
+    home, version, _ = imported
+    stored = ModelStore(home / "models").get(STORED_MODEL_TAG)
+    monkeypatch.delenv("STABLE_AUDIO_MODEL", raising=False)
+    config = serving_config(stored)
+    assert (config.model, config.weights, config.model_tag) == ("tiny", stored.path, f"stable-audio:{version}")
+    monkeypatch.setenv("STABLE_AUDIO_MODEL", "tiny-sa3")
+    config = serving_config(stored)
+    assert (config.model, config.weights, config.model_tag) == ("tiny-sa3", None, None)
+    monkeypatch.delenv("STABLE_AUDIO_MODEL")
+    assert serving_config(None).model == "stabilityai/stable-audio-open-1.0"  # no stored model: today's default
+
+
+@pytest.mark.parametrize("source, message", [
+    ("/no/such/folder", "is not a file or folder, a hub id"),
+    ("stable-audio-bento-tests/no-such-model", "could not read 'stable-audio-bento-tests/no-such-model' from the "
+                                               "Hugging Face hub"),
+    ("{empty}", "is neither a diffusers-format folder (model_index.json) nor a Stable Audio 3 checkpoint"),
+    ("{broken}", "is not a complete diffusers-format pipeline"),
+])
+def test_bad_sources_fail_with_a_clear_message(source, message, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model_index.json").write_text('{"_class_name": "StableAudioPipeline"}')
+    assert main([source.format(empty=tmp_path / "empty", broken=tmp_path / "broken")]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    last_line = error.strip().splitlines()[-1]  # after diffusers' progress bars, if it got that far
+    assert last_line.startswith("stable-audio-import-model: error: ") and message in last_line
+
+
+def test_serving_without_a_model_setting_generates_with_the_stored_model(imported, engine):
+    home, version, _ = imported
+    with local_server({"BENTOML_HOME": str(home), "STABLE_AUDIO_MODEL": ""}, ARTIFACTS / "stored-model-server.log",
+                      startup_timeout_s=300) as url:
+        health = httpx.get(url + "/health").json()
+        body = {"input": "rain on a roof", "audio_length": 1.0, "num_inference_steps": 3, "seed": 42,
+                "response_format": "pcm"}
+        response = httpx.post(url + "/v1/audio/generate", json=body, timeout=300)
+    assert (health["model"], health["model_tag"]) == ("tiny", f"stable-audio:{version}")
+    assert response.status_code == 200, response.text
+    [expected] = run_to_completion(engine, [AudioRequest("rain on a roof", seed=42, audio_length=1.0,
+                                                         num_inference_steps=3)])
+    assert response.content == encode_audio(expected.audio, 44100, "pcm")
+
+
+def test_build_declares_the_stored_model_and_the_exported_bento_serves_it_alone(imported, tmp_path):
+    home, version, _ = imported
+    built = subprocess.run([sys.executable, "-m", "bentoml", "build", ".", "--output", "tag"], cwd=REPO,
+                           env=bentoml_env(home), capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    [bento] = [path for path in (home / "bentos" / "stable-audio-bento").iterdir() if path.name != "latest"]
+    services = {service["name"]: service for service in yaml.safe_load((bento / "bento.yaml").read_text())["services"]}
+    assert [model["tag"] for model in services["StableAudioEngine"]["models"]] == [f"stable-audio:{version}"]
+    # A model setting baked into the image would override the baked-in model.
+    assert "STABLE_AUDIO_MODEL" not in (bento / "env" / "docker" / "Dockerfile").read_text()
+
+    # `bentoml export` (like `containerize`) copies the declared model into the Bento's models/ folder.
+    archive = tmp_path / "stable-audio.bento"
+    exported = subprocess.run([sys.executable, "-m", "bentoml", "export", f"stable-audio-bento:{bento.name}",
+                               str(archive)], env=bentoml_env(home), capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    unpacked = tmp_path / "bento"
+    with tarfile.open(archive) as tar:
+        tar.extractall(unpacked, filter="data")
+    assert (unpacked / "models" / "stable-audio" / version / "model_index.json").is_file()
+
+    # Served from that folder with an empty model store and no model setting, as in the container.
+    empty_home = tmp_path / "empty-home"
+    with local_server({"BENTOML_HOME": str(empty_home), "STABLE_AUDIO_MODEL": ""},
+                      ARTIFACTS / "exported-bento-server.log", startup_timeout_s=300, bento=str(unpacked)) as url:
+        health = httpx.get(url + "/health").json()
+    assert (health["model"], health["model_tag"]) == ("tiny", f"stable-audio:{version}")
+    assert not (empty_home / "models").exists() or not any((empty_home / "models").iterdir())
