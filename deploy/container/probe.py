@@ -1,8 +1,9 @@
 """HTTP checks against a running stable-audio-bento container, used by check.sh.
 
-It needs only httpx, numpy and soundfile, which the image carries too, so it can run on the host against a published port
-or inside the container (`podman exec -i NAME python - ARGS < probe.py`) when the container has no network.
+It needs only httpx, numpy and soundfile, which the image carries too, so it can run on the host against a published
+port or inside the container (`podman exec -i NAME python - ARGS < probe.py`) when the container has no network.
 
+    probe.py health URL MODEL waits up to 5 s for /health: prints it when ok and naming MODEL, else exits 2
     probe.py serving URL      two formats decoded with their real properties; errors in the project's error shape
     probe.py auth URL KEY     401 without or with a wrong key, audio with it; /health stays open
     probe.py drain URL        one long request in flight; prints "in flight" and waits for the caller's SIGTERM:
@@ -27,7 +28,7 @@ WAV = {"input": "rain on a tin roof", "audio_length": 3.0, "num_inference_steps"
 FLAC = {"input": "a distant church bell", "audio_length": 1.5, "num_inference_steps": 4, "seed": 8,
         "response_format": "flac"}
 # Seconds in flight on the tiny model (every step denoises the whole window), yet well inside the stop timeout.
-LONG = {"input": "a long drone", "audio_length": 10.0, "num_inference_steps": 50, "response_format": "wav"}
+LONG = {"input": "a long drone", "audio_length": 10.0, "num_inference_steps": 100, "response_format": "wav"}
 SHORT = {"input": "a click", "audio_length": 1.0, "num_inference_steps": 2}
 
 
@@ -65,6 +66,22 @@ def expect_error(response: httpx.Response, status: int, param: str | None, code:
 
 def generate(client: httpx.Client, url: str, body: dict, **kwargs) -> httpx.Response:
     return client.post(url + "/v1/audio/generate", json=body, **kwargs)
+
+
+def check_health(url: str, model: str) -> None:
+    deadline = time.monotonic() + 5  # then the caller checks that the container still runs, and asks again
+    while True:
+        try:
+            response = httpx.get(url + "/health", timeout=5)
+            if response.status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(2)
+        time.sleep(0.25)
+    expect(response.json().get("model") == model, f"/health does not name {model}: {response.text}")
+    print(response.text)
 
 
 def check_serving(url: str) -> None:
@@ -125,7 +142,7 @@ def check_drain(url: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    checks = {"serving": check_serving, "auth": check_auth, "drain": check_drain}
+    checks = {"health": check_health, "serving": check_serving, "auth": check_auth, "drain": check_drain}
     if len(argv) < 2 or argv[0] not in checks:
         raise SystemExit(__doc__)
     checks[argv[0]](*argv[1:])
