@@ -10,13 +10,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import StableAudio3Pipeline
+from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME
 from safetensors.torch import save_file
 
+from stable_audio_bento.config import EngineConfig
+from stable_audio_bento.generation import AudioRequest
+from stable_audio_bento.loading import load_sa3_engine
+from stable_audio_bento.model_import import main, read_source
+from stable_audio_bento.pipeline import SamplingOptions
 from stable_audio_bento.sa3_checkpoint import CheckpointError, convert_checkpoint, load_stability_checkpoint
-from stable_audio_bento.sa3_loading import ensure_tiny_sa3_model, load_tiny_sa3, place_sa3_pipeline
+from stable_audio_bento.sa3_loading import (TINY_ARCHITECTURE, ensure_tiny_sa3_model, let_decoder_hear_its_latents,
+                                            load_tiny_sa3, place_sa3_pipeline, randomize_zero_initialised)
+from stable_audio_bento.same_chunked import use_chunked_attention, uses_chunked_attention
+from stable_audio_bento.step_loop import run_to_completion
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = ("transformer", "vae", "duration_embedder", "text_encoder")
@@ -70,14 +81,20 @@ def write_stability_checkpoint(pipe: StableAudio3Pipeline, folder: Path) -> tupl
     state.update({prefix + "weight": linear.weight, prefix + "bias": linear.bias})
     encoder = dict(channels=vae.encoder_channels, c_mults=list(vae.encoder_c_mults), strides=list(vae.encoder_strides),
                    transformer_depths=list(vae.encoder_transformer_depths), latent_dim=vae.latent_dim,
-                   dim_heads=vae.dim_heads, sliding_window=[vae.sliding_window] * 2,
-                   sinusoidal_blocks=list(vae.encoder_sinusoidal_blocks))
+                   dim_heads=vae.dim_heads, sinusoidal_blocks=list(vae.encoder_sinusoidal_blocks))
+    decoder = dict(encoder, sinusoidal_blocks=list(vae.decoder_sinusoidal_blocks))
+    if uses_chunked_attention(pipe.vae):  # SAME-S: no sliding window; chunks, and conv_mapping in the decoder
+        block = pipe.vae.decoder.blocks[0]
+        chunks = dict(chunk_size=block.chunk_size, chunk_midpoint_shift=block.midpoint_shift)
+        encoder.update(chunks)
+        decoder.update(chunks, conv_mapping=block.mapping.weight_v.shape[-1] == 3)
+    else:
+        encoder["sliding_window"] = decoder["sliding_window"] = [vae.sliding_window] * 2
     duration = pipe.duration_embedder.config
     config = {"sample_rate": 44100, "model_type": "diffusion_cond", "model": {
         "pretransform": {"type": "autoencoder", "config": {
             "io_channels": vae.audio_channels, "downsampling_ratio": pipe.vae.downsampling_ratio,
-            "encoder": {"config": encoder},
-            "decoder": {"config": {**encoder, "sinusoidal_blocks": list(vae.decoder_sinusoidal_blocks)}}}},
+            "encoder": {"config": encoder}, "decoder": {"config": decoder}}},
         "conditioning": {"configs": [{"id": "prompt", "type": "t5gemma"}, {"id": "seconds_total", "type": "number",
                                      "config": {"min_val": duration.min_val, "max_val": duration.max_val}}]},
         "diffusion": {"type": "dit", "diffusion_objective": "rf_denoiser" if pipe.scheduler.config.stochastic_sampling
@@ -171,3 +188,120 @@ def test_incomplete_or_foreign_checkpoints_are_refused_with_the_reason(checkpoin
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="could not read model_config.json and model.safetensors"):
         load_stability_checkpoint(tmp_path, text_encoder)
+
+
+# --- the small models: SAME-S with Stability's chunked attention --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chunked_original(original):
+    """The tiny model with a SAME-S-like autoencoder: chunks of 32 frames with the midpoint shift over 2 layers (one
+    on aligned chunks, one on shifted ones) and a 3-tap decoder mapping, every weight non-trivial."""
+    torch.manual_seed(5)
+    vae = use_chunked_attention(AutoencoderSAME(**{**TINY_ARCHITECTURE.vae, "encoder_transformer_depths": (2,)}),
+                                decoder_mapping_kernel=3)
+    randomize_zero_initialised(vae, gain=2.0)
+    let_decoder_hear_its_latents(vae)
+    pipe = StableAudio3Pipeline(**{**original.components, "vae": vae.eval().requires_grad_(False)})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(chunked_original, tmp_path_factory):
+    """Written in Stability's layout in a folder named like a small model, so the loader's name check applies too."""
+    folder = tmp_path_factory.mktemp("checkpoints") / "stable-audio-3-small-music"
+    config, state = write_stability_checkpoint(chunked_original, folder)
+    return folder, config, state
+
+
+def test_small_checkpoint_is_written_as_stabilitys_same_s(small_checkpoint):
+    _, config, state = small_checkpoint
+    autoencoder = config["model"]["pretransform"]["config"]
+    for side in ("encoder", "decoder"):
+        settings = autoencoder[side]["config"]
+        assert "sliding_window" not in settings
+        assert (settings["chunk_size"], settings["chunk_midpoint_shift"]) == (32, True)
+    assert autoencoder["decoder"]["config"]["conv_mapping"] and not autoencoder["encoder"]["config"].get("conv_mapping")
+    assert state["pretransform.model.decoder.layers.3.mapping.weight_v"].shape[-1] == 3
+    assert state["pretransform.model.encoder.layers.0.mapping.weight_v"].shape[-1] == 1
+
+
+def test_imported_small_model_is_served_with_its_chunked_attention_bit_for_bit(small_checkpoint, chunked_original,
+                                                                              tmp_path):
+    """Import (the command a user runs) → the stored folder's vae/config.json records the chunk settings → the
+    engine loads it the way the service loads a stored model, not refused → a request's audio is the original
+    chunked pipeline's, bit for bit (17 latent frames: the decoder pads to whole chunks)."""
+    folder, _, _ = small_checkpoint
+    env = dict(os.environ, BENTOML_HOME=str(tmp_path), BENTOML_DO_NOT_TRACK="True")
+    done = subprocess.run([sys.executable, "-m", "stable_audio_bento.model_import", str(folder),
+                           "--text-encoder", str(ensure_tiny_sa3_model())],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    [stored] = [path for path in (tmp_path / "models" / "stable-audio").iterdir() if path.name != "latest"]
+    vae_config = json.loads((stored / "vae" / "config.json").read_text())
+    assert (vae_config["chunk_size"], vae_config["chunk_midpoint_shift"]) == (32, True)
+
+    source = yaml.safe_load((stored / "model.yaml").read_text())["metadata"]["source"]
+    assert source == str(folder)
+    engine = load_sa3_engine(EngineConfig(model=source, weights=str(stored),
+                                          sampling=SamplingOptions(decode_margin_frames=None)))
+    assert engine.limits.max_duration_s == 120.0  # known as a small model by its name: the refusal was checked
+    blocks = [*engine.vae.encoder.blocks, *engine.vae.decoder.blocks]
+    assert all((block.chunk_size, block.midpoint_shift) == (32, True) for block in blocks)
+    assert uses_chunked_attention(engine.vae) and engine.vae.decoder.blocks[0].mapping.weight_v.shape[-1] == 3
+    original_vae = chunked_original.vae.state_dict()
+    assert original_vae.keys() == engine.vae.state_dict().keys()
+    assert all(torch.equal(tensor, original_vae[name]) for name, tensor in engine.vae.state_dict().items())
+
+    request = AudioRequest("a kick drum", seed=4, audio_length=1.5, guidance_scale=1.0, num_inference_steps=3)
+    assert engine.latent_frames(request.audio_length) == 17
+    [result] = run_to_completion(engine, [request])
+    expected = generate_request(chunked_original, request)
+    assert result.error is None and np.abs(expected).max() > 1e-3
+    assert np.array_equal(result.audio, expected)
+
+    # The stored folder imported again (a diffusers-format folder now) keeps the chunked attention.
+    again, _ = read_source(str(stored), str(ensure_tiny_sa3_model()))
+    assert uses_chunked_attention(again.vae) and again.vae.config.chunk_size == 32
+
+
+def generate_request(pipe: StableAudio3Pipeline, request: AudioRequest) -> np.ndarray:
+    return pipe(request.prompt, duration=request.audio_length, num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                generator=torch.Generator().manual_seed(request.seed)).audios[0].numpy()
+
+
+def without(settings: dict, *names: str) -> dict:
+    return {key: value for key, value in settings.items() if key not in names}
+
+
+def with_sides(config: dict, encoder: dict, decoder: dict) -> dict:
+    changed = json.loads(json.dumps(config))
+    autoencoder = changed["model"]["pretransform"]["config"]
+    autoencoder["encoder"]["config"], autoencoder["decoder"]["config"] = encoder, decoder
+    return changed
+
+
+def test_small_checkpoint_without_chunk_settings_is_refused_with_the_reason(small_checkpoint, tmp_path, capsys):
+    folder, config, state = small_checkpoint
+    text_encoder = str(ensure_tiny_sa3_model())
+    autoencoder = config["model"]["pretransform"]["config"]
+    encoder, decoder = autoencoder["encoder"]["config"], autoencoder["decoder"]["config"]
+    silent = with_sides(config, without(encoder, "chunk_size", "chunk_midpoint_shift"),
+                        without(decoder, "chunk_size", "chunk_midpoint_shift"))
+    with pytest.raises(CheckpointError, match="SAME encoder config has neither sliding_window nor chunk_size"):
+        convert_checkpoint(silent, state, text_encoder)
+    mixed = with_sides(config, encoder, {**without(decoder, "chunk_size"), "sliding_window": [1, 1]})
+    with pytest.raises(CheckpointError, match="encoder attends with .*chunk_size=32.* decoder with .*sliding_window=1"):
+        convert_checkpoint(mixed, state, text_encoder)
+    uneven = with_sides(config, {**encoder, "chunk_size": 24}, {**decoder, "chunk_size": 24})
+    with pytest.raises(CheckpointError, match="chunk_size 24 must be a multiple of the block stride 16"):
+        convert_checkpoint(uneven, state, text_encoder)
+
+    # The command says why and stores nothing (it fails before the model store is opened).
+    copy = tmp_path / "stable-audio-3-small-sfx"
+    copy.mkdir()
+    (copy / "model_config.json").write_text(json.dumps(silent))
+    (copy / "model.safetensors").symlink_to(folder / "model.safetensors")
+    assert main([str(copy), "--text-encoder", text_encoder]) == 1
+    assert "neither sliding_window nor chunk_size" in capsys.readouterr().err

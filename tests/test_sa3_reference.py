@@ -124,8 +124,9 @@ def test_conditioning_is_chosen_by_environment(tmp_path, monkeypatch):
 
 def test_small_model_is_served_only_with_chunked_attention(tmp_path, monkeypatch):
     """A folder named like a small model holding diffusers' band-attention SAME is refused; with Stability's chunk
-    settings in vae/config.json and a 3-tap decoder mapping it is served, and a request's audio is the pipeline's
-    with that autoencoder (odd latent length: the decoder pads to whole chunks), bit for bit."""
+    settings in vae/config.json (as a chunked autoencoder's save_pretrained writes them) and a 3-tap decoder mapping
+    it is served, and a request's audio is the pipeline's with that autoencoder (odd latent length: the decoder pads
+    to whole chunks), bit for bit."""
     monkeypatch.setenv("STABLE_AUDIO_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "stable-audio-3-small-music"
     shutil.copytree(ensure_tiny_sa3_model(variant=TINY_SA3), folder)
@@ -134,9 +135,9 @@ def test_small_model_is_served_only_with_chunked_attention(tmp_path, monkeypatch
 
     torch.manual_seed(1)
     chunked = use_chunked_attention(AutoencoderSAME.from_pretrained(folder / "vae"), decoder_mapping_kernel=3)
-    chunked.save_pretrained(folder / "vae")
+    chunked.save_pretrained(folder / "vae")  # the chunk settings go to vae/config.json with it
     config = json.loads((folder / "vae" / "config.json").read_text())
-    (folder / "vae" / "config.json").write_text(json.dumps({**config, "chunk_size": 32, "chunk_midpoint_shift": True}))
+    assert (config["chunk_size"], config["chunk_midpoint_shift"]) == (32, True)
     engine = load_sa3_engine(EngineConfig(model=str(folder), sampling=SamplingOptions(decode_margin_frames=None)))
     assert uses_chunked_attention(engine.vae) and engine.decode_margin_frames == 4
     assert engine.vae.decoder.blocks[0].mapping.weight_v.shape[-1] == 3

@@ -87,7 +87,8 @@ def _diffusers_folder(folder: Path) -> tuple[DiffusionPipeline, str]:
 
 def _pipeline(source: str, **hub: str | None) -> DiffusionPipeline:
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **hub)
+        # A folder whose autoencoder is SAME-S with its chunked attention keeps it (diffusers alone would drop it).
+        pipe = DiffusionPipeline.from_pretrained(source, **hub, **sa3_loading.chunked_autoencoder_components(source))
     except Exception as exc:  # diffusers raises OSError, ValueError or HTTP errors depending on what is missing
         raise ImportFailed(f"{source!r} is not a complete diffusers-format pipeline: {exc}") from exc
     if type(pipe).__name__ not in FAMILIES:

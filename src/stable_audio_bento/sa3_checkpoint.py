@@ -16,10 +16,15 @@ The key mapping follows diffusers' ``scripts/convert_stable_audio_3_to_diffusers
 - Differential self-attention (DiT and SAME) fuses its projections as [q | k | v | q2 | k2]; diffusers as
   [q | q2 | k | k2 | v]. Cross-attention's ``to_q`` / ``to_kv`` already agree.
 
-What the weights do not say comes from ``model_config.json``: the SAME's strides, level widths and sliding window,
-the duration's range, and ``diffusion_objective`` (``rf_denoiser``: the distilled models' stochastic sampling,
-else deterministic Euler). The T5Gemma text encoder and its tokenizer are not in these checkpoints: they are read
-from ``google/t5gemma-b-b-ul2`` (the hub) or a local folder.
+What the weights do not say comes from ``model_config.json``: the SAME's strides, level widths and attention, the
+duration's range, and ``diffusion_objective`` (``rf_denoiser``: the distilled models' stochastic sampling, else
+deterministic Euler). The SAME's attention (see ``same_attention``): SAME-L's encoder and decoder configs give a
+``sliding_window`` (diffusers' band attention); SAME-S's give none, and ``chunk_size`` and ``chunk_midpoint_shift``
+instead, which ``same_chunked`` reproduces and records in the autoencoder's config (so in ``vae/config.json``).
+SAME-S's decoder also has ``conv_mapping`` (a 3-tap output mapping, ``mapping.weight_v`` of shape (out, in, 3)
+under the decoder block's key); like every other shape, its taps are read from the weight. The T5Gemma text
+encoder and its tokenizer are not in these checkpoints: they are read from ``google/t5gemma-b-b-ul2`` (the hub) or
+a local folder.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers import StableAudio3Pipeline
@@ -42,6 +47,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel
 
 from .sa3_loading import sa3_scheduler
+from .same_chunked import use_chunked_attention
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +102,7 @@ def convert_checkpoint(model_config: dict[str, Any], state: dict[str, torch.Tens
                               "(for stable-audio-open-1.0 import its hub id, which has the diffusers layout)")
     model = model_config.get("model", {})
     transformer = StableAudio3DiTModel(**dit_config(state))
-    vae = AutoencoderSAME(**same_config(state, model_config))
+    vae = same_autoencoder(state, model_config)
     duration = StableAudio3DurationEmbedder(**duration_config(state, model))
     used: set[str] = set()
     for module, convert in ((transformer, dit_state), (vae, same_state), (duration, duration_state)):
@@ -208,10 +214,61 @@ def dit_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     )
 
 
+class SameAttention(NamedTuple):
+    """How a SAME's resampling blocks attend, in the terms of Stability's ``TransformerResamplingBlock``: through a
+    sliding window of ``sliding_window`` latent frames each side (SAME-L), or, with none, within chunks of
+    ``chunk_size`` block-input frames, the second half of the layers on chunks shifted by half if
+    ``chunk_midpoint_shift`` (SAME-S)."""
+
+    sliding_window: int | None
+    chunk_size: int | None
+    chunk_midpoint_shift: bool
+
+
+def same_attention(autoencoder: dict[str, Any]) -> SameAttention:
+    """The attention of the encoder and of the decoder, which must agree (one setting serves both here)."""
+    encoder, decoder = (_block_attention(_field(autoencoder, side, "config"), side) for side in ("encoder", "decoder"))
+    if encoder != decoder:
+        raise CheckpointError(f"{CONFIG_FILE}: the SAME's encoder attends with {encoder} and its decoder with "
+                              f"{decoder}; this service runs both with one setting")
+    return encoder
+
+
+def _block_attention(config: dict[str, Any], side: str) -> SameAttention:
+    window = config.get("sliding_window")
+    if window is not None:
+        return SameAttention(window[0], None, False)  # per side; the models' windows are symmetric
+    if "chunk_size" not in config:
+        # Stability's block would chunk by its default of 128 frames, while its latent-length alignment
+        # (model.py) assumes 32 when the config is silent: the attention the model was trained with is unknown.
+        raise CheckpointError(
+            f"{CONFIG_FILE}: the SAME {side} config has neither sliding_window nor chunk_size, so how its "
+            "attention was trained cannot be told (Stability's code itself assumes 128 in one place and 32 in "
+            "another); SAME-S (the small models) records chunk_size 32 and chunk_midpoint_shift true: add the "
+            "model's values to model.pretransform.config.encoder.config and .decoder.config")
+    return SameAttention(None, int(config["chunk_size"]), bool(config.get("chunk_midpoint_shift", False)))
+
+
+def same_autoencoder(state: dict[str, torch.Tensor], model_config: dict[str, Any]) -> AutoencoderSAME:
+    """The SAME with the configuration's attention; SAME-S's chunked attention with as many decoder mapping taps as
+    its weight has. Its weights are loaded afterwards."""
+    attention = same_attention(_field(model_config, "model", "pretransform", "config"))
+    if attention.chunk_size is None:
+        return AutoencoderSAME(**same_config(state, model_config), sliding_window=attention.sliding_window)
+    vae = AutoencoderSAME(**same_config(state, model_config))
+    taps = _require(state, f"{SAME_PREFIX}decoder.layers.3.mapping.weight_v").shape[-1]
+    try:
+        return use_chunked_attention(vae, attention.chunk_size, attention.chunk_midpoint_shift,
+                                     decoder_mapping_kernel=taps)
+    except ValueError as exc:  # a chunk that is not a whole number of the blocks' strides
+        raise CheckpointError(f"{CONFIG_FILE}: {exc}") from None
+
+
 def same_config(state: dict[str, torch.Tensor], model_config: dict[str, Any]) -> dict[str, Any]:
+    """AutoencoderSAME's arguments but its attention (``same_attention``)."""
     autoencoder = _field(model_config, "model", "pretransform", "config")
     encoder = _field(autoencoder, "encoder", "config")
-    decoder = autoencoder.get("decoder", {}).get("config", {})
+    decoder = _field(autoencoder, "decoder", "config")
     strides = list(_field(encoder, "strides"))
     width = _require(state, f"{SAME_PREFIX}encoder.layers.0.new_tokens").shape[-1]
     layer = f"{SAME_PREFIX}encoder.layers.0.transformers.0."
@@ -224,7 +281,6 @@ def same_config(state: dict[str, torch.Tensor], model_config: dict[str, Any]) ->
         use_differential_attention=_require(state, layer + "self_attn.to_qkv.weight").shape[0] == 5 * width,
         dim_heads=_require(state, layer + "self_attn.q_norm.gamma").shape[0],
         ff_mult=_require(state, layer + "ff.ff.0.proj.weight").shape[0] // (2 * width),
-        sliding_window=(encoder.get("sliding_window") or [1])[0],  # per side; the model's is symmetric
         encoder_sinusoidal_blocks=list(encoder.get("sinusoidal_blocks", [0] * len(strides))),
         decoder_sinusoidal_blocks=list(decoder.get("sinusoidal_blocks", [0] * len(strides))),
         sampling_rate=model_config.get("sample_rate", 44100),

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from transformers import GemmaTokenizer, T5GemmaConfig, T5GemmaEncoderModel
 
 from .model_cache import cache_root, save_once
-from .same_chunked import SAME_S_DECODER_MAPPING_KERNEL, use_chunked_attention, uses_chunked_attention
+from .same_chunked import (CHUNK_SETTINGS, SAME_S_DECODER_MAPPING_KERNEL, use_chunked_attention,
+                           uses_chunked_attention)
 
 TINY_SA3 = "tiny-sa3"  # the distilled kind: stochastic "ping-pong" sampling, 8 steps, no guidance
 TINY_SA3_BASE = "tiny-sa3-base"  # the same weights with the base models' deterministic Euler sampling
@@ -217,15 +218,12 @@ def sa3_source(model: str) -> str:
     return str(ensure_tiny_sa3_model(variant=model)) if model in (TINY_SA3, TINY_SA3_BASE) else model
 
 
-# Stability's names for SAME-S's attention settings (its model_config.json, autoencoder encoder/decoder config).
-# diffusers' AutoencoderSAME has no such settings; a vae/config.json that records them is loaded with chunked attention.
-CHUNK_SETTINGS = ("chunk_size", "chunk_midpoint_shift")
-
-
 def chunked_autoencoder_components(source: str) -> dict[str, AutoencoderSAME]:
     """``{"vae": ...}`` for ``from_pretrained`` when ``source`` is a folder whose vae/config.json records
-    ``chunk_size`` (and ``chunk_midpoint_shift``): the autoencoder built from the rest of its config, switched to
-    chunked attention with the decoder mapping's taps read from its weights, then loaded strictly. Else ``{}``."""
+    ``chunk_size`` (and ``chunk_midpoint_shift``), as a chunked autoencoder's ``save_pretrained`` writes it (the
+    importer's output, for one): the autoencoder built from the rest of its config, switched to chunked attention
+    with the decoder mapping's taps read from its weights, then loaded strictly. Else ``{}``: diffusers' own
+    AutoencoderSAME, which has no such settings."""
     folder = Path(source) / "vae"
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -248,9 +246,10 @@ def check_autoencoder_is_faithful(model: str, vae: AutoencoderSAME) -> None:
         raise ValueError(
             f"{model!r}: its autoencoder is SAME-S, which Stability's code runs with chunked attention (chunks of "
             "32 frames, the second half of the layers on chunks shifted by half) and a 3-tap decoder mapping; "
-            "diffusers' AutoencoderSAME gives it band attention, so the audio would not be the model's. Record "
-            "Stability's chunk_size (32) and chunk_midpoint_shift (true) in vae/config.json and keep the decoder "
-            "mapping's 3-tap weights (README, 'Departures from diffusers')")
+            "diffusers' AutoencoderSAME gives it band attention, so the audio would not be the model's. Import "
+            "Stability's checkpoint with stable-audio-import-model (it keeps both), or record chunk_size (32) and "
+            "chunk_midpoint_shift (true) in vae/config.json and keep the decoder mapping's 3-tap weights (README, "
+            "'Departures from diffusers')")
 
 
 def place_sa3_pipeline(pipe: StableAudio3Pipeline, device: torch.device, dtype: torch.dtype,

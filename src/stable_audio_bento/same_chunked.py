@@ -13,6 +13,8 @@ window of one latent frame: each token sees a different set of tokens, at differ
 
 ``use_chunked_attention`` switches a loaded ``AutoencoderSAME``'s blocks to this pattern in place. The parameters
 and their names do not change; the transformer layers are diffusers' own, called once per chunk without a mask.
+It records the settings in the autoencoder's config under Stability's names (``CHUNK_SETTINGS``), so
+``save_pretrained`` writes them to ``vae/config.json``, where the loader reads them back.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from torch.nn.utils import weight_norm  # as diffusers' blocks: weight_g / weigh
 
 SAME_S_CHUNK_SIZE = 32  # block-input frames per chunk in SAME-S's encoder and decoder configs
 SAME_S_DECODER_MAPPING_KERNEL = 3  # SAME-S's decoder maps tokens to patches with a 3-tap conv (``conv_mapping``)
+# Stability's names for these settings (its TransformerResamplingBlock's arguments, in model_config.json); the same
+# names in a diffusers vae/config.json, which AutoencoderSAME itself does not read.
+CHUNK_SETTINGS = ("chunk_size", "chunk_midpoint_shift")
 
 
 class ChunkedResamplingBlock(SAMETransformerResamplingBlock):
@@ -109,6 +114,7 @@ def use_chunked_attention(vae: AutoencoderSAME, chunk_size: int = SAME_S_CHUNK_S
     for block in blocks:
         block.__class__ = ChunkedResamplingBlock
         block.chunk_size, block.midpoint_shift = chunk_size, midpoint_shift
+    vae.register_to_config(chunk_size=chunk_size, chunk_midpoint_shift=midpoint_shift)  # CHUNK_SETTINGS
     if decoder_mapping_kernel is not None:
         for block in vae.decoder.blocks:
             if isinstance(block.mapping, nn.Conv1d):
