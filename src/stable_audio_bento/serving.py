@@ -39,6 +39,7 @@ class ModelCard:
     max_steps: int
     default_guidance_scale: float = 7.0
     edits: bool = False  # whether the model family starts from init audio (POST /v1/audio/edits)
+    inpainting: bool = False  # ... and regenerates a region of it (mask_start / mask_end)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "max_seconds": self.limits.max_seconds}
@@ -46,7 +47,8 @@ class ModelCard:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
         return cls(data["model"], ModelLimits(**data["limits"]), data["default_steps"], data["max_steps"],
-                   data.get("default_guidance_scale", 7.0), data.get("edits", False))
+                   data.get("default_guidance_scale", 7.0), data.get("edits", False),
+                   data.get("inpainting", False))
 
 
 class OpenAIErrorMiddleware:
