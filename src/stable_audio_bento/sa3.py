@@ -116,7 +116,7 @@ class BatchedStableAudio3:
             fixed_start=True,
         )
         self.decode_margin_frames = decoder_reach_frames(pipe.vae)
-        self._schedules: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rotary_embeddings: dict[int, torch.Tensor] = {}
         self._transformer_forward = self.transformer_forward
 
@@ -209,15 +209,20 @@ class BatchedStableAudio3:
 
     def schedule(self, steps: int, sigma_max: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps, sigmas) for a step count and a starting noise level (below 1: audio-to-audio), from a private
-        copy of the pipeline's scheduler: the shared one keeps a step index and cannot serve several requests. The
-        tensors are shared between requests, read only."""
-        key = (steps, sigma_max)
-        if key not in self._schedules:
-            scheduler = copy.deepcopy(self.pipe.scheduler)
-            sigmas = logsnr_sigma_schedule(steps, LOGSNR_MIN, LOGSNR_MAX, sigma_max=sigma_max)
-            scheduler.set_timesteps(sigmas=sigmas, device=self.device)
-            self._schedules[key] = (scheduler.timesteps, scheduler.sigmas)
-        return self._schedules[key]
+        copy of the pipeline's scheduler: the shared one keeps a step index and cannot serve several requests.
+        Schedules from full noise are kept, shared between requests, read only; an edit's (its strength is any
+        number) is built for it."""
+        if sigma_max != 1.0:
+            return self.build_schedule(steps, sigma_max)
+        if steps not in self._schedules:
+            self._schedules[steps] = self.build_schedule(steps, sigma_max)
+        return self._schedules[steps]
+
+    def build_schedule(self, steps: int, sigma_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(sigmas=logsnr_sigma_schedule(steps, LOGSNR_MIN, LOGSNR_MAX, sigma_max=sigma_max),
+                                device=self.device)
+        return scheduler.timesteps, scheduler.sigmas
 
     # 2. One denoising step: a DiT forward over the rows of states of equal latent length, then each request's own
     # guidance and sampler step.
