@@ -67,7 +67,8 @@ class StableAudioEngine:
         self.card = ModelCard(self.config.model, self.engine.limits,
                               self.config.default_inference_steps or self.engine.default_steps,
                               self.config.max_inference_steps, self.engine.default_guidance_scale,
-                              edits=self.engine.starts_from_audio, model_tag=self.config.model_tag)
+                              edits=self.engine.starts_from_audio, inpainting=self.engine.inpaints,
+                              model_tag=self.config.model_tag)
         logger.info("%s batching: at most %d requests and %s DiT rows per step", SETTINGS.batching,
                     SETTINGS.max_batch_size, self.engine.options.max_rows or "any number of")
 
@@ -155,7 +156,7 @@ class StableAudio:
     @bentoml.api(route="/v1/audio/edits", input_spec=EditRequest)
     async def edit(self, ctx: bentoml.Context, **fields) -> Path:
         """Audio-to-audio: multipart form data with the file in ``audio``, the fields of /v1/audio/generate, and
-        ``strength``."""
+        ``strength`` or (Stable Audio 3) ``mask_start`` / ``mask_end``."""
         return await self.respond(ctx, EditRequest(**fields))
 
     async def respond(self, ctx: bentoml.Context, request: GenerateRequest) -> Path:

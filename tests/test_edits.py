@@ -208,6 +208,9 @@ ERROR_CASES = {
     "unknown format": ({**FIELDS, "response_format": "ogg"}, None, 400, "response_format"),
     "too many steps": ({**FIELDS, "num_inference_steps": "100000"}, None, 400, "num_inference_steps"),
     "other model": ({**FIELDS, "model": "someone/else"}, None, 404, "model"),
+    "mask_start: cannot inpaint": ({**FIELDS, "mask_start": "0.1"}, None, 400, "mask_start"),
+    "mask_end: cannot inpaint": ({**FIELDS, "mask_end": "0.3"}, None, 400, "mask_end"),
+    "mask_start not a number": ({**FIELDS, "mask_start": "later"}, None, 400, "mask_start"),
 }
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from stable_audio_bento.generation import ModelLimits
-from stable_audio_bento.protocol import MAX_SEED, APIError, GenerateRequest
+from stable_audio_bento.protocol import DEFAULT_STRENGTH, MAX_SEED, APIError, EditRequest, GenerateRequest
 
 LIMITS = ModelLimits(sample_rate=44100, channels=2, hop_length=2048, latent_frames=1024)
 
@@ -71,3 +73,43 @@ def test_stable_audio_3_limits(fields, param):
     with pytest.raises(APIError) as raised:
         sa3_request(input="x", **fields)
     assert raised.value.param == param and raised.value.status == 400
+
+
+def edit_fields(inpainting_served: bool = True, **fields) -> dict:
+    return EditRequest(input="x", audio=Path("upload.wav"), **fields).edit_fields(10.0, inpainting_served)
+
+
+def test_edit_fields_fill_in_the_other_end_of_the_region_or_the_strength():
+    assert edit_fields() == {"strength": DEFAULT_STRENGTH} and edit_fields(strength=0.2) == {"strength": 0.2}
+    assert edit_fields(mask_start=4.0) == {"mask_start": 4.0, "mask_end": 10.0}
+    assert edit_fields(mask_end=2.5) == {"mask_start": 0.0, "mask_end": 2.5}
+    assert edit_fields(mask_start=1, mask_end=10) == {"mask_start": 1, "mask_end": 10}
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"mask_start": 1.0, "inpainting_served": False}, "mask_start"),
+    ({"mask_end": 1.0, "inpainting_served": False}, "mask_end"),
+    ({"mask_start": 1.0, "strength": 0.5}, "strength"),
+    ({"mask_end": 10.5}, "mask_end"),
+    ({"mask_start": 3.0, "mask_end": 2.0}, "mask_start"),
+])
+def test_edit_fields_refused(fields, param):
+    with pytest.raises(APIError) as raised:
+        edit_fields(**fields)
+    assert (raised.value.param, raised.value.status) == (param, 400)
+
+
+@pytest.mark.parametrize("fields, upload_seconds, param", [
+    ({"mask_start": 6.0, "mask_end": 10.0}, 5.0, "mask_start"),  # a gap between the upload and the region
+    ({"mask_start": 1.0, "mask_end": 2.0}, 5.0, "mask_end"),  # 5-10 s would be kept, but there is nothing there
+    ({"mask_start": 5.05, "mask_end": 10.0}, 5.0, None),  # within a latent frame of the upload's end
+    ({"mask_start": 1.0, "mask_end": 2.0}, 10.0, None),
+    ({"strength": 0.5}, 1.0, None),  # audio-to-audio pads a short upload
+])
+def test_kept_audio_must_be_in_the_upload(fields, upload_seconds, param):
+    if param is None:
+        EditRequest.check_kept_audio(fields, 10.0, upload_seconds, 4096 / 44100)
+        return
+    with pytest.raises(APIError) as raised:
+        EditRequest.check_kept_audio(fields, 10.0, upload_seconds, 4096 / 44100)
+    assert raised.value.param == param

@@ -30,7 +30,10 @@ FIELDS = {  # flag -> (type, help); None values are left out so the server appli
     "response_format": (str, "wav, mp3, flac, pcm, opus or aac (default: from the output file's suffix, else wav)"),
     "model": (str, "model name; must match the served model if given"),
     "strength": (float, "with --init-audio: how far from it to go, over 0 and at most 1 (default 0.5)"),
+    "mask_start": (float, "with --init-audio, Stable Audio 3: regenerate from here (seconds), keep the rest"),
+    "mask_end": (float, "with --init-audio, Stable Audio 3: ... up to here (seconds; default: the end)"),
 }
+EDIT_FIELDS = ("strength", "mask_start", "mask_end")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,8 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds to wait before cancelling the job (default 3600)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.strength is not None and args.init_audio is None:
-        parser.error("--strength needs --init-audio")
+    for name in EDIT_FIELDS:
+        if getattr(args, name) is not None and args.init_audio is None:
+            parser.error(f"--{name.replace('_', '-')} needs --init-audio")
     return args
 
 

@@ -72,7 +72,13 @@ class Gateway:
             raise APIError(f"{card.model} cannot start from audio yet", param="audio", code="unsupported")
         # Decoding and resampling take up to a few tenths of a second (0.17 s for 47.55 s at 48 kHz): off the loop.
         audio = await asyncio.to_thread(load_init_audio, request.audio, card.limits)
-        return replace(job, init_audio=audio, strength=request.strength)
+        limits = card.limits
+        upload_seconds = audio.shape[1] / limits.sample_rate
+        if request.audio_length is None and limits.fixed_start:  # a model with a duration: that of the upload
+            job = replace(job, audio_length=upload_seconds)
+        fields = request.edit_fields(job.audio_length, card.inpainting)
+        request.check_kept_audio(fields, job.audio_length, upload_seconds, limits.hop_length / limits.sample_rate)
+        return replace(job, init_audio=audio, **fields)
 
     async def serve(self, request: GenerateRequest, client: RequestContext) -> GeneratedAudio:
         """A request whose client waits for the audio: validated, admitted, generated unless the client leaves."""

@@ -35,11 +35,19 @@ class AudioRequest:
     # the result may go (0 < strength <= 1). Not compared: arrays have no single truth value.
     init_audio: InitAudio = field(default=None, compare=False, repr=False)
     strength: float = 1.0
+    # Inpainting (Stable Audio 3): the region to regenerate, in seconds, both set or neither; the rest of the clip
+    # is kept from init_audio. Starts from pure noise, so strength does not apply.
+    mask_start: float | None = None
+    mask_end: float | None = None
 
     @property
     def rows(self) -> int:
         """DiT rows this request occupies: unconditional + conditional with guidance, else one."""
         return 2 if self.guidance_scale > 1.0 else 1
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask_start is not None
 
     @property
     def label(self) -> str:

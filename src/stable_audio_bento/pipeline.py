@@ -94,6 +94,7 @@ class BatchedStableAudio:
     ``forward_key``), ``advance`` (each request's own scheduler step), ``decode`` (once, when it finishes)."""
 
     starts_from_audio = True  # prepare_request honours AudioRequest.init_audio (edits)
+    inpaints = False  # not trained to regenerate a region: AudioRequest.mask_start / mask_end are refused
 
     def __init__(self, pipe: StableAudioPipeline, options: SamplingOptions = SamplingOptions()):
         self.pipe = pipe
@@ -130,6 +131,8 @@ class BatchedStableAudio:
     # 1. Per-request conditioning, noise and scheduler, computed exactly as StableAudioPipeline does for one prompt.
     @torch.no_grad()
     def prepare_request(self, request: AudioRequest) -> StableAudioState:
+        if request.inpainting:
+            raise ValueError("stable-audio-open-1.0 cannot inpaint: mask_start / mask_end must be left out")
         pipe = self.pipe
         guided = request.rows == 2
         negative_prompt = request.negative_prompt if guided else None

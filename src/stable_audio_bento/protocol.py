@@ -139,25 +139,78 @@ class GenerateRequest(BaseModel):
         )
 
 
-DEFAULT_STRENGTH = 0.5  # sigma_init = sqrt(0.3 * 500) ≈ 12.2: a variation of the audio; see the README
+DEFAULT_STRENGTH = 0.5  # stable-audio-open-1.0: sigma_init = sqrt(0.3 * 500) ≈ 12.2; Stable Audio 3: noise level 0.5
 
 
 class EditRequest(GenerateRequest):
     """Form fields of POST /v1/audio/edits: those of /v1/audio/generate, the audio to start from, and how far
-    from it to go. Each form value is read as JSON when it parses (BentoML's multipart rule), else as text."""
+    from it to go (``strength``) or, Stable Audio 3 only, which region of it to regenerate (``mask_start``,
+    ``mask_end``). Each form value is read as JSON when it parses (BentoML's multipart rule), else as text."""
 
     audio: Path = Field(description="The audio to start from (WAV, FLAC, MP3, Ogg, or anything ffmpeg decodes; "
-                                    "any rate and channel count), at most the model's window long.")
-    strength: float = Field(DEFAULT_STRENGTH, description="How far from the audio the result may go, over 0 and "
-                            "at most 1: denoising starts at the noise level sigma_min^(1-s) * sigma_max^s, so 1 is "
-                            f"text-to-audio's start and values near 0 keep the audio. Default {DEFAULT_STRENGTH:g}.")
+                                    "any rate and channel count), at most the model's maximum length.")
+    strength: float | None = Field(None, description="How far from the audio the result may go, over 0 and at most "
+                                   "1. stable-audio-open-1.0: denoising starts at the noise level "
+                                   "sigma_min^(1-s) * sigma_max^s; Stable Audio 3: at the noise level s. 1 is "
+                                   f"text-to-audio's start, values near 0 keep the audio. Default {DEFAULT_STRENGTH:g}; "
+                                   "not with mask_start / mask_end.")
+    mask_start: float | None = Field(None, description="Stable Audio 3 inpainting: regenerate the audio from here "
+                                     "(seconds; default 0 when mask_end is given) and keep the rest of the upload.")
+    mask_end: float | None = Field(None, description="Stable Audio 3 inpainting: ... up to here (seconds; default "
+                                   "audio_length). A continuation: mask_start at the upload's end, a longer "
+                                   "audio_length.")
 
     @field_validator("strength")
     @classmethod
-    def _strength_in_range(cls, value: float) -> float:
-        if not (math.isfinite(value) and 0 < value <= 1):
+    def _strength_in_range(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and 0 < value <= 1):
             raise ValueError("must be a number greater than 0 and at most 1")
         return value
+
+    @field_validator("mask_start", "mask_end")
+    @classmethod
+    def _mask_not_negative(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError("must be a finite number of seconds, 0 or more")
+        return value
+
+    def edit_fields(self, audio_length: float, inpainting_served: bool) -> dict[str, float]:
+        """The AudioRequest's ``strength``, or its ``mask_start`` and ``mask_end`` with their defaults filled in,
+        checked against the request's length and what the served model does."""
+        if self.mask_start is None and self.mask_end is None:
+            return {"strength": DEFAULT_STRENGTH if self.strength is None else self.strength}
+        named = "mask_start" if self.mask_start is not None else "mask_end"
+        if not inpainting_served:
+            raise APIError(f"{named}: this model cannot inpaint (stable-audio-open-1.0 was not trained for it); "
+                           "Stable Audio 3 models can", param=named, code="unsupported")
+        if self.strength is not None:
+            raise APIError("strength does not apply with mask_start / mask_end: inpainting starts from pure noise",
+                           param="strength")
+        start = 0.0 if self.mask_start is None else self.mask_start
+        end = audio_length if self.mask_end is None else self.mask_end
+        if end > audio_length:
+            raise APIError(f"mask_end must be at most audio_length ({audio_length:g} s) (got {end:g})",
+                           param="mask_end")
+        if start >= end:
+            raise APIError(f"mask_start must be less than mask_end ({end:g} s) (got {start:g})", param="mask_start")
+        return {"mask_start": start, "mask_end": end}
+
+    @staticmethod
+    def check_kept_audio(fields: dict[str, float], audio_length: float, upload_seconds: float,
+                         slack_seconds: float) -> None:
+        """Inpainting keeps the audio outside [mask_start, mask_end] from the upload, so it must be there (within
+        ``slack_seconds``, a latent frame: resampling may leave an upload a sample short)."""
+        if "mask_start" not in fields:
+            return
+        reach = upload_seconds + slack_seconds
+        if fields["mask_start"] > reach:
+            raise APIError(f"mask_start must be at most the uploaded audio's length ({upload_seconds:.2f} s): the "
+                           f"audio before it is kept from the upload (got {fields['mask_start']:g})",
+                           param="mask_start")
+        if fields["mask_end"] < audio_length and audio_length > reach:
+            raise APIError(f"the audio after mask_end is kept from the upload, which ends at {upload_seconds:.2f} s: "
+                           f"set mask_end to audio_length ({audio_length:g} s) to continue it, or shorten "
+                           "audio_length", param="mask_end")
 
 
 def shown(value: Any, limit: int = 24) -> str:

@@ -9,10 +9,12 @@ input and output convs run per request, over that request's own rows, as the pip
 CPU a Linear over a few more rows rounds differently, and a Conv1d over one row takes another kernel than over
 several. (The blocks' Linears see rows × frames rows, where the row count no longer changes the rounding.)
 Self-attention over latent frames has no padding mask in diffusers' Stable Audio 3 DiT, so only requests of equal
-latent length share a forward.
+latent length share a forward; and inpainting requests (``sa3_edits.py``) share theirs only with each other: their
+DiT adds the local conditioning in every block, the pipelines for the others add nothing.
 
-On CPU fp32 a request's audio is bit-identical to ``StableAudio3Pipeline`` with the same seed, alone or with any
-others in any step, when it is decoded whole as the pipeline decodes it; see ``tests/test_sa3.py``. By default a
+On CPU fp32 a request's audio is bit-identical to ``StableAudio3Pipeline`` (an edit: to
+``StableAudio3AudioToAudioPipeline`` or ``StableAudio3InpaintPipeline``) with the same seed, alone or with any others
+in any step, when it is decoded whole as the pipeline decodes it; see ``tests/test_sa3.py``. By default a
 long clip is decoded in windows instead (``SA3Options.decode_window_frames``), within float rounding of the whole
 decode at a small fraction of its memory. Which requests take each step is the step loop's business
 (``step_loop.py``).
@@ -34,6 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .cuda_memory import release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
+from .sa3_edits import encode_reference, inpainting_conditioning, regenerated_frames, variation_start
 from .same_chunked import ChunkedResamplingBlock
 from .step_loop import RequestState
 
@@ -74,6 +77,7 @@ class StableAudio3State(RequestState):
     context: torch.Tensor  # (rows, text tokens + 1, embed_dim): projected text + duration token, [negative, positive]
     global_embedding: torch.Tensor  # (rows, embed_dim): the projected duration embedding
     samples: int  # output length: int(duration · sample rate), as the pipeline trims
+    local_conditioning: torch.Tensor | None = None  # (1, 1 + latent channels, frames): see start()
 
     @property
     def timestep(self) -> torch.Tensor:
@@ -92,7 +96,8 @@ class BatchedStableAudio3:
     max_seconds: the longest audio served; default the duration embedder's clamp (384 s for the published models,
     whose trained maxima, 380 s medium and 120 s small, the loader knows: ``sa3_loading.max_seconds_for``)."""
 
-    starts_from_audio = False  # audio-to-audio for Stable Audio 3 is not served yet
+    starts_from_audio = True  # prepare_request honours AudioRequest.init_audio: audio-to-audio (edits)
+    inpaints = True  # ... and AudioRequest.mask_start / mask_end: inpainting and continuation
 
     def __init__(self, pipe: StableAudio3Pipeline, max_seconds: float | None = None,
                  options: SA3Options = SA3Options()):
@@ -143,9 +148,12 @@ class BatchedStableAudio3:
         duration = self.pipe.encode_duration(request.audio_length, self.device, 1, 1)  # (1, global_cond_dim)
         context, context_mask = self.encode_text(request, duration)
         rows_duration = torch.cat([duration] * request.rows)  # the pipeline concatenates, so do we
-        timesteps, sigmas = self.schedule(request.num_inference_steps)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        shape = (1, self.vae.config.latent_dim, self.latent_frames(request.audio_length))
+        frames = self.latent_frames(request.audio_length)
+        noise = randn_tensor((1, self.vae.config.latent_dim, frames), generator=generator, device=self.device,
+                             dtype=self.noise_dtype)
+        latents, sigma_max, local_conditioning = self.start(request, noise)
+        timesteps, sigmas = self.schedule(request.num_inference_steps, sigma_max)
         return StableAudio3State(
             request=request,
             generator=generator,
@@ -153,9 +161,28 @@ class BatchedStableAudio3:
             sigmas=sigmas,
             context=self.project_context(context, context_mask),
             global_embedding=self.transformer.to_global_embed(rows_duration),
-            latents=randn_tensor(shape, generator=generator, device=self.device, dtype=self.noise_dtype),
+            latents=latents,
             samples=int(request.audio_length * self.limits.sample_rate),
+            local_conditioning=local_conditioning,
         )
+
+    def start(self, request: AudioRequest, noise: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+        """(first latents, the schedule's sigma_max, the DiT's local conditioning): text-to-audio and inpainting
+        start from the noise at 1, audio-to-audio from its mix with the upload at ``strength``. Without inpainting
+        the conditioning is None (as diffusers' pipelines leave it out) or, with ``reference_conditioning``, zeros
+        (Stability's: nothing kept)."""
+        if request.inpainting:
+            reference = encode_reference(self.vae, request.init_audio, noise.shape[-1], self.noise_dtype)
+            first, last = regenerated_frames(request.mask_start, request.mask_end, self.limits.sample_rate,
+                                             self.limits.hop_length, noise.shape[-1])
+            return noise, 1.0, inpainting_conditioning(reference, first, last).to(self.dtype)
+        local = None
+        if self.options.reference_conditioning:
+            local = noise.new_zeros(1, self.transformer.config.local_add_cond_dim, noise.shape[-1], dtype=self.dtype)
+        if request.init_audio is None:
+            return noise, 1.0, local
+        reference = encode_reference(self.vae, request.init_audio, noise.shape[-1], self.noise_dtype)
+        return variation_start(reference, noise, request.strength), request.strength, local
 
     def check_request(self, request: AudioRequest) -> None:
         if request.audio_start != 0:
@@ -164,6 +191,11 @@ class BatchedStableAudio3:
             raise ValueError(f"audio_length must be in (0, {self.limits.max_seconds:.2f}] s for this model")
         if int(request.audio_length * self.limits.sample_rate) < 1:
             raise ValueError("audio_length must cover at least one sample")
+        if request.init_audio is not None and not 0 < request.strength <= 1:
+            raise ValueError("strength must be in (0, 1]")
+        if request.inpainting and not (request.init_audio is not None
+                                       and 0 <= request.mask_start < request.mask_end <= request.audio_length):
+            raise ValueError("inpainting needs init_audio and 0 <= mask_start < mask_end <= audio_length")
 
     def latent_frames(self, duration: float) -> int:
         # As the pipeline rounds (without silence padding): the whole duration, up to a frame.
@@ -188,21 +220,31 @@ class BatchedStableAudio3:
         padding = dit.prompt_padding_embedding.to(context.dtype).view(1, 1, -1)
         return dit.to_cond_embed(torch.where(mask.bool().unsqueeze(-1), context, padding))
 
-    def schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timesteps, sigmas) for a step count, from a private copy of the pipeline's scheduler: the shared one
-        keeps a step index and cannot serve several requests. The tensors are shared between requests, read only."""
+    def schedule(self, steps: int, sigma_max: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps, sigmas) for a step count and a starting noise level (below 1: audio-to-audio), from a private
+        copy of the pipeline's scheduler: the shared one keeps a step index and cannot serve several requests.
+        Schedules from full noise are kept, shared between requests, read only; an edit's (its strength is any
+        number) is built for it."""
+        if sigma_max != 1.0:
+            return self.build_schedule(steps, sigma_max)
         if steps not in self._schedules:
-            scheduler = copy.deepcopy(self.pipe.scheduler)
-            scheduler.set_timesteps(sigmas=logsnr_sigma_schedule(steps, LOGSNR_MIN, LOGSNR_MAX), device=self.device)
-            self._schedules[steps] = (scheduler.timesteps, scheduler.sigmas)
+            self._schedules[steps] = self.build_schedule(steps, sigma_max)
         return self._schedules[steps]
+
+    def build_schedule(self, steps: int, sigma_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(sigmas=logsnr_sigma_schedule(steps, LOGSNR_MIN, LOGSNR_MAX, sigma_max=sigma_max),
+                                device=self.device)
+        return scheduler.timesteps, scheduler.sigmas
 
     # 2. One denoising step: a DiT forward over the rows of states of equal latent length, then each request's own
     # guidance and sampler step.
     @staticmethod
-    def forward_key(state: StableAudio3State) -> int:
-        """States with equal keys can share one forward: the latent length (no padding mask in self-attention)."""
-        return state.frames
+    def forward_key(state: StableAudio3State) -> tuple[int, bool]:
+        """States with equal keys can share one forward: the latent length (no padding mask in self-attention), and
+        whether the blocks add local conditioning (inpainting, or every request with reference_conditioning), which
+        diffusers' other pipelines leave out."""
+        return state.frames, state.local_conditioning is not None
 
     @torch.no_grad()
     def forward(self, states: list[StableAudio3State]) -> list[torch.Tensor]:
@@ -211,8 +253,11 @@ class BatchedStableAudio3:
         context = torch.cat([state.context for state in states])
         modulation = torch.cat([self.modulation(state) for state in states])
         local = None
-        if self.options.reference_conditioning:  # (rows, frames, mask + latent channels), as the DiT takes it
-            local = latents.new_zeros(latents.shape[0], latents.shape[2], self.transformer.config.local_add_cond_dim)
+        if states[0].local_conditioning is not None:  # all or none of a forward's states, by forward_key
+            # Channels first, then a transposed view, as the DiT's forward hands it to its blocks: the Linears in
+            # them take another kernel for a contiguous (rows, frames, channels) tensor, which rounds differently.
+            local = torch.cat([state.local_conditioning.expand(state.request.rows, -1, -1) for state in states])
+            local = local.transpose(1, 2)
         hidden = self._transformer_forward(latents, context, modulation, local)
         rows = hidden.split([state.request.rows for state in states])
         return [self.guide(state, self.postprocess(output)) for state, output in zip(states, rows)]
@@ -243,8 +288,8 @@ class BatchedStableAudio3:
     def transformer_forward(self, latents: torch.Tensor, context: torch.Tensor, modulation: torch.Tensor,
                             local: torch.Tensor | None = None) -> torch.Tensor:
         """StableAudio3DiTModel.forward between its residual convs, with the context and the AdaLN modulation
-        already computed per request: (rows, channels, frames) in and out; ``local`` the inpainting conditioning
-        (rows, frames, channels), or None to skip it as the text-to-audio pipeline does."""
+        already computed per request: (rows, channels, frames) in and out; ``local``: inpainting's (rows, frames,
+        1 + latent channels), which every block projects and adds to the frames."""
         dit, memory_tokens = self.transformer, self.transformer.config.num_memory_tokens
         hidden = dit.proj_in(self.patch(latents))
         if memory_tokens:  # the learned memory tokens go in front of the frames, and come off before proj_out

@@ -39,6 +39,7 @@ class ModelCard:
     max_steps: int
     default_guidance_scale: float = 7.0
     edits: bool = False  # whether the model family starts from init audio (POST /v1/audio/edits)
+    inpainting: bool = False  # ... and regenerates a region of it (mask_start / mask_end)
     model_tag: str | None = None  # the model store's tag of the served weights, if they come from the store
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,7 +49,7 @@ class ModelCard:
     def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
         return cls(data["model"], ModelLimits(**data["limits"]), data["default_steps"], data["max_steps"],
                    data.get("default_guidance_scale", 7.0), data.get("edits", False),
-                   data.get("model_tag"))
+                   data.get("inpainting", False), data.get("model_tag"))
 
 
 class OpenAIErrorMiddleware:
