@@ -1,4 +1,4 @@
-"""`bentoml serve` stops within a minute, with one message and no restarts, when its model cannot be loaded; and it
+"""`bentoml serve` stops soon after, with one message and no restarts, when its model cannot be loaded; and it
 reports ready (/readyz, /health) only once the model is loaded and warmed up."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -22,7 +23,12 @@ from stable_audio_bento.startup import explain_failure
 
 from conftest import ARTIFACTS, REPO
 
-FAIL_FAST_S = 60
+# From the engine's failure to the exit of `bentoml serve`: BentoML's arbiter checks its workers every 10 s, then the
+# front drains. The whole stop also includes three interpreters importing torch and diffusers (the `bentoml serve`
+# process and both workers): ~15 s on an idle 2-core machine, 75 s with a load average of 12; that part is bounded
+# loosely, to catch a restart loop rather than a slow machine.
+STOP_AFTER_FAILURE_S = 20
+STOP_IN_ALL_S = 240
 MESSAGE = "cannot serve STABLE_AUDIO_MODEL="
 
 
@@ -43,22 +49,22 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def serve_until_exit(model: str, log_path: Path) -> tuple[int, float, str]:
-    """Exit status, seconds to exit, and the log of a `bentoml serve` expected to stop on its own."""
-    started = time.monotonic()
+def serve_until_exit(model: str, log_path: Path) -> tuple[int, datetime, str]:
+    """Exit status, time of exit, and the log of a `bentoml serve` expected to stop on its own."""
     process, _ = start_server(model, log_path)
     try:
-        status = process.wait(FAIL_FAST_S + 30)  # fail below on the time, with the log, rather than hang here
+        status = process.wait(STOP_IN_ALL_S)
     finally:
         stop(process)
-    return status, time.monotonic() - started, log_path.read_text(errors="replace")
+    return status, datetime.now(timezone.utc), log_path.read_text(errors="replace")
 
 
-def assert_stopped_with_one_message(status: int, seconds: float, log: str, why: str) -> None:
+def assert_stopped_with_one_message(status: int, exited_at: datetime, log: str, why: str) -> None:
     assert status != 0, log
-    assert seconds < FAIL_FAST_S, f"took {seconds:.0f} s to stop\n{log}"
     [message] = [line for line in log.splitlines() if MESSAGE in line]
     assert "[CRITICAL]" in message and why in message and "The server stops" in message
+    failed_at = datetime.strptime(message.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S%z")
+    assert (exited_at - failed_at).total_seconds() < STOP_AFTER_FAILURE_S + 1, log  # +1: whole-second log times
     assert log.count("[service:StableAudioEngine:1] Applying user config") == 1, "the engine was restarted"
     # The only traceback left is the `bentoml serve` process's own "No active process found for watcher".
     assert log.count("Traceback (most recent call last)") <= 1, log
@@ -68,8 +74,8 @@ def assert_stopped_with_one_message(status: int, seconds: float, log: str, why: 
 
 def test_a_missing_model_folder_stops_the_server_at_once_with_one_message(tmp_path, model_cache):
     missing = tmp_path / "no-such-model"
-    status, seconds, log = serve_until_exit(str(missing), ARTIFACTS / "startup-missing-folder.log")
-    assert_stopped_with_one_message(status, seconds, log, f"there is no folder {missing}")
+    status, exited_at, log = serve_until_exit(str(missing), ARTIFACTS / "startup-missing-folder.log")
+    assert_stopped_with_one_message(status, exited_at, log, f"there is no folder {missing}")
 
 
 def test_a_corrupt_checkpoint_stops_the_server_at_once_with_one_message(tmp_path, model_cache):
@@ -77,8 +83,8 @@ def test_a_corrupt_checkpoint_stops_the_server_at_once_with_one_message(tmp_path
     shutil.copytree(tiny_model_dir(), corrupt)
     weights = corrupt / "transformer" / "diffusion_pytorch_model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)  # a download cut off halfway
-    status, seconds, log = serve_until_exit(str(corrupt), ARTIFACTS / "startup-corrupt-checkpoint.log")
-    assert_stopped_with_one_message(status, seconds, log, f"{str(corrupt)!r} is not a complete diffusers-format")
+    status, exited_at, log = serve_until_exit(str(corrupt), ARTIFACTS / "startup-corrupt-checkpoint.log")
+    assert_stopped_with_one_message(status, exited_at, log, f"{str(corrupt)!r} is not a complete diffusers-format")
 
 
 def test_ready_only_once_the_model_is_loaded_and_warmed_up(model_cache):

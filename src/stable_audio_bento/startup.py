@@ -2,20 +2,21 @@
 server stops with one message saying what failed and what to do.
 
 Why the server stops instead of retrying. `bentoml serve` is a circus arbiter with one watcher per service;
-BentoML 1.4 creates every watcher with ``respawn=not running_inside_container()`` (bentoml/serving.py), and has
-no setting for a retry limit. Outside a container a worker whose model cannot load is therefore restarted
-forever; inside BentoML's image (its Dockerfile sets ``BENTOML_CONTAINERIZED``) it is not, and circus stops the
-arbiter as soon as a watcher has no process left (circus/arbiter.py ``manage_watchers``: "No active process found
-for watcher"), which drains the other services and exits `bentoml serve` with status 1. That is the fail-fast we
-want, and a retry cannot fix a missing folder, a corrupt file or too little memory, so ``supervise_like_a_container``
-gives `bentoml serve` the same policy outside a container (the variable is the only switch BentoML reads; nothing
-else in BentoML 1.4.40 reads it). The engine worker then reports its failure once and exits without raising:
-an exception out of a service's ``__init__`` is printed by BentoML, Starlette and uvicorn, three tracebacks per
-attempt.
+BentoML 1.4 creates every watcher with ``respawn=not running_inside_container()`` (bentoml/serving.py) and has no
+setting for a retry limit. Outside a container a worker whose model cannot load is therefore restarted forever;
+inside BentoML's image (its Dockerfile sets ``BENTOML_CONTAINERIZED``) it is not, and circus stops the arbiter as
+soon as a watcher has no process left (circus/arbiter.py ``manage_watchers``: "No active process found for
+watcher"), which drains the other services and exits `bentoml serve` with status 1. A retry cannot fix a missing
+folder, a corrupt file or too little memory, so ``supervise_like_a_container`` gives a bare `bentoml serve` that
+same policy (BentoML 1.4.40 reads the variable there only); a worker that dies later also ends the server, and
+whoever runs it (Kubernetes, a restart policy) decides about restarting. The engine worker reports its failure
+once and exits without raising: an exception out of a service's ``__init__`` is printed by BentoML, Starlette and
+uvicorn, three tracebacks per attempt.
 
-Why readiness needs nothing more from BentoML. A worker's uvicorn serves only after the service's ``__init__``
-has returned, and the front's ``/readyz`` asks the engine's ``/readyz`` (``runner_probe``, on by default); so
-warming up inside the engine's ``__init__`` keeps both not ready until the first generation has run.
+Readiness. A worker's uvicorn serves only after the service's ``__init__`` has returned, so warming up inside the
+engine's ``__init__`` keeps the engine unanswered until the first generation has run. The front's ``/readyz``
+(``__is_ready__``) asks the engine with a short timeout (``EngineReadiness``), then BentoML probes the engine's own
+``/readyz`` (``runner_probe``, on by default).
 """
 
 from __future__ import annotations
