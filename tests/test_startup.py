@@ -72,13 +72,13 @@ def assert_stopped_with_one_message(status: int, exited_at: datetime, log: str, 
     assert "Application startup failed" not in log
 
 
-def test_a_missing_model_folder_stops_the_server_at_once_with_one_message(tmp_path, model_cache):
+def test_a_missing_model_folder_stops_the_server_with_one_message(tmp_path, model_cache):
     missing = tmp_path / "no-such-model"
     status, exited_at, log = serve_until_exit(str(missing), ARTIFACTS / "startup-missing-folder.log")
     assert_stopped_with_one_message(status, exited_at, log, f"there is no folder {missing}")
 
 
-def test_a_corrupt_checkpoint_stops_the_server_at_once_with_one_message(tmp_path, model_cache):
+def test_a_corrupt_checkpoint_stops_the_server_with_one_message(tmp_path, model_cache):
     corrupt = tmp_path / "corrupt-model"
     shutil.copytree(tiny_model_dir(), corrupt)
     weights = corrupt / "transformer" / "diffusion_pytorch_model.safetensors"
