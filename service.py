@@ -22,9 +22,8 @@ from stable_audio_bento.config import FrontConfig, ServiceSettings  # noqa: E402
 from stable_audio_bento.gateway import Gateway, GeneratedAudio  # noqa: E402
 from stable_audio_bento.generation import AudioRequest  # noqa: E402
 from stable_audio_bento.jobs import JobStore, new_job_id  # noqa: E402
-from stable_audio_bento.loading import load_engine  # noqa: E402
 from stable_audio_bento.metrics import EngineMetrics, FrontMetrics, RequestMetricsMiddleware  # noqa: E402
-from stable_audio_bento.model_store import serving_config, stored_model_reference  # noqa: E402
+from stable_audio_bento.model_store import stored_model_reference  # noqa: E402
 from stable_audio_bento.playground import playground_page  # noqa: E402
 from stable_audio_bento.protocol import (  # noqa: E402
     APIError, EditRequest, GenerateRequest, describe_validation_error,
@@ -32,6 +31,7 @@ from stable_audio_bento.protocol import (  # noqa: E402
 from stable_audio_bento.serving import (  # noqa: E402
     ModelCard, OpenAIErrorMiddleware, RequestGuardMiddleware, current_request, error_headers, install_log_filters,
 )
+from stable_audio_bento.startup import EngineReadiness, start_engine, supervise_like_a_container  # noqa: E402
 from stable_audio_bento.step_loop import LoopLimits, StepLoop  # noqa: E402
 from stable_audio_bento.tracking import RequestTracker, ResultBoard  # noqa: E402
 
@@ -57,8 +57,8 @@ class StableAudioEngine:
 
     def __init__(self) -> None:
         install_log_filters()
-        self.config = serving_config(self.stored_model)
-        self.engine = load_engine(self.config)
+        # Loaded and warmed up, or the server stops.
+        self.config, self.engine, self.startup = start_engine(self.stored_model)
         self.tracker = RequestTracker(metrics=EngineMetrics.get(SETTINGS.max_batch_size))
         self.results = ResultBoard()
         self.loop = StepLoop(self.engine, self.tracker, LoopLimits(SETTINGS.batching, SETTINGS.max_batch_size,
@@ -75,6 +75,10 @@ class StableAudioEngine:
     @bentoml.api
     async def describe(self) -> dict:
         return self.card.to_dict()
+
+    @bentoml.api
+    async def startup_report(self) -> dict:
+        return self.startup.to_dict()
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
     async def submit(self, requests: list[AudioRequest]) -> list[str]:
@@ -129,6 +133,12 @@ class StableAudio:
 
     engine = bentoml.depends(StableAudioEngine)
 
+    @bentoml.on_deployment
+    def stop_instead_of_restarting() -> None:
+        """Runs in the `bentoml serve` process before it starts any worker (the engine's own hook would run after
+        its watcher exists): an engine that cannot load its model ends the server instead of restarting."""
+        supervise_like_a_container()
+
     def __init__(self) -> None:
         install_log_filters()
         self.config = FrontConfig.from_env(SETTINGS.max_batch_size)
@@ -137,17 +147,20 @@ class StableAudio:
         self.admission.drain_on_sigterm()
         self.gateway = Gateway(self.engine, self.admission)
         self.jobs = JobStore(self.gateway, self.config.job_ttl_s, self.config.max_finished_jobs)
+        self.readiness = EngineReadiness(self.engine)
+
+    async def __is_ready__(self) -> bool:
+        """BentoML's /readyz: 503 until the engine has loaded and warmed up its model."""
+        return await self.readiness.check() is not None
 
     @http_routes.get("/health")
     async def health(self):
         if self.admission.draining:
             raise APIError("shutting down", status=503, code="shutting_down")
-        try:
-            card = await self.gateway.model_card()
-        except Exception as exc:  # engine still loading or gone: not ready
-            raise APIError(f"model engine unavailable: {exc}", status=503) from exc
-        return {"status": "ok", "model": card.model, "model_tag": card.model_tag,
-                "sample_rate": card.limits.sample_rate, "max_audio_length": card.limits.max_seconds}
+        startup = await self.readiness.require()  # 503 until the model is loaded and warmed up
+        card = await self.gateway.model_card()
+        return {"status": "ok", "ready": True, "model": card.model, "model_tag": card.model_tag,
+                "sample_rate": card.limits.sample_rate, "max_audio_length": card.limits.max_seconds, **startup}
 
     @bentoml.api(route="/v1/audio/generate", input_spec=GenerateRequest)
     async def generate(self, ctx: bentoml.Context, **fields) -> Path:

@@ -1,0 +1,138 @@
+"""`bentoml serve` stops soon after, with one message and no restarts, when its model cannot be loaded; and it
+reports ready (/readyz, /health) only once the model is loaded and warmed up."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stable_audio_bento.config import EngineConfig
+from stable_audio_bento.loading import ModelLoadError, tiny_model_dir
+from stable_audio_bento.local_server import free_port
+from stable_audio_bento.startup import explain_failure
+
+from conftest import ARTIFACTS, REPO
+
+# From the engine's failure to the exit of `bentoml serve`: BentoML's arbiter checks its workers every 10 s, then the
+# front drains. The whole stop also includes three interpreters importing torch and diffusers (the `bentoml serve`
+# process and both workers): ~15 s on an idle 2-core machine, 75 s with a load average of 12; that part is bounded
+# loosely, to catch a restart loop rather than a slow machine.
+STOP_AFTER_FAILURE_S = 20
+STOP_IN_ALL_S = 240
+MESSAGE = "cannot serve STABLE_AUDIO_MODEL="
+
+
+def start_server(model: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(port), "--host", "127.0.0.1"], cwd=REPO,
+            env={**os.environ, "BENTOML_CONFIG": str(REPO / "configuration.yaml"), "STABLE_AUDIO_MODEL": model},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def serve_until_exit(model: str, log_path: Path) -> tuple[int, datetime, str]:
+    """Exit status, time of exit, and the log of a `bentoml serve` expected to stop on its own."""
+    process, _ = start_server(model, log_path)
+    try:
+        status = process.wait(STOP_IN_ALL_S)
+    finally:
+        stop(process)
+    return status, datetime.now(timezone.utc), log_path.read_text(errors="replace")
+
+
+def assert_stopped_with_one_message(status: int, exited_at: datetime, log: str, why: str) -> None:
+    assert status != 0, log
+    [message] = [line for line in log.splitlines() if MESSAGE in line]
+    assert "[CRITICAL]" in message and why in message and "The server stops" in message
+    failed_at = datetime.strptime(message.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S%z")
+    assert (exited_at - failed_at).total_seconds() < STOP_AFTER_FAILURE_S + 1, log  # +1: whole-second log times
+    assert log.count("[service:StableAudioEngine:1] Applying user config") == 1, "the engine was restarted"
+    # The only traceback left is the `bentoml serve` process's own "No active process found for watcher".
+    assert log.count("Traceback (most recent call last)") <= 1, log
+    assert len(re.findall(r'^\s+File "', log, flags=re.MULTILINE)) <= 20, log
+    assert "Application startup failed" not in log
+
+
+def test_a_missing_model_folder_stops_the_server_with_one_message(tmp_path, model_cache):
+    missing = tmp_path / "no-such-model"
+    status, exited_at, log = serve_until_exit(str(missing), ARTIFACTS / "startup-missing-folder.log")
+    assert_stopped_with_one_message(status, exited_at, log, f"there is no folder {missing}")
+
+
+def test_a_corrupt_checkpoint_stops_the_server_with_one_message(tmp_path, model_cache):
+    corrupt = tmp_path / "corrupt-model"
+    shutil.copytree(tiny_model_dir(), corrupt)
+    weights = corrupt / "transformer" / "diffusion_pytorch_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # a download cut off halfway
+    status, exited_at, log = serve_until_exit(str(corrupt), ARTIFACTS / "startup-corrupt-checkpoint.log")
+    assert_stopped_with_one_message(status, exited_at, log, f"{str(corrupt)!r} is not a complete diffusers-format")
+
+
+def test_ready_only_once_the_model_is_loaded_and_warmed_up(model_cache):
+    """Whenever /readyz first answers 200, the engine has already logged the end of its warm-up generation (it
+    logs it in its __init__, before it serves anything); before that, the front answered 503."""
+    log_path = ARTIFACTS / "startup-readiness.log"
+    process, url = start_server("tiny", log_path)
+    answers = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                answers.append(httpx.get(url + "/readyz", timeout=10).status_code)
+            except httpx.TransportError:  # not listening yet, or the front's worker not started yet
+                pass
+            if answers and answers[-1] == 200:
+                break
+            time.sleep(0.1)
+        warmed_up = re.search(r"ready: tiny loaded in [\d.]+ s, warm-up generation in [\d.]+ s",
+                              log_path.read_text(errors="replace"))
+        assert answers and answers[-1] == 200, answers
+        assert warmed_up, "/readyz said 200 before the engine had warmed up"
+        assert 503 in answers and set(answers[:-1]) == {503}, answers  # the front was up, the engine not yet
+        health = httpx.get(url + "/health", timeout=10)
+        assert health.status_code == 200
+        body = health.json()
+        assert body["ready"] is True and body["model"] == "tiny"
+        assert body["load_s"] > 0 and body["warmup_s"] > 0
+    finally:
+        stop(process)
+
+
+def test_out_of_memory_is_named_without_a_traceback():
+    config = EngineConfig(model="stabilityai/stable-audio-open-1.0")
+    cause = RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 4294967296 bytes")
+    try:
+        try:
+            raise cause
+        except RuntimeError as exc:
+            raise ModelLoadError("loading the transformer failed") from exc
+    except ModelLoadError as wrapped:
+        message = explain_failure(config, wrapped)
+    assert message.startswith("cannot serve STABLE_AUDIO_MODEL='stabilityai/stable-audio-open-1.0': not enough memory")
+    assert "\n" not in message and "STABLE_AUDIO_DTYPE=float16" in message
+
+
+@pytest.mark.parametrize("error", [ValueError("bad"), KeyError("x")])
+def test_an_unexpected_error_is_named_by_its_type(error):
+    message = explain_failure(EngineConfig(model="tiny"), error)
+    assert f"{type(error).__name__}: " in message and "the traceback is above" in message
