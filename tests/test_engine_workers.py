@@ -27,9 +27,12 @@ ENGINE_LINE = re.compile(r"\[service:(StableAudioEngine\d*):\d+\] request (\S+) 
 
 
 @pytest.fixture(scope="module")
-def two_engines(model_cache):
-    with local_server({"STABLE_AUDIO_MODEL": "tiny", ENGINE_WORKERS_VARIABLE: "2"}, LOG,
-                      startup_timeout_s=300) as url:
+def two_engines(model_cache, tmp_path_factory):
+    # Its own BENTOML_HOME: BentoML keeps the Prometheus files of every server under it, and another server
+    # starting there meanwhile would reset the counters this module reads.
+    env = {"STABLE_AUDIO_MODEL": "tiny", ENGINE_WORKERS_VARIABLE: "2",
+           "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home"))}
+    with local_server(env, LOG, startup_timeout_s=300) as url:
         yield url
 
 

@@ -32,13 +32,25 @@ def engine_worker_count() -> int:
     process, whose children (the front, and engines that see one GPU each) inherit the variable and so agree on
     how many engine services there are."""
     value = os.environ.get(ENGINE_WORKERS_VARIABLE)
+    gpus = torch.cuda.device_count()
     if value is None:
-        count = max(1, torch.cuda.device_count())
+        count = max(1, gpus)
         os.environ[ENGINE_WORKERS_VARIABLE] = str(count)
         return count
     if not value.strip().isdigit() or int(value) < 1:
         raise ValueError(f"{ENGINE_WORKERS_VARIABLE}={value!r}: give the number of engine workers, 1 or more")
-    return int(value)
+    count = int(value)
+    # Checked where every GPU is visible (the server's own process: no worker index yet). BentoML would hand the
+    # engines past the last GPU made-up GPU numbers, and they would quietly run on the CPU.
+    if bentoml.server_context.worker_index is None and 0 < gpus < count and not _gpu_allocation_disabled():
+        raise ValueError(f"{ENGINE_WORKERS_VARIABLE}={count} but {gpus} GPUs are visible: run at most one engine "
+                         "per GPU, or set BENTOML_DISABLE_GPU_ALLOCATION=1 to let engines share GPUs in turn")
+    return count
+
+
+def _gpu_allocation_disabled() -> bool:
+    """BentoML's own rule (``ResourceAllocator.gpu_allocation_disabled``): then every engine sees every GPU."""
+    return "BENTOML_DISABLE_GPU_ALLOCATION" in os.environ or "CUDA_VISIBLE_DEVICES" in os.environ
 
 
 def engine_service_name(index: int) -> str:
