@@ -1,6 +1,7 @@
 """stable-audio-bento: text-to-audio with stable-audio-open-1.0 on BentoML.
 
 StableAudio (front, HTTP on :8091)  ->  StableAudioEngine (GPU: adaptive batching into a step-level denoising loop)
+                                     ->  StableAudioEngine1, ... (one engine per GPU, STABLE_AUDIO_ENGINE_WORKERS)
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from fastapi.responses import JSONResponse, Response  # noqa: E402
 from stable_audio_bento.admission import Admission  # noqa: E402
 from stable_audio_bento.audio import FORMATS  # noqa: E402
 from stable_audio_bento.config import FrontConfig, ServiceSettings  # noqa: E402
+from stable_audio_bento.engine_pool import EnginePool  # noqa: E402
+from stable_audio_bento.engine_workers import (  # noqa: E402
+    depends_on_engines, engine_clients, engine_services, engine_worker_count,
+)
 from stable_audio_bento.gateway import Gateway, GeneratedAudio  # noqa: E402
 from stable_audio_bento.generation import AudioRequest  # noqa: E402
 from stable_audio_bento.jobs import JobStore, new_job_id  # noqa: E402
@@ -45,21 +50,22 @@ SETTINGS = ServiceSettings.load()
 NEVER_RECYCLE_CONNECTION = {"max_requests": 2**62, "max_age": 1e12}
 
 
-@bentoml.service(resources={"gpu": 1}, workers=1, traffic={"timeout": SETTINGS.request_timeout_s},
-                 runner_connection=NEVER_RECYCLE_CONNECTION)
 class StableAudioEngine:
     """Holds the model and its step loop. Arrivals come in through BentoML's adaptive batching (``submit``), which
     hands each group to the loop and returns at once; ``result`` waits for one request's audio. The loop runs in
-    its own thread, so every API here is async and answers while it denoises."""
+    its own thread, so every API here is async and answers while it denoises. Served once per engine worker
+    (``ENGINES``), each on its own device."""
+
+    index = 0  # which engine this is; set by engine_services
 
     # Declared here so that `bentoml build` packs it into the Bento; None when the model store has none.
     stored_model = stored_model_reference()
 
     def __init__(self) -> None:
         install_log_filters()
-        # Loaded and warmed up, or the server stops.
-        self.config, self.engine, self.startup = start_engine(self.stored_model)
-        self.tracker = RequestTracker(metrics=EngineMetrics.get(SETTINGS.max_batch_size))
+        # Loaded (on this engine's own device) and warmed up, or the server stops.
+        self.config, self.engine, self.startup = start_engine(self.stored_model, self.index)
+        self.tracker = RequestTracker(metrics=EngineMetrics.get(SETTINGS.max_batch_size, self.index))
         self.results = ResultBoard()
         self.loop = StepLoop(self.engine, self.tracker, LoopLimits(SETTINGS.batching, SETTINGS.max_batch_size,
                                                                    self.engine.options.max_rows))
@@ -100,6 +106,9 @@ class StableAudioEngine:
         return self.tracker.progress(ids)
 
 
+ENGINES = engine_services(StableAudioEngine, engine_worker_count(), resources={"gpu": 1}, workers=1,
+                          traffic={"timeout": SETTINGS.request_timeout_s}, runner_connection=NEVER_RECYCLE_CONNECTION)
+
 http_routes = FastAPI()
 
 
@@ -127,11 +136,10 @@ def audio_response(audio: GeneratedAudio) -> Response:
 
 @bentoml.service(http={"port": SETTINGS.port}, traffic={"timeout": SETTINGS.request_timeout_s})
 @bentoml.asgi_app(http_routes, path="/")
+@depends_on_engines(ENGINES)
 class StableAudio:
     """The public HTTP API: /v1/audio/generate, /v1/audio/edits, /v1/audio/speech, /v1/audio/jobs, /v1/models and
     /health."""
-
-    engine = bentoml.depends(StableAudioEngine)
 
     @bentoml.on_deployment
     def stop_instead_of_restarting() -> None:
@@ -141,16 +149,16 @@ class StableAudio:
 
     def __init__(self) -> None:
         install_log_filters()
-        self.config = FrontConfig.from_env(SETTINGS.max_batch_size)
-        self.admission = Admission(self.config.max_pending, SETTINGS.max_batch_size,
-                                   on_pending_change=FrontMetrics.get().pending.set)
+        capacity = SETTINGS.max_batch_size * len(ENGINES)  # requests all engines run at once
+        self.config = FrontConfig.from_env(capacity)
+        self.admission = Admission(self.config.max_pending, capacity, on_pending_change=FrontMetrics.get().pending.set)
         self.admission.drain_on_sigterm()
-        self.gateway = Gateway(self.engine, self.admission)
+        self.gateway = Gateway(EnginePool(engine_clients(self)), self.admission)
         self.jobs = JobStore(self.gateway, self.config.job_ttl_s, self.config.max_finished_jobs)
-        self.readiness = EngineReadiness(self.engine)
+        self.readiness = EngineReadiness(engine_clients(self))
 
     async def __is_ready__(self) -> bool:
-        """BentoML's /readyz: 503 until the engine has loaded and warmed up its model."""
+        """BentoML's /readyz: 503 until every engine has loaded and warmed up its model."""
         return await self.readiness.check() is not None
 
     @http_routes.get("/health")

@@ -87,8 +87,8 @@ def _choice(env, variable: str, allowed: tuple[str, ...]) -> str:
 class FrontConfig:
     """How the HTTP front admits work and keeps jobs (environment variables in brackets).
 
-    max_pending [STABLE_AUDIO_MAX_PENDING]: generations queued or running (requests and jobs together) before new
-        ones get 429; default 4 batches' worth.
+    max_pending [STABLE_AUDIO_MAX_PENDING]: generations queued or running (requests and jobs together, on all
+        engines) before new ones get 429; default 4 times ``capacity``, the requests all engines run at once.
     job_ttl_s [STABLE_AUDIO_JOB_TTL_S]: seconds a finished job's result is kept.
     max_finished_jobs [STABLE_AUDIO_MAX_FINISHED_JOBS]: finished jobs kept at most (oldest dropped first).
     """
@@ -98,10 +98,10 @@ class FrontConfig:
     max_finished_jobs: int = 256
 
     @classmethod
-    def from_env(cls, max_batch_size: int) -> "FrontConfig":
+    def from_env(cls, capacity: int) -> "FrontConfig":
         env = os.environ
         return cls(
-            max_pending=int(env.get("STABLE_AUDIO_MAX_PENDING", 4 * max_batch_size)),
+            max_pending=int(env.get("STABLE_AUDIO_MAX_PENDING", 4 * capacity)),
             job_ttl_s=float(env.get("STABLE_AUDIO_JOB_TTL_S", cls.job_ttl_s)),
             max_finished_jobs=int(env.get("STABLE_AUDIO_MAX_FINISHED_JOBS", cls.max_finished_jobs)),
         )

@@ -11,12 +11,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import aiohttp
 
 from .admission import Admission
 from .audio import FORMATS, encode_audio
+from .engine_pool import EnginePool
 from .generation import AudioRequest
 from .init_audio import load_init_audio
 from .protocol import APIError, EditRequest, GenerateRequest
@@ -46,14 +46,14 @@ class GeneratedAudio:
 
 
 class Gateway:
-    def __init__(self, engine: Any, admission: Admission):
-        self.engine = engine  # the StableAudioEngine dependency
+    def __init__(self, engines: EnginePool, admission: Admission):
+        self.engines = engines
         self.admission = admission
         self._card: ModelCard | None = None
 
     async def model_card(self) -> ModelCard:
         if self._card is None:
-            self._card = ModelCard.from_dict(await self.engine.to_async.describe())
+            self._card = ModelCard.from_dict(await self.engines.describe())
         return self._card
 
     async def prepare(self, request: GenerateRequest, request_id: str, generation_id: str | None = None
@@ -90,7 +90,10 @@ class Gateway:
                        disconnected: asyncio.Event | None = None) -> GeneratedAudio:
         """The audio of an admitted request; raises APIError (500, 504, or 499 once the client has gone)."""
         submitted_at = time.time()
-        result = await self.wait_for_engine(job, disconnected)
+        try:
+            result = await self.wait_for_engine(job, disconnected)
+        finally:
+            self.engines.release(job.id)
         failure = result["failure"]
         if failure == "deadline_exceeded":
             raise timeout_error()
@@ -144,8 +147,8 @@ class Gateway:
         batchable entry never waits for a generation. Each is retried on a fresh connection when a pooled one
         breaks under it (aiohttp reusing a keep-alive connection the other side is closing); the engine ignores
         a second submit of the same generation id, and keeps a collected result a little while for a retry."""
-        await self.retrying_connection(self.engine.to_async.submit, [job], job)
-        return await self.retrying_connection(self.engine.to_async.result, job.id, job)
+        await self.retrying_connection(self.engines.submit, job, job)
+        return await self.retrying_connection(self.engines.result, job.id, job)
 
     @staticmethod
     async def retrying_connection(call, argument, job: AudioRequest):
@@ -162,10 +165,10 @@ class Gateway:
         await asyncio.shield(self.cancel([job.id]))
 
     async def cancel(self, generation_ids: list[str]) -> None:
-        await self.engine.to_async.cancel(generation_ids)
+        await self.engines.cancel(generation_ids)
 
     async def progress(self, generation_ids: list[str]) -> dict[str, dict[str, int]]:
-        return await self.engine.to_async.progress(generation_ids) if generation_ids else {}
+        return await self.engines.progress(generation_ids)
 
 
 def timeout_error() -> APIError:

@@ -4,6 +4,10 @@ prometheus_client is imported when the metrics are first needed (in the services
 request), not at module import: BentoML may set PROMETHEUS_MULTIPROC_DIR after importing service.py, and
 prometheus_client picks single- or multi-process mode on import; multi-process mode is what makes every
 worker's samples appear on /metrics. Each process creates its metrics once (``front_metrics``, ``engine_metrics``).
+
+With several engines (STABLE_AUDIO_ENGINE_WORKERS) the multi-process collector sums each unlabelled engine metric
+over all of them, which makes those the aggregate; the ``stable_audio_engine_*`` counters carry a ``worker`` label
+(the engine's index) and tell the engines apart.
 """
 
 from __future__ import annotations
@@ -48,10 +52,15 @@ class EngineMetrics:
     step_seconds: Any  # Histogram: the forward and the requests' solver steps
     audio_seconds: Any  # Counter: seconds of audio generated
     seconds_per_audio_second: Any  # Histogram: engine time (denoise + decode) per second of audio, per request
+    # This engine's own share, labelled with its index:
+    generations: Any  # Counter: generations that left its step loop, by outcome (ok, cancelled, ...)
+    steps: Any  # Counter: its batched forwards
+    busy_seconds: Any  # Counter: seconds it spent in them (its rate is the engine's utilisation)
+    worker: str  # the engine's index
 
     @classmethod
     @functools.cache
-    def get(cls, max_batch_size: int) -> "EngineMetrics":
+    def get(cls, max_batch_size: int, worker: int = 0) -> "EngineMetrics":
         import prometheus_client as prometheus
 
         batch_buckets = sorted({1, 2, 4, 8, 16, 32, max_batch_size})
@@ -68,14 +77,24 @@ class EngineMetrics:
             seconds_per_audio_second=prometheus.Histogram(
                 "stable_audio_generation_seconds_per_audio_second",
                 "Engine seconds (denoise + decode) per second of audio, per request", buckets=RATIO_BUCKETS),
+            generations=prometheus.Counter("stable_audio_engine_generations", "Generations that left an engine's "
+                                           "step loop, by engine and outcome", ["worker", "outcome"]),
+            steps=prometheus.Counter("stable_audio_engine_steps", "Batched denoising steps run by an engine",
+                                     ["worker"]).labels(str(worker)),
+            busy_seconds=prometheus.Counter("stable_audio_engine_busy_seconds", "Seconds an engine spent in "
+                                            "denoising steps", ["worker"]).labels(str(worker)),
+            worker=str(worker),
         )
 
     def observe_step(self, requests: int, rows: int, seconds: float) -> None:
         self.batch_size.observe(requests)
         self.step_rows.observe(rows)
         self.step_seconds.observe(seconds)
+        self.steps.inc()
+        self.busy_seconds.inc(seconds)
 
     def observe_finished(self, request: AudioRequest, result: AudioResult) -> None:
+        self.generations.labels(self.worker, result.failure or "ok").inc()
         if result.audio is not None:
             self.audio_seconds.inc(request.audio_length)
             engine_seconds = result.timings["denoise_s"] + result.timings["decode_s"]

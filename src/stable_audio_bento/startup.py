@@ -34,6 +34,7 @@ from typing import Any
 import bentoml
 
 from .config import EngineConfig
+from .engine_workers import own_device
 from .generation import AudioRequest
 from .loading import ModelLoadError, load_engine
 from .model_store import serving_config
@@ -71,13 +72,14 @@ def supervise_like_a_container() -> None:
     os.environ.setdefault("BENTOML_CONTAINERIZED", "true")
 
 
-def start_engine(stored: bentoml.Model | None) -> tuple[EngineConfig, Any, StartupReport]:
-    """The engine's settings and its model (``stored``, the model store's, unless the environment names another),
-    loaded and warmed up; if any of that fails, this worker logs why and exits (it never returns)."""
+def start_engine(stored: bentoml.Model | None, index: int) -> tuple[EngineConfig, Any, StartupReport]:
+    """Engine ``index``'s settings and its model (``stored``, the model store's, unless the environment names
+    another) on its own device, loaded and warmed up; if any of that fails, this worker logs why and exits (it
+    never returns)."""
     started = time.perf_counter()
     config: EngineConfig | None = None
     try:
-        config = serving_config(stored)
+        config = own_device(serving_config(stored), index)
         engine = load_engine(config)
         loaded = time.perf_counter()
         [result] = run_to_completion(engine, [WARM_UP])
@@ -92,22 +94,28 @@ def start_engine(stored: bentoml.Model | None) -> tuple[EngineConfig, Any, Start
 
 
 class EngineReadiness:
-    """The front's view of the engine's start. The engine answers calls only once its ``__init__`` has loaded and
-    warmed up the model, and until then a call waits unanswered; so this asks with a short timeout until the first
-    answer, then keeps it: an engine that exits later ends the whole server."""
+    """The front's view of the engines' start. An engine answers calls only once its ``__init__`` has loaded and
+    warmed up the model, and until then a call waits unanswered; so this asks each with a short timeout until its
+    first answer, then keeps it: an engine that exits later ends the whole server."""
 
-    def __init__(self, engine: Any, timeout_s: float = PROBE_TIMEOUT_S):
-        self.engine, self.timeout_s = engine, timeout_s
-        self.report: dict[str, float] | None = None
+    def __init__(self, engines: list[Any], timeout_s: float = PROBE_TIMEOUT_S):
+        self.engines, self.timeout_s = engines, timeout_s
+        self.reports: dict[int, dict[str, float]] = {}
 
     async def check(self) -> dict[str, float] | None:
-        """The engine's StartupReport as a dict once it is ready, else None."""
-        if self.report is None:
-            try:
-                self.report = await asyncio.wait_for(self.engine.to_async.startup_report(), self.timeout_s)
-            except Exception:  # noqa: BLE001 - still loading (timeout) or not reachable yet: not ready either way
-                return None
-        return self.report
+        """Once every engine is ready, the slowest start (load_s, warmup_s) as a dict; else None."""
+        await asyncio.gather(*(self._ask(index, engine) for index, engine in enumerate(self.engines)
+                               if index not in self.reports))
+        if len(self.reports) < len(self.engines):
+            return None
+        first = self.reports[0]
+        return {key: max(report[key] for report in self.reports.values()) for key in first}
+
+    async def _ask(self, index: int, engine: Any) -> None:
+        try:
+            self.reports[index] = await asyncio.wait_for(engine.to_async.startup_report(), self.timeout_s)
+        except Exception:  # noqa: BLE001 - still loading (timeout) or not reachable yet: not ready either way
+            pass
 
     async def require(self) -> dict[str, float]:
         """For /health: the report, or a 503 saying the model is not ready yet."""

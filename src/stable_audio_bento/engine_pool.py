@@ -1,0 +1,76 @@
+"""The front's engines: which one each generation goes to, and where the calls about it must go.
+
+Every engine has its own step loop, result board and tracker, so a request's ``result``, ``cancel`` and
+``progress`` calls mean something only to the engine it was submitted to. The front therefore places each
+generation itself when it submits it (on the engine with the fewest of this front's generations in flight; ties
+go round in turn) and remembers the placement: every later call about that id goes to the same engine, and a
+call about several ids is split by engine. Placement is decided in the front's single event loop, so concurrent
+requests cannot race for it, and nothing depends on which worker a connection happens to reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from .generation import AudioRequest
+
+# How long a released generation's placement is kept: a cancel sent while the request is being abandoned (the
+# handler may be cancelled itself meanwhile) still finds the engine that holds it.
+PLACEMENT_GRACE_S = 30.0
+
+
+class EnginePool:
+    def __init__(self, engines: list[Any]):
+        self.engines = engines  # BentoML clients of the engine services, in engine order
+        self._in_flight: dict[str, int] = {}  # generation id -> engine, from submit until release
+        self._placement: dict[str, int] = {}  # the same, kept PLACEMENT_GRACE_S longer
+        self._turn = 0
+
+    async def describe(self) -> dict:
+        """The model card; every engine must answer it, and all the same."""
+        cards = await asyncio.gather(*(engine.to_async.describe() for engine in self.engines))
+        if any(card != cards[0] for card in cards[1:]):
+            raise RuntimeError(f"the engines serve different models: {[card['model'] for card in cards]}")
+        return cards[0]
+
+    def place(self, generation_id: str) -> int:
+        """The engine of this generation: where it was placed, else the least busy one from now on."""
+        if (index := self._placement.get(generation_id)) is None:
+            load = Counter(self._in_flight.values())
+            count = len(self.engines)
+            index = min(range(count), key=lambda engine: (load[engine], (engine - self._turn) % count))
+            self._turn = (index + 1) % count
+            self._placement[generation_id] = self._in_flight[generation_id] = index
+        return index
+
+    def release(self, generation_id: str) -> None:
+        """The generation is over for the front: its engine stops counting it at once, forgets it a little later."""
+        if self._in_flight.pop(generation_id, None) is not None:
+            asyncio.get_running_loop().call_later(PLACEMENT_GRACE_S, self._placement.pop, generation_id, None)
+
+    async def submit(self, request: AudioRequest) -> None:
+        """Hands the request to its engine's step loop; a retried submit goes to the same engine, which ignores it."""
+        await self.engines[self.place(request.id)].to_async.submit([request])
+
+    async def result(self, generation_id: str) -> dict:
+        return await self.engines[self._placement[generation_id]].to_async.result(generation_id)
+
+    async def cancel(self, generation_ids: list[str]) -> None:
+        """Ids never submitted are skipped: no engine has them, and none will."""
+        await asyncio.gather(*(self.engines[index].to_async.cancel(ids)
+                               for index, ids in self._by_engine(generation_ids).items()))
+
+    async def progress(self, generation_ids: list[str]) -> dict[str, dict[str, int]]:
+        """Steps done and total of the generations among these ids that have started, from their engines."""
+        answers = await asyncio.gather(*(self.engines[index].to_async.progress(ids)
+                                         for index, ids in self._by_engine(generation_ids).items()))
+        return {generation_id: steps for answer in answers for generation_id, steps in answer.items()}
+
+    def _by_engine(self, generation_ids: list[str]) -> dict[int, list[str]]:
+        groups: dict[int, list[str]] = {}
+        for generation_id in generation_ids:
+            if (index := self._placement.get(generation_id)) is not None:
+                groups.setdefault(index, []).append(generation_id)
+        return groups
