@@ -3,7 +3,9 @@
 # /health, wav and flac decoded, errors in the project's shape, the API key, and a SIGTERM that drains the request
 # in flight and exits 0 within the stop timeout. Run as root from anywhere: `bash deploy/container/check.sh`.
 # Settings (environment): PYTHON (a venv with the project and its test extras; default .venv/bin/python),
-# IMAGE (default stable-audio-bento:check), PORT (first of two host ports, default 18091), STOP_TIMEOUT_S (120).
+# IMAGE (default stable-audio-bento:check), STOP_TIMEOUT_S (120).
+# The tiny model is imported into a scratch model store, so the Bento and the image carry it: the containers run
+# with no model setting and no network (--network none), and the probes run inside them.
 # Cached between runs: the base image and podman's build layers; the Bento is rebuilt in a scratch BENTOML_HOME.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,15 +13,9 @@ REPO=$PWD
 PROBE_PY=$REPO/deploy/container/probe.py
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 IMAGE=${IMAGE:-stable-audio-bento:check}
-PORT=${PORT:-18091}
 STOP_TIMEOUT_S=${STOP_TIMEOUT_S:-120}
 BASE_IMAGE=docker.io/library/python:3.11-slim  # what BentoML's generated Dockerfile starts FROM
-# The model /health must name, and how the containers are told to serve it. When `stable-audio-import-model tiny`
-# stores it in the Bento (run that before build_image), MODEL_ENV becomes empty and RUN_NETWORK `--network none`
-# (the probes then run inside the container, see probe.py).
-MODEL=tiny
-MODEL_ENV=(-e STABLE_AUDIO_MODEL=$MODEL)
-RUN_NETWORK=()
+MODEL=tiny  # imported before the build; /health must name it
 STARTED=$(date +%s)
 WORK=$(mktemp -d)
 CONTAINERS=()
@@ -79,6 +75,7 @@ build_image() {
   local previous tag began
   previous=$(podman image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
   began=$(date +%s)
+  "$PYTHON" -m stable_audio_bento.model_import "$MODEL"
   tag=$("$PYTHON" -m bentoml build "$REPO" --output tag | sed -n 's/^__tag__://p')
   say "built Bento $tag"
   "$PYTHON" -m bentoml containerize --backend podman "$tag" -t "$IMAGE" >"$WORK/containerize.log" 2>&1 \
@@ -92,20 +89,19 @@ build_image() {
   say "image $IMAGE: $(numfmt --to=si "$IMAGE_BYTES")B, bentoml build + containerize in ${BUILD_S} s"
 }
 
-# Every HTTP exchange goes through here: today from the host to the published port. For a container without
-# network, run it inside instead: podman exec -i "$1" python - "$3" http://127.0.0.1:8091 "${@:4}" <"$PROBE_PY"
-probe() {  # NAME HOST_PORT CHECK [ARGS]: see probe.py
-  "$PYTHON" "$PROBE_PY" "$3" "http://127.0.0.1:$2" "${@:4}"
+# The containers have no network, so every HTTP exchange runs in a throwaway container of the same image that joins
+# the checked one's network namespace (not `podman exec`: that process would die with the container it checks).
+probe() {  # NAME CHECK [ARGS]: see probe.py
+  podman run --rm -i --network "container:$1" "$IMAGE" python - "$2" http://127.0.0.1:8091 "${@:3}" <"$PROBE_PY"
 }
 
-start() {  # NAME HOST_PORT [podman run options]: runs the image and waits for /health; sets HEALTHY_S
-  local name=$1 port=$2 began health rc
-  shift 2
+start() {  # NAME [podman run options]: runs the image and waits for /health; sets HEALTHY_S
+  local name=$1 began health rc
+  shift
   began=$(date +%s%3N)
   CONTAINERS+=("$name")
-  podman run -d --name "$name" -p "127.0.0.1:$port:8091" "${RUN_NETWORK[@]}" "${MODEL_ENV[@]}" "$@" "$IMAGE" \
-    >/dev/null
-  until health=$(probe "$name" "$port" health "$MODEL"); do
+  podman run -d --name "$name" --network none "$@" "$IMAGE" >/dev/null
+  until health=$(probe "$name" health "$MODEL"); do
     rc=$?
     if [ "$rc" != 2 ] || [ "$(podman inspect -f '{{.State.Running}}' "$name")" != true ] \
       || (( $(date +%s%3N) - began > 300000 )); then
@@ -121,9 +117,9 @@ start() {  # NAME HOST_PORT [podman run options]: runs the image and waits for /
 
 # SIGTERM with a generation in flight: it finishes, new work gets 503, the container exits 0 within the timeout.
 check_drain() {
-  local name=$1 port=$2 began stopped_s code
+  local name=$1 began stopped_s code
   : >"$WORK/drain.out"
-  probe "$name" "$port" drain >"$WORK/drain.out" 2>&1 &
+  probe "$name" drain >"$WORK/drain.out" 2>&1 &
   local prober=$!
   until grep -q '^in flight' "$WORK/drain.out"; do
     kill -0 "$prober" 2>/dev/null || { cat "$WORK/drain.out"; exit 1; }
@@ -149,14 +145,14 @@ setup_podman
 build_base_image
 build_image
 
-start sab-check "$PORT"
+start sab-check
 FIRST_HEALTHY_S=$HEALTHY_S
-probe sab-check "$PORT" serving
-check_drain sab-check "$PORT"
+probe sab-check serving
+check_drain sab-check
 
 KEY=check-$RANDOM$RANDOM
-start sab-check-key "$((PORT + 1))" -e STABLE_AUDIO_API_KEY="$KEY"
-probe sab-check-key "$((PORT + 1))" auth "$KEY"
+start sab-check-key -e STABLE_AUDIO_API_KEY="$KEY"
+probe sab-check-key auth "$KEY"
 
 say "OK: image $(numfmt --to=si "$IMAGE_BYTES")B, build ${BUILD_S} s, healthy after $FIRST_HEALTHY_S s, \
 whole check $(($(date +%s) - STARTED)) s"

@@ -1,7 +1,7 @@
 """HTTP checks against a running stable-audio-bento container, used by check.sh.
 
-It needs only httpx, numpy and soundfile, which the image carries too, so it can run on the host against a published
-port or inside the container (`podman exec -i NAME python - ARGS < probe.py`) when the container has no network.
+It needs only httpx, numpy and soundfile, which the image carries, so check.sh runs it in a container of the same
+image joined to the checked container's network namespace (that one has no network of its own).
 
     probe.py health URL MODEL waits up to 5 s for /health: prints it when ok and naming MODEL, else exits 2
     probe.py serving URL      two formats decoded with their real properties; errors in the project's error shape
