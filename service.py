@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response  # noqa: E402
 from stable_audio_bento.admission import Admission  # noqa: E402
 from stable_audio_bento.audio import FORMATS  # noqa: E402
 from stable_audio_bento.config import EngineConfig, FrontConfig, ServiceSettings  # noqa: E402
-from stable_audio_bento.gateway import Gateway, GeneratedAudio  # noqa: E402
+from stable_audio_bento.gateway import Delivery, Gateway, GeneratedAudio  # noqa: E402
 from stable_audio_bento.generation import AudioRequest  # noqa: E402
 from stable_audio_bento.jobs import JobStore, new_job_id  # noqa: E402
 from stable_audio_bento.loading import load_engine  # noqa: E402
@@ -171,7 +171,7 @@ class StableAudio:
         request = EditRequest(**fields)
         try:
             prepared = await self.gateway.prepare(request, current_request().request_id, new_job_id())
-            job = self.jobs.submit(prepared, request.response_format)
+            job = self.jobs.submit(prepared, Delivery.of(request))
         except APIError as error:
             return error_response(ctx, error)
         ctx.response.status_code = 202
@@ -198,7 +198,7 @@ class StableAudio:
     @http_routes.post("/v1/audio/jobs", status_code=202)
     async def submit_job(self, request: GenerateRequest):
         job = self.jobs.submit(await self.gateway.prepare(request, current_request().request_id, new_job_id()),
-                               request.response_format)
+                               Delivery.of(request))
         return await self.jobs.describe(job)
 
     @http_routes.get("/v1/audio/jobs/{job_id}")
