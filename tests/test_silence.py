@@ -123,7 +123,9 @@ def test_jobs_and_edits_take_the_field_and_report_the_duration(server):
         assert time.monotonic() < deadline
         time.sleep(0.3)
     content = httpx.get(job_url + "/content")
-    assert job["audio_duration"] == header_seconds(content) == pytest.approx(decoded_frames(content) / RATE, abs=1e-6)
+    seconds = decoded_frames(content) / RATE
+    assert job["audio_duration"] == pytest.approx(seconds, abs=1e-9)
+    assert header_seconds(content) == pytest.approx(seconds, abs=1e-6)
 
     upload = io.BytesIO()
     soundfile.write(upload, tone(0.25).T, RATE, format="WAV")
@@ -147,3 +149,11 @@ def test_a_non_boolean_form_value_is_a_400_naming_the_field(server, route):
     response = httpx.post(server + route, data=form, files={"audio": ("in.wav", b"RIFF")}, timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "trim_silence"
+
+
+def test_the_openai_speech_route_takes_the_field(server):
+    body = {**BODY, "voice": "alloy", "trim_silence": True}
+    response = httpx.post(server + "/v1/audio/speech", json=body, timeout=120)
+    assert header_seconds(response) == pytest.approx(decoded_frames(response) / RATE, abs=1e-6)
+    refused = httpx.post(server + "/v1/audio/speech", json={**body, "trim_silence": "on"}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "trim_silence"
