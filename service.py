@@ -24,7 +24,7 @@ from stable_audio_bento.engine_pool import EnginePool  # noqa: E402
 from stable_audio_bento.engine_workers import (  # noqa: E402
     depends_on_engines, engine_clients, engine_services, engine_worker_count,
 )
-from stable_audio_bento.gateway import Gateway, GeneratedAudio  # noqa: E402
+from stable_audio_bento.gateway import Delivery, Gateway, GeneratedAudio  # noqa: E402
 from stable_audio_bento.generation import AudioRequest  # noqa: E402
 from stable_audio_bento.jobs import JobStore, new_job_id  # noqa: E402
 from stable_audio_bento.metrics import EngineMetrics, FrontMetrics, RequestMetricsMiddleware  # noqa: E402
@@ -197,7 +197,7 @@ class StableAudio:
         request = EditRequest(**fields)
         try:
             prepared = await self.gateway.prepare(request, current_request().request_id, new_job_id())
-            job = self.jobs.submit(prepared, request.response_format)
+            job = self.jobs.submit(prepared, Delivery.of(request))
         except APIError as error:
             return error_response(ctx, error)
         ctx.response.status_code = 202
@@ -224,7 +224,7 @@ class StableAudio:
     @http_routes.post("/v1/audio/jobs", status_code=202)
     async def submit_job(self, request: GenerateRequest):
         job = self.jobs.submit(await self.gateway.prepare(request, current_request().request_id, new_job_id()),
-                               request.response_format)
+                               Delivery.of(request))
         return await self.jobs.describe(job)
 
     @http_routes.get("/v1/audio/jobs/{job_id}")

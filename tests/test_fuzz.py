@@ -1,4 +1,4 @@
-"""Fuzzing POST /v1/audio/generate against a real `bentoml serve` of the tiny model.
+"""Fuzzing POST /v1/audio/generate and POST /v1/audio/edits against a real `bentoml serve` of the tiny model.
 
 Generated bodies, content types and headers (hypothesis), plus explicit 413 / non-JSON checks. Every response must
 be below 500; a 200 must be a decodable audio file of the requested duration; every rejection must be JSON in the
@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from stable_audio_bento.local_server import local_server
@@ -42,7 +42,7 @@ FORMATS = ("wav", "flac", "mp3", "pcm")  # generated requests use these (decoded
 VALID_FORMATS = (*FORMATS, "opus", "aac")
 MEDIA_TYPES = {"audio/wav": "wav", "audio/flac": "flac", "audio/mpeg": "mp3", "audio/pcm": "pcm"}
 FIELDS = ("input", "audio_length", "audio_start", "negative_prompt", "guidance_scale", "num_inference_steps",
-          "seed", "response_format", "model", "timeout")
+          "seed", "response_format", "model", "timeout", "trim_silence")
 SERVED_MODEL = "tiny"
 CHEAP_SECONDS = 1.0  # the longest clip a generated body may ask for (~0.1-0.3 s per request)
 TIMEOUT_S = 10  # a rejection takes milliseconds and a CHEAP_SECONDS clip well under a second: no answer is a bug
@@ -51,7 +51,9 @@ TIMEOUT_S = 10  # a rejection takes milliseconds and a CHEAP_SECONDS clip well u
 REQUESTS: Counter[str] = Counter()
 EXAMPLES = {"test_generated_objects": 350, "test_arbitrary_json_values": 150, "test_arbitrary_bytes": 150,
             "test_content_types_and_headers": 250, "test_body_with_one_invalid_field_names_it": 30 * len(FIELDS),
-            "test_valid_bodies_return_audio_of_the_requested_length": 40, "test_other_methods": 40}
+            "test_valid_bodies_return_audio_of_the_requested_length": 40, "test_other_methods": 40,
+            "test_edit_forms_and_uploads": 150, "test_edit_with_one_invalid_field_names_it": 5 * (len(FIELDS) + 2),
+            "test_valid_edits_return_audio_of_the_requested_length": 4}
 
 FUZZ = dict(deadline=None, database=None, print_blob=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
@@ -126,10 +128,21 @@ def check_audio(response: httpx.Response, fields) -> None:
         samples, rate = soundfile.read(io.BytesIO(response.content), dtype="float32", always_2d=True)
     assert rate == SAMPLE_RATE and samples.shape[1] == 2, (rate, samples.shape)
     expected = expected_samples(fields)
-    if response_format == "mp3":  # the MP3 frame grid pads the end by less than one frame plus decoder delay
-        assert abs(samples.shape[0] - expected) < 0.06 * SAMPLE_RATE, (samples.shape, expected, fields)
+    returned = round(float(response.headers["x-audio-duration"]) * SAMPLE_RATE)  # what went into the encoder
+    if trims_silence(fields):
+        assert 0 < returned <= expected, (returned, expected, fields)
     else:
-        assert samples.shape[0] == expected, (samples.shape, expected, fields)
+        assert returned == expected, (returned, expected, fields)
+    if response_format == "mp3":  # the MP3 frame grid pads the end by less than one frame plus decoder delay
+        assert abs(samples.shape[0] - returned) < 0.06 * SAMPLE_RATE, (samples.shape, returned, fields)
+    else:
+        assert samples.shape[0] == returned, (samples.shape, returned, fields)
+
+
+def trims_silence(fields: dict) -> bool:
+    """Whether an accepted request asked for trimming: JSON true, or a form's text that parses as it."""
+    value = fields.get("trim_silence")
+    return value is True or (isinstance(value, str) and value.strip() == "true")
 
 
 def check_response(response: httpx.Response, fields=None) -> None:
@@ -186,6 +199,7 @@ plausible = {
     "response_format": st.sampled_from([*FORMATS, "WAV", "ogg", ""]),
     "model": st.sampled_from([None, SERVED_MODEL, "other-model", ""]),
     "timeout": st.one_of(st.none(), st.floats(TIMEOUT_S, 86_400), st.sampled_from([0, -1.0, 86_401, 1e308])),
+    "trim_silence": st.one_of(st.booleans(), st.sampled_from(["true", 0, 1, None])),
 }
 generated_objects = st.builds(
     lambda known, extra: {**extra, **known},
@@ -374,6 +388,7 @@ def valid_bodies(draw) -> dict:
         "response_format": st.sampled_from(FORMATS),
         "model": st.sampled_from([None, SERVED_MODEL]),
         "timeout": st.one_of(st.none(), st.floats(TIMEOUT_S, 86_400)),
+        "trim_silence": st.booleans(),
     }
     for field, values in optional.items():
         if draw(st.booleans()):
@@ -428,14 +443,15 @@ INVALID = {
     "timeout": st.one_of(st.floats(max_value=0), st.integers(max_value=0), non_finite,
                          st.floats(min_value=86_400, exclude_min=True, allow_infinity=False),
                          wrong_types(int, float, type(None))),
+    "trim_silence": wrong_types(bool),  # null too: the field is a plain boolean
 }
 
 
 @st.composite
-def with_one_invalid_field(draw, field: str) -> dict:
+def with_one_invalid_field(draw, field: str, invalid: dict = INVALID) -> dict:
     """A valid body with ``field`` made invalid (or missing, for ``input``); the other fields stay valid."""
     body = draw(valid_bodies())
-    value = draw(INVALID[field])
+    value = draw(invalid[field])
     if field == "audio_start" and body.get("audio_length") is None:
         body["audio_length"] = 0.5  # a default length would run from an out-of-range start
     if value is PAST_END:
@@ -484,6 +500,162 @@ def test_other_methods(client, method, body):
     assert 400 <= response.status_code < 500, (method, response.status_code, response.text[:300])
     if method != "HEAD":
         error_of(response)
+
+
+# --- POST /v1/audio/edits: multipart forms and uploads ------------------------------------------------------------
+
+EDIT_ROUTE = "/v1/audio/edits"
+EDIT_FIELDS = (*FIELDS, "strength")
+EDIT_TIMEOUT_S = 120  # an accepted edit encodes its upload (plus 32 latent frames) with the tiny VAE: seconds
+
+
+def upload_bytes(rate: int, channels: int, seconds: float, file_format: str = "WAV") -> bytes:
+    t = np.arange(max(1, round(rate * seconds))) / rate
+    audio = np.stack([0.4 * np.sin(2 * np.pi * (220 + 110 * c) * t) for c in range(channels)], axis=1)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, rate, format=file_format, subtype={"OGG": "VORBIS"}.get(file_format, "PCM_16"))
+    return buffer.getvalue()
+
+
+SMALL_WAV = upload_bytes(SAMPLE_RATE, 2, 0.1)
+decodable = st.builds(upload_bytes, st.sampled_from([8000, 22050, 44100, 48000, 96000]), st.integers(1, 3),
+                      st.floats(0.001, 0.3), st.sampled_from(["WAV", "FLAC", "OGG"]))
+uploads = st.one_of(
+    st.none(),  # no file part at all
+    st.tuples(st.just("text"), st.one_of(st.text(max_size=40), st.sampled_from(["http://127.0.0.1:9/a.wav", "/etc/hostname"]))),
+    st.tuples(st.just("file"), st.one_of(
+        st.binary(max_size=3000), decodable,
+        st.builds(lambda data, cut: data[:cut], decodable, st.integers(0, 200)),  # truncated
+        st.builds(lambda data, at, junk: data[:at] + junk + data[at + len(junk):], decodable,  # corrupted
+                  st.integers(0, 100), st.binary(min_size=1, max_size=40)),
+        st.builds(lambda data, junk: data + junk, decodable, st.binary(min_size=1, max_size=100)),  # trailing junk
+    )),
+)
+field_names = st.one_of(st.sampled_from(EDIT_FIELDS), st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E,
+                                                                            exclude_characters='"\\'), max_size=12))
+form_values = st.one_of(
+    st.builds(json.dumps, st.one_of(*plausible.values(), json_values, st.floats(-1, 2))),  # as JSON text
+    st.text(max_size=40), st.sampled_from(EDGE_STRINGS), st.sampled_from(["0.5", "1", "1.0", "0", "true", " 2 "]),
+    repeated("[", 5000), st.builds(lambda digits: "1" + "0" * digits, st.integers(4300, 6000)),
+)
+def as_form(body: dict) -> dict:
+    """A JSON body as form fields, each value as its JSON text (which the server reads back as that value)."""
+    return {name: json.dumps(value) for name, value in body.items() if name.isidentifier() and name != "audio"}
+
+
+form_fields = st.one_of(form_values, st.lists(form_values, min_size=2, max_size=3))  # a list: repeated parts
+forms = st.one_of(
+    st.dictionaries(field_names, form_fields, max_size=len(EDIT_FIELDS) + 3),
+    # a valid form with a few fields replaced or added, to get past the first check
+    st.builds(lambda body, changes: {**as_form(body), **changes}, valid_bodies(),
+              st.dictionaries(field_names, form_fields, max_size=3)),
+).filter(lambda form: "audio" not in form)
+
+
+def send_edit(client: httpx.Client, test: str, form: dict, upload, file_fields: dict | None = None
+              ) -> httpx.Response:
+    """``upload``: None (no part), ("text", value) or ("file", bytes); ``file_fields``: other fields sent as file
+    parts (bytes)."""
+    REQUESTS[test] += 1
+    data = dict(form)
+    files = [(name, ("field.bin", content)) for name, content in (file_fields or {}).items()]
+    if upload is not None and upload[0] == "text":
+        data["audio"] = upload[1]
+    elif upload is not None:
+        files.append(("audio", ("upload.bin", upload[1], "application/octet-stream")))
+    if not files:  # still multipart: a form of text parts only
+        files = [(name, (None, value)) for name, value in data.items() if isinstance(value, str)] or [("_", (None, ""))]
+        data = {name: value for name, value in data.items() if not isinstance(value, str)}
+    try:
+        return client.post(EDIT_ROUTE, data=data, files=files, timeout=EDIT_TIMEOUT_S)
+    except httpx.TimeoutException as exc:
+        raise AssertionError(f"no response within {EDIT_TIMEOUT_S} s to an edit with {form!r}") from exc
+
+
+def read_form(form: dict) -> dict:
+    """The values as the server reads them (BentoML): a repeated field's last part, as JSON where it parses."""
+    read = {}
+    for name, value in form.items():
+        text = value[-1] if isinstance(value, list) else value
+        try:
+            read[name] = json.loads(text)
+        except (ValueError, RecursionError):
+            read[name] = text
+    return read
+
+
+def check_edit_response(response: httpx.Response, form: dict) -> None:
+    """status < 500; 200 => audio of the requested length; every 4xx in the error shape naming a field."""
+    assert response.status_code < 500, (response.status_code, response.text[:500], form)
+    if response.status_code == 200:
+        event("200")
+        check_audio(response, read_form(form))
+        return
+    error = error_of(response)
+    event(f"{response.status_code} {error['param']}")
+    assert error["param"] in (*EDIT_FIELDS, "audio", *form), (error, form)  # unknown fields are read too
+    if response.status_code == 504:  # a valid form that allowed itself less time than an edit takes
+        assert error["param"] == "timeout" and read_form(form)["timeout"] < EDIT_TIMEOUT_S, (error, form)
+
+
+def bound_edit_cost(form: dict) -> dict:
+    """bound_cost for a form: a form that may be valid asks for at most CHEAP_SECONDS of audio."""
+    read = read_form(form)
+    bounded = bound_cost(read)
+    return form if bounded is read else {**form, "audio_length": json.dumps(bounded["audio_length"])}
+
+
+@settings(max_examples=EXAMPLES["test_edit_forms_and_uploads"], **FUZZ)
+@given(form=forms, upload=uploads,
+       file_fields=st.dictionaries(field_names.filter(lambda name: name != "audio"), st.binary(max_size=40), max_size=2))
+def test_edit_forms_and_uploads(client, form, upload, file_fields):
+    """Random form fields (known and unknown names, repeated parts, JSON and plain text values, file parts where
+    text belongs) with no file, a text part, or random, truncated, corrupted or decodable file bytes: never a 5xx,
+    every 4xx names a field."""
+    form = bound_edit_cost({name: value for name, value in form.items() if name not in file_fields})
+    response = send_edit(client, "test_edit_forms_and_uploads", form, upload, file_fields)
+    check_edit_response(response, {**form, **{name: content.decode(errors="replace")
+                                              for name, content in file_fields.items()}})
+
+
+INVALID_EDIT = {
+    **INVALID,
+    "strength": st.one_of(st.floats(max_value=0), st.floats(min_value=1, exclude_min=True), st.integers(max_value=0),
+                          st.integers(min_value=2), non_finite, st.none(), wrong_types(int, float)),
+}
+INVALID_UPLOADS = st.one_of(st.none(), st.tuples(st.just("text"), st.text(max_size=30)),
+                            st.tuples(st.just("file"), st.one_of(st.just(b""), st.binary(min_size=1, max_size=500),
+                                                                 st.just(upload_bytes(8000, 1, 48.0)))))
+
+
+@pytest.mark.parametrize("field", (*EDIT_FIELDS, "audio"))
+@settings(max_examples=EXAMPLES["test_edit_with_one_invalid_field_names_it"] // (len(EDIT_FIELDS) + 1), **FUZZ)
+@given(data=st.data())
+def test_edit_with_one_invalid_field_names_it(client, field, data):
+    """A valid edit (each value sent as its JSON text) with one field, or the upload, made invalid."""
+    if field == "audio":
+        body, upload = data.draw(valid_bodies(), label="body"), data.draw(INVALID_UPLOADS, label="upload")
+    else:
+        body, upload = data.draw(with_one_invalid_field(field, INVALID_EDIT), label="body"), ("file", SMALL_WAV)
+    if field != "strength":
+        body.pop("strength", None)  # an unknown field of valid_bodies that happens to have this name
+    form = as_form(body)
+    response = send_edit(client, "test_edit_with_one_invalid_field_names_it", form, upload)
+    error = error_of(response)
+    expected_status = 404 if field == "model" and isinstance(body[field], str) else 400
+    assert response.status_code == expected_status, (response.status_code, error, field)
+    assert error["param"] == field and field in error["message"], (error, field)
+
+
+@settings(max_examples=EXAMPLES["test_valid_edits_return_audio_of_the_requested_length"], **FUZZ)
+@given(body=valid_bodies(), upload=decodable, strength=st.floats(0, 1, exclude_min=True))
+def test_valid_edits_return_audio_of_the_requested_length(client, body, upload, strength):
+    if body.get("timeout") is not None:
+        body["timeout"] = max(body["timeout"], EDIT_TIMEOUT_S)
+    form = as_form({**body, "strength": strength})
+    response = send_edit(client, "test_valid_edits_return_audio_of_the_requested_length", form, ("file", upload))
+    assert response.status_code == 200, (response.status_code, response.text[:500], form)
+    check_audio(response, read_form(form))
 
 
 # --- explicit checks ------------------------------------------------------------------------------------------

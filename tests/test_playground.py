@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import soundfile
 import yaml
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
@@ -262,3 +265,59 @@ def test_api_key_is_asked_for_and_sent(keyed_server, browser):
 
     browser.refresh()  # kept for the tab (sessionStorage), not beyond
     assert browser.find_element(By.ID, "api_key").get_attribute("value") == "playground-secret"
+
+
+def upload_file(tmp_path: Path, seconds: float = 0.4, rate: int = 48000) -> Path:
+    t = np.arange(round(seconds * rate)) / rate
+    path = tmp_path / "loop.wav"
+    soundfile.write(path, np.stack([0.5 * np.sin(2 * np.pi * 330 * t), 0.5 * np.sin(2 * np.pi * 495 * t)], axis=1),
+                    rate, subtype="PCM_16")
+    return path
+
+
+def test_edit_an_uploaded_file_and_play_it_beside_the_result(server, browser, tmp_path):
+    loop = upload_file(tmp_path)
+    open_page(browser, server)
+    assert not browser.find_element(By.ID, "strength").is_enabled()  # until a file is chosen
+    assert not browser.find_element(By.ID, "input-audio").is_displayed()
+    browser.find_element(By.ID, "init_audio").send_keys(str(loop))
+    fill(browser, input=PROMPT, audio_length="1.0", num_inference_steps=2, seed=5, strength="0.7")
+    browser.find_element(By.ID, "trim_silence").click()
+    browser.find_element(By.ID, "generate").click()
+
+    clip = wait_for_clip(browser)
+    assert clip["error"] is None
+    assert clip["duration"] == pytest.approx(1.0, abs=0.05)  # the tiny model's noise has no silent end to trim
+    sent = json.loads(browser.execute_script("return document.getElementById('request-json').textContent"))
+    assert sent["strength"] == 0.7 and sent["trim_silence"] is True and sent["audio"] == "(file) loop.wav"
+
+    player = browser.execute_script("""
+        const audio = document.getElementById("input-audio");
+        return {ready: audio.readyState, duration: audio.duration, error: audio.error && audio.error.code,
+                shown: audio.offsetParent !== null};
+    """)
+    assert player["shown"] and player["ready"] >= 1 and player["error"] is None
+    assert player["duration"] == pytest.approx(0.4, abs=0.01)
+
+    # The link offers exactly the bytes the synchronous edit route returns for the same form and file.
+    form = {"input": json.dumps(PROMPT), "audio_length": "1", "audio_start": "0", "num_inference_steps": "2",
+            "guidance_scale": "7", "strength": "0.7", "trim_silence": "true", "response_format": '"wav"', "seed": "5"}
+    direct = httpx.post(server + "/v1/audio/edits", data=form, files={"audio": ("loop.wav", loop.read_bytes())},
+                        timeout=GENERATION_TIMEOUT_S)
+    assert direct.status_code == 200, direct.text
+    assert downloaded_sha256(browser) == hashlib.sha256(direct.content).hexdigest()
+    assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    browser.save_screenshot(str(ARTIFACTS / "playground-edit.png"))
+
+
+def test_an_unusable_upload_is_marked_on_the_file_field(server, browser, tmp_path):
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("not audio at all " * 20)
+    open_page(browser, server)
+    browser.find_element(By.ID, "init_audio").send_keys(str(not_audio))
+    fill(browser, input=PROMPT, audio_length="1.0", num_inference_steps=2)
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "error"), 30, "no error was shown")
+    assert "audio" in text(browser, "error")
+    assert browser.find_element(By.ID, "init_audio").get_attribute("aria-invalid") == "true"
+    assert text(browser, "job-id") == "–"

@@ -89,22 +89,33 @@ def format_unavailable(response_format: str) -> str | None:
     return f"response_format {response_format!r} is unavailable on this server: {reason}"
 
 
+def _frames(audio: np.ndarray) -> np.ndarray:
+    """(channels, samples) float audio as (samples, channels) float32 clipped to full scale, as soundfile wants."""
+    return np.clip(np.asarray(audio, dtype=np.float32).T, -1.0, 1.0)
+
+
 def _pcm16(frames: np.ndarray) -> bytes:
     return np.round(frames * 32767).astype("<i2").tobytes()
 
 
+def pcm16_segment(audio: np.ndarray, sample_rate: int) -> AudioSegment:
+    """(channels, samples) float audio as a pydub segment of 16-bit samples."""
+    frames = _frames(audio)
+    return AudioSegment(_pcm16(frames), sample_width=2, frame_rate=sample_rate, channels=frames.shape[1])
+
+
 def encode_audio(audio: np.ndarray, sample_rate: int, response_format: str) -> bytes:
     spec = FORMATS[response_format]
-    frames = np.clip(np.asarray(audio, dtype=np.float32).T, -1.0, 1.0)  # soundfile wants (samples, channels)
     if spec.ffmpeg is not None:
         reason = format_unavailable(response_format)
         if reason is not None:
             raise EncoderUnavailable(reason)
         # 16-bit input: its quantization noise lies far below what these lossy codecs discard.
-        segment = AudioSegment(_pcm16(frames), sample_width=2, frame_rate=sample_rate, channels=frames.shape[1])
+        segment = pcm16_segment(audio, sample_rate)
         codec = spec.ffmpeg
         return segment.export(io.BytesIO(), format=codec.muxer, codec=codec.encoder,
                               bitrate=codec.bitrate).getvalue()
+    frames = _frames(audio)
     if spec.soundfile_format is None:
         return _pcm16(frames)
     buffer = io.BytesIO()

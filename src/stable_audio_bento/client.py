@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (kind, help_text) in FIELDS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
     parser.add_argument("--init-audio", type=Path, help="start from this audio file (audio-to-audio)")
+    parser.add_argument("--trim-silence", action="store_true",
+                        help="cut the silence after the sound (the file may be shorter than --audio-length)")
     parser.add_argument("-o", "--output", type=Path, default=Path("output.wav"), help="output file (default output.wav)")
     parser.add_argument("--url", default="http://localhost:8091", help="server address (default http://localhost:8091)")
     parser.add_argument("--api-key", default=os.environ.get("STABLE_AUDIO_API_KEY"),
@@ -59,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def request_body(args: argparse.Namespace) -> dict:
     body = {"input": args.input}
     body.update({name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None})
+    if args.trim_silence:
+        body["trim_silence"] = True
     suffix = args.output.suffix.lstrip(".").lower()
     if "response_format" not in body and suffix in ("wav", "mp3", "flac", "pcm", "opus", "aac"):
         body["response_format"] = suffix
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print("cancelled", file=sys.stderr)
         return 130
     args.output.write_bytes(audio)
-    print(f"wrote {args.output} ({len(audio)} bytes, {job['response_format']}, seed {job['seed']})")
+    print(f"wrote {args.output} ({len(audio)} bytes, {job['audio_duration']:.3f} s of {job['response_format']}, "
+          f"seed {job['seed']})")
     return 0
 
 

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 import aiohttp
+import numpy as np
 
 from .admission import Admission
 from .audio import FORMATS, encode_audio
@@ -21,11 +22,25 @@ from .generation import AudioRequest
 from .init_audio import load_init_audio
 from .protocol import APIError, EditRequest, GenerateRequest
 from .serving import ModelCard, RequestContext
+from .silence import trim_trailing_silence
 
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads this response
 ENGINE_CONNECTION_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the client gets made of the decoded audio: its format, and whether the silence after the sound is
+    cut first."""
+
+    response_format: str = "wav"
+    trim_silence: bool = False
+
+    @classmethod
+    def of(cls, request: GenerateRequest) -> "Delivery":
+        return cls(request.response_format, request.trim_silence)
 
 
 @dataclass
@@ -34,6 +49,7 @@ class GeneratedAudio:
     response_format: str
     seed: int
     batch_size: int
+    duration: float  # seconds of audio encoded in ``data``: audio_length, or less when trimmed
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: queue, prepare, denoise, ...
 
     @property
@@ -42,7 +58,15 @@ class GeneratedAudio:
 
     def headers(self) -> dict[str, str]:
         stages = ", ".join(f"{name};dur={1000 * seconds:.1f}" for name, seconds in self.timings.items())
-        return {"Server-Timing": stages, "X-Seed": str(self.seed), "X-Batch-Size": str(self.batch_size)}
+        return {"Server-Timing": stages, "X-Seed": str(self.seed), "X-Batch-Size": str(self.batch_size),
+                "X-Audio-Duration": f"{self.duration:.6f}"}
+
+
+def deliver(audio: np.ndarray, sample_rate: int, delivery: Delivery) -> tuple[bytes, float]:
+    """The response body made of decoded (channels, samples) audio, and the seconds it holds."""
+    if delivery.trim_silence:
+        audio = trim_trailing_silence(audio, sample_rate)
+    return encode_audio(audio, sample_rate, delivery.response_format), audio.shape[1] / sample_rate
 
 
 class Gateway:
@@ -84,9 +108,9 @@ class Gateway:
         """A request whose client waits for the audio: validated, admitted, generated unless the client leaves."""
         job = await self.prepare(request, client.request_id)
         with self.admission.admit(job.id):
-            return await self.generate(job, request.response_format, client.disconnected)
+            return await self.generate(job, Delivery.of(request), client.disconnected)
 
-    async def generate(self, job: AudioRequest, response_format: str,
+    async def generate(self, job: AudioRequest, delivery: Delivery,
                        disconnected: asyncio.Event | None = None) -> GeneratedAudio:
         """The audio of an admitted request; raises APIError (500, 504, or 499 once the client has gone)."""
         submitted_at = time.time()
@@ -104,14 +128,14 @@ class Gateway:
             raise APIError(f"generation failed: {result['error']}", status=500, code="generation_failed")
         encode_started = time.perf_counter()
         card = await self.model_card()
-        data = await asyncio.to_thread(encode_audio, result["audio"], card.limits.sample_rate, response_format)
+        data, duration = await asyncio.to_thread(deliver, result["audio"], card.limits.sample_rate, delivery)
         timings = {"queue": result["started_at"] - submitted_at,
                    **{name.removesuffix("_s"): seconds for name, seconds in result["timings"].items()},
                    "encode": time.perf_counter() - encode_started}
         self.admission.record_service_time(timings["denoise"] + timings["decode"])
-        logger.info("generated %.2f s of %s with up to %d requests per step: %s", job.audio_length, response_format,
+        logger.info("generated %.2f s of %s with up to %d requests per step: %s", duration, delivery.response_format,
                     result["batch_size"], " ".join(f"{name}={seconds:.3f}s" for name, seconds in timings.items()))
-        return GeneratedAudio(data, response_format, job.seed, result["batch_size"], timings)
+        return GeneratedAudio(data, delivery.response_format, job.seed, result["batch_size"], duration, timings)
 
     async def wait_for_engine(self, job: AudioRequest, disconnected: asyncio.Event | None) -> dict:
         """The engine's result, unless the client disconnects or the deadline passes first: then the engine is

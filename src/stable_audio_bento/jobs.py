@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .admission import Slot
-from .gateway import Gateway, GeneratedAudio
+from .gateway import Delivery, Gateway, GeneratedAudio
 from .generation import AudioRequest
 from .protocol import APIError
 
@@ -29,7 +29,7 @@ def new_job_id() -> str:
 @dataclass
 class Job:
     request: AudioRequest
-    response_format: str
+    delivery: Delivery
     slot: Slot
     created_at: float = field(default_factory=time.time)
     status: JobStatus = "queued"
@@ -52,9 +52,9 @@ class JobStore:
         self.gateway, self.ttl_s, self.max_finished = gateway, ttl_s, max_finished
         self._jobs: dict[str, Job] = {}  # in submission order
 
-    def submit(self, request: AudioRequest, response_format: str) -> Job:
+    def submit(self, request: AudioRequest, delivery: Delivery) -> Job:
         """Admits the job (429/503 like a synchronous request) and starts it."""
-        job = Job(request, response_format, self.gateway.admission.admit(request.id))
+        job = Job(request, delivery, self.gateway.admission.admit(request.id))
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
         self._jobs[job.id] = job
         return job
@@ -62,7 +62,7 @@ class JobStore:
     async def _run(self, job: Job) -> None:
         with job.slot:
             try:
-                job.output = await self.gateway.generate(job.request, job.response_format)
+                job.output = await self.gateway.generate(job.request, job.delivery)
                 job.status = "succeeded"
             except APIError as error:
                 job.error = error
@@ -116,7 +116,9 @@ class JobStore:
             "queue_position": queue_position,
             "seed": job.request.seed,
             "audio_length": job.request.audio_length,
-            "response_format": job.response_format,
+            "audio_duration": None if job.output is None else job.output.duration,
+            "response_format": job.delivery.response_format,
+            "trim_silence": job.delivery.trim_silence,
             "error": None if job.error is None else job.error.body()["error"],
             "result_url": f"/v1/audio/jobs/{job.id}/content" if job.output is not None else None,
         }

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .audio import format_unavailable
 from .generation import AudioRequest, ModelLimits
+from .silence import CHUNK_MS, MIN_KEPT_S, SILENCE_THRESHOLD_DBFS
 
 AudioFormat = Literal["wav", "mp3", "flac", "pcm", "opus", "aac"]
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
@@ -45,6 +46,10 @@ class GenerateRequest(BaseModel):
     model: str | None = Field(None, description="Optional; must name the served model.")
     timeout: float | None = Field(None, description="Seconds this request may take, queueing included; past them "
                                                     "it is abandoned with a 504. Default: the server's limit.")
+    trim_silence: bool = Field(False, description=f"Cut the silence after the sound (from where every later "
+                               f"{CHUNK_MS} ms stays under {SILENCE_THRESHOLD_DBFS:g} dBFS; at least {MIN_KEPT_S:g} s "
+                               "is kept). The seconds returned are in the X-Audio-Duration header. Default false: "
+                               "exactly audio_length.")
 
     @field_validator("input")
     @classmethod

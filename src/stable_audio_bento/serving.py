@@ -22,7 +22,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from .generation import ModelLimits
-from .protocol import APIError, describe_validation_error, error_body
+from .protocol import APIError, describe_validation_error, error_body, shown
 
 logger = logging.getLogger(__name__)
 
@@ -206,9 +206,11 @@ def install_log_filters() -> None:
                 handler.addFilter(kind())
 
 
-async def text_in_file_field(scope, body: bytes, name: str) -> dict[str, Any] | None:
-    """The error body when the multipart form's ``name`` part is text rather than a file. BentoML would take that
-    text for a URL and fetch it, from this server's network, answering 500 when it cannot."""
+async def unreadable_form_field(scope, body: bytes, file_field: str) -> dict[str, Any] | None:
+    """The error body for a multipart form BentoML would answer with a 500, naming the field: text in the
+    ``file_field`` part (BentoML would take it for a URL and fetch it, from this server's network), or another part
+    that its reading of form values as JSON cannot survive (nesting past the parser's recursion limit, an integer
+    past Python's digit limit, a file part whose bytes are not text)."""
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -216,11 +218,27 @@ async def text_in_file_field(scope, body: bytes, name: str) -> dict[str, Any] | 
         form = await Request({**scope, "method": "POST"}, receive).form()
     except (MultiPartException, HTTPException, AssertionError):  # not multipart, or malformed: BentoML answers 400
         return None
-    value = form.get(name)
-    await form.close()
-    if value is None or isinstance(value, UploadFile):
+    try:
+        value = form.get(file_field)
+        if value is not None and not isinstance(value, UploadFile):
+            return error_body(f"{file_field} must be a file (curl -F {file_field}=@FILE), not text", 400, file_field)
+        for name in form:
+            value = form[name]  # the last part of that name, as BentoML reads it
+            if name == file_field:
+                continue
+            try:
+                json.loads(await value.read() if isinstance(value, UploadFile) else value)
+            except json.JSONDecodeError:
+                pass  # read as text
+            except RecursionError:
+                return error_body(f"{shown(name, 40)}: nested too deeply to read", 400, name)
+            except UnicodeDecodeError:
+                return error_body(f"{shown(name, 40)}: a file part that is not UTF-8 text", 400, name)
+            except ValueError as error:  # e.g. an integer past Python's 4,300 digits
+                return error_body(f"{shown(name, 40)}: cannot be read: {shown(error, 80)}", 400, name)
         return None
-    return error_body(f"{name} must be a file (curl -F {name}=@FILE), not text", 400, name)
+    finally:
+        await form.close()
 
 
 class RequestGuardMiddleware:
@@ -270,7 +288,7 @@ class RequestGuardMiddleware:
                 return await send_json(send, 413, body)
             if not message.get("more_body"):
                 break
-        if upload and (error := await text_in_file_field(scope, b"".join(chunks), UPLOAD_PATHS[scope["path"]])):
+        if upload and (error := await unreadable_form_field(scope, b"".join(chunks), UPLOAD_PATHS[scope["path"]])):
             return await send_json(send, 400, error)
         if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
             media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
