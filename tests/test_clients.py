@@ -49,13 +49,13 @@ def test_a_job_reports_progress_and_returns_the_same_audio_as_a_direct_request(s
     assert (rate, samples.shape) == (44100, (88200, 2))
 
 
-def test_a_queued_job_knows_its_place_and_cancelled_jobs_have_no_audio(server):
+def test_cancelled_jobs_have_no_audio(server):
+    # Continuous batching admits the second job at the next step, so it is queued or running by now; the queued
+    # case is pinned where the loop is full (test_reliability.py).
     long = {"input": "a long drone", "num_inference_steps": 400}
     running = httpx.post(server + "/v1/audio/jobs", json=long).json()
     poll(server, running["id"], until=("running",))
     waiting = httpx.post(server + "/v1/audio/jobs", json=long).json()
-    status = httpx.get(f"{server}/v1/audio/jobs/{waiting['id']}").json()
-    assert status["status"] == "queued" and status["queue_position"] == 0 and status["progress"] is None
 
     for job in (waiting, running):
         cancelled = httpx.delete(f"{server}/v1/audio/jobs/{job['id']}")

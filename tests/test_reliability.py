@@ -83,6 +83,23 @@ def test_a_client_that_disconnects_while_queued_is_never_computed(limited_server
     assert not re.search(r"generated .*\[request_id=hangs-up-queued\]", server_log())
 
 
+def test_a_job_waiting_for_room_knows_its_place(limited_server):
+    # STABLE_AUDIO_MAX_ROWS=2: a running guided request (2 rows) leaves no room, so the next one waits its turn.
+    jobs = limited_server + "/v1/audio/jobs"
+    running = httpx.post(jobs, json=LONG).json()
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{jobs}/{running['id']}").json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    waiting = httpx.post(jobs, json=LONG).json()
+    for _ in range(3):  # and it stays so, step after step
+        status = httpx.get(f"{jobs}/{waiting['id']}").json()
+        assert (status["status"], status["queue_position"], status["progress"]) == ("queued", 0, None)
+        time.sleep(0.2)
+    for job in (waiting, running):
+        assert httpx.delete(f"{jobs}/{job['id']}").json()["status"] == "cancelled"
+
+
 def test_a_client_that_disconnects_mid_generation_stops_it_at_the_next_step(limited_server):
     send_then_disconnect(limited_server, {**LONG, "num_inference_steps": 500}, "hangs-up-running", 2.0)
     stopped = wait_for_log(r"request hangs-up-running stopped after (\d+) of 500 steps \(cancelled\)")
