@@ -462,7 +462,8 @@ async def soak(args, process: psutil.Process | None = None) -> dict:
         warmup_started = time.monotonic()
         if args.warmup_s > 0:
             await run_phase(warmup, "warmup", warmup_started, args.warmup_s)
-        say(f"warm-up: {time.monotonic() - warmup_started:.0f} s, {warmup.sent} requests, {warmup.categories['completed']} completed, "
+        say(f"warm-up: {time.monotonic() - warmup_started:.0f} s, {warmup.sent} requests, "
+            f"{warmup.categories['completed']} completed, "
             f"{warmup.categories['lost']} lost")
         await sample("start")
         if root is None:

@@ -3,7 +3,7 @@
 BentoML 1.4's ``TimeoutMiddleware`` arms one ``loop.call_later(timeout, ...)`` timer per request and never cancels
 it. A timer holds a copy of the request's context: its OpenTelemetry span, BentoML's request context, the ASGI
 scope. So every request, a health check or an invalid body included, stays alive until its timer fires, i.e. for
-``traffic.timeout`` (900 s): about 4.5 KB per request, ~900 requests/s of cheap ones add ~3.6 GiB before the first
+``traffic.timeout`` (900 s): about 4.5 KB per request, so ~900 cheap requests/s add about 3.5 GB before the first
 timer fires (found with tracemalloc inside the front worker; benchmarks/RESULTS.md "Front memory").
 
 ``TrafficTimeoutMiddleware`` keeps BentoML's contract (no response started within the timeout: the handler is
