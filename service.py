@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 
+from stable_audio_bento import traffic_timeout  # noqa: E402
 from stable_audio_bento.admission import Admission  # noqa: E402
 from stable_audio_bento.audio import FORMATS  # noqa: E402
 from stable_audio_bento.config import FrontConfig, ServiceSettings  # noqa: E402
@@ -43,6 +44,7 @@ from stable_audio_bento.tracking import RequestTracker, ResultBoard  # noqa: E40
 logger = logging.getLogger("stable_audio_bento")
 logger.setLevel(logging.INFO)
 SETTINGS = ServiceSettings.load()
+traffic_timeout.install()  # BentoML's own keeps every request alive for traffic.timeout
 
 
 # BentoML 1.4 replaces its client session to a service every 100 calls / 300 s and closes the old one with calls

@@ -9,11 +9,13 @@ Every request is classified:
              1 sample for wav / flac / pcm, 60 ms for mp3); a repeated fixed-seed body must give identical bytes
   rejected   as expected: an invalid body -> 4xx in the OpenAI error shape {"error": {message, type, param, code}};
              overload -> 429 / 503 with Retry-After; a request with a "timeout" field past its deadline -> 504
+  probe      GET /health or /livez -> 200 (only with --mix probe=N: cheap requests for the front's memory)
   cancelled  the client closed the connection on purpose (a longer request, cancelled after 0.05-1 s)
   lost       anything else: other 5xx, a connection error the client did not cause, no answer within
              --request-bound-s, a 200 with wrong or undecodable audio, an invalid body accepted, a wrong error shape,
              a 503 whose error code is engine_unavailable (the front lost its call to a live engine)
-Server memory: the summed RSS of the server's process tree after a warm-up, every 30 s, and at the end.
+Server memory: the summed RSS of the server's process tree after a warm-up, every 30 s, and at the end;
+--rss-svg PATH plots each process's RSS over time.
 Exit status: 1 if any request was lost (2 if --max-rss-growth-pct is given and exceeded), else 0.
 Bounded: --duration-s of new requests, --max-requests in all, each request at most --request-bound-s.
 """
@@ -42,7 +44,10 @@ import soundfile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+
 from stable_audio_bento.local_server import local_server  # noqa: E402
+from svg_plot import line_chart  # noqa: E402
 
 GENERATE = "/v1/audio/generate"
 SAMPLE_RATE = 44100
@@ -78,7 +83,8 @@ INVALID_BODIES: list[dict | bytes] = [
     b'{"input": "x", "audio_length": 1e999}', b"not json at all", b'{"input": "x",', b"[1, 2]", b"", b"null",
     b'"just a string"', b'{"input": "x", "audio_length": 1.0}' + b" " * (1 << 20),  # over the 1 MiB body limit
 ]
-KINDS = ["valid", "repeat", "invalid", "cancel", "deadline"]
+PROBE_PATHS = ["/health", "/livez"]
+KINDS = ["valid", "repeat", "invalid", "cancel", "deadline", "probe"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-s", type=float, default=60.0,
                         help="seconds of the same mix (bursts included) before the first RSS sample, so that it is "
                              "taken once the server has met every request shape (default 60)")
+    parser.add_argument("--warmup-requests", type=int, help="end the warm-up after this many requests")
     parser.add_argument("--burst-size", type=int, default=48,
                         help="concurrent short requests in a burst (above the server's admission bound)")
     parser.add_argument("--burst-every-s", type=float, default=60.0, help="seconds between bursts (0: none)")
@@ -101,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--request-bound-s", type=float, default=120.0,
                         help="a request unanswered after this long is lost")
     parser.add_argument("--rss-every-s", type=float, default=30.0, help="seconds between RSS samples")
+    parser.add_argument("--rss-svg", type=Path, help="plot each server process's RSS over time to this SVG file")
     parser.add_argument("--max-rss-growth-pct", type=float,
                         help="exit 2 if the server's RSS grew more than this from start to end")
     parser.add_argument("--no-seed-check", action="store_true",
@@ -134,15 +142,15 @@ def say(line: str = "") -> None:
 # ------------------------------------------------------------------------------------------------- requests
 @dataclass
 class Request:
-    kind: str  # warmup, valid, repeat, invalid, cancel, deadline, burst, final
-    body: dict | bytes
+    kind: str  # warmup, valid, repeat, invalid, cancel, deadline, probe, burst, final
+    body: dict | bytes  # for a probe, the path to GET
     repeat_index: int | None = None
     deadline_s: float | None = None  # the body's "timeout" field
     cancel_after_s: float | None = None
 
     @property
     def expects_audio(self) -> bool:
-        return self.kind != "invalid"
+        return self.kind not in ("invalid", "probe")
 
 
 def valid_body(rng: random.Random, steps: tuple[int, int] = (1, 4), length: tuple[float, float] = (0.5, 3.0)) -> dict:
@@ -165,6 +173,8 @@ def draw(kind: str, rng: random.Random, args) -> Request:
         return Request(kind, dict(REPEATED_BODIES[index]), repeat_index=index)
     if kind == "invalid":
         return Request(kind, rng.choice(INVALID_BODIES))
+    if kind == "probe":
+        return Request(kind, rng.choice(PROBE_PATHS).encode())
     if kind == "cancel":
         return Request(kind, valid_body(rng, steps=args.cancel_steps), cancel_after_s=rng.uniform(0.05, 1.0))
     if kind == "deadline":  # most deadlines are shorter than the work, some are generous
@@ -254,7 +264,10 @@ class Stats:
                                                "latency_s": round(latency, 3), "detail": detail[:300]})
 
 
-async def post(client: httpx.AsyncClient, url: str, body: dict | bytes) -> httpx.Response:
+async def post(client: httpx.AsyncClient, url: str, request: Request) -> httpx.Response:
+    body = request.body
+    if request.kind == "probe":
+        return await client.get(url + body.decode())
     if isinstance(body, dict):
         return await client.post(url + GENERATE, json=body)
     return await client.post(url + GENERATE, content=body, headers={"content-type": "application/json"})
@@ -266,6 +279,8 @@ async def classify(request: Request, response: httpx.Response, latency: float, s
     def record(category: str, reason: str, detail: str = "") -> None:
         stats.record(request, category, reason, status, latency, detail)
 
+    if request.kind == "probe":
+        return record("completed", "probe 200") if status == 200 else record("lost", f"probe {status}", response.text)
     if status == 200:
         if not request.expects_audio:
             return record("lost", "invalid body accepted with 200")
@@ -307,7 +322,7 @@ async def classify(request: Request, response: httpx.Response, latency: float, s
 
 async def execute(request: Request, client: httpx.AsyncClient, stats: Stats, args) -> None:
     started = time.monotonic()
-    task = asyncio.ensure_future(post(client, args.url, request.body))
+    task = asyncio.ensure_future(post(client, args.url, request))
     wait_s = args.request_bound_s if request.cancel_after_s is None else request.cancel_after_s
     done, _ = await asyncio.wait({task}, timeout=wait_s)
     latency = time.monotonic() - started
@@ -410,6 +425,8 @@ async def soak(args, process: psutil.Process | None = None) -> dict:
 
         def take(phase: Stats, count: int) -> int:
             granted = max(0, min(count, args.max_requests - stats.sent - warmup.sent))
+            if phase is warmup and args.warmup_requests is not None:
+                granted = max(0, min(granted, args.warmup_requests - warmup.sent))
             phase.sent += granted
             return granted
 
@@ -442,9 +459,11 @@ async def soak(args, process: psutil.Process | None = None) -> dict:
             await asyncio.gather(burster(), *(worker(i) for i in range(args.concurrency)))
 
         # Warm-up: the same traffic, so the first RSS sample is of a server that has met every request shape.
+        warmup_started = time.monotonic()
         if args.warmup_s > 0:
-            await run_phase(warmup, "warmup", time.monotonic(), args.warmup_s)
-        say(f"warm-up: {args.warmup_s:g} s, {warmup.sent} requests, {warmup.categories['completed']} completed, "
+            await run_phase(warmup, "warmup", warmup_started, args.warmup_s)
+        say(f"warm-up: {time.monotonic() - warmup_started:.0f} s, {warmup.sent} requests, "
+            f"{warmup.categories['completed']} completed, "
             f"{warmup.categories['lost']} lost")
         await sample("start")
         if root is None:
@@ -563,6 +582,16 @@ def report(summary: dict) -> None:
             say(f"    {json.dumps(example, default=str)[:600]}")
 
 
+def plot_rss(samples: list[dict], path: Path) -> None:
+    """Each process's RSS (MiB) against the soak's time (minutes; the warm-up ends at 0)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for sample in samples:
+        for name, mib in sample["by_process_mib"].items():
+            series.setdefault(name, []).append((sample["t_s"] / 60, mib))
+    line_chart(series, "Server RSS per process during the soak", "minutes after the warm-up", "RSS, MiB", path)
+    say(f"RSS plot: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.url:
@@ -576,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = asyncio.run(soak(args, psutil.Process(started.pid) if started else None))
     report(summary)
     rss = summary["rss"]
+    if args.rss_svg and rss:
+        plot_rss(rss["samples"], args.rss_svg)
     rss_failed = bool(args.max_rss_growth_pct is not None and rss and rss["growth_pct"] is not None
                       and rss["growth_pct"] > args.max_rss_growth_pct)
     if rss_failed:

@@ -20,11 +20,12 @@ def load_soak():
     return sys.modules["soak"]
 
 
-def test_soak_loses_no_request(server, capsys):
+def test_soak_loses_no_request(server, capsys, tmp_path):
     soak = load_soak()
+    plot = tmp_path / "rss.svg"
     status = soak.main(["--url", server, "--duration-s", "20", "--concurrency", "4", "--warmup-s", "5",
-                        "--burst-size", "16", "--burst-every-s", "10", "--seed", "1", "--json",
-                        "--mix", "valid=35,repeat=15,invalid=25,cancel=12,deadline=13"])
+                        "--burst-size", "16", "--burst-every-s", "10", "--seed", "1", "--json", "--rss-every-s", "5",
+                        "--rss-svg", str(plot), "--mix", "valid=35,repeat=15,invalid=25,cancel=12,deadline=13,probe=5"])
     output = capsys.readouterr().out
     summary = json.loads(output.strip().splitlines()[-1])
     assert summary["lost"] == 0, output[-6000:]
@@ -33,6 +34,10 @@ def test_soak_loses_no_request(server, capsys):
     assert summary["final_checks_ok"]
     assert summary["repeated_seed_checks"] > 0
     assert summary["rss"] is not None and summary["rss"]["start_mib"] > 0  # the server's processes were found
+    assert summary["by_kind"]["probe"]["completed"] > 0
+    processes = summary["rss"]["samples"][0]["by_process_mib"]
+    svg = plot.read_text()  # one line per server process, each named in the legend
+    assert svg.count("<polyline") == len(processes) >= 3 and all(name in svg for name in processes)
 
 
 def test_soak_refuses_a_server_that_is_not_on_loopback(capsys):
