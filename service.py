@@ -220,7 +220,10 @@ class StableAudio:
     async def models(self):
         card = await self.gateway.model_card()
         model = {"id": card.model, "object": "model", "created": 0, "owned_by": "stable-audio-bento",
-                 "max_audio_length": card.limits.max_seconds, "sample_rate": card.limits.sample_rate}
+                 "max_audio_length": card.limits.max_seconds, "sample_rate": card.limits.sample_rate,
+                 "default_inference_steps": card.default_steps, "max_inference_steps": card.max_steps,
+                 "default_guidance_scale": card.default_guidance_scale, "fixed_start": card.limits.fixed_start,
+                 "edits": card.edits, "inpainting": card.inpainting}
         return {"object": "list", "data": [model]}
 
     @http_routes.post("/v1/audio/jobs", status_code=202)

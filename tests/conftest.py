@@ -11,6 +11,7 @@ from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import ensure_tiny_model, load_pipeline
 from stable_audio_bento.local_server import local_server
 from stable_audio_bento.pipeline import BatchedStableAudio, SamplingOptions
+from stable_audio_bento.sa3_loading import TINY_SA3, ensure_tiny_sa3_model
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
@@ -47,4 +48,12 @@ def engine(tiny_pipe) -> BatchedStableAudio:
 def server(model_cache) -> str:
     """`bentoml serve` from the repo root with the tiny model and default settings; yields its base URL."""
     with local_server({"STABLE_AUDIO_MODEL": "tiny"}, ARTIFACTS / "server.log", startup_timeout_s=180) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def sa3_server(model_cache) -> str:
+    """`bentoml serve` with the tiny Stable Audio 3 model (tests/test_sa3_service.py, the playground's SA3 test)."""
+    ensure_tiny_sa3_model()  # built here once, in the cache the server reads too
+    with local_server({"STABLE_AUDIO_MODEL": TINY_SA3}, ARTIFACTS / "sa3-server.log", startup_timeout_s=180) as url:
         yield url

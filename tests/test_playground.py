@@ -321,3 +321,32 @@ def test_an_unusable_upload_is_marked_on_the_file_field(server, browser, tmp_pat
     assert "audio" in text(browser, "error")
     assert browser.find_element(By.ID, "init_audio").get_attribute("aria-invalid") == "true"
     assert text(browser, "job-id") == "–"
+
+
+def test_the_form_follows_a_stable_audio_3_model_and_inpaints(sa3_server, browser, tmp_path):
+    # /v1/models: 8 steps and guidance 1 by default, no start offset, inpainting instead of only strength.
+    loop = upload_file(tmp_path, seconds=2.0)
+    open_page(browser, sa3_server)
+    wait_for(browser, lambda: browser.find_element(By.ID, "num_inference_steps").get_attribute("value") == "8", 30,
+             "the form never took the model's defaults")
+    assert browser.find_element(By.ID, "guidance_scale").get_attribute("value") == "1"
+    assert not browser.find_element(By.ID, "audio_start").is_enabled()
+    assert browser.find_element(By.ID, "mask_start").is_displayed()
+    assert not browser.find_element(By.ID, "mask_start").is_enabled()  # until a file is chosen
+    browser.find_element(By.ID, "init_audio").send_keys(str(loop))
+    fill(browser, input=PROMPT, audio_length="2.0", num_inference_steps=3, seed=7, mask_start="0.5", mask_end="1.5")
+    browser.find_element(By.ID, "generate").click()
+
+    clip = wait_for_clip(browser)
+    assert clip["error"] is None and clip["duration"] == pytest.approx(2.0, abs=0.05)
+    sent = json.loads(browser.execute_script("return document.getElementById('request-json').textContent"))
+    assert (sent["mask_start"], sent["mask_end"]) == (0.5, 1.5)
+    assert "strength" not in sent and "audio_start" not in sent  # neither applies here
+    form = {"input": json.dumps(PROMPT), "audio_length": "2", "num_inference_steps": "3", "guidance_scale": "1",
+            "mask_start": "0.5", "mask_end": "1.5", "response_format": '"wav"', "seed": "7"}
+    direct = httpx.post(sa3_server + "/v1/audio/edits", data=form, files={"audio": ("loop.wav", loop.read_bytes())},
+                        timeout=GENERATION_TIMEOUT_S)
+    assert direct.status_code == 200, direct.text
+    assert downloaded_sha256(browser) == hashlib.sha256(direct.content).hexdigest()
+    assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    browser.save_screenshot(str(ARTIFACTS / "playground-sa3-inpaint.png"))

@@ -16,12 +16,9 @@ import soundfile
 
 from stable_audio_bento.audio import encode_audio
 from stable_audio_bento.generation import AudioRequest
-from stable_audio_bento.local_server import local_server
 from stable_audio_bento.sa3 import BatchedStableAudio3
-from stable_audio_bento.sa3_loading import TINY_MAX_SECONDS, TINY_SA3, ensure_tiny_sa3_model, load_tiny_sa3
+from stable_audio_bento.sa3_loading import TINY_MAX_SECONDS, TINY_SA3, load_tiny_sa3
 from stable_audio_bento.step_loop import run_to_completion
-
-from conftest import ARTIFACTS
 
 BODIES = [  # different latent lengths, guidance on and off, a negative prompt, the default and other step counts
     {"input": "a bell", "audio_length": 2.0, "seed": 3},
@@ -29,13 +26,6 @@ BODIES = [  # different latent lengths, guidance on and off, a negative prompt, 
     {"input": "a dog", "audio_length": 3.3, "seed": 5, "num_inference_steps": 5},
     {"input": "a drum", "audio_length": 1.25, "seed": 6, "num_inference_steps": 12, "guidance_scale": 2.0},
 ]
-
-
-@pytest.fixture(scope="module")
-def sa3_server(model_cache):
-    ensure_tiny_sa3_model()  # built here once, in the cache the server reads too
-    with local_server({"STABLE_AUDIO_MODEL": TINY_SA3}, ARTIFACTS / "sa3-server.log", startup_timeout_s=180) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +43,8 @@ def test_health_and_models_describe_the_served_family(sa3_server):
                               "sample_rate": 44100, "max_audio_length": TINY_MAX_SECONDS}.items()
     [model] = httpx.get(sa3_server + "/v1/models").json()["data"]
     assert model["id"] == TINY_SA3 and model["max_audio_length"] == TINY_MAX_SECONDS
+    assert (model["default_inference_steps"], model["default_guidance_scale"], model["fixed_start"],
+            model["edits"], model["inpainting"]) == (8, 1.0, True, True, True)
 
 
 def test_audio_equals_the_family_in_process_with_the_model_defaults(sa3_server, family):
