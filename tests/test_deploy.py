@@ -69,7 +69,8 @@ def test_selectors_labels_and_ports_match(manifests):
 def test_pod_gets_the_gpu_the_engine_asks_for(manifests):
     service = importlib.import_module("service")
     (container,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
-    gpus = service.StableAudioEngine.config["resources"]["gpu"]
+    # One engine per visible GPU (STABLE_AUDIO_ENGINE_WORKERS' default), each asking for one: here, one.
+    gpus = sum(engine.config["resources"]["gpu"] for engine in service.ENGINES)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
     assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus
 
