@@ -91,7 +91,7 @@ def test_dummy_format_builds_the_full_size_architecture():
 
 def test_stored_weights_are_read_from_their_folder_while_the_name_gives_the_limits(model_cache):
     folder = str(ensure_tiny_sa3_model())
-    engine = load_engine(EngineConfig(model="stabilityai/stable-audio-3-small-music", weights=folder))
+    engine = load_engine(EngineConfig(model="stabilityai/stable-audio-3-medium", weights=folder))
     assert isinstance(engine, BatchedStableAudio3)
-    assert engine.max_seconds == 120.0  # the published model's trained maximum, known by its name
+    assert engine.max_seconds == 380.0  # the published model's trained maximum, known by its name
     assert engine.transformer.config.embed_dim == 64  # the tiny weights, not a download
