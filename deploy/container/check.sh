@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the OCI image with `bentoml containerize --backend podman`, runs it and checks it over HTTP (probe.py):
-# /health, wav and flac decoded, errors in the project's shape, the API key, and a SIGTERM that drains the request
-# in flight and exits 0 within the stop timeout. Run as root from anywhere: `bash deploy/container/check.sh`.
+# /health, wav and flac decoded, errors in the project's shape, the API key, a SIGTERM that drains the request
+# in flight and exits 0 within the stop timeout, and a missing model that stops the container (exit != 0).
+# Run as root from anywhere: `bash deploy/container/check.sh`.
 # Settings (environment): PYTHON (a venv with the project and its test extras; default .venv/bin/python),
 # IMAGE (default stable-audio-bento:check), STOP_TIMEOUT_S (120).
 # The tiny model is imported into a scratch model store, so the Bento and the image carry it: the containers run
@@ -150,9 +151,30 @@ FIRST_HEALTHY_S=$HEALTHY_S
 probe sab-check serving
 check_drain sab-check
 
+# A model that cannot be loaded stops the container with exit != 0 and one message, instead of restarting.
+check_fail_fast() {
+  local name=sab-check-fail began code stopped_s
+  CONTAINERS+=("$name")
+  began=$(date +%s)
+  podman run -d --name "$name" --network none -e STABLE_AUDIO_MODEL=/models/missing "$IMAGE" >/dev/null
+  code=$(timeout 180 podman wait "$name") || { podman logs --tail 40 "$name"; echo "check.sh: $name never stopped" >&2; exit 1; }
+  stopped_s=$(($(date +%s) - began))
+  local messages
+  messages=$(podman logs "$name" 2>&1 | grep -c "cannot serve STABLE_AUDIO_MODEL='/models/missing'" || true)
+  if [ "$code" = 0 ] || [ "$messages" != 1 ]; then
+    podman logs --tail 40 "$name"
+    echo "check.sh: with a missing model $name exited $code after ${stopped_s} s, the message logged $messages times" >&2
+    exit 1
+  fi
+  FAIL_S=$stopped_s
+  say "missing model: exited $code after ${stopped_s} s with one message"
+}
+
+check_fail_fast
+
 KEY=check-$RANDOM$RANDOM
 start sab-check-key -e STABLE_AUDIO_API_KEY="$KEY"
 probe sab-check-key auth "$KEY"
 
 say "OK: image $(numfmt --to=si "$IMAGE_BYTES")B, build ${BUILD_S} s, healthy after $FIRST_HEALTHY_S s, \
-whole check $(($(date +%s) - STARTED)) s"
+missing model stopped in $FAIL_S s, whole check $(($(date +%s) - STARTED)) s"
