@@ -14,7 +14,7 @@ Sections (``--only`` picks some, comma-separated):
                  initialised SAME decoder ignores its latents (its attention and feed-forward outputs start at
                  zero), so dummy audio cannot tell; tests/test_sa3.py checks the audio on the tiny model
   decode_memory  peak memory and time of the SAME decoder alone: the whole clip at once (the pipeline's decode, the
-                 baseline) against windows of N latent frames (``SA3Options.decode_window_frames``); each run in a
+                 baseline) against windows of N latent frames (``SA3Options.window_frames``); each run in a
                  fresh process, whose peak resident memory above the loaded autoencoder is reported
 """
 
@@ -42,7 +42,7 @@ from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME  # no
 from stable_audio_bento.config import EngineConfig  # noqa: E402
 from stable_audio_bento.generation import AudioRequest  # noqa: E402
 from stable_audio_bento.loading import load_sa3_engine  # noqa: E402
-from stable_audio_bento.sa3 import decode_in_windows, decoder_reach_frames  # noqa: E402
+from stable_audio_bento.same_windows import decode_in_windows, decoder_reach_frames  # noqa: E402
 from stable_audio_bento.sa3_loading import MEDIUM_ARCHITECTURE, SMALL_ARCHITECTURE, TINY_ARCHITECTURE  # noqa: E402
 from stable_audio_bento.step_loop import run_to_completion  # noqa: E402
 

@@ -17,7 +17,8 @@ from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.generation import AudioRequest, AudioResult
 from stable_audio_bento.loading import ModelLoadError, load_sa3_engine
 from stable_audio_bento.pipeline import SamplingOptions
-from stable_audio_bento.sa3 import BatchedStableAudio3, SA3Options, decoder_reach_frames
+from stable_audio_bento.sa3 import BatchedStableAudio3, SA3Options
+from stable_audio_bento.same_windows import decoder_reach_frames
 from stable_audio_bento.sa3_loading import (MEDIUM_ARCHITECTURE, SMALL_ARCHITECTURE, TINY_MAX_SECONDS, TINY_SA3,
                                             TINY_SA3_BASE, is_sa3_model, load_tiny_sa3, max_seconds_for,
                                             place_sa3_pipeline, published_architecture, tiny_sa3_model_dir)
@@ -36,7 +37,7 @@ def pipes(sa3_cache):
     return {variant: load_tiny_sa3(sa3_cache / variant, variant) for variant in (TINY_SA3, TINY_SA3_BASE)}
 
 
-WHOLE_DECODE = SA3Options(decode_window_frames=None)  # as the pipeline decodes: bit-identical
+WHOLE_DECODE = SA3Options(window_frames=None)  # as the pipeline decodes: bit-identical
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +237,7 @@ def decode_latents(family: BatchedStableAudio3, seconds: float, window: int | No
     """The audio of a request's initial noise, decoded in windows of the given size."""
     state = family.prepare_request(AudioRequest("x", seed=1, audio_length=seconds, guidance_scale=1.0,
                                                 num_inference_steps=1))
-    family.options = SA3Options(decode_window_frames=window)
+    family.options = SA3Options(window_frames=window)
     return family.decode(state).audio
 
 
@@ -244,7 +245,7 @@ def test_windowed_decode_is_within_float_rounding_of_the_whole_decode(pipes):
     """A minute of audio (646 latent frames) in windows of two sizes, the last one short; each window takes the
     decoder's reach (1 frame for the tiny model's one-layer decoder) on both sides. One frame less is far off."""
     family = BatchedStableAudio3(pipes[TINY_SA3])
-    assert family.options.decode_window_frames == 128  # windowed by default
+    assert family.options.window_frames == 128  # windowed by default
     assert decoder_reach_frames(family.vae) == family.decode_margin_frames == 1
     whole = decode_latents(family, 60.0, None)
     assert whole.shape == (2, 60 * 44100) and np.abs(whole).max() > 0.01
@@ -257,7 +258,7 @@ def test_windowed_decode_is_within_float_rounding_of_the_whole_decode(pipes):
 def test_a_window_spanning_the_clip_is_the_pipelines_decode(pipes, families):
     request = REFERENCE_CASES["distilled, unguided, longer, negative prompt ignored"][1]
     [expected] = run_to_completion(families[TINY_SA3], [request])
-    [windowed] = run_to_completion(BatchedStableAudio3(pipes[TINY_SA3], options=SA3Options(decode_window_frames=85)),
+    [windowed] = run_to_completion(BatchedStableAudio3(pipes[TINY_SA3], options=SA3Options(window_frames=85)),
                                    [request])
     assert np.array_equal(windowed.audio, expected.audio)  # 84 frames: one window, exactly the whole decode
 
@@ -299,7 +300,7 @@ def test_dummy_small_model_builds_at_full_size():
     assert engine.pipe.text_encoder.config.encoder.hidden_size == 768
     assert len(engine.pipe.tokenizer) <= engine.pipe.text_encoder.config.encoder.vocab_size == 256000
     assert (engine.stochastic, engine.default_steps, engine.limits.max_duration_s) == (False, 100, 120.0)
-    assert engine.options.decode_window_frames == 128 and engine.decode_margin_frames == 4  # chunked SAME-S
+    assert engine.options.window_frames == 128 and engine.decode_margin_frames == 4  # chunked SAME-S
     assert uses_chunked_attention(engine.vae) and engine.vae.decoder.blocks[0].mapping.weight_v.shape[-1] == 3
 
 
@@ -310,4 +311,4 @@ def test_dummy_needs_a_published_model_and_full_decode_is_an_option(sa3_cache, m
     with pytest.raises(ModelLoadError, match="'auto' or 'dummy'"):
         load_sa3_engine(EngineConfig(model="tiny-sa3", load_format="gguf"))
     whole = load_sa3_engine(EngineConfig(model="tiny-sa3", sampling=SamplingOptions(decode_margin_frames=None)))
-    assert whole.options.decode_window_frames is None
+    assert whole.options.window_frames is None

@@ -26,7 +26,7 @@ def pipes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def families(pipes):  # decoded whole, as the pipelines decode: bit-identical
-    return {variant: BatchedStableAudio3(pipe, options=SA3Options(decode_window_frames=None))
+    return {variant: BatchedStableAudio3(pipe, options=SA3Options(window_frames=None))
             for variant, pipe in pipes.items()}
 
 

@@ -32,7 +32,7 @@ def pipes(tmp_path_factory):
 
 
 def engine(pipe, reference: bool) -> BatchedStableAudio3:
-    return BatchedStableAudio3(pipe, options=SA3Options(decode_window_frames=None, reference_conditioning=reference))
+    return BatchedStableAudio3(pipe, options=SA3Options(window_frames=None, reference_conditioning=reference))
 
 
 def inpaint_with_nothing_kept(pipe, request: AudioRequest) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME
 
-from stable_audio_bento.sa3 import decode_in_windows, decoder_reach_frames
+from stable_audio_bento.same_windows import decode_in_windows, decoder_reach_frames
 from stable_audio_bento.sa3_loading import let_decoder_hear_its_latents, randomize_zero_initialised
 from stable_audio_bento.same_chunked import ChunkedResamplingBlock, use_chunked_attention, uses_chunked_attention
 

@@ -175,7 +175,7 @@ def load_sa3_engine(config: EngineConfig) -> BatchedStableAudio3:
     pipe = sa3_loading.place_sa3_pipeline(pipe, placement.device, placement.dtype, placement.vae_dtype)
     options = SA3Options(config.sampling.max_rows, reference_conditioning=config.sa3_conditioning == "reference")
     if config.sampling.decode_margin_frames is None:
-        options = replace(options, decode_window_frames=None)
+        options = replace(options, window_frames=None)
     return BatchedStableAudio3(pipe, sa3_loading.max_seconds_for(config.model), options)
 
 

@@ -14,30 +14,28 @@ DiT adds the local conditioning in every block, the pipelines for the others add
 
 On CPU fp32 a request's audio is bit-identical to ``StableAudio3Pipeline`` (an edit: to
 ``StableAudio3AudioToAudioPipeline`` or ``StableAudio3InpaintPipeline``) with the same seed, alone or with any others
-in any step, when it is decoded whole as the pipeline decodes it; see ``tests/test_sa3.py``. By default a
-long clip is decoded in windows instead (``SA3Options.decode_window_frames``), within float rounding of the whole
-decode at a small fraction of its memory. Which requests take each step is the step loop's business
-(``step_loop.py``).
+in any step, when it is decoded (and its upload encoded) whole as the pipeline does; see ``tests/test_sa3.py``. By
+default a long clip is decoded, and a long upload encoded, in windows instead (``SA3Options.window_frames``), within
+float rounding of the whole clip at a small fraction of its memory. Which requests take each step is the step loop's
+business (``step_loop.py``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import StableAudio3Pipeline
-from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME, SAMEAttention
 from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_sigma_schedule
 from diffusers.utils.torch_utils import randn_tensor
 
 from .cuda_memory import release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .sa3_edits import encode_reference, inpainting_conditioning, regenerated_frames, variation_start
-from .same_chunked import ChunkedResamplingBlock
+from .same_windows import decode_in_windows, decoder_reach_frames, encoder_reach_frames
 from .step_loop import RequestState
 
 # The pipeline's defaults: the reference sampler's log-SNR range, warped into the sigma schedule.
@@ -50,11 +48,11 @@ class SA3Options:
     """max_rows: cap on DiT rows per forward (a guided request uses two); None for no cap. The engine's step loop
     reads it as it reads ``SamplingOptions.max_rows`` for stable-audio-open.
 
-    decode_window_frames: decode a clip in windows of this many latent frames (each with the decoder's reach of
-    extra frames on both sides, cropped off again); None decodes the whole clip at once, as the pipeline does, bit
-    for bit. The SAME decoder attends through a dense band mask over 17 tokens per frame (built through an int64
-    table of position differences), so a whole decode needs memory quadratic in the clip: 8.7 GB above the loaded
-    model at 120 s (benchmarks/bench_sa3.py, any decoder width), ~10 times that at 380 s. Windows of 128 frames
+    window_frames: encode an upload and decode a clip in windows of this many latent frames (each with the
+    encoder's or decoder's reach of extra frames on both sides, cropped off again, ``same_windows.py``); None runs
+    the whole clip at once, as the pipelines do, bit for bit. The SAME autoencoder attends through a dense band mask
+    over 17 tokens per frame, so a whole clip needs memory quadratic in its length: 8.7 GB above the loaded model to
+    decode 120 s (benchmarks/bench_sa3.py, any decoder width), ~10 times that at 380 s. Windows of 128 frames
     (~12 s) needed 0.16-0.3 GB at 120 s, and the same at any length.
 
     reference_conditioning: feed every DiT block the all-zero inpainting conditioning (mask and masked input) that
@@ -63,7 +61,7 @@ class SA3Options:
     instead of ``StableAudio3Pipeline``, which skips the term (README, "Departures from diffusers")."""
 
     max_rows: int | None = None
-    decode_window_frames: int | None = 128
+    window_frames: int | None = 128
     reference_conditioning: bool = False
 
 
@@ -122,6 +120,7 @@ class BatchedStableAudio3:
             max_duration_s=self.max_seconds,
             fixed_start=True,
         )
+        self.encode_margin_frames = encoder_reach_frames(pipe.vae)
         self.decode_margin_frames = decoder_reach_frames(pipe.vae)
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rotary_embeddings: dict[int, torch.Tensor] = {}
@@ -172,7 +171,7 @@ class BatchedStableAudio3:
         the conditioning is None (as diffusers' pipelines leave it out) or, with ``reference_conditioning``, zeros
         (Stability's: nothing kept)."""
         if request.inpainting:
-            reference = encode_reference(self.vae, request.init_audio, noise.shape[-1], self.noise_dtype)
+            reference = self.encode_reference(request.init_audio, noise.shape[-1])
             first, last = regenerated_frames(request.mask_start, request.mask_end, self.limits.sample_rate,
                                              self.limits.hop_length, noise.shape[-1])
             return noise, 1.0, inpainting_conditioning(reference, first, last).to(self.dtype)
@@ -181,8 +180,12 @@ class BatchedStableAudio3:
             local = noise.new_zeros(1, self.transformer.config.local_add_cond_dim, noise.shape[-1], dtype=self.dtype)
         if request.init_audio is None:
             return noise, 1.0, local
-        reference = encode_reference(self.vae, request.init_audio, noise.shape[-1], self.noise_dtype)
+        reference = self.encode_reference(request.init_audio, noise.shape[-1])
         return variation_start(reference, noise, request.strength), request.strength, local
+
+    def encode_reference(self, audio: np.ndarray, frames: int) -> torch.Tensor:
+        return encode_reference(self.vae, audio, frames, self.noise_dtype, self.options.window_frames,
+                                self.encode_margin_frames)
 
     def check_request(self, request: AudioRequest) -> None:
         if request.audio_start != 0:
@@ -340,80 +343,7 @@ class BatchedStableAudio3:
     # windows, and trim to its duration.
     @torch.no_grad()
     def decode(self, state: StableAudio3State) -> AudioResult:
-        audio = decode_in_windows(self.vae, state.latents.to(self.vae.dtype), self.options.decode_window_frames,
+        audio = decode_in_windows(self.vae, state.latents.to(self.vae.dtype), self.options.window_frames,
                                   self.decode_margin_frames)
         return AudioResult.checked(audio[0, :, : state.samples].clamp(-1.0, 1.0).float().cpu().numpy())
 
-
-def decode_in_windows(vae: AutoencoderSAME, latents: torch.Tensor, window: int | None, margin: int) -> torch.Tensor:
-    """(batch, latent channels, frames) → (batch, audio channels, frames · hop), decoded ``window`` frames at a time
-    (None: all at once), each window with ``margin`` more frames on each side, decoded and cut off again."""
-    frames = latents.shape[-1]
-    window = window or frames
-    return torch.cat([decode_window(vae, latents, start, min(start + window, frames), margin)
-                      for start in range(0, frames, window)], dim=-1)
-
-
-def decode_window(vae: AutoencoderSAME, latents: torch.Tensor, start: int, end: int, margin: int) -> torch.Tensor:
-    """The audio of latent frames [start, end), decoded with ``margin`` frames more on each side (fewer at the clip's
-    ends): with a margin of the decoder's reach, frames further away do not reach these samples, so they come out as
-    in a decode of the whole clip, up to float rounding. A window that spans the clip is exactly the whole decode."""
-    first, last = max(0, start - margin), min(latents.shape[-1], end + margin)
-    with rotary_positions_from(vae, first):
-        audio = vae.decode(latents[..., first:last]).sample
-    hop = vae.downsampling_ratio
-    return audio[..., (start - first) * hop: (end - first) * hop]
-
-
-def decoder_reach_frames(vae: AutoencoderSAME) -> int:
-    """How many latent frames on each side can change a frame's audio in the SAME decoder. Its only layers that mix
-    positions are the band attentions of its resampling blocks: there a block's input frame is 1 + stride tokens
-    and each token sees ``sliding_window`` frames' worth of tokens either way, so each layer reaches that many input
-    frames further (the mapping convs and projections are pointwise). SAME-L: 12 frames; SAME-S with diffusers'
-    band attention 6, with Stability's chunked attention 4 (``same_chunked.ChunkedResamplingBlock.reach_frames``,
-    whole chunks, so that windows stay aligned to the chunks of the whole clip)."""
-    reach, input_frames_per_latent = 0.0, 1
-    for block in vae.decoder.blocks:
-        if isinstance(block, ChunkedResamplingBlock):
-            reach += block.reach_frames / input_frames_per_latent
-        else:
-            reach += len(block.transformers) * block.sliding_window / input_frames_per_latent
-        input_frames_per_latent *= block.stride
-    return math.ceil(reach)
-
-
-@contextmanager
-def rotary_positions_from(vae: AutoencoderSAME, first_frame: int) -> Iterator[None]:
-    """Within it, the SAME decoder's rotary embeddings count positions from ``first_frame`` of the clip rather than
-    from the window's start. Attention depends only on position differences, but fp32 angles of far positions round
-    differently (~1e-3 rad at 20 000 tokens): on the tiny model at 60 s, windows counted from 0 came 122 dB from the
-    whole decode, windows counted from their place in the clip 132-137 dB."""
-    if first_frame == 0:
-        yield
-        return
-    shifted, input_frames_per_latent = [], 1
-    for block in vae.decoder.blocks:
-        chunked = isinstance(block, ChunkedResamplingBlock)  # positions restart in every chunk: nothing to shift
-        for attention in (module for module in block.modules() if isinstance(module, SAMEAttention) and not chunked):
-            shifted.append((attention, attention.rope))
-            offset = first_frame * input_frames_per_latent * (block.stride + 1)
-            attention.rope = ShiftedRotaryEmbedding(attention.rope, offset)
-        input_frames_per_latent *= block.stride
-    try:
-        yield
-    finally:
-        for attention, rope in shifted:
-            attention.rope = rope
-
-
-class ShiftedRotaryEmbedding(torch.nn.Module):
-    """A SAME attention's rotary table for a window ``offset`` tokens into the clip: the attention keeps the last
-    ``seq_len`` rows of the table it asks for, so a table ``offset`` rows longer gives the window's tokens the same
-    angles, bit for bit, as in a decode of the whole clip."""
-
-    def __init__(self, rope: torch.nn.Module, offset: int):
-        super().__init__()
-        self.rope, self.offset = rope, offset
-
-    def forward(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        return self.rope(seq_len + self.offset, device)

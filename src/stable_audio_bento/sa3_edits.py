@@ -16,15 +16,20 @@ import numpy as np
 import torch
 from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME
 
+from .same_windows import encode_in_windows
+
 
 @torch.no_grad()
-def encode_reference(vae: AutoencoderSAME, audio: np.ndarray, frames: int, dtype: torch.dtype) -> torch.Tensor:
-    """(1, latent channels, frames) in ``dtype``: the upload, (channels, samples) at the model's rate, encoded whole
-    by the SAME encoder, then cut or zero-padded in latent space to the request's latent length. Contiguous, as the
-    pipelines' copy of it is: the encoder's output is a transposed view, element-wise operations keep that layout,
-    and the DiT's and decoder's convolutions round differently on it."""
+def encode_reference(vae: AutoencoderSAME, audio: np.ndarray, frames: int, dtype: torch.dtype, window: int | None,
+                     margin: int) -> torch.Tensor:
+    """(1, latent channels, frames) in ``dtype``: the upload, (channels, samples) at the model's rate, encoded by the
+    SAME encoder, then cut or zero-padded in latent space to the request's latent length. ``window`` None encodes
+    the whole upload, as the pipelines do; otherwise windows of that many frames with ``margin`` on each side
+    (``same_windows.py``), and only as far as the request reaches. Contiguous, as the pipelines' copy of it is: the
+    encoder's output is a transposed view, element-wise operations keep that layout, and the DiT's and decoder's
+    convolutions round differently on it."""
     samples = torch.from_numpy(audio).unsqueeze(0).to(vae.device, vae.dtype)
-    latents = vae.encode(samples).latents[..., :frames]
+    latents = encode_in_windows(vae, samples, window, margin, frames)
     if latents.shape[-1] < frames:
         latents = torch.cat([latents, latents.new_zeros(*latents.shape[:2], frames - latents.shape[-1])], dim=-1)
     return latents.to(dtype).contiguous()
