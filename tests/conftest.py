@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stable_audio_bento.config import EngineConfig
@@ -15,6 +16,13 @@ from stable_audio_bento.sa3_loading import TINY_SA3, ensure_tiny_sa3_model
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
+
+
+def snr_db(reference, other) -> float:
+    """Signal-to-noise ratio of ``other`` against ``reference`` (arrays or CPU tensors), in float64; inf if equal."""
+    reference, other = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    noise = np.sum((reference - other) ** 2)
+    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(reference ** 2) / noise))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ from stable_audio_bento.loading import load_pipeline
 from stable_audio_bento.generation import AudioRequest
 from stable_audio_bento.pipeline import BatchedStableAudio, GaussianIncrements, SamplingOptions
 from stable_audio_bento.step_loop import run_to_completion
+from conftest import snr_db
+
 
 REFERENCE_CASES = {
     "guided, no negative prompt": AudioRequest("a dog barking", seed=7, audio_length=10.0, num_inference_steps=8),
@@ -84,11 +86,6 @@ def test_output_has_exactly_the_requested_samples(engine, start, length):
                                          num_inference_steps=2)])
     assert result.audio.shape == (2, round(length * 44100))
     assert result.audio.dtype == np.float32
-
-
-def snr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
-    noise = np.sum((reference.astype(np.float64) - approximation) ** 2)
-    return float("inf") if noise == 0 else 10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / noise)
 
 
 def test_trimmed_decode_matches_full_decode(exact_engine, engine):

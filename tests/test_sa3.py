@@ -18,12 +18,13 @@ from stable_audio_bento.generation import AudioRequest, AudioResult
 from stable_audio_bento.loading import ModelLoadError, load_sa3_engine
 from stable_audio_bento.pipeline import SamplingOptions
 from stable_audio_bento.sa3 import BatchedStableAudio3, SA3Options
-from stable_audio_bento.same_windows import decoder_reach_frames
 from stable_audio_bento.sa3_loading import (MEDIUM_ARCHITECTURE, SMALL_ARCHITECTURE, TINY_MAX_SECONDS, TINY_SA3,
                                             TINY_SA3_BASE, is_sa3_model, load_tiny_sa3, max_seconds_for,
                                             place_sa3_pipeline, published_architecture, tiny_sa3_model_dir)
 from stable_audio_bento.same_chunked import uses_chunked_attention
+from stable_audio_bento.same_windows import decoder_reach_frames
 from stable_audio_bento.step_loop import StepLoop, run_to_completion
+from conftest import snr_db
 
 
 @pytest.fixture(scope="module")
@@ -197,11 +198,6 @@ def test_non_finite_or_silent_audio_is_a_failure_not_a_result(family, monkeypatc
     [result] = run_to_completion(family, [AudioRequest("x", seed=0, audio_length=0.5, guidance_scale=1.0,
                                                        num_inference_steps=1)])
     assert result.audio is None and result.failure == "server_error" and reason in result.error
-
-
-def snr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
-    noise = np.sum((reference.astype(np.float64) - approximation) ** 2)
-    return float("inf") if noise == 0 else 10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / noise)
 
 
 def test_half_precision_follows_the_pipeline_and_stays_close_to_fp32(sa3_cache, family):

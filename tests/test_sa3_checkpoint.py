@@ -24,7 +24,7 @@ from stable_audio_bento.loading import load_sa3_engine
 from stable_audio_bento.model_import import main, read_source
 from stable_audio_bento.pipeline import SamplingOptions
 from stable_audio_bento.sa3_checkpoint import CheckpointError, convert_checkpoint, load_stability_checkpoint
-from stable_audio_bento.sa3_loading import (TINY_ARCHITECTURE, ensure_tiny_sa3_model, let_decoder_hear_its_latents,
+from stable_audio_bento.sa3_loading import (TINY_ARCHITECTURE, ensure_tiny_sa3_model, let_autoencoder_hear_its_input,
                                             load_tiny_sa3, place_sa3_pipeline, randomize_zero_initialised)
 from stable_audio_bento.same_chunked import use_chunked_attention, uses_chunked_attention
 from stable_audio_bento.step_loop import run_to_completion
@@ -200,7 +200,7 @@ def chunked_original(original):
     vae = use_chunked_attention(AutoencoderSAME(**{**TINY_ARCHITECTURE.vae, "encoder_transformer_depths": (2,)}),
                                 decoder_mapping_kernel=3)
     randomize_zero_initialised(vae, gain=2.0)
-    let_decoder_hear_its_latents(vae)
+    let_autoencoder_hear_its_input(vae)
     pipe = StableAudio3Pipeline(**{**original.components, "vae": vae.eval().requires_grad_(False)})
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -13,7 +13,9 @@ from stable_audio_bento.generation import AudioRequest, AudioResult
 from stable_audio_bento.sa3 import BatchedStableAudio3, SA3Options
 from stable_audio_bento.sa3_edits import regenerated_frames
 from stable_audio_bento.sa3_loading import TINY_SA3, TINY_SA3_BASE, load_tiny_sa3
+from stable_audio_bento.same_windows import encode_in_windows, encoder_reach_frames
 from stable_audio_bento.step_loop import StepLoop, run_to_completion
+from conftest import snr_db
 
 RATE, HOP = 44100, 4096
 
@@ -193,3 +195,45 @@ def test_impossible_edits_fail_alone(families):
     ])
     assert no_audio.failure == backwards.failure == "server_error" and "mask_start" in backwards.error
     assert fine.error is None and fine.audio.shape == (2, 44100)
+
+
+def recording_encoder_inputs(monkeypatch, vae) -> list[int]:
+    """The sample counts that ``vae.encode`` is called with from now on."""
+    lengths, encode = [], vae.encode
+    monkeypatch.setattr(vae, "encode", lambda audio: lengths.append(audio.shape[-1]) or encode(audio))
+    return lengths
+
+
+def test_windowed_encoding_is_within_float_rounding_of_the_whole_upload(pipes, monkeypatch):
+    """A minute of upload (646 latent frames) in windows of two sizes, the last one short, each with the encoder's
+    reach on both sides; only as far as the request reaches. Without the margin it is far off."""
+    vae = pipes[TINY_SA3].vae
+    audio = torch.from_numpy(upload(60.0))[None]
+    reach = encoder_reach_frames(vae)
+    assert reach == 1  # the tiny encoder: one layer, a band of one frame
+    with torch.no_grad():
+        whole = vae.encode(audio).latents
+        assert whole.shape[-1] == 646
+        for window in (16, 100):
+            windowed = encode_in_windows(vae, audio, window, reach)
+            assert windowed.shape == whole.shape
+            assert snr_db(whole, windowed) > 100, window  # 145 dB measured
+        assert snr_db(whole, encode_in_windows(vae, audio, 100, 0)) < 60  # 38 dB measured
+        lengths = recording_encoder_inputs(monkeypatch, vae)
+        first = encode_in_windows(vae, audio, 100, reach, frames=150)
+    assert first.shape[-1] == 150 and snr_db(whole[..., :150], first) > 100
+    assert lengths == [101 * HOP, 52 * HOP]  # [0, 101) and [99, 151): nothing past frame 150 + reach
+
+
+def test_a_long_upload_is_encoded_in_windows_and_comes_out_as_encoded_whole(pipes, families, monkeypatch):
+    """The engine's default: a 30 s upload (323 frames) in windows of 128, and its variation within float
+    rounding of the pipeline's way (whole encode, whole decode)."""
+    request = variation(2, 0.5, seconds=30.0, audio=upload(30.0), steps=2)
+    [whole] = run_to_completion(families[TINY_SA3], [request])
+    family = BatchedStableAudio3(pipes[TINY_SA3])
+    lengths = recording_encoder_inputs(monkeypatch, family.vae)
+    [windowed] = run_to_completion(family, [request])
+    assert lengths == [129 * HOP, 130 * HOP, 30 * 44100 - 255 * HOP]
+    assert windowed.audio.shape == whole.audio.shape == (2, 30 * 44100)
+    print(f"30 s variation, windowed vs whole encode and decode: {snr_db(whole.audio, windowed.audio):.1f} dB")
+    assert snr_db(whole.audio, windowed.audio) > 90

@@ -23,6 +23,7 @@ from stable_audio_bento.sa3 import BatchedStableAudio3, SA3Options
 from stable_audio_bento.sa3_loading import TINY_SA3, TINY_SA3_BASE, ensure_tiny_sa3_model, load_tiny_sa3
 from stable_audio_bento.same_chunked import use_chunked_attention, uses_chunked_attention
 from stable_audio_bento.step_loop import run_to_completion
+from conftest import snr_db
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +65,6 @@ def test_reference_conditioning_is_inpainting_with_nothing_kept_bit_for_bit(pipe
     assert result.error is None
     assert result.audio.shape == expected.shape == (2, int(request.audio_length * 44100))
     assert np.array_equal(result.audio, expected)
-
-
-def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2)
-                               / np.sum((reference.astype(np.float64) - other) ** 2)))
 
 
 def test_reference_conditioning_changes_the_audio_and_only_by_that_term(pipes):

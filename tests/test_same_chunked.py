@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME
 
-from stable_audio_bento.same_windows import decode_in_windows, decoder_reach_frames
-from stable_audio_bento.sa3_loading import let_decoder_hear_its_latents, randomize_zero_initialised
+from stable_audio_bento.sa3_loading import let_autoencoder_hear_its_input, randomize_zero_initialised
 from stable_audio_bento.same_chunked import ChunkedResamplingBlock, use_chunked_attention, uses_chunked_attention
+from stable_audio_bento.same_windows import (decode_in_windows, decoder_reach_frames, encode_in_windows,
+                                             encoder_reach_frames)
+from conftest import snr_db
+
 
 CHUNK = 32  # SAME-S: 32 audio patches = 2 latent frames = 34 tokens per chunk
 TOKENS_PER_CHUNK = 34
@@ -25,7 +28,7 @@ def tiny_same(depth: int, seed: int = 0) -> AutoencoderSAME:
     torch.manual_seed(seed)
     vae = AutoencoderSAME(encoder_channels=8, encoder_transformer_depths=(depth,), dim_heads=8, ff_mult=1)
     randomize_zero_initialised(vae, gain=2.0)
-    let_decoder_hear_its_latents(vae)
+    let_autoencoder_hear_its_input(vae)
     return vae.eval().requires_grad_(False)
 
 
@@ -178,10 +181,6 @@ def test_independent_layer_is_diffusers_layer_under_band_attention(band_and_chun
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    return float(10 * torch.log10(reference.pow(2).sum() / (reference - other).pow(2).sum()))
-
-
 def test_band_attention_is_not_the_chunked_attention(band_and_chunked):
     """Identical weights: diffusers' band attention decodes something else than the chunked attention SAME-S was
     trained with (printed for the README)."""
@@ -207,3 +206,18 @@ def test_windowed_decode_stays_aligned_to_the_chunks(band_and_chunked, frames):
     snr = snr_db(whole, windowed)
     print(f"chunked, windows of 128 + {margin} frames, {frames} frames: {snr:.1f} dB SNR")
     assert snr >= 100 or np.array_equal(whole.numpy(), windowed.numpy())
+
+
+@pytest.mark.parametrize("frames", [300, 301])
+def test_windowed_encoding_stays_aligned_to_the_chunks(band_and_chunked, frames):
+    _, chunked = band_and_chunked
+    margin = encoder_reach_frames(chunked)
+    assert margin == 4
+    audio = torch.randn(1, 2, frames * 4096 - 1000, generator=torch.Generator().manual_seed(frames))
+    with torch.no_grad():
+        whole = chunked.encode(audio).latents
+        windowed = encode_in_windows(chunked, audio, 128, margin)
+    assert windowed.shape == whole.shape == (1, whole.shape[1], frames)
+    snr = snr_db(whole, windowed)
+    print(f"chunked encoder, windows of 128 + {margin} frames, {frames} frames: {snr:.1f} dB SNR")
+    assert snr >= 100

@@ -17,11 +17,9 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from . import sa3_loading
 from .config import EngineConfig
-from .generation import AudioRequest
 from .model_cache import cache_root, save_once
 from .pipeline import BatchedStableAudio
 from .sa3 import BatchedStableAudio3, SA3Options
-from .step_loop import run_to_completion
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +130,8 @@ def _parse_dtype(name: str, variable: str) -> torch.dtype:
 
 
 def load_engine(config: EngineConfig) -> BatchedStableAudio | BatchedStableAudio3:
-    """The served model as its family's stages, compiled and warmed up as configured; the family is read from the
-    model's name or its folder's model_index.json."""
+    """The served model as its family's stages, compiled if configured (``startup.py`` warms it up); the family is
+    read from the model's name or its folder's model_index.json."""
     if sa3_loading.is_sa3_model(config.weights or config.model):
         engine = load_sa3_engine(config)
     else:
@@ -143,13 +141,15 @@ def load_engine(config: EngineConfig) -> BatchedStableAudio | BatchedStableAudio
                 engine.dtype, engine.vae.dtype, torch.get_num_threads(), config.sampling)
     if config.compile:
         engine.compile()
-    if config.compile or engine.device.type == "cuda":
-        # One short guided generation, so compilation and allocator growth happen before the first request.
-        run_to_completion(engine, [AudioRequest("warm-up", seed=0, audio_length=1.0, num_inference_steps=2)])
+    return engine
+
+
+def fit_rows_to_free_memory(engine: BatchedStableAudio | BatchedStableAudio3, config: EngineConfig) -> None:
+    """With ``STABLE_AUDIO_MAX_ROWS=auto`` on a GPU, caps the DiT rows per forward at what fits in its free memory;
+    measured after a warm-up, so that compilation and the allocator's growth are already counted."""
     if config.auto_max_rows and engine.device.type == "cuda":
         engine.options = replace(engine.options, max_rows=engine.rows_capacity())
         logger.info("at most %d DiT rows per forward fit in free GPU memory", engine.options.max_rows)
-    return engine
 
 
 def load_sa3_engine(config: EngineConfig) -> BatchedStableAudio3:

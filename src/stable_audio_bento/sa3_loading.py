@@ -28,7 +28,7 @@ from .same_chunked import (CHUNK_SETTINGS, SAME_S_DECODER_MAPPING_KERNEL, use_ch
 
 TINY_SA3 = "tiny-sa3"  # the distilled kind: stochastic "ping-pong" sampling, 8 steps, no guidance
 TINY_SA3_BASE = "tiny-sa3-base"  # the same weights with the base models' deterministic Euler sampling
-TINY_SA3_FORMAT_VERSION = 1
+TINY_SA3_FORMAT_VERSION = 2  # 2: the encoder follows its upload (let_autoencoder_hear_its_input)
 
 # The longest audio each published model was trained for; the diffusers folders do not record it (the duration
 # embedder only says where it clamps: 384 s).
@@ -121,11 +121,11 @@ def build_dummy_sa3_pipeline(model: str, seed: int = 0) -> StableAudio3Pipeline:
 
 def build_tiny_sa3_pipeline(stochastic_sampling: bool = True, seed: int = 0) -> StableAudio3Pipeline:
     """Every component with the real classes and random weights (deterministic for a given seed), the weights that
-    start at zero made random too, and a decoder that follows its latents (see below)."""
+    start at zero made random too, and an autoencoder that follows its input (see below)."""
     pipe = build_sa3_pipeline(TINY_ARCHITECTURE, stochastic_sampling, seed)
     randomize_zero_initialised(pipe.transformer, gain=0.5)
     randomize_zero_initialised(pipe.vae, gain=2.0)
-    let_decoder_hear_its_latents(pipe.vae)
+    let_autoencoder_hear_its_input(pipe.vae)
     return pipe
 
 
@@ -168,16 +168,20 @@ def randomize_zero_initialised(module: torch.nn.Module, gain: float) -> None:
 
 
 @torch.no_grad()
-def let_decoder_hear_its_latents(vae: AutoencoderSAME) -> None:
-    """A freshly initialised SAME decoder hardly depends on its latents: its output tokens start at 1e-5, so both
-    halves of its differential attention are uniform and cancel, and the audio is the channel mapping's bias
-    (two independent latents decode ~100 dB apart). Larger output tokens and no bias make the tiny model's audio
-    follow its latents (~12 dB apart, nothing clipped), so the exactness tests see any difference in them."""
+def let_autoencoder_hear_its_input(vae: AutoencoderSAME) -> None:
+    """A freshly initialised SAME autoencoder hardly depends on its input: its output tokens start at 1e-5, so both
+    halves of their differential attention are uniform and cancel, and the decoder's audio is its channel mapping's
+    bias (two independent latents decode ~100 dB apart), the encoder's latents nearly one constant (two different
+    uploads encode 82 dB apart). Larger output tokens (and no decoder bias) make the tiny model's audio follow its
+    latents (~12 dB apart, nothing clipped) and its latents follow the upload (~12 dB apart), so the exactness
+    tests see any difference in them. The decoder's first, so that its draws stay those of format version 1."""
     for name, parameter in vae.decoder.named_parameters():
         if name.endswith("new_tokens"):
             parameter.normal_(std=0.3)
         elif "mapping" in name and name.endswith("bias"):
             parameter.zero_()
+    for block in vae.encoder.blocks:
+        block.new_tokens.normal_(std=0.3)
 
 
 def tiny_sa3_model_dir(variant: str = TINY_SA3) -> Path:

@@ -36,7 +36,7 @@ import bentoml
 from .config import EngineConfig
 from .engine_workers import own_device
 from .generation import AudioRequest
-from .loading import ModelLoadError, load_engine
+from .loading import ModelLoadError, fit_rows_to_free_memory, load_engine
 from .model_store import serving_config
 from .protocol import APIError
 from .step_loop import run_to_completion
@@ -44,8 +44,8 @@ from .step_loop import run_to_completion
 logger = logging.getLogger(__name__)
 
 # A second of guided audio in two steps: every stage a request goes through (prompt encoding, a batched DiT
-# forward with guidance, the scheduler step, the trimmed decode), so lazy initialisation, kernel selection and
-# allocator growth happen before the first request instead of in it.
+# forward with guidance, the scheduler step, the trimmed decode), so compilation, lazy initialisation, kernel
+# selection and allocator growth happen before the first request instead of in it.
 WARM_UP = AudioRequest("warm-up", seed=0, audio_length=1.0, guidance_scale=7.0, num_inference_steps=2,
                        id="warm-up")
 # How long /readyz and /health wait for the engine's answer before saying "not ready" (Kubernetes' default probe
@@ -85,6 +85,7 @@ def start_engine(stored: bentoml.Model | None, index: int) -> tuple[EngineConfig
         [result] = run_to_completion(engine, [WARM_UP])
         if result.failure is not None:
             raise ModelLoadError(f"the model loaded but its warm-up generation failed: {result.error}")
+        fit_rows_to_free_memory(engine, config)
     except Exception as exc:  # noqa: BLE001 - whatever stops the model from loading stops the server
         exit_worker(explain_failure(config, exc), traceback_of=None if _is_explained(config, exc) else exc)
     report = StartupReport(loaded - started, time.perf_counter() - loaded)
