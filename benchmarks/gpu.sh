@@ -57,14 +57,16 @@ if [[ $family == stable-audio-open ]]; then
   exit 0
 fi
 
-# Stable Audio 3 needs transformers' T5Gemma; an image whose transformers predates it gets ./.venv's (prepared in
-# .whl/transformers/ with the dependencies its import checks), in a folder of its own ahead of everything else.
-if ! "$python" -c "from transformers import T5GemmaEncoderModel" 2>/dev/null; then
-  echo "transformers here has no T5GemmaEncoderModel: installing .whl/transformers/"
+# Stable Audio 3 needs transformers' T5Gemma (the names below are what diffusers' pipeline and src/ import); an
+# image whose transformers predates it gets ./.venv's (prepared in .whl/transformers/ with the dependencies its
+# import checks), in a folder of its own ahead of everything else.
+t5gemma="from transformers import GemmaTokenizer, GemmaTokenizerFast, T5GemmaConfig, T5GemmaEncoderModel"
+if ! "$python" -c "$t5gemma" 2>/dev/null; then
+  echo "transformers here has no T5Gemma: installing .whl/transformers/"
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site-transformers .whl/transformers/*.whl
   export PYTHONPATH="/tmp/site-transformers${PYTHONPATH:+:$PYTHONPATH}"
-  "$python" -c "from transformers import T5GemmaEncoderModel"
+  "$python" -c "$t5gemma"
 fi
 "$python" -c "import diffusers, transformers; print('diffusers', diffusers.__version__, 'transformers',
   transformers.__version__)"
