@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
 import platform
 import random
@@ -59,6 +58,8 @@ from stable_audio_bento.loading import load_pipeline  # noqa: E402
 from stable_audio_bento.local_server import local_server  # noqa: E402
 from stable_audio_bento.pipeline import BatchedStableAudio, GaussianIncrements, SamplingOptions  # noqa: E402
 from stable_audio_bento.step_loop import StepLoop, run_to_completion  # noqa: E402
+
+from report import finish  # noqa: E402  (this folder is on sys.path when run as a script)
 
 SECTIONS = ["decode", "latency", "scheduler", "precision", "decode_placement", "serving", "throughput", "arrivals"]
 QUICK_SKIPS = ("precision", "scheduler", "decode_placement", "arrivals")
@@ -726,10 +727,7 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         bench_arrivals(args)
-    REPORT["meta"]["total_s"] = time.perf_counter() - started
-    say(f"\ntotal {REPORT['meta']['total_s']:.0f} s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(REPORT, indent=2, default=str))
+    finish(REPORT, started, args.json)
 
 
 if __name__ == "__main__":
