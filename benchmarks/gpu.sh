@@ -72,11 +72,13 @@ fi
   transformers.__version__)"
 
 if $cpu_smoke; then
-  sa3=(--device cpu --model tiny-sa3 --lengths 10,30 --batches 1,2 --steps 2 --pipeline-runs 1
+  # bf16 DiT beside an fp32 VAE: the GPU layout, which the baseline pipeline needs a VAE copy for
+  sa3=(--device cpu --dtype bfloat16 --model tiny-sa3 --lengths 10,30 --batches 1,2 --steps 2 --pipeline-runs 1
        --memory-vae tiny --memory-lengths 10,30 --memory-windows none,128)
 else
   # fp16 for the DiT and T5Gemma, as diffusers documents StableAudio3Pipeline (from_pretrained(..., torch_dtype=
-  # torch.float16)); the VAE stays fp32, the engine's default, for the step loop and the pipeline alike.
+  # torch.float16)); the engine's VAE stays fp32 (its default), the baseline pipeline gets an fp16 copy (all in
+  # fp16, as documented).
   # Estimate on an H100 (FLOPs counted with torch's FlopCounterMode on the meta device; rates assumed): SAME-L
   # costs ~9 TFLOP to decode or encode 30 s whole, ~90 at 120 s (its dense band mask makes it quadratic), ~3.2 per
   # window of 128 + 2 x 12 frames, so ~35 per 120 s and ~103 per 380 s clip in windows; whole at 380 s needs
