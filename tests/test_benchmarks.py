@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stable_audio_bento.sa3_loading import ensure_tiny_sa3_model
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,3 +31,21 @@ def test_gpu_script_cpu_smoke(tmp_path, model_cache):
     assert [row["load"] for row in serving["arrivals"]] == [0.5, 0.9]
     assert all(row["ok"] == row["requests"] for row in serving["arrivals"])
     assert "## throughput" in done.stdout and "## arrivals" in done.stdout
+
+
+def test_gpu_script_sa3_cpu_smoke(tmp_path, model_cache):
+    """The Stable Audio 3 part in the GPU layout (half-precision DiT, fp32 VAE) with tiny-sa3."""
+    ensure_tiny_sa3_model()  # in the cache the script reads (model_cache sets it)
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "sa3", "--cpu-smoke"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    report = json.loads((tmp_path / "bench-sa3.json").read_text())
+    assert [(row["audio_s"], row["batch"]) for row in report["throughput"]] == [(10, 1), (10, 2), (30, 1), (30, 2)]
+    assert all(row["engine_error"] is None and row["engine_s"] > 0 and row["pipeline_s"] > 0
+               for row in report["throughput"])
+    for direction in ("encode_memory", "decode_memory"):
+        peaks = {(row["audio_s"], row["window"]): row["peak_above_loaded_gb"] for row in report[direction]}
+        assert peaks[(30, "128")] < 0.5 * peaks[(30, "none")], direction  # windows: a fraction of the whole clip
+    assert (tmp_path / "bench-sa3.log").read_text().count("| 30 s |") >= 4
