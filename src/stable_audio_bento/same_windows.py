@@ -35,11 +35,9 @@ def encode_in_windows(vae: AutoencoderSAME, audio: torch.Tensor, window: int | N
     total = math.ceil(audio.shape[-1] / hop)
     if window is None:
         return vae.encode(audio).latents[..., :frames]
-    wanted = min(total, frames if frames is not None else total)
+    wanted = total if frames is None else min(total, frames)
     windows = []
-    for start in range(0, wanted, window):
-        end = min(start + window, wanted)
-        first, last = max(0, start - margin), min(total, end + margin)
+    for start, end, first, last in window_bounds(wanted, total, window, margin):
         with rotary_positions_from(encoder_latent_side(vae), first):
             latents = vae.encode(audio[..., first * hop: last * hop]).latents
         windows.append(latents[..., start - first: end - first])
@@ -52,13 +50,19 @@ def decode_in_windows(vae: AutoencoderSAME, latents: torch.Tensor, window: int |
     (fewer at the clip's ends), decoded and cropped again."""
     frames, hop = latents.shape[-1], vae.downsampling_ratio
     windows = []
-    for start in range(0, frames, window or frames):
-        end = min(start + (window or frames), frames)
-        first, last = max(0, start - margin), min(frames, end + margin)
+    for start, end, first, last in window_bounds(frames, frames, window or frames, margin):
         with rotary_positions_from(decoder_latent_side(vae), first):
             audio = vae.decode(latents[..., first:last]).sample
         windows.append(audio[..., (start - first) * hop: (end - first) * hop])
     return torch.cat(windows, dim=-1)
+
+
+def window_bounds(wanted: int, total: int, window: int, margin: int) -> Iterator[tuple[int, int, int, int]]:
+    """(start, end, first, last) for each window: latent frames [start, end) of the first ``wanted`` come out of a
+    run over frames [first, last), ``margin`` more on each side where the clip's ``total`` frames have them."""
+    for start in range(0, wanted, window):
+        end = min(start + window, wanted)
+        yield start, end, max(0, start - margin), min(total, end + margin)
 
 
 def encoder_reach_frames(vae: AutoencoderSAME) -> int:
