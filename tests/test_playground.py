@@ -302,13 +302,18 @@ def test_edit_an_uploaded_file_and_play_it_beside_the_result(server, browser, tm
     # The link offers exactly the bytes the synchronous edit route returns for the same form and file.
     form = {"input": json.dumps(PROMPT), "audio_length": "1", "audio_start": "0", "num_inference_steps": "2",
             "guidance_scale": "7", "strength": "0.7", "trim_silence": "true", "response_format": '"wav"', "seed": "5"}
-    direct = httpx.post(server + "/v1/audio/edits", data=form, files={"audio": ("loop.wav", loop.read_bytes())},
+    assert_download_is_the_direct_edit(browser, server, form, loop)
+    browser.save_screenshot(str(ARTIFACTS / "playground-edit.png"))
+
+
+def assert_download_is_the_direct_edit(browser, server: str, form: dict, upload: Path) -> None:
+    """The page's download link holds exactly the bytes /v1/audio/edits returns for the same form and file, and the
+    page logged no error."""
+    direct = httpx.post(server + "/v1/audio/edits", data=form, files={"audio": (upload.name, upload.read_bytes())},
                         timeout=GENERATION_TIMEOUT_S)
     assert direct.status_code == 200, direct.text
     assert downloaded_sha256(browser) == hashlib.sha256(direct.content).hexdigest()
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
-    browser.save_screenshot(str(ARTIFACTS / "playground-edit.png"))
-
 
 def test_an_unusable_upload_is_marked_on_the_file_field(server, browser, tmp_path):
     not_audio = tmp_path / "notes.wav"
@@ -344,9 +349,5 @@ def test_the_form_follows_a_stable_audio_3_model_and_inpaints(sa3_server, browse
     assert "strength" not in sent and "audio_start" not in sent  # neither applies here
     form = {"input": json.dumps(PROMPT), "audio_length": "2", "num_inference_steps": "3", "guidance_scale": "1",
             "mask_start": "0.5", "mask_end": "1.5", "response_format": '"wav"', "seed": "7"}
-    direct = httpx.post(sa3_server + "/v1/audio/edits", data=form, files={"audio": ("loop.wav", loop.read_bytes())},
-                        timeout=GENERATION_TIMEOUT_S)
-    assert direct.status_code == 200, direct.text
-    assert downloaded_sha256(browser) == hashlib.sha256(direct.content).hexdigest()
-    assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert_download_is_the_direct_edit(browser, sa3_server, form, loop)
     browser.save_screenshot(str(ARTIFACTS / "playground-sa3-inpaint.png"))
