@@ -223,7 +223,9 @@ class StableAudio:
                  "max_audio_length": card.limits.max_seconds, "sample_rate": card.limits.sample_rate,
                  "default_inference_steps": card.default_steps, "max_inference_steps": card.max_steps,
                  "default_guidance_scale": card.default_guidance_scale, "fixed_start": card.limits.fixed_start,
-                 "edits": card.edits, "inpainting": card.inpainting}
+                 "edits": card.edits, "inpainting": card.inpainting,
+                 # an edit's strength must be at least this times (num_inference_steps - 1)
+                 "min_strength_per_step": card.limits.min_strength_per_step}
         return {"object": "list", "data": [model]}
 
     @http_routes.post("/v1/audio/jobs", status_code=202)

@@ -114,6 +114,19 @@ def test_brownian_tree_is_bounded_by_the_edit_schedule(engine):
     assert (tree._start, tree._end) == pytest.approx((SIGMA_MIN, SIGMA_MIN**0.6 * SIGMA_MAX**0.4), rel=1e-6)
 
 
+@pytest.mark.parametrize("steps", [2, 100, 500])
+def test_the_weakest_edit_keeps_its_smallest_step_within_the_brownian_trees_reach(engine, steps):
+    """At the step count's least strength the last step above sigma_min is 1e-5 (the tree resolves 1e-6), and
+    the edit runs to finite audio; any weaker is refused before it starts."""
+    weakest = engine.limits.min_strength(steps)
+    sigmas = engine.edit_scheduler(edit(strength=weakest, num_inference_steps=steps)).sigmas.double()
+    assert sigmas[-3] - sigmas[-2] == pytest.approx(1e-5, rel=1e-2) and sigmas[-2] == pytest.approx(SIGMA_MIN)
+    [result] = run_to_completion(engine, [edit(strength=weakest, num_inference_steps=steps, audio_length=0.1)])
+    assert result.failure is None and np.isfinite(result.audio).all(), result.error
+    with pytest.raises(ValueError, match="strength must be at least"):
+        engine.prepare_request(edit(strength=weakest * 0.999, num_inference_steps=steps))
+
+
 def test_initial_latents_are_encoded_audio_plus_scaled_noise(engine):
     request = edit(seed=123, strength=0.3)
     state = engine.prepare_request(request)
@@ -202,6 +215,7 @@ ERROR_CASES = {
     "strength above 1": ({**FIELDS, "strength": "1.5"}, None, 400, "strength"),
     "strength not a number": ({**FIELDS, "strength": "strong"}, None, 400, "strength"),
     "strength NaN": ({**FIELDS, "strength": "NaN"}, None, 400, "strength"),
+    "strength below the step count's least": ({**FIELDS, "strength": "1e-9"}, None, 400, "strength"),
     "no prompt": ({"audio_length": "0.5"}, None, 400, "input"),
     "audio_length too long": ({**FIELDS, "audio_length": "60"}, None, 400, "audio_length"),
     "bad seed": ({**FIELDS, "seed": "-1"}, None, 400, "seed"),

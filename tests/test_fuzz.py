@@ -618,11 +618,20 @@ def test_edit_forms_and_uploads(client, form, upload, file_fields):
                                               for name, content in file_fields.items()}})
 
 
+def least_strength(client: httpx.Client, steps: int) -> float:
+    """The served model's least edit strength at this step count, from /v1/models."""
+    [model] = client.get("/v1/models").json()["data"]
+    return model["min_strength_per_step"] * (steps - 1)
+
+
+BELOW_LEAST = object()  # a strength over 0 but under the least the body's step count allows
+
 INVALID_EDIT = {
     **INVALID,
     # Not null: BentoML fills a form field that was not sent with None, so null means "not given" (the default).
     "strength": st.one_of(st.floats(max_value=0), st.floats(min_value=1, exclude_min=True), st.integers(max_value=0),
-                          st.integers(min_value=2), non_finite, wrong_types(int, float, type(None))),
+                          st.integers(min_value=2), non_finite, wrong_types(int, float, type(None)),
+                          st.just(BELOW_LEAST)),
 }
 INVALID_UPLOADS = st.one_of(st.none(), st.tuples(st.just("text"), st.text(max_size=30)),
                             st.tuples(st.just("file"), st.one_of(st.just(b""), st.binary(min_size=1, max_size=500),
@@ -638,6 +647,10 @@ def test_edit_with_one_invalid_field_names_it(client, field, data):
         body, upload = data.draw(valid_bodies(), label="body"), data.draw(INVALID_UPLOADS, label="upload")
     else:
         body, upload = data.draw(with_one_invalid_field(field, INVALID_EDIT), label="body"), ("file", SMALL_WAV)
+    if body.get("strength") is BELOW_LEAST:
+        steps = body["num_inference_steps"] = data.draw(st.integers(2, MAX_STEPS), label="steps")
+        least = least_strength(client, steps)
+        body["strength"] = data.draw(st.floats(0, least, exclude_min=True, exclude_max=True), label="strength")
     if field != "strength":
         body.pop("strength", None)  # an unknown field of valid_bodies that happens to have this name
     form = as_form(body)
@@ -649,8 +662,10 @@ def test_edit_with_one_invalid_field_names_it(client, field, data):
 
 
 @settings(max_examples=EXAMPLES["test_valid_edits_return_audio_of_the_requested_length"], **FUZZ)
-@given(body=valid_bodies(), upload=decodable, strength=st.floats(0, 1, exclude_min=True))
-def test_valid_edits_return_audio_of_the_requested_length(client, body, upload, strength):
+@given(body=valid_bodies(), upload=decodable, data=st.data())
+def test_valid_edits_return_audio_of_the_requested_length(client, body, upload, data):
+    least = least_strength(client, body["num_inference_steps"])
+    strength = data.draw(st.floats(least, 1, exclude_min=least == 0), label="strength")  # 0 is never valid
     if body.get("timeout") is not None:
         body["timeout"] = max(body["timeout"], EDIT_TIMEOUT_S)
     form = as_form({**body, "strength": strength})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,12 @@ def test_stable_audio_3_limits(fields, param):
     assert raised.value.param == param and raised.value.status == 400
 
 
-def edit_fields(inpainting_served: bool = True, **fields) -> dict:
-    return EditRequest(input="x", audio=Path("upload.wav"), **fields).edit_fields(10.0, inpainting_served)
+EDIT_LIMITS = replace(LIMITS, min_strength_per_step=1e-3)
+
+
+def edit_fields(inpainting_served: bool = True, steps: int = 100, **fields) -> dict:
+    job = audio_request(input="x", audio_length=10.0, num_inference_steps=steps)
+    return EditRequest(input="x", audio=Path("upload.wav"), **fields).edit_fields(job, EDIT_LIMITS, inpainting_served)
 
 
 def test_edit_fields_fill_in_the_other_end_of_the_region_or_the_strength():
@@ -84,6 +89,17 @@ def test_edit_fields_fill_in_the_other_end_of_the_region_or_the_strength():
     assert edit_fields(mask_start=4.0) == {"mask_start": 4.0, "mask_end": 10.0}
     assert edit_fields(mask_end=2.5) == {"mask_start": 0.0, "mask_end": 2.5}
     assert edit_fields(mask_start=1, mask_end=10) == {"mask_start": 1, "mask_end": 10}
+
+
+def test_the_least_strength_grows_with_the_step_count():
+    """EDIT_LIMITS: at least 1e-3 per step after the first, so 0.099 at 100 steps, 0.1 at 101, any at 1 step."""
+    assert edit_fields(steps=1, strength=1e-300) == {"strength": 1e-300}
+    assert edit_fields(steps=100, strength=0.0995) == {"strength": 0.0995}
+    with pytest.raises(APIError) as raised:
+        edit_fields(steps=101, strength=0.0995)
+    assert (raised.value.param, raised.value.status) == ("strength", 400)
+    assert "at least 0.1 with 101 inference steps" in raised.value.message
+    assert edit_fields(steps=101, strength=0.1005) == {"strength": 0.1005}
 
 
 @pytest.mark.parametrize("fields, param", [

@@ -44,7 +44,7 @@ def test_health_and_models_describe_the_served_family(sa3_server):
     [model] = httpx.get(sa3_server + "/v1/models").json()["data"]
     assert model["id"] == TINY_SA3 and model["max_audio_length"] == TINY_MAX_SECONDS
     assert (model["default_inference_steps"], model["default_guidance_scale"], model["fixed_start"],
-            model["edits"], model["inpainting"]) == (8, 1.0, True, True, True)
+            model["edits"], model["inpainting"], model["min_strength_per_step"]) == (8, 1.0, True, True, True, 0.0)
 
 
 def test_audio_equals_the_family_in_process_with_the_model_defaults(sa3_server, family):

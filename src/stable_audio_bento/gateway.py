@@ -100,7 +100,7 @@ class Gateway:
         upload_seconds = audio.shape[1] / limits.sample_rate
         if request.audio_length is None and limits.fixed_start:  # a model with a duration: that of the upload
             job = replace(job, audio_length=upload_seconds)
-        fields = request.edit_fields(job.audio_length, card.inpainting)
+        fields = request.edit_fields(job, limits, card.inpainting)
         request.check_kept_audio(fields, job.audio_length, upload_seconds, limits.hop_length / limits.sample_rate)
         return replace(job, init_audio=audio, **fields)
 

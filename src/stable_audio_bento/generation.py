@@ -112,7 +112,9 @@ class ModelLimits:
     latent_frames: the model's window (stable-audio-open-1.0), or the latent length of its longest request.
     max_duration_s: the longest audio when it is not a whole number of frames (Stable Audio 3: 120 s, 380 s).
     fixed_start: the model generates from 0 s only (Stable Audio 3 has a duration, no start): ``audio_start``
-        must be 0, and the output is the duration cut to whole samples (``int``) rather than rounded."""
+        must be 0, and the output is the duration cut to whole samples (``int``) rather than rounded.
+    min_strength_per_step: an edit's least ``strength`` per denoising step after the first (``min_strength``):
+        below it, stable-audio-open-1.0's steps get too small for its SDE noise. 0 where any strength works."""
 
     sample_rate: int
     channels: int
@@ -120,6 +122,7 @@ class ModelLimits:
     latent_frames: int
     max_duration_s: float | None = None
     fixed_start: bool = False
+    min_strength_per_step: float = 0.0
 
     @property
     def max_samples(self) -> int:
@@ -130,6 +133,9 @@ class ModelLimits:
     @property
     def max_seconds(self) -> float:
         return self.max_duration_s if self.max_duration_s is not None else self.max_samples / self.sample_rate
+
+    def min_strength(self, num_inference_steps: int) -> float:
+        return self.min_strength_per_step * (num_inference_steps - 1)
 
     def samples(self, seconds: float) -> int:
         """Output samples for a length in seconds, as the model's pipeline cuts them."""

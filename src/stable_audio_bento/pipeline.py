@@ -12,6 +12,7 @@ others in any step; see ``tests/test_pipeline.py``. Which requests take each ste
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -34,6 +35,10 @@ warnings.filterwarnings("ignore", message="Should have ", module="torchsde")
 SHORT_WINDOW_TAIL_FRAMES = 16  # latent frames denoised past a short clip's end (the decoder reaches ±10)
 SHORT_WINDOW_BUCKET_FRAMES = 64  # window lengths are rounded up to this, so similar clips share a forward
 ENCODE_MARGIN_FRAMES = 16  # twice the Oobleck encoder's receptive field (an input sample reaches ±8 latent frames)
+# An edit's smallest sigma step: ten times the resolution of diffusers' Brownian tree, which rounds its times to 1e-6
+# (tol=1e-6). Smaller steps round to empty intervals (NaN noise, or torchsde recursing), or below that repeat a
+# timestep, which the scheduler's step lookup cannot handle.
+SMALLEST_EDIT_SIGMA_STEP = 1e-5
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class BatchedStableAudio:
             channels=int(pipe.vae.config.audio_channels),
             hop_length=int(pipe.vae.hop_length),
             latent_frames=int(pipe.transformer.config.sample_size),
+            min_strength_per_step=self.strength_per_sigma_step(SMALLEST_EDIT_SIGMA_STEP),
         )
         self._rotary_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._silence_parameters: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -191,9 +197,19 @@ class BatchedStableAudio:
         config = self.pipe.scheduler.config
         return config.sigma_min ** (1 - strength) * config.sigma_max**strength
 
+    def strength_per_sigma_step(self, sigma_step: float) -> float:
+        """The strength per step after the first that makes an edit's smallest step ``sigma_step``: log sigma
+        falls by s * log(sigma_max / sigma_min) / (steps - 1) per step, and the smallest step is the last one
+        above sigma_min, sigma_min * (exp(that) - 1)."""
+        config = self.pipe.scheduler.config
+        return math.log1p(sigma_step / config.sigma_min) / math.log(config.sigma_max / config.sigma_min)
+
     def edit_scheduler(self, request: AudioRequest) -> object:
         """The pipeline's scheduler with sigma_max = the edit's initial sigma: all its steps spread over
         [sigma_min, sigma_init], and the Brownian tree (built from the config on the first step) bounded by them."""
+        least = self.limits.min_strength(request.num_inference_steps)
+        if request.strength < least:
+            raise ValueError(f"strength must be at least {least:.3g} with {request.num_inference_steps} steps")
         config = self.pipe.scheduler.config
         scheduler = type(self.pipe.scheduler).from_config(config, sigma_max=self.initial_sigma(request.strength))
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)

@@ -179,11 +179,17 @@ class EditRequest(GenerateRequest):
             raise ValueError("must be a finite number of seconds, 0 or more")
         return value
 
-    def edit_fields(self, audio_length: float, inpainting_served: bool) -> dict[str, float]:
+    def edit_fields(self, job: AudioRequest, limits: ModelLimits, inpainting_served: bool) -> dict[str, float]:
         """The AudioRequest's ``strength``, or its ``mask_start`` and ``mask_end`` with their defaults filled in,
-        checked against the request's length and what the served model does."""
+        checked against the request (its length and step count) and what the served model does."""
+        audio_length, steps = job.audio_length, job.num_inference_steps
         if self.mask_start is None and self.mask_end is None:
-            return {"strength": DEFAULT_STRENGTH if self.strength is None else self.strength}
+            strength = DEFAULT_STRENGTH if self.strength is None else self.strength
+            if strength < (least := limits.min_strength(steps)):
+                raise APIError(f"strength must be at least {least:.3g} with {steps} inference steps on this model: "
+                               f"smaller steps are below the resolution of its SDE noise (got {strength:.3g}); "
+                               "raise strength or take fewer steps", param="strength")
+            return {"strength": strength}
         named = "mask_start" if self.mask_start is not None else "mask_end"
         if not inpainting_served:
             raise APIError(f"{named}: this model cannot inpaint (stable-audio-open-1.0 was not trained for it); "
