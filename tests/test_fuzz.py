@@ -1,4 +1,5 @@
-"""Fuzzing POST /v1/audio/generate and POST /v1/audio/edits against a real `bentoml serve` of the tiny model.
+"""Fuzzing POST /v1/audio/generate and POST /v1/audio/edits against a real `bentoml serve` of the tiny model, and
+Stable Audio 3's edits (audio-to-audio, inpainting, continuation) against one of tiny-sa3.
 
 Generated bodies, content types and headers (hypothesis), plus explicit 413 / non-JSON checks. Every response must
 be below 500; a 200 must be a decodable audio file of the requested duration; every rejection must be JSON in the
@@ -53,7 +54,7 @@ EXAMPLES = {"test_generated_objects": 350, "test_arbitrary_json_values": 150, "t
             "test_content_types_and_headers": 250, "test_body_with_one_invalid_field_names_it": 30 * len(FIELDS),
             "test_valid_bodies_return_audio_of_the_requested_length": 40, "test_other_methods": 40,
             "test_edit_forms_and_uploads": 150, "test_edit_with_one_invalid_field_names_it": 5 * (len(FIELDS) + 2),
-            "test_valid_edits_return_audio_of_the_requested_length": 4}
+            "test_valid_edits_return_audio_of_the_requested_length": 4, "test_stable_audio_3_edits": 60}
 
 FUZZ = dict(deadline=None, database=None, print_blob=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
@@ -672,6 +673,82 @@ def test_valid_edits_return_audio_of_the_requested_length(client, body, upload, 
     response = send_edit(client, "test_valid_edits_return_audio_of_the_requested_length", form, ("file", upload))
     assert response.status_code == 200, (response.status_code, response.text[:500], form)
     check_audio(response, read_form(form))
+
+
+# --- POST /v1/audio/edits on Stable Audio 3: audio-to-audio, inpainting, continuation ------------------------
+
+SA3_EDIT_FIELDS = ("strength", "mask_start", "mask_end", "audio_length")
+SA3_CHEAP_SECONDS = 2.0  # the longest clip (or upload) a generated form asks for: well under a second each
+
+
+@pytest.fixture(scope="module")
+def sa3_client(sa3_server) -> httpx.Client:
+    with httpx.Client(base_url=sa3_server, timeout=TIMEOUT_S) as shared:
+        yield shared
+
+
+def sa3_seconds(upload_seconds: float, least: float = -1.0) -> st.SearchStrategy:
+    """Seconds from ``least`` up to a little past SA3_CHEAP_SECONDS, often where an SA3 edit's checks change their
+    answer: 0, within the upload, its end, and one latent frame (2048 samples) or one sample either side of that."""
+    frame, sample = 2048 / SAMPLE_RATE, 1 / SAMPLE_RATE
+    edges = [0.0, -0.0, sample, frame, upload_seconds, upload_seconds - sample, upload_seconds + sample,
+             upload_seconds - frame, upload_seconds + frame, SA3_CHEAP_SECONDS]
+    return st.one_of(st.sampled_from([edge for edge in edges if edge >= least]),
+                     st.floats(0, 1, exclude_min=True).map(lambda share: share * upload_seconds),
+                     st.floats(max(least, -1.0), SA3_CHEAP_SECONDS)).filter(lambda seconds: seconds >= least)
+
+
+@st.composite
+def sa3_edits(draw) -> tuple[dict, bytes, float, int]:
+    """(fields, upload, its seconds, its rate): an upload and the fields of audio-to-audio, of inpainting, or any
+    mix of the edit fields, each unset, near an edge, or anywhere; the request fields stay valid and cheap."""
+    rate = draw(st.sampled_from([22050, 44100, 48000]))
+    upload_seconds = draw(st.one_of(st.floats(0.001, SA3_CHEAP_SECONDS), st.sampled_from([1.0, 1 / 1000])))
+    upload = upload_bytes(rate, draw(st.integers(1, 2)), upload_seconds)
+    fields = {"input": draw(prompts), "num_inference_steps": draw(st.integers(1, MAX_STEPS)),
+              "seed": draw(st.integers(0, MAX_SEED)), "response_format": draw(st.sampled_from(FORMATS))}
+    choices = {"audio_length": sa3_seconds(upload_seconds, least=5e-324),
+               "mask_start": sa3_seconds(upload_seconds), "mask_end": sa3_seconds(upload_seconds),
+               "strength": st.one_of(st.floats(0, 1), st.sampled_from([5e-324, 1e-9, 1.0]))}
+    kinds = {"audio-to-audio": st.sets(st.sampled_from(["strength", "audio_length"])),
+             "inpainting": st.sets(st.sampled_from(["mask_start", "mask_end", "audio_length"]), min_size=1),
+             "any": st.sets(st.sampled_from(SA3_EDIT_FIELDS))}
+    for name in draw(kinds[draw(st.sampled_from(list(kinds)))]):
+        fields[name] = draw(choices[name])
+    if draw(st.booleans()):
+        fields["guidance_scale"] = draw(st.floats(0, 5))
+    return fields, upload, upload_seconds, rate
+
+
+@settings(max_examples=EXAMPLES["test_stable_audio_3_edits"], **FUZZ)
+@given(edit=sa3_edits())
+def test_stable_audio_3_edits(sa3_client, edit):
+    """Audio-to-audio, inpainting and continuation forms with their fields at and around every edge: never a 5xx;
+    a 200 is the requested length (by default the upload's, exactly when it needs no resampling); a 4xx names an
+    edit field."""
+    fields, upload, upload_seconds, upload_rate = edit
+    form = as_form(fields)
+    response = send_edit(sa3_client, "test_stable_audio_3_edits", form, ("file", upload))
+    assert response.status_code < 500, (response.status_code, response.text[:500], fields)
+    if response.status_code != 200:
+        error = error_of(response)
+        event(f"{response.status_code} {error['param']}")
+        assert error["param"] in SA3_EDIT_FIELDS, (error, fields)
+        return
+    event("200 inpainting" if {"mask_start", "mask_end"} & set(fields) else "200 audio-to-audio")
+    samples, rate = soundfile.read(io.BytesIO(response.content), dtype="float32", always_2d=True) \
+        if fields["response_format"] != "pcm" else (np.frombuffer(response.content, "<i2").reshape(-1, 2), SAMPLE_RATE)
+    assert rate == SAMPLE_RATE and samples.shape[1] == 2, (rate, samples.shape)
+    returned = round(float(response.headers["x-audio-duration"]) * SAMPLE_RATE)
+    if "audio_length" in fields:  # the pipeline's cut: int(seconds x rate)
+        assert returned == int(fields["audio_length"] * SAMPLE_RATE), (returned, fields)
+    elif upload_rate == SAMPLE_RATE:
+        assert returned == max(1, round(upload_seconds * SAMPLE_RATE)), (returned, upload_seconds, fields)
+    else:  # resampling may round the upload's length either way
+        assert abs(returned - upload_seconds * SAMPLE_RATE) <= 1.5, (returned, upload_seconds, fields)
+    if fields["response_format"] != "mp3":
+        assert samples.shape[0] == returned, (samples.shape, returned)
+    assert np.isfinite(samples).all()
 
 
 # --- explicit checks ------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_stable_audio_3_limits_over_http(sa3_server, body, param):
 
 def upload_wav(seconds: float) -> tuple[bytes, np.ndarray]:
     """A float WAV at 44.1 kHz (read back exactly, not resampled) and the (2, samples) array the engine gets."""
-    t = np.arange(int(seconds * 44100)) / 44100
+    t = np.arange(round(seconds * 44100)) / 44100
     audio = np.stack([0.4 * np.sin(2 * np.pi * 220 * t), 0.3 * np.sin(2 * np.pi * 330 * t)]).astype(np.float32)
     buffer = io.BytesIO()
     soundfile.write(buffer, audio.T, 44100, format="WAV", subtype="FLOAT")
@@ -119,6 +119,16 @@ def test_edits_equal_the_family_in_process(sa3_server, family):
         [alone] = run_to_completion(family, [request])
         assert response.content == encode_audio(alone.audio, 44100, "wav"), name
         assert soundfile.info(io.BytesIO(response.content)).frames == int(expected["audio_length"] * 44100)
+
+
+def test_the_default_length_is_the_uploads_to_the_sample(sa3_server):
+    """44 109 samples: 44109 / 44100 s cuts back to 44 108 samples with the pipeline's int()."""
+    assert int(44109 / 44100 * 44100) == 44108
+    fields = {"input": "a cello", "seed": "3", "num_inference_steps": "1"}
+    for length in (44109 / 44100, 44100 / 44100):
+        response = post_edit(sa3_server, fields, seconds=length)
+        assert response.status_code == 200, response.text
+        assert soundfile.info(io.BytesIO(response.content)).frames == round(length * 44100)
 
 
 def test_continuation_through_the_cli_and_the_jobs_route(sa3_server, tmp_path):

@@ -97,7 +97,7 @@ class Gateway:
         # Decoding and resampling take up to a few tenths of a second (0.17 s for 47.55 s at 48 kHz): off the loop.
         audio = await asyncio.to_thread(load_init_audio, request.audio, card.limits)
         limits = card.limits
-        upload_seconds = audio.shape[1] / limits.sample_rate
+        upload_seconds = limits.seconds(audio.shape[1])
         if request.audio_length is None and limits.fixed_start:  # a model with a duration: that of the upload
             job = replace(job, audio_length=upload_seconds)
         fields = request.edit_fields(job, limits, card.inpainting)

@@ -4,6 +4,7 @@ hooks that watch it while it runs, and the limits of the served model. Plain dat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional
 
@@ -140,3 +141,9 @@ class ModelLimits:
     def samples(self, seconds: float) -> int:
         """Output samples for a length in seconds, as the model's pipeline cuts them."""
         return int(seconds * self.sample_rate) if self.fixed_start else round(seconds * self.sample_rate)
+
+    def seconds(self, samples: int) -> float:
+        """The length in seconds that ``samples`` cuts to exactly ``samples``: with ``int``'s cut, samples / rate
+        can land a rounding below (15 / 44100 * 44100 = 14.999999999999998), one float up cannot."""
+        seconds = samples / self.sample_rate
+        return seconds if self.samples(seconds) == samples else math.nextafter(seconds, math.inf)
