@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,10 +19,13 @@ from bentoml._internal.models import ModelStore
 from diffusers import StableAudioPipeline
 
 from stable_audio_bento.audio import encode_audio
+from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.generation import AudioRequest
+from stable_audio_bento.loading import load_engine
 from stable_audio_bento.local_server import local_server
 from stable_audio_bento.model_import import main
 from stable_audio_bento.model_store import STORED_MODEL_TAG, serving_config
+from stable_audio_bento.sa3_loading import TINY_SA3, ensure_tiny_sa3_model
 from stable_audio_bento.step_loop import run_to_completion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +63,30 @@ def test_import_stores_the_pipeline_with_source_revision_family_and_size(importe
     for name in ("transformer", "vae", "text_encoder", "projection_model"):
         ours, theirs = getattr(tiny_pipe, name).state_dict(), getattr(stored, name).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours), name
+
+
+def test_a_half_precision_import_serves_the_rounded_weights_bit_for_bit(tmp_path, model_cache):
+    """--dtype bfloat16: DiT, text encoder and duration embedder in bf16, the autoencoder and the frequency tables
+    in fp32; served in fp32 on CPU, its audio is that of the fp32 model with those weights rounded to bf16."""
+    home = tmp_path / "home"
+    done = subprocess.run([sys.executable, "-m", "stable_audio_bento.model_import", "tiny-sa3", "--dtype", "bfloat16"],
+                          env=bentoml_env(home), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    stored = ModelStore(home / "models").get(STORED_MODEL_TAG)
+    assert stored.info.metadata["dtype"] == "bfloat16" and "(stable-audio-3, bfloat16, " in done.stdout
+    assert stored.info.metadata["size_bytes"] < 0.7 * sum(path.stat().st_size for path in
+                                                          ensure_tiny_sa3_model().rglob("*") if path.is_file())
+    served = load_engine(EngineConfig(model=stored.path))
+    rounded = load_engine(EngineConfig(model=TINY_SA3))
+    for name in ("text_encoder", "transformer", "duration_embedder"):
+        for parameter in getattr(rounded.pipe, name).parameters():
+            parameter.data = parameter.data.bfloat16().float()
+        buffers = dict(getattr(served.pipe, name).named_buffers())
+        assert all(torch.equal(value, buffers[key]) for key, value in getattr(rounded.pipe, name).named_buffers())
+    assert all(torch.equal(a, b) for a, b in zip(served.vae.state_dict().values(), rounded.vae.state_dict().values()))
+    request = AudioRequest("a bell", seed=3, audio_length=1.0, num_inference_steps=3, guidance_scale=2.0)
+    [ours], [theirs] = run_to_completion(served, [request]), run_to_completion(rounded, [request])
+    assert np.array_equal(ours.audio, theirs.audio)
 
 
 def test_stored_model_is_served_unless_stable_audio_model_names_another(imported, monkeypatch):

@@ -3,7 +3,8 @@ serves it and ``bentoml build`` packs it into the Bento.
 
 SOURCE is a hub id (with ``HF_TOKEN`` for gated repos), a local diffusers-format folder, ``tiny``, ``tiny-sa3``,
 ``tiny-sa3-base``, or a Stable Audio 3 checkpoint in Stability's layout (a folder with ``model_config.json`` and
-``model.safetensors``, or either file), which is converted to diffusers' layout on the way in.
+``model.safetensors``, or either file), which is converted to diffusers' layout on the way in. ``--dtype float16``
+(or ``bfloat16``) stores the weights the service casts to ``STABLE_AUDIO_DTYPE`` in that dtype, half the size.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import bentoml
+import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi, hf_hub_download
 
@@ -24,6 +26,7 @@ from .loading import TINY, ensure_tiny_model
 from .model_store import FAMILIES, STORED_MODEL_NAME
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+STORED_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class ImportFailed(RuntimeError):
@@ -37,26 +40,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-encoder", default=sa3_checkpoint.TEXT_ENCODER_HUB_ID, metavar="ID_OR_PATH",
                         help="for Stability-format checkpoints: where T5Gemma and its tokenizer come from (default "
                              "%(default)s; or a local folder, or a diffusers-format SA3 folder)")
+    parser.add_argument("--dtype", choices=STORED_DTYPES, default="float32",
+                        help="store the DiT's, text encoder's and conditioning's weights in this dtype (default "
+                             "%(default)s); the autoencoder stays float32. Store what you serve: float16 for GPUs")
     args = parser.parse_args(argv)
     try:
-        model = import_model(args.source, args.text_encoder)
+        model = import_model(args.source, args.text_encoder, args.dtype)
     except (ImportFailed, sa3_checkpoint.CheckpointError) as exc:
         print(f"stable-audio-import-model: error: {exc}", file=sys.stderr)
         return 1
     metadata = model.info.metadata
-    print(f"stored {model.tag} ({metadata['family']}, {metadata['size_bytes'] / 2**20:.1f} MiB) from "
-          f"{metadata['source']} at {metadata['revision']}")
+    print(f"stored {model.tag} ({metadata['family']}, {metadata['dtype']}, {metadata['size_bytes'] / 2**20:.1f} MiB) "
+          f"from {metadata['source']} at {metadata['revision']}")
     return 0
 
 
-def import_model(source: str, text_encoder: str = sa3_checkpoint.TEXT_ENCODER_HUB_ID) -> bentoml.Model:
+def import_model(source: str, text_encoder: str = sa3_checkpoint.TEXT_ENCODER_HUB_ID, dtype: str = "float32"
+                 ) -> bentoml.Model:
     pipe, revision = read_source(source, text_encoder)
     family = FAMILIES[type(pipe).__name__]
+    store_weights_in(pipe, getattr(torch, dtype))
     with bentoml.models.create(STORED_MODEL_NAME, labels={"source": source, "family": family}) as model:
         pipe.save_pretrained(model.path)
-        model.info.metadata.update(source=source, revision=revision, family=family,
+        model.info.metadata.update(source=source, revision=revision, family=family, dtype=dtype,
                                    size_bytes=sum(path.stat().st_size for path in _files(Path(model.path))))
     return model
+
+
+def store_weights_in(pipe: DiffusionPipeline, dtype: torch.dtype) -> None:
+    """Every component's parameters but the autoencoder's in ``dtype``: those the service runs in
+    ``STABLE_AUDIO_DTYPE``. Buffers stay as they are: Stable Audio 3's DiT and duration embedder save their rotary
+    and Fourier frequencies with the weights, and rounded to half precision they would move every position."""
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name != "vae":
+            for parameter in component.parameters():
+                parameter.data = parameter.data.to(dtype)
 
 
 def read_source(source: str, text_encoder: str) -> tuple[DiffusionPipeline, str]:
