@@ -221,3 +221,17 @@ def test_windowed_encoding_stays_aligned_to_the_chunks(band_and_chunked, frames)
     snr = snr_db(whole, windowed)
     print(f"chunked encoder, windows of 128 + {margin} frames, {frames} frames: {snr:.1f} dB SNR")
     assert snr >= 100
+
+
+def test_windows_off_the_chunk_grid_are_refused(band_and_chunked):
+    """A window of 127 frames would attend within other chunks than the whole clip (8 dB from the whole decode)."""
+    band, chunked = band_and_chunked
+    latents = torch.randn(1, 256, 20, generator=torch.Generator().manual_seed(0))
+    audio = torch.randn(1, 2, 20 * 4096, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for window, margin in ((7, 4), (8, 3)):
+            with pytest.raises(ValueError, match="multiples of 2 latent frames"):
+                decode_in_windows(chunked, latents, window, margin)
+            with pytest.raises(ValueError, match="multiples of 2 latent frames"):
+                encode_in_windows(chunked, audio, window, margin)
+        assert decode_in_windows(band, latents, 7, 3).shape == band.decode(latents).sample.shape
