@@ -101,6 +101,17 @@ def test_sigma_schedule_spans_sigma_min_to_sigma_init(engine, strength):
     assert len(scheduler.timesteps) == steps
 
 
+def test_a_one_step_edit_takes_its_step_where_its_latents_are_noised(engine):
+    """diffusers' one-point schedule would be sigma_min whatever the strength, with the latents noised to
+    sigma_init: the model would be told the wrong noise level. The edit's single step starts at sigma_init."""
+    sigma_init = SIGMA_MIN**0.5 * SIGMA_MAX**0.5
+    state = engine.prepare_request(edit(strength=0.5, num_inference_steps=1))
+    assert state.scheduler.sigmas.tolist() == pytest.approx([sigma_init, 0.0], rel=1e-6)
+    assert state.timestep == pytest.approx(math.atan(sigma_init) / math.pi * 2, rel=1e-6)
+    [result] = run_to_completion(engine, [edit(strength=0.5, num_inference_steps=1)])
+    assert result.failure is None and np.isfinite(result.audio).all(), result.error
+
+
 def test_full_strength_is_text_to_audio_schedule(engine):
     text = engine.prepare_request(AudioRequest("a cello", seed=5, audio_length=0.5, num_inference_steps=5))
     assert torch.equal(engine.edit_scheduler(edit(strength=1.0, num_inference_steps=5)).sigmas, text.scheduler.sigmas)

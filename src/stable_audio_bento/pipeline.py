@@ -213,6 +213,11 @@ class BatchedStableAudio:
         config = self.pipe.scheduler.config
         scheduler = type(self.pipe.scheduler).from_config(config, sigma_max=self.initial_sigma(request.strength))
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        if request.num_inference_steps == 1:
+            # diffusers' one-point schedule is its bottom, sigma_min, whatever the strength; the edit's latents are
+            # noised to the top, where stable-audio-tools' one-step schedule (k-diffusion's) also starts.
+            scheduler.sigmas = torch.tensor([scheduler.config.sigma_max, 0.0], device=self.device)
+            scheduler.timesteps = scheduler.precondition_noise(scheduler.sigmas[:1])
         return scheduler
 
     def prepare_edit_latents(self, generator: torch.Generator, audio: np.ndarray, sigma: float, frames: int
