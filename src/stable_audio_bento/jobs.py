@@ -76,8 +76,9 @@ class JobStore:
     def get(self, job_id: str) -> Job:
         self._expire()
         if (job := self._jobs.get(job_id)) is None:
-            raise APIError(f"no job {job_id!r}: unknown, or its result expired", param="job_id", status=404,
-                           code="job_not_found")
+            raise APIError(f"no job {job_id!r} on this instance: unknown, its result expired, or another instance "
+                           "accepted it (jobs live where they were submitted: poll through load-balancer affinity)",
+                           param="job_id", status=404, code="job_not_found")
         return job
 
     def content(self, job_id: str) -> GeneratedAudio:
