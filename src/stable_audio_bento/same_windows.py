@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from fractions import Fraction
 from contextlib import contextmanager
+from fractions import Fraction
 
 import torch
 from diffusers.models.autoencoders.autoencoder_same import (
