@@ -36,11 +36,12 @@ def encode_in_windows(vae: AutoencoderSAME, audio: torch.Tensor, window: int | N
     total = math.ceil(audio.shape[-1] / hop)
     if window is None:
         return vae.encode(audio).latents[..., :frames]
-    check_chunk_alignment(encoder_latent_side(vae), window, margin)
+    sides = encoder_latent_side(vae)
+    check_chunk_alignment(sides, window, margin)
     wanted = total if frames is None else min(total, frames)
     windows = []
     for start, end, first, last in window_bounds(wanted, total, window, margin):
-        with rotary_positions_from(encoder_latent_side(vae), first):
+        with rotary_positions_from(sides, first):
             latents = vae.encode(audio[..., first * hop: last * hop]).latents
         windows.append(latents[..., start - first: end - first])
     return torch.cat(windows, dim=-1)
@@ -51,11 +52,12 @@ def decode_in_windows(vae: AutoencoderSAME, latents: torch.Tensor, window: int |
     (None: all at once, as diffusers' pipelines decode), each window with ``margin`` more frames on each side
     (fewer at the clip's ends), decoded and cropped again."""
     frames, hop = latents.shape[-1], vae.downsampling_ratio
+    sides = decoder_latent_side(vae)
     if window is not None:
-        check_chunk_alignment(decoder_latent_side(vae), window, margin)
+        check_chunk_alignment(sides, window, margin)
     windows = []
     for start, end, first, last in window_bounds(frames, frames, window or frames, margin):
-        with rotary_positions_from(decoder_latent_side(vae), first):
+        with rotary_positions_from(sides, first):
             audio = vae.decode(latents[..., first:last]).sample
         windows.append(audio[..., (start - first) * hop: (end - first) * hop])
     return torch.cat(windows, dim=-1)
