@@ -12,6 +12,7 @@ Sections (``--only`` picks some, comma-separated):
   latency     one request end to end in-process: 47 s at N steps, 10 s exact, 10 s short-window
   scheduler   solver step (``advance``) cost per request (Brownian tree vs vectorized) vs the DiT forward, batch 1-16
   precision   fp16 / bf16 DiT+T5 and VAE against fp32, same seed (SNR)
+  drift       one request alone vs batched with 1-15 others (SNR, bit-identity)
   decode_placement
               in-process: one long request (full window, many steps) while short ones finish; the VAE decode inline
               in the loop's thread (what StepLoop does, the baseline) vs beside the loop in a thread (on CUDA also
@@ -59,11 +60,13 @@ from stable_audio_bento.local_server import local_server  # noqa: E402
 from stable_audio_bento.pipeline import BatchedStableAudio, GaussianIncrements, SamplingOptions  # noqa: E402
 from stable_audio_bento.step_loop import StepLoop, run_to_completion  # noqa: E402
 
-from report import finish  # noqa: E402  (this folder is on sys.path when run as a script)
+from baseline import documented_pipeline  # noqa: E402  (this folder is on sys.path when run as a script)
+from report import finish  # noqa: E402
 
-SECTIONS = ["decode", "latency", "scheduler", "precision", "decode_placement", "serving", "throughput", "arrivals"]
-QUICK_SKIPS = ("precision", "scheduler", "decode_placement", "arrivals")
-NEEDS_PIPE = {"decode", "latency", "scheduler", "precision", "decode_placement", "serving", "throughput"}
+SECTIONS = ["decode", "latency", "scheduler", "precision", "drift", "decode_placement", "serving", "throughput",
+            "arrivals"]
+QUICK_SKIPS = ("precision", "drift", "scheduler", "decode_placement", "arrivals")
+NEEDS_PIPE = {"decode", "latency", "scheduler", "precision", "drift", "decode_placement", "serving", "throughput"}
 PROMPTS = ["Thunder and rain sounds", "A piano playing a gentle melody", "Ocean waves crashing on a beach",
            "The sound of a dog barking", "Guitar playing", "Audience clapping and cheering in a stadium"]
 WARM_UP = AudioRequest("warm-up", seed=0, audio_length=1.0, num_inference_steps=2)
@@ -108,8 +111,13 @@ def parse_args() -> argparse.Namespace:
     placement.add_argument("--placement-short-length", type=float,
                            help="audio seconds of every short one (default: spread evenly from 2 s to the "
                                 "model's maximum)")
-    parser.add_argument("--sde-noise", default="exact", choices=["exact", "vectorized"])
-    parser.add_argument("--compile", action="store_true", help="torch.compile in-process and in the server")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="of the DiT and T5 (auto: float16 on CUDA, float32 on CPU); the VAE stays float32")
+    parser.add_argument("--sde-noise", default="auto", choices=["auto", "exact", "vectorized"],
+                        help="the engine's SDE noise (auto: vectorized on CUDA, exact on CPU, as served)")
+    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                        help="torch.compile the DiT forward in-process and in the server, in this mode (default: "
+                             "default; reduce-overhead adds CUDA graphs)")
     parser.add_argument("--json", type=Path, default=REPO / "artifacts" / "bench.json")
     args = parser.parse_args()
     if args.quick:
@@ -148,11 +156,13 @@ def say(line: str = "") -> None:
 def engine_config(args, **overrides) -> EngineConfig:
     load_format = "dummy" if args.model == "dummy" else "auto"
     model = "stabilityai/stable-audio-open-1.0" if args.model == "dummy" else args.model
-    return replace(EngineConfig(model=model, load_format=load_format, compile=args.compile), **overrides)
+    config = EngineConfig(model=model, load_format=load_format, dtype=args.dtype, compile=args.compile)
+    return replace(config, **overrides)
 
 
 def server_env(args) -> dict[str, str]:
-    env = {"STABLE_AUDIO_SDE_NOISE": args.sde_noise, "STABLE_AUDIO_COMPILE": "1" if args.compile else "0"}
+    env = {"STABLE_AUDIO_SDE_NOISE": args.sde_noise, "STABLE_AUDIO_COMPILE": args.compile or "0",
+           "STABLE_AUDIO_DTYPE": args.dtype}
     if args.model == "dummy":
         return {**env, "STABLE_AUDIO_LOAD_FORMAT": "dummy"}
     return {**env, "STABLE_AUDIO_MODEL": args.model}
@@ -201,24 +211,65 @@ def bench_decode(pipe, args) -> None:
 
 
 def bench_latency(pipe, args) -> None:
-    exact = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise))
-    short = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise, denoise_window="short"))
-    if args.compile:
-        for engine in (exact, short):
-            engine.compile()
-            generate(engine, [WARM_UP])
+    """Each case eagerly (the baseline: its first row), and with --compile also compiled, in the same run."""
+    def engines(compile_mode: str | None) -> dict[str, BatchedStableAudio]:
+        made = {window: BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise, denoise_window=window))
+                for window in ("full", "short")}
+        for engine in made.values():
+            if compile_mode:
+                engine.compile(compile_mode)
+        return made
+
     steps = args.latency_steps
-    cases = [("10 s, exact window", exact, 10.0), ("10 s, short window", short, 10.0)]
+    variants = {"eager": engines(None)}
+    if args.compile:
+        variants[f"compiled ({args.compile})"] = engines(args.compile)
+    longest = variants["eager"]["full"].limits.max_seconds
+    cases = [("10 s, exact window", "full", 10.0), ("10 s, short window", "short", 10.0)]
     if not args.quick:
-        cases.insert(0, (f"{exact.limits.max_seconds:.2f} s, exact window", exact, exact.limits.max_seconds))
-    say(f"\n## latency: one guided request in-process, {steps} steps (baseline: the first row)")
-    say("| case | seconds | vs first row |\n|---|---|---|")
+        cases.insert(0, (f"{longest:.2f} s, exact window", "full", longest))
+    say(f"\n## latency: one guided request in-process, {steps} steps, SDE noise {args.sde_noise} (baseline: the first "
+        "row, eager)")
+    say("| case | " + " | ".join(f"{variant} s" for variant in variants) + " | vs first row |"
+        + " compiled vs eager |" * bool(args.compile))
+    say("|---|" + "---|" * (len(variants) + 1 + bool(args.compile)))
     rows = []
-    for name, engine, length in cases:
-        seconds, _ = timed(generate, engine, [AudioRequest(PROMPTS[0], 1, length, num_inference_steps=steps)])
-        rows.append({"case": name, "steps": steps, "seconds": seconds})
-        say(f"| {name} | {seconds:.3f} | {seconds / rows[0]['seconds']:.2f}x |")
+    for name, window, length in cases:
+        row = {"case": name, "steps": steps}
+        for variant, made in variants.items():
+            engine = made[window]
+            request = AudioRequest(PROMPTS[0], 1, length, num_inference_steps=steps)
+            generate(engine, [replace(request, num_inference_steps=2)])  # warm-up: kernels, compilation, graphs
+            row[variant], _ = timed(generate, engine, [request])
+        row["seconds"] = row["eager"]
+        rows.append(row)
+        cells = [f"{row[variant]:.3f}" for variant in variants] + [f"{row['eager'] / rows[0]['eager']:.2f}x"]
+        if args.compile:
+            cells.append(f"{row[f'compiled ({args.compile})'] / row['eager']:.2f}x")
+        say(f"| {name} | " + " | ".join(cells) + " |")
     REPORT["latency"] = rows
+
+
+def bench_drift(pipe, args) -> None:
+    """One request alone (the baseline), then sharing every forward with 1-15 others of other lengths, prompts and
+    guidance: how far batched kernels move its audio (bit-identical on CPU; on a GPU a taller matrix product may
+    take another kernel)."""
+    engine = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise))
+    steps = 2 if args.quick else 20
+    request = AudioRequest(PROMPTS[2], 7, 10.0, num_inference_steps=steps)
+    others = [AudioRequest(PROMPTS[i % len(PROMPTS)], 100 + i, 3.0 + 2.5 * i, num_inference_steps=steps,
+                           guidance_scale=1.0 if i % 3 == 0 else 7.0) for i in range(15)]
+    alone = generate(engine, [request])[0].audio
+    say(f"\n## drift: one request's audio alone (baseline) vs batched with others, {steps} steps, SDE noise "
+        f"{args.sde_noise}")
+    say("| requests in each forward | SNR vs alone, dB | bit-identical |\n|---|---|---|")
+    rows = []
+    for batch in [2] if args.quick else [2, 4, 8, 16]:
+        batched = generate(engine, [request] + others[: batch - 1])[0].audio
+        rows.append({"batch": batch, "snr_db": snr_db(alone, batched),
+                     "identical": bool(np.array_equal(alone, batched))})
+        say(f"| {batch} | {rows[-1]['snr_db']:.1f} | {'yes' if rows[-1]['identical'] else 'no'} |")
+    REPORT["drift"] = rows
 
 
 def bench_scheduler(pipe, args) -> None:
@@ -386,7 +437,7 @@ def mean_or_nan(values: list[float]) -> float:
 def bench_decode_placement(pipe, args) -> None:
     engine = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise))
     if args.compile:
-        engine.compile()
+        engine.compile(args.compile)
     cuda = engine.device.type == "cuda"
     sync = torch.cuda.current_stream(engine.device).synchronize if cuda else (lambda: None)
     top = engine.limits.max_seconds
@@ -490,10 +541,11 @@ def bench_throughput(pipe, url, args) -> None:
     workload = mixed_workload(args.requests, [int(s) for s in args.steps.split(",")], args.max_length)
     say(f"\n## throughput: {len(workload)} mixed requests (5-{args.max_length:g} s, steps {args.steps}, half with a "
         "negative prompt), continuous batching")
-    pipe.set_progress_bar_config(disable=True)
+    reference = documented_pipeline(pipe)
+    reference.set_progress_bar_config(disable=True)
     started = time.perf_counter()
     for body in workload:  # the reference server: diffusers, one request at a time, always the full window
-        pipe(body["input"], audio_end_in_s=body["audio_length"], num_inference_steps=body["num_inference_steps"],
+        reference(body["input"], audio_end_in_s=body["audio_length"], num_inference_steps=body["num_inference_steps"],
              negative_prompt=body["negative_prompt"], generator=torch.Generator().manual_seed(body["seed"]))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -710,7 +762,7 @@ def main() -> None:
             bench_precision(pipe, args)
             pipe = load_pipeline(engine_config(args))
         for name, bench in (("decode", bench_decode), ("latency", bench_latency), ("scheduler", bench_scheduler),
-                            ("decode_placement", bench_decode_placement)):
+                            ("drift", bench_drift), ("decode_placement", bench_decode_placement)):
             if name in sections:
                 bench(pipe, args)
     if set(sections) & {"serving", "throughput"}:

@@ -26,7 +26,6 @@ Sections (``--only`` picks some, comma-separated):
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import json
@@ -46,7 +45,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from diffusers import StableAudio3Pipeline  # noqa: E402
 from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME  # noqa: E402
 
 from stable_audio_bento.config import EngineConfig  # noqa: E402
@@ -68,7 +66,8 @@ from stable_audio_bento.sa3_loading import (  # noqa: E402
 )
 from stable_audio_bento.step_loop import run_to_completion  # noqa: E402
 
-from report import finish  # noqa: E402  (this folder is on sys.path when run as a script)
+from baseline import documented_pipeline  # noqa: E402  (this folder is on sys.path when run as a script)
+from report import finish  # noqa: E402
 
 SECTIONS = ["throughput", "decode_memory", "encode_memory"]
 PROMPTS = ["Thunder and rain sounds", "A piano playing a gentle melody", "Ocean waves crashing on a beach",
@@ -144,20 +143,6 @@ def say(line: str = "") -> None:
 
 
 # --------------------------------------------------------------------------------------------------- throughput
-def documented_pipeline(pipe: StableAudio3Pipeline) -> StableAudio3Pipeline:
-    """The baseline: diffusers' pipeline as its documentation runs it, every component in one dtype. The engine
-    keeps its VAE in fp32 beside a half-precision DiT, which the pipeline cannot decode (it hands the VAE latents in
-    the DiT's dtype), so the pipeline then gets a copy of the VAE in the DiT's dtype; the rest is shared."""
-    if pipe.vae.dtype == pipe.transformer.dtype:
-        return pipe
-    for module in pipe.vae.modules():  # torch's (old) weight norm keeps the weight it last computed, a tensor with
-        if hasattr(module, "weight_g"):  # a graph that deepcopy refuses; the next forward computes it again anyway
-            module.weight = module.weight.detach()
-    pipeline = StableAudio3Pipeline(**{**pipe.components, "vae": copy.deepcopy(pipe.vae).to(pipe.transformer.dtype)})
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def pipeline_audio(pipe, request: AudioRequest) -> torch.Tensor:
     return pipe(request.prompt, duration=request.audio_length, num_inference_steps=request.num_inference_steps,
                 guidance_scale=request.guidance_scale,

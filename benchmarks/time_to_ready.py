@@ -23,7 +23,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from stable_audio_bento.config import REPO_ROOT  # noqa: E402
-from stable_audio_bento.local_server import free_port  # noqa: E402
+from stable_audio_bento.local_server import free_port, why_it_stopped  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +44,8 @@ def main() -> None:
     try:
         while True:
             if process.poll() is not None:
-                sys.exit(f"bentoml serve exited with {process.returncode}; see {log_path}")
+                sys.exit(f"bentoml serve exited with {process.returncode}; from {log_path}:\n"
+                         + why_it_stopped(log_path))
             if time.monotonic() - started > args.timeout_s:
                 sys.exit(f"not ready after {args.timeout_s:.0f} s; see {log_path}")
             try:

@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_script_cpu_smoke(tmp_path, model_cache):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
-    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--cpu-smoke"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "model", "serving", "compile", "--cpu-smoke"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
     model = json.loads((tmp_path / "bench-model.json").read_text())
@@ -24,6 +24,11 @@ def test_gpu_script_cpu_smoke(tmp_path, model_cache):
     assert all(row["snr_db"] >= 30 for row in model["precision"] if row["component"] == "DiT + T5")
     assert [row["case"] for row in model["latency"]] == ["10 s, exact window", "10 s, short window"]
     assert model["scheduler"][0]["vectorized_s"] < model["scheduler"][0]["tree_s"]
+    assert [row["batch"] for row in model["drift"]] == [2] and model["drift"][0]["snr_db"] > 30
+    tree = json.loads((tmp_path / "bench-tree.json").read_text())
+    assert tree["meta"]["args"]["sde_noise"] == "exact" and len(tree["latency"]) == 2
+    compiled = json.loads((tmp_path / "bench-compile.json").read_text())
+    assert all(row["compiled (reduce-overhead)"] > 0 and row["eager"] > 0 for row in compiled["latency"])
 
     serving = json.loads((tmp_path / "bench-serving.json").read_text())
     assert serving["serving"]["http_s"] > 0 and serving["serving"]["direct_s"] > 0

@@ -10,7 +10,7 @@ import torch
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import load_pipeline
 from stable_audio_bento.generation import AudioRequest
-from stable_audio_bento.pipeline import BatchedStableAudio, GaussianIncrements, SamplingOptions
+from stable_audio_bento.pipeline import BatchedStableAudio, GaussianIncrements, SamplingOptions, sde_noise_for
 from stable_audio_bento.step_loop import run_to_completion
 from conftest import snr_db
 
@@ -122,6 +122,13 @@ def test_vectorized_sde_noise_is_reproducible_batch_invariant_and_not_the_tree(t
     audio = assert_batch_invariant(vectorized, MIXED_BATCH[:3])
     assert np.array_equal(run_to_completion(vectorized, MIXED_BATCH[:1])[0].audio, audio[0])
     assert not np.array_equal(run_to_completion(engine, MIXED_BATCH[:1])[0].audio, audio[0])
+
+
+def test_auto_sde_noise_is_the_tree_on_cpu_and_vectorized_on_cuda(tiny_pipe, engine):
+    assert engine.options.sde_noise == "exact"  # the default, resolved for this CPU engine
+    assert BatchedStableAudio(tiny_pipe, SamplingOptions(sde_noise="vectorized")).options.sde_noise == "vectorized"
+    assert sde_noise_for(torch.device("cpu")) == "exact"
+    assert sde_noise_for(torch.device("cuda", 1)) == "vectorized"
 
 
 def test_gaussian_increments_are_standard_normal_from_the_request_generator():

@@ -31,7 +31,8 @@ class EngineConfig:
         and T5 when available, else CPU fp32; the VAE stays fp32 unless set.
     sampling [STABLE_AUDIO_DECODE_MARGIN (``full`` or N), _SDE_NOISE, _DENOISE_WINDOW, _MAX_ROWS (``auto`` or N)]:
         see SamplingOptions.
-    compile [STABLE_AUDIO_COMPILE=1]: torch.compile the transformer and warm it up before serving.
+    compile [STABLE_AUDIO_COMPILE]: None (``0``, the default) runs eagerly; else torch.compile's mode for the DiT
+        forward (``1`` is ``default``; ``reduce-overhead`` adds CUDA graphs), compiled and warmed up before serving.
     sa3_conditioning [STABLE_AUDIO_SA3_CONDITIONING]: ``diffusers`` (StableAudio3Pipeline's text-to-audio, bit for
         bit) or ``reference`` (Stability's: the all-zero inpainting conditioning, see SA3Options).
     """
@@ -47,7 +48,7 @@ class EngineConfig:
     max_inference_steps: int = 500
     sampling: SamplingOptions = SamplingOptions()
     auto_max_rows: bool = True
-    compile: bool = False
+    compile: str | None = None
     sa3_conditioning: str = "diffusers"
 
     @classmethod
@@ -66,12 +67,12 @@ class EngineConfig:
             max_inference_steps=int(env.get("STABLE_AUDIO_MAX_STEPS", cls.max_inference_steps)),
             sampling=SamplingOptions(
                 decode_margin_frames=None if margin == "full" else int(margin),
-                sde_noise=_choice(env, "STABLE_AUDIO_SDE_NOISE", ("exact", "vectorized")),
+                sde_noise=_choice(env, "STABLE_AUDIO_SDE_NOISE", ("auto", "exact", "vectorized")),
                 denoise_window=_choice(env, "STABLE_AUDIO_DENOISE_WINDOW", ("full", "short")),
                 max_rows=None if max_rows == "auto" else int(max_rows),
             ),
             auto_max_rows=max_rows == "auto",
-            compile=env.get("STABLE_AUDIO_COMPILE", "0") == "1",
+            compile=_compile_mode(env.get("STABLE_AUDIO_COMPILE", "0")),
             sa3_conditioning=_choice(env, "STABLE_AUDIO_SA3_CONDITIONING", ("diffusers", "reference")),
         )
 
@@ -81,6 +82,19 @@ def _choice(env, variable: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{variable}={value!r}: use one of {', '.join(allowed)}")
     return value
+
+
+def _compile_mode(value: str) -> str | None:
+    if value in ("", "0"):
+        return None
+    from torch._inductor import list_mode_options  # imported only when asked: it is slow to import
+
+    mode = "default" if value == "1" else value
+    modes = list(list_mode_options())
+    if mode not in modes:
+        raise ValueError(f"STABLE_AUDIO_COMPILE={value!r}: use 0, 1 or one of torch.compile's modes: "
+                         + ", ".join(modes))
+    return mode
 
 
 @dataclass(frozen=True)

@@ -138,9 +138,9 @@ def load_engine(config: EngineConfig) -> BatchedStableAudio | BatchedStableAudio
         engine = BatchedStableAudio(load_pipeline(config), config.sampling)
     logger.info("engine: %s%s on %s, DiT dtype %s, VAE dtype %s, %d CPU threads, %s", config.model,
                 f" (stored model {config.model_tag})" if config.model_tag else "", engine.device,
-                engine.dtype, engine.vae.dtype, torch.get_num_threads(), config.sampling)
+                engine.dtype, engine.vae.dtype, torch.get_num_threads(), engine.options)
     if config.compile:
-        engine.compile()
+        engine.compile(config.compile)
     return engine
 
 

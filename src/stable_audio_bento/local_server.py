@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +29,12 @@ def is_healthy(url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def why_it_stopped(log_path: Path, lines: int = 10) -> str:
+    """The log's error lines (its last lines if none), for the exception: a remote run may not bring the log back."""
+    log = log_path.read_text(errors="replace").splitlines()
+    return "\n".join(([line for line in log if re.search(r"CRITICAL|ERROR|Error\b", line)] or log)[-lines:])
 
 
 class RunningServer(str):
@@ -55,7 +62,8 @@ def local_server(env: dict[str, str], log_path: Path, startup_timeout_s: float =
             deadline = time.monotonic() + startup_timeout_s
             while not is_healthy(url):
                 if process.poll() is not None:
-                    raise RuntimeError(f"bentoml serve exited with {process.returncode}; see {log_path}")
+                    raise RuntimeError(f"bentoml serve exited with {process.returncode}; from {log_path}:\n"
+                                       + why_it_stopped(log_path))
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server not healthy after {startup_timeout_s:.0f} s; see {log_path}")
                 time.sleep(1)

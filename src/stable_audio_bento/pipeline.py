@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -24,6 +24,7 @@ from diffusers.models.autoencoders.autoencoder_oobleck import OobleckDiagonalGau
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 
+from .compilation import compiled_forward
 from .cuda_memory import release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .step_loop import RequestState
@@ -49,16 +50,25 @@ class SamplingOptions:
     decode_margin_frames: None decodes all 1024 latent frames and crops, bit-exact with diffusers; N decodes
         only the frames under the requested window plus N each side (16 is within float precision of full).
     sde_noise: ``exact`` draws the SDE noise from diffusers' torchsde Brownian tree (bit-exact, ~20 ms per
-        request per step on CPU); ``vectorized`` draws the same Gaussian increments from the request's generator.
+        request per step on CPU); ``vectorized`` draws the same Gaussian increments from the request's generator;
+        ``auto``: ``vectorized`` on CUDA, ``exact`` elsewhere (see ``sde_noise_for``).
     denoise_window: ``full`` denoises the model's whole 47.55 s window as diffusers does; ``short`` denoises only
         the frames up to a clip's end (plus a tail), which changes the audio and is off by default.
     max_rows: cap on DiT rows per forward (a guided request uses two); None for no cap.
     """
 
     decode_margin_frames: int | None = 16
-    sde_noise: Literal["exact", "vectorized"] = "exact"
+    sde_noise: Literal["auto", "exact", "vectorized"] = "auto"
     denoise_window: Literal["full", "short"] = "full"
     max_rows: int | None = None
+
+
+def sde_noise_for(device: torch.device) -> Literal["exact", "vectorized"]:
+    """``auto``'s choice. On an H200 the tree's queries, which run on the host, took 17-40 % of a batched step and a
+    47 s clip took 5.1 s against 4.3 s vectorized (benchmarks/RESULTS.md); and a GPU's half-precision audio is
+    not bit-identical to diffusers' fp32 CPU reference anyway, so there the tree buys speed for nothing. On CPU it
+    keeps every request bit-identical to diffusers."""
+    return "vectorized" if device.type == "cuda" else "exact"
 
 
 class GaussianIncrements:
@@ -103,10 +113,12 @@ class BatchedStableAudio:
 
     def __init__(self, pipe: StableAudioPipeline, options: SamplingOptions = SamplingOptions()):
         self.pipe = pipe
+        self.device = pipe.transformer.device
+        if options.sde_noise == "auto":
+            options = replace(options, sde_noise=sde_noise_for(self.device))
         self.options = options
         self.transformer = pipe.transformer
         self.vae = pipe.vae
-        self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
         self.default_steps = 100  # the model card's and diffusers' default
         self.default_guidance_scale = 7.0
@@ -121,9 +133,8 @@ class BatchedStableAudio:
         self._silence_parameters: tuple[torch.Tensor, torch.Tensor] | None = None
         self._transformer_forward = self.transformer_forward
 
-    def compile(self) -> None:
-        """torch.compile the transformer loop; shapes vary with the batch, so it is compiled as dynamic."""
-        self._transformer_forward = torch.compile(self.transformer_forward, dynamic=True)
+    def compile(self, mode: str = "default") -> None:
+        self._transformer_forward = compiled_forward(self.transformer_forward, mode)
 
     @torch.no_grad()
     def rows_capacity(self) -> int:
@@ -279,7 +290,9 @@ class BatchedStableAudio:
             model_inputs.append(state.scheduler.scale_model_input(latents, state.timestep))
             text_rows.append(state.text_conditioning)
             global_rows.append(state.global_conditioning + self.embed_timestep(state.timestep).unsqueeze(1))
-        output = self._transformer_forward(torch.cat(model_inputs), torch.cat(text_rows), torch.cat(global_rows))
+        latents = torch.cat(model_inputs)
+        output = self._transformer_forward(latents, torch.cat(text_rows), torch.cat(global_rows),
+                                           self.rotary_embedding(latents.shape[-1]))
 
         predictions = []
         for state, rows in zip(active, output.split([s.request.rows for s in active])):
@@ -305,12 +318,13 @@ class BatchedStableAudio:
         return self._rotary_embeddings[frames]
 
     def transformer_forward(
-        self, latents: torch.Tensor, text_conditioning: torch.Tensor, global_conditioning: torch.Tensor
+        self, latents: torch.Tensor, text_conditioning: torch.Tensor, global_conditioning: torch.Tensor,
+        rotary_embedding: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """StableAudioDiTModel.forward with the global (seconds + timestep) embedding computed per request."""
+        """StableAudioDiTModel.forward with the global (seconds + timestep) embedding computed per request. The
+        rotary embedding comes in ready: built inside, its CPU arithmetic would compile to CPU code."""
         dit = self.transformer
         hidden = latents.to(self.dtype)
-        rotary_embedding = self.rotary_embedding(hidden.shape[-1])
         cross_attention = dit.cross_attention_proj(text_conditioning)
         hidden = (dit.preprocess_conv(hidden) + hidden).transpose(1, 2)
         hidden = torch.cat([global_conditioning, dit.proj_in(hidden)], dim=-2)

@@ -32,6 +32,7 @@ from diffusers import StableAudio3Pipeline
 from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_sigma_schedule
 from diffusers.utils.torch_utils import randn_tensor
 
+from .compilation import compiled_forward
 from .cuda_memory import release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .sa3_edits import encode_reference, inpainting_conditioning, regenerated_frames, variation_start
@@ -126,9 +127,8 @@ class BatchedStableAudio3:
         self._rotary_embeddings: dict[int, torch.Tensor] = {}
         self._transformer_forward = self.transformer_forward
 
-    def compile(self) -> None:
-        """torch.compile the DiT; batch and latent length vary, so it is compiled as dynamic."""
-        self._transformer_forward = torch.compile(self.transformer_forward, dynamic=True)
+    def compile(self, mode: str = "default") -> None:
+        self._transformer_forward = compiled_forward(self.transformer_forward, mode)
 
     @torch.no_grad()
     def rows_capacity(self) -> int:
@@ -261,7 +261,8 @@ class BatchedStableAudio3:
             # them take another kernel for a contiguous (rows, frames, channels) tensor, which rounds differently.
             local = torch.cat([state.local_conditioning.expand(state.request.rows, -1, -1) for state in states])
             local = local.transpose(1, 2)
-        hidden = self._transformer_forward(latents, context, modulation, local)
+        tokens = latents.shape[-1] // self.transformer.config.patch_size + self.transformer.config.num_memory_tokens
+        hidden = self._transformer_forward(latents, context, modulation, self.rotary_embedding(tokens), local)
         rows = hidden.split([state.request.rows for state in states])
         return [self.guide(state, self.postprocess(output)) for state, output in zip(states, rows)]
 
@@ -289,15 +290,15 @@ class BatchedStableAudio3:
         return self._rotary_embeddings[length]
 
     def transformer_forward(self, latents: torch.Tensor, context: torch.Tensor, modulation: torch.Tensor,
-                            local: torch.Tensor | None = None) -> torch.Tensor:
-        """StableAudio3DiTModel.forward between its residual convs, with the context and the AdaLN modulation
-        already computed per request: (rows, channels, frames) in and out; ``local``: inpainting's (rows, frames,
-        1 + latent channels), which every block projects and adds to the frames."""
+                            rope: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
+        """StableAudio3DiTModel.forward between its residual convs, with the context, the AdaLN modulation and the
+        rotary embedding (of the memory tokens and frames) already computed: (rows, channels, frames) in and out;
+        ``local``: inpainting's (rows, frames, 1 + latent channels), which every block projects and adds to the
+        frames."""
         dit, memory_tokens = self.transformer, self.transformer.config.num_memory_tokens
         hidden = dit.proj_in(self.patch(latents))
         if memory_tokens:  # the learned memory tokens go in front of the frames, and come off before proj_out
             hidden = torch.cat([dit.memory_tokens.unsqueeze(0).expand(hidden.shape[0], -1, -1), hidden], dim=1)
-        rope = self.rotary_embedding(hidden.shape[1])
         for block in dit.transformer_blocks:
             hidden = block(hidden, context=context, global_modulation=modulation, rope=rope, local_seq=local,
                            num_memory_tokens=memory_tokens)
