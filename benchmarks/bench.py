@@ -13,6 +13,7 @@ Sections (``--only`` picks some, comma-separated):
   scheduler   solver step (``advance``) cost per request (Brownian tree vs vectorized) vs the DiT forward, batch 1-16
   precision   fp16 / bf16 DiT+T5 and VAE against fp32, same seed (SNR)
   drift       one request alone vs batched with 1-15 others (SNR, bit-identity)
+  profile     one batched step under torch.profiler: top operations by own device (CPU) time, ATen calls, GPU busy
   decode_placement
               in-process: one long request (full window, many steps) while short ones finish; the VAE decode inline
               in the loop's thread (what StepLoop does, the baseline) vs beside the loop in a thread (on CUDA also
@@ -63,10 +64,11 @@ from stable_audio_bento.step_loop import StepLoop, run_to_completion  # noqa: E4
 from baseline import documented_pipeline  # noqa: E402  (this folder is on sys.path when run as a script)
 from report import finish  # noqa: E402
 
-SECTIONS = ["decode", "latency", "scheduler", "precision", "drift", "decode_placement", "serving", "throughput",
-            "arrivals"]
-QUICK_SKIPS = ("precision", "drift", "scheduler", "decode_placement", "arrivals")
-NEEDS_PIPE = {"decode", "latency", "scheduler", "precision", "drift", "decode_placement", "serving", "throughput"}
+SECTIONS = ["decode", "latency", "scheduler", "precision", "drift", "profile", "decode_placement", "serving",
+            "throughput", "arrivals"]
+QUICK_SKIPS = ("precision", "drift", "profile", "scheduler", "decode_placement", "arrivals")
+NEEDS_PIPE = {"decode", "latency", "scheduler", "precision", "drift", "profile", "decode_placement", "serving",
+              "throughput"}
 PROMPTS = ["Thunder and rain sounds", "A piano playing a gentle melody", "Ocean waves crashing on a beach",
            "The sound of a dog barking", "Guitar playing", "Audience clapping and cheering in a stadium"]
 WARM_UP = AudioRequest("warm-up", seed=0, audio_length=1.0, num_inference_steps=2)
@@ -270,6 +272,43 @@ def bench_drift(pipe, args) -> None:
                      "identical": bool(np.array_equal(alone, batched))})
         say(f"| {batch} | {rows[-1]['snr_db']:.1f} | {'yes' if rows[-1]['identical'] else 'no'} |")
     REPORT["drift"] = rows
+
+
+def bench_profile(pipe, args) -> None:
+    """One batched denoising step (8 guided 10 s requests in the full window; --quick: 2) under torch.profiler: the
+    operations that take the most of their own device time (CPU time on CPU), how many ATen calls the step makes,
+    and how busy the device is over the step: a low share means the host, not the GPU, sets the pace."""
+    engine = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise))
+    batch = 2 if args.quick else 8
+    states = [engine.prepare_request(AudioRequest(PROMPTS[i % len(PROMPTS)], i, 10.0, num_inference_steps=100))
+              for i in range(batch)]
+
+    def step() -> None:
+        for state, noise in zip(states, engine.forward(states)):
+            engine.advance(state, noise)
+
+    step()  # kernel selection and the Brownian tree's first query stay out of the figures
+    step_s, _ = timed(step)
+    cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
+    with torch.profiler.profile(activities=activities) as profiler:
+        profiled_s, _ = timed(step)
+    averages = profiler.key_averages()
+    own = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total_us = sum(getattr(event, own) for event in averages)
+    aten_calls = sum(event.count for event in averages if event.key.startswith("aten::"))
+    say(f"\n## profile: one step of {batch} guided requests (full window), SDE noise {args.sde_noise}: {step_s:.4f} s "
+        f"unprofiled, {profiled_s:.4f} s profiled; {aten_calls} ATen calls"
+        + (f"; the GPU busy {total_us / 1e6 / profiled_s:.0%} of the profiled step" if cuda else ""))
+    say(f"| operation | calls | own {'device' if cuda else 'CPU'} ms | share |\n|---|---|---|---|")
+    rows = []
+    for event in sorted(averages, key=lambda event: getattr(event, own), reverse=True)[:12]:
+        rows.append({"operation": event.key, "calls": event.count, "ms": getattr(event, own) / 1000,
+                     "share": getattr(event, own) / total_us})
+        say(f"| {event.key[:70]} | {event.count} | {rows[-1]['ms']:.2f} | {rows[-1]['share']:.1%} |")
+    REPORT["profile"] = {"batch": batch, "step_s": step_s, "profiled_s": profiled_s, "aten_calls": aten_calls,
+                         "device": "cuda" if cuda else "cpu", "busy_share": total_us / 1e6 / profiled_s if cuda
+                         else None, "top": rows}
 
 
 def bench_scheduler(pipe, args) -> None:
@@ -762,7 +801,8 @@ def main() -> None:
             bench_precision(pipe, args)
             pipe = load_pipeline(engine_config(args))
         for name, bench in (("decode", bench_decode), ("latency", bench_latency), ("scheduler", bench_scheduler),
-                            ("drift", bench_drift), ("decode_placement", bench_decode_placement)):
+                            ("drift", bench_drift), ("profile", bench_profile),
+                            ("decode_placement", bench_decode_placement)):
             if name in sections:
                 bench(pipe, args)
     if set(sections) & {"serving", "throughput"}:

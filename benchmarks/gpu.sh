@@ -3,8 +3,9 @@
 #
 #   model    stable-audio-open-1.0 in-process: precision (fp16/bf16 vs fp32 SNR), single-request latency (47 s /
 #            10 s exact / 10 s short window) with the served SDE noise and with the Brownian tree, scheduler cost for
-#            batch 1-16, a request's drift alone vs batched, decode, where the VAE decode of a finished request
-#            should run. 2026-11-27 H200: 1.7 min before drift was added (estimated +20 s).
+#            batch 1-16, a request's drift alone vs batched, a profile of one batched step (top kernels, GPU busy
+#            share), decode, where the VAE decode of a finished request should run. 2026-11-27 H200: 1.7 min
+#            before drift and profile were added (estimated +30 s).
 #   serving  over HTTP: serving overhead, 1-16 concurrent clients vs diffusers one at a time (fp16), Poisson
 #            arrivals at 50 % and 90 % of capacity against both batching modes (whole, then continuous: one server
 #            each, the same arrivals). Estimated 5-6 min on an H200 (the whole-mode arrivals took 2.3 min there).
@@ -94,7 +95,7 @@ sa3_part() {
 for part in "${parts[@]}"; do
   case "$part" in
     model)
-      bench --only precision,latency,scheduler,drift,decode,decode_placement --json "$out/bench-model.json"
+      bench --only precision,latency,scheduler,drift,profile,decode,decode_placement --json "$out/bench-model.json"
       # the served SDE noise is vectorized on CUDA (exact on CPU): the Brownian tree's latency beside it
       bench --only latency --sde-noise exact --json "$out/bench-tree.json" ;;
     serving)

@@ -25,6 +25,7 @@ def test_gpu_script_cpu_smoke(tmp_path, model_cache):
     assert [row["case"] for row in model["latency"]] == ["10 s, exact window", "10 s, short window"]
     assert model["scheduler"][0]["vectorized_s"] < model["scheduler"][0]["tree_s"]
     assert [row["batch"] for row in model["drift"]] == [2] and model["drift"][0]["snr_db"] > 30
+    assert model["profile"]["aten_calls"] > 100 and 0 < sum(row["share"] for row in model["profile"]["top"]) <= 1
     tree = json.loads((tmp_path / "bench-tree.json").read_text())
     assert tree["meta"]["args"]["sde_noise"] == "exact" and len(tree["latency"]) == 2
     compiled = json.loads((tmp_path / "bench-compile.json").read_text())

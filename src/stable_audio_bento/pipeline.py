@@ -64,10 +64,10 @@ class SamplingOptions:
 
 
 def sde_noise_for(device: torch.device) -> Literal["exact", "vectorized"]:
-    """``auto``'s choice. On an H200 the tree's queries, which run on the host, took 17-40 % of a batched step and a
-    47 s clip took 5.1 s against 4.3 s vectorized (benchmarks/RESULTS.md); and a GPU's half-precision audio is
-    not bit-identical to diffusers' fp32 CPU reference anyway, so there the tree buys speed for nothing. On CPU it
-    keeps every request bit-identical to diffusers."""
+    """``auto``'s choice. On an H200 the tree's queries, which run on the host, took 17-40 % of a batched step,
+    vectorized increments 3-7 % (benchmarks/RESULTS.md); and a GPU's half-precision audio is not bit-identical to
+    diffusers' fp32 CPU reference anyway, so there the tree costs time and buys nothing. On CPU it keeps every
+    request bit-identical to diffusers."""
     return "vectorized" if device.type == "cuda" else "exact"
 
 
