@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import load_pipeline
@@ -139,6 +140,7 @@ def test_gaussian_increments_are_standard_normal_from_the_request_generator():
     assert abs(samples.mean().item()) < 0.01 and abs(samples.std().item() - 1) < 0.01
     again = GaussianIncrements(torch.Generator().manual_seed(0), like)(torch.tensor(10.0), torch.tensor(9.0))
     assert torch.equal(again, samples[0])
+    assert torch.equal(again, randn_tensor(like.shape, generator=torch.Generator().manual_seed(0)))  # diffusers' draw
 
 
 def test_short_window_denoises_fewer_frames_and_stays_batch_invariant(tiny_pipe):

@@ -1,5 +1,5 @@
-"""GPU memory, the same for every model family: how many DiT rows fit, and giving back what a failed forward left
-in CUDA's cache."""
+"""GPU memory, the same for every model family: how many DiT rows fit, giving back what a failed forward left in
+CUDA's cache, and noise drawn on the host reaching the GPU without a wait."""
 
 from __future__ import annotations
 
@@ -26,3 +26,14 @@ def release_cached_memory(device: torch.device) -> None:
     able to allocate."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def host_drawn_noise(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, device: torch.device,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise from a request's CPU ``generator``: the values diffusers' ``randn_tensor`` draws for a
+    CPU generator, so a seed means the same noise on any device. A plain copy to the GPU would wait for the GPU to
+    finish the step's forward (every step, every request); from pinned memory the copy is queued behind it and the
+    host goes on (PyTorch does not reuse the pinned block before the copy is done)."""
+    on_gpu = device.type == "cuda"
+    noise = torch.randn(shape, generator=generator, dtype=dtype, pin_memory=on_gpu)
+    return noise.to(device, non_blocking=on_gpu)

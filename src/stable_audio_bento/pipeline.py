@@ -25,7 +25,7 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 
 from .compilation import compiled_forward
-from .cuda_memory import release_cached_memory, rows_that_fit
+from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .step_loop import RequestState
 
@@ -82,7 +82,7 @@ class GaussianIncrements:
         self.generator, self.shape, self.device, self.dtype = generator, like.shape, like.device, like.dtype
 
     def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-        return randn_tensor(self.shape, generator=self.generator, device=self.device, dtype=self.dtype)
+        return host_drawn_noise(self.shape, self.generator, self.device, self.dtype)
 
 
 @dataclass(kw_only=True)

@@ -33,7 +33,7 @@ from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_si
 from diffusers.utils.torch_utils import randn_tensor
 
 from .compilation import compiled_forward
-from .cuda_memory import release_cached_memory, rows_that_fit
+from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .sa3_edits import encode_reference, inpainting_conditioning, regenerated_frames, variation_start
 from .same_windows import decode_in_windows, decoder_reach_frames, encoder_reach_frames
@@ -333,7 +333,7 @@ class BatchedStableAudio3:
         sample = state.latents.to(torch.float32)
         if self.stochastic:
             denoised = sample - sigma * velocity
-            noise = randn_tensor(sample.shape, generator=state.generator, device=sample.device, dtype=sample.dtype)
+            noise = host_drawn_noise(sample.shape, state.generator, sample.device, sample.dtype)
             latents = (1.0 - sigma_next) * denoised + sigma_next * noise
         else:
             latents = sample + (sigma_next - sigma) * velocity
