@@ -294,13 +294,16 @@ def bench_profile(pipe, args) -> None:
     with torch.profiler.profile(activities=activities) as profiler:
         profiled_s, _ = timed(step)
     averages = profiler.key_averages()
-    own = "self_device_time_total" if cuda else "self_cpu_time_total"
-    total_us = sum(getattr(event, own) for event in averages)
     aten_calls = sum(event.count for event in averages if event.key.startswith("aten::"))
+    # on CUDA the kernels themselves (an operator's device time is its kernels' again); on CPU the operators
+    own = "self_device_time_total" if cuda else "self_cpu_time_total"
+    if cuda:
+        averages = [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(getattr(event, own) for event in averages)
     say(f"\n## profile: one step of {batch} guided requests (full window), SDE noise {args.sde_noise}: {step_s:.4f} s "
         f"unprofiled, {profiled_s:.4f} s profiled; {aten_calls} ATen calls"
         + (f"; the GPU busy {total_us / 1e6 / profiled_s:.0%} of the profiled step" if cuda else ""))
-    say(f"| operation | calls | own {'device' if cuda else 'CPU'} ms | share |\n|---|---|---|---|")
+    say(f"| {'kernel' if cuda else 'operation'} | calls | own {'device' if cuda else 'CPU'} ms | share |\n|---|---|---|---|")
     rows = []
     for event in sorted(averages, key=lambda event: getattr(event, own), reverse=True)[:12]:
         rows.append({"operation": event.key, "calls": event.count, "ms": getattr(event, own) / 1000,

@@ -19,7 +19,7 @@ import pytest
 
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import ModelLoadError, tiny_model_dir
-from stable_audio_bento.local_server import free_port
+from stable_audio_bento.local_server import free_port, why_it_stopped
 from stable_audio_bento.protocol import APIError
 from stable_audio_bento.startup import EngineReadiness, explain_failure
 
@@ -78,6 +78,17 @@ def test_a_missing_model_folder_stops_the_server_with_one_message(tmp_path, mode
     missing = tmp_path / "no-such-model"
     status, exited_at, log = serve_until_exit(str(missing), ARTIFACTS / "startup-missing-folder.log")
     assert_stopped_with_one_message(status, exited_at, log, f"there is no folder {missing}")
+    # what local_server's exception quotes, for a run whose log stays on another machine: the cause comes first
+    assert MESSAGE in why_it_stopped(ARTIFACTS / "startup-missing-folder.log").splitlines()[0]
+
+
+def test_without_error_lines_the_quote_is_the_logs_end(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("".join(f"line {i}\n" for i in range(30)))
+    assert why_it_stopped(log).splitlines() == [f"line {i}" for i in range(20, 30)]
+    log.write_text("[INFO] starting\nTraceback (most recent call last):\nModuleNotFoundError: No module named 'pydub'\n"
+                   "[INFO] Service instance cleanup finalized\n")
+    assert why_it_stopped(log) == "ModuleNotFoundError: No module named 'pydub'"
 
 
 def test_a_corrupt_checkpoint_stops_the_server_with_one_message(tmp_path, model_cache):
