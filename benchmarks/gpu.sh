@@ -6,19 +6,21 @@
 #            batch 1-16, a request's drift alone vs batched, a profile of one batched step (top kernels, GPU busy
 #            share), decode, where the VAE decode of a finished request should run. 2026-11-27 H200: 1.7 min
 #            before drift and profile were added (estimated +30 s).
-#   serving  over HTTP: serving overhead, 1-16 concurrent clients vs diffusers one at a time (fp16), Poisson
-#            arrivals at 50 % and 90 % of capacity against both batching modes (whole, then continuous: one server
-#            each, the same arrivals). Estimated 5-6 min on an H200 (the whole-mode arrivals took 2.3 min there).
+#   throughput  over HTTP: serving overhead, 1-16 concurrent clients vs diffusers one at a time (fp16). Estimated
+#            4-5 min on an H200 (eager step times from the model part).
+#   arrivals Poisson arrivals at 50 % and 90 % of capacity against both batching modes (whole, then continuous: one
+#            server each, the same arrivals). The whole-mode half took 2.3 min on an H200: about 5 min.
 #   compile  the latency cases eager and torch.compile'd in mode reduce-overhead (CUDA graphs), in one run; stopped
 #            after 5 min (compilation time unmeasured on a GPU).
 #   sa3      Stable Audio 3 medium (full-size dummy weights), sized for under 5 minutes on an H100 (see the estimate
 #            below): SAME-L decode and encode memory, whole clip vs windows of 128 latent frames, at 30/120/380 s;
 #            then throughput of the step loop at 30/120/380 s for batches 1, 2, 4, 8 vs StableAudio3Pipeline one at
 #            a time.
-# With no part named: model, then serving. Name several to run them in that order in one call.
+# With no part named: model, throughput, arrivals (over 10 min on an H200: too long for one device call). Name one
+# or several to run them in that order.
 #
 #   bash benchmarks/prepare_gpu_wheels.sh     # here, once: the missing packages as Python 3.12 wheels in .whl/
-#   (device tool) run  command="bash benchmarks/gpu.sh serving compile"  carry=[".whl"]
+#   (device tool) run  command="bash benchmarks/gpu.sh throughput"  carry=[".whl"]
 #   bash benchmarks/gpu.sh [PART...] --cpu-smoke   # here: the same sequence, tiny models on CPU (~2 min a part)
 #
 # Figures are printed as Markdown tables for benchmarks/RESULTS.md; JSON reports (and the SA3 log, kept even if
@@ -32,12 +34,12 @@ mkdir -p "$out"
 parts=() cpu_smoke=false
 for argument in "$@"; do
   case "$argument" in
-    model|serving|compile|sa3) parts+=("$argument") ;;
+    model|throughput|arrivals|compile|sa3) parts+=("$argument") ;;
     --cpu-smoke) cpu_smoke=true ;;
-    *) echo "usage: bash benchmarks/gpu.sh [model|serving|compile|sa3]... [--cpu-smoke]" >&2; exit 2 ;;
+    *) echo "usage: bash benchmarks/gpu.sh [model|throughput|arrivals|compile|sa3]... [--cpu-smoke]" >&2; exit 2 ;;
   esac
 done
-[[ ${#parts[@]} -gt 0 ]] || parts=(model serving)
+[[ ${#parts[@]} -gt 0 ]] || parts=(model throughput arrivals)
 
 if $cpu_smoke; then
   python="${PYTHON:-.venv/bin/python}"
@@ -98,8 +100,10 @@ for part in "${parts[@]}"; do
       bench --only precision,latency,scheduler,drift,profile,decode,decode_placement --json "$out/bench-model.json"
       # the served SDE noise is vectorized on CUDA (exact on CPU): the Brownian tree's latency beside it
       bench --only latency --sde-noise exact --json "$out/bench-tree.json" ;;
-    serving)
-      bench --only serving,throughput,arrivals --json "$out/bench-serving.json" ;;
+    throughput)
+      bench --only serving,throughput --json "$out/bench-throughput.json" ;;
+    arrivals)
+      bench --only arrivals --json "$out/bench-arrivals.json" ;;
     compile)
       timeout -s INT 300 "$python" benchmarks/bench.py "${model[@]}" --only latency --compile reduce-overhead \
         --json "$out/bench-compile.json" || echo "compile part stopped with status $?" ;;

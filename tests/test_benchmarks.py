@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_script_cpu_smoke(tmp_path, model_cache):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
-    done = subprocess.run(["bash", "benchmarks/gpu.sh", "model", "serving", "compile", "--cpu-smoke"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "model", "throughput", "arrivals", "compile", "--cpu-smoke"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
     model = json.loads((tmp_path / "bench-model.json").read_text())
@@ -31,11 +31,12 @@ def test_gpu_script_cpu_smoke(tmp_path, model_cache):
     compiled = json.loads((tmp_path / "bench-compile.json").read_text())
     assert all(row["compiled (reduce-overhead)"] > 0 and row["eager"] > 0 for row in compiled["latency"])
 
-    serving = json.loads((tmp_path / "bench-serving.json").read_text())
+    serving = json.loads((tmp_path / "bench-throughput.json").read_text())
     assert serving["serving"]["http_s"] > 0 and serving["serving"]["direct_s"] > 0
     assert all(row["ok"] == row["requests"] for row in serving["throughput"]["service"])
-    assert [row["load"] for row in serving["arrivals"]] == [0.5, 0.9]
-    assert all(row["ok"] == row["requests"] for row in serving["arrivals"])
+    arrivals = json.loads((tmp_path / "bench-arrivals.json").read_text())["arrivals"]
+    assert [row["load"] for row in arrivals] == [0.5, 0.9]
+    assert all(row["ok"] == row["requests"] for row in arrivals)
     assert "## throughput" in done.stdout and "## arrivals" in done.stdout
 
 
