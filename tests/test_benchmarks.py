@@ -29,7 +29,8 @@ def test_gpu_script_cpu_smoke(tmp_path, model_cache):
     tree = json.loads((tmp_path / "bench-tree.json").read_text())
     assert tree["meta"]["args"]["sde_noise"] == "exact" and len(tree["latency"]) == 2
     compiled = json.loads((tmp_path / "bench-compile.json").read_text())
-    assert all(row["compiled (reduce-overhead)"] > 0 and row["eager"] > 0 for row in compiled["latency"])
+    assert [row["case"] for row in compiled["latency"] if row.get("compiled (reduce-overhead)", 0) > 0] == [
+        "10 s, exact window"]  # the full window only
 
     serving = json.loads((tmp_path / "bench-throughput.json").read_text())
     assert serving["serving"]["http_s"] > 0 and serving["serving"]["direct_s"] > 0
