@@ -136,9 +136,9 @@ def load_engine(config: EngineConfig) -> BatchedStableAudio | BatchedStableAudio
         engine = load_sa3_engine(config)
     else:
         engine = BatchedStableAudio(load_pipeline(config), config.sampling)
-    logger.info("engine: %s%s on %s, DiT dtype %s, VAE dtype %s, %d CPU threads, %s", config.model,
+    logger.info("engine: %s%s on %s, DiT dtype %s, VAE dtype %s, %d CPU threads, %s, torch.compile %s", config.model,
                 f" (stored model {config.model_tag})" if config.model_tag else "", engine.device,
-                engine.dtype, engine.vae.dtype, torch.get_num_threads(), engine.options)
+                engine.dtype, engine.vae.dtype, torch.get_num_threads(), engine.options, config.compile or "off")
     if config.compile:
         engine.compile(config.compile)
     return engine
