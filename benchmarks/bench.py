@@ -352,7 +352,8 @@ def bench_precision(pipe, args) -> None:
     reference = generate(BatchedStableAudio(pipe), [request])[0].audio
     half_dtypes = [torch.float16, torch.bfloat16] if torch.cuda.is_available() else [torch.bfloat16]
     say("\n## precision: SNR against fp32 on the same seed (>= 30 dB required)")
-    say("| component in low precision | dtype | SNR dB | seconds (fp32 baseline first) |\n|---|---|---|---|")
+    say("| component in low precision | dtype | SNR dB | seconds (fp32 baseline first, each after a warm-up) |\n"
+        "|---|---|---|---|")
     fp32_seconds, _ = timed(generate, BatchedStableAudio(pipe), [request])
     say(f"| none (fp32) | float32 | inf | {fp32_seconds:.3f} |")
     rows = []
@@ -360,6 +361,7 @@ def bench_precision(pipe, args) -> None:
         for component, modules in (("DiT + T5", ("transformer", "text_encoder", "projection_model")), ("VAE", ("vae",))):
             for name in modules:
                 getattr(pipe, name).to(dtype)
+            generate(BatchedStableAudio(pipe), [WARM_UP])  # the dtype's first kernels stay out of its time
             seconds, [result] = timed(generate, BatchedStableAudio(pipe), [request])
             for name in modules:
                 getattr(pipe, name).to(torch.float32)
