@@ -14,7 +14,8 @@ def compiled_forward(forward: Callable[..., torch.Tensor], mode: str) -> Callabl
 
     def run(*args: torch.Tensor | None) -> torch.Tensor:
         # The CUDA-graph modes (reduce-overhead, max-autotune) return their output in memory that the next replay
-        # overwrites, and a step may run a forward per window length before it reads the first one's output.
+        # overwrites (reading it afterwards raises). The step loop consumes it before its next forward today; the
+        # copy, small beside the forward, keeps any reference a caller holds valid past that.
         return compiled(*args).clone()
 
     return run
