@@ -54,7 +54,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from stable_audio_bento.config import EngineConfig  # noqa: E402
+from stable_audio_bento.config import EngineConfig, parse_compile_mode  # noqa: E402
 from stable_audio_bento.generation import AudioRequest, AudioResult  # noqa: E402
 from stable_audio_bento.loading import load_pipeline  # noqa: E402
 from stable_audio_bento.local_server import local_server  # noqa: E402
@@ -117,11 +117,16 @@ def parse_args() -> argparse.Namespace:
                         help="of the DiT and T5 (auto: float16 on CUDA, float32 on CPU); the VAE stays float32")
     parser.add_argument("--sde-noise", default="auto", choices=["auto", "exact", "vectorized"],
                         help="the engine's SDE noise (auto: vectorized on CUDA, exact on CPU, as served)")
-    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
-                        help="torch.compile the DiT forward in-process and in the server, in this mode (default: "
-                             "default; reduce-overhead adds CUDA graphs)")
+    parser.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE[,MODE...]",
+                        help="how the DiT forward runs besides eagerly: cuda-graphs or a torch.compile mode "
+                             "(STABLE_AUDIO_COMPILE's values; default: default). latency compares eager with each; "
+                             "the server and decode_placement use the first")
     parser.add_argument("--json", type=Path, default=REPO / "artifacts" / "bench.json")
     args = parser.parse_args()
+    try:
+        args.compile = [mode for mode in map(parse_compile_mode, args.compile.split(",")) if mode]
+    except ValueError as error:
+        parser.error(str(error))
     if args.quick:
         args.steps, args.latency_steps, args.requests, args.concurrency = "1", 1, 2, "2"
         args.max_length = min(args.max_length, 12.0)
@@ -158,12 +163,12 @@ def say(line: str = "") -> None:
 def engine_config(args, **overrides) -> EngineConfig:
     load_format = "dummy" if args.model == "dummy" else "auto"
     model = "stabilityai/stable-audio-open-1.0" if args.model == "dummy" else args.model
-    config = EngineConfig(model=model, load_format=load_format, dtype=args.dtype, compile=args.compile)
+    config = EngineConfig(model=model, load_format=load_format, dtype=args.dtype)
     return replace(config, **overrides)
 
 
 def server_env(args) -> dict[str, str]:
-    env = {"STABLE_AUDIO_SDE_NOISE": args.sde_noise, "STABLE_AUDIO_COMPILE": args.compile or "0",
+    env = {"STABLE_AUDIO_SDE_NOISE": args.sde_noise, "STABLE_AUDIO_COMPILE": (args.compile or ["0"])[0],
            "STABLE_AUDIO_DTYPE": args.dtype}
     if args.model == "dummy":
         return {**env, "STABLE_AUDIO_LOAD_FORMAT": "dummy"}
@@ -213,8 +218,10 @@ def bench_decode(pipe, args) -> None:
 
 
 def bench_latency(pipe, args) -> None:
-    """Each case eagerly (the baseline: its first row); with --compile the full-window cases also compiled, in the
-    same run (one compilation: the short window's varying frames would add their own, minutes on a GPU)."""
+    """Each case eagerly (the baseline: its first row); with --compile the full-window cases also in each mode, in
+    the same run (the full window only: the short window's varying frames would add a compilation each, minutes on
+    a GPU), with each mode's audio against the eager audio. One mode after another, a line as each case ends, so a
+    mode that stalls (the run's time limit) leaves the others' figures."""
     def engine(window: str, compile_mode: str | None = None) -> BatchedStableAudio:
         made = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise, denoise_window=window))
         if compile_mode:
@@ -222,34 +229,41 @@ def bench_latency(pipe, args) -> None:
         return made
 
     steps = args.latency_steps
-    compiled = f"compiled ({args.compile})"
-    variants = {"eager": {"full": engine("full"), "short": engine("short")}}
-    if args.compile:
-        variants[compiled] = {"full": engine("full", args.compile)}
-    longest = variants["eager"]["full"].limits.max_seconds
+    longest = engine("full").limits.max_seconds
     cases = [("10 s, exact window", "full", 10.0), ("10 s, short window", "short", 10.0)]
     if not args.quick:
         cases.insert(0, (f"{longest:.2f} s, exact window", "full", longest))
+    modes = [None] + args.compile
     say(f"\n## latency: one guided request in-process, {steps} steps, SDE noise {args.sde_noise} (baseline: the first "
         "row, eager)")
-    say("| case | " + " | ".join(f"{variant} s" for variant in variants) + " | vs first row |"
-        + " compiled vs eager |" * bool(args.compile))
-    say("|---|" + "---|" * (len(variants) + 1 + bool(args.compile)))
-    rows = []
-    for name, window, length in cases:
-        row = {"case": name, "steps": steps}
-        request = AudioRequest(PROMPTS[0], 1, length, num_inference_steps=steps)
-        for variant, engines in variants.items():
-            if window in engines:
-                generate(engines[window], [replace(request, num_inference_steps=2)])  # kernels, compilation, graphs
-                row[variant], _ = timed(generate, engines[window], [request])
+    rows = [{"case": name, "steps": steps} for name, _, _ in cases]
+    eager_audio = {}
+    for mode in modes:
+        variant = mode or "eager"
+        engines = {window: engine(window, mode) for window in ("full", "short") if mode is None or window == "full"}
+        for row, (name, window, length) in zip(rows, cases):
+            if window not in engines:
+                continue
+            request = AudioRequest(PROMPTS[0], 1, length, num_inference_steps=steps)
+            generate(engines[window], [replace(request, num_inference_steps=2)])  # kernels, compilation, graphs
+            row[variant], (result,) = timed(generate, engines[window], [request])
+            if mode is None:
+                eager_audio[name] = result.audio
+            else:
+                row[f"{variant}_snr_db"] = snr_db(eager_audio[name], result.audio)
+            say(f"  {name}, {variant}: {row[variant]:.3f} s" + (f", {row[f'{variant}_snr_db']:.1f} dB from eager"
+                                                                  if mode else ""))
+    for row in rows:
         row["seconds"] = row["eager"]
-        rows.append(row)
-        cells = [f"{row[variant]:.3f}" if variant in row else "-" for variant in variants]
+    say("| case | " + " | ".join(f"{mode or 'eager'} s" for mode in modes) + " | vs first row |"
+        + "".join(f" {mode} speed-up | {mode} SNR vs eager, dB |" for mode in args.compile))
+    say("|---|" + "---|" * (len(modes) + 1 + 2 * len(args.compile)))
+    for row in rows:
+        cells = [f"{row[mode or 'eager']:.3f}" if (mode or "eager") in row else "-" for mode in modes]
         cells.append(f"{row['eager'] / rows[0]['eager']:.2f}x")
-        if args.compile:
-            cells.append(f"{row[compiled] / row['eager']:.2f}x" if compiled in row else "-")
-        say(f"| {name} | " + " | ".join(cells) + " |")
+        for mode in args.compile:
+            cells += [f"{row['eager'] / row[mode]:.2f}x", f"{row[f'{mode}_snr_db']:.1f}"] if mode in row else ["-"] * 2
+        say(f"| {row['case']} | " + " | ".join(cells) + " |")
     REPORT["latency"] = rows
 
 
@@ -482,7 +496,7 @@ def mean_or_nan(values: list[float]) -> float:
 def bench_decode_placement(pipe, args) -> None:
     engine = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise))
     if args.compile:
-        engine.compile(args.compile)
+        engine.compile(args.compile[0])
     cuda = engine.device.type == "cuda"
     sync = torch.cuda.current_stream(engine.device).synchronize if cuda else (lambda: None)
     top = engine.limits.max_seconds

@@ -10,6 +10,9 @@
 #            4-5 min on an H200 (eager step times from the model part).
 #   arrivals Poisson arrivals at 50 % and 90 % of capacity against both batching modes (whole, then continuous: one
 #            server each, the same arrivals). The whole-mode half took 2.3 min on an H200: about 5 min.
+#   graphs   STABLE_AUDIO_COMPILE=cuda-graphs (the eager forward replayed from CUDA graphs): tests/test_cuda_graphs.py
+#            on the GPU (replays equal eager forwards, both families), then the latency cases eager and graphed.
+#            Estimated 2 min (the model part's latencies twice, plus ~30 s of tests).
 #   compile  the latency cases eager and torch.compile'd in mode reduce-overhead (CUDA graphs), in one run; stopped
 #            after 5 min (compilation time unmeasured on a GPU).
 #   sa3      Stable Audio 3 medium (full-size dummy weights), sized for under 5 minutes on an H100 (see the estimate
@@ -17,7 +20,8 @@
 #            then throughput of the step loop at 30/120/380 s for batches 1, 2, 4, 8 vs StableAudio3Pipeline one at
 #            a time.
 # With no part named: model, throughput, arrivals (over 10 min on an H200: too long for one device call). Name one
-# or several to run them in that order.
+# or several to run them in that order. COMPILE=MODE (a STABLE_AUDIO_COMPILE value, e.g. cuda-graphs) runs the
+# engine's DiT forward that way in model, throughput and arrivals (in-process and in the servers).
 #
 #   bash benchmarks/prepare_gpu_wheels.sh     # here, once: the missing packages as Python 3.12 wheels in .whl/
 #   (device tool) run  command="bash benchmarks/gpu.sh throughput"  carry=[".whl"]
@@ -34,9 +38,11 @@ mkdir -p "$out"
 parts=() cpu_smoke=false
 for argument in "$@"; do
   case "$argument" in
-    model|throughput|arrivals|compile|sa3) parts+=("$argument") ;;
+    model|throughput|arrivals|graphs|compile|sa3) parts+=("$argument") ;;
     --cpu-smoke) cpu_smoke=true ;;
-    *) echo "usage: bash benchmarks/gpu.sh [model|throughput|arrivals|compile|sa3]... [--cpu-smoke]" >&2; exit 2 ;;
+    *) echo "usage: [COMPILE=MODE] bash benchmarks/gpu.sh [model|throughput|arrivals|graphs|compile|sa3]..." \
+         "[--cpu-smoke]" >&2
+       exit 2 ;;
   esac
 done
 [[ ${#parts[@]} -gt 0 ]] || parts=(model throughput arrivals)
@@ -53,9 +59,11 @@ else
   # arrivals: 16 mixed requests (2-47.55 s, 10/25/50/100 steps) per load and per batching mode, 8 for capacity
   model=(--model dummy --requests 16 --concurrency 1,2,4,8,16 --arrival-requests 16 --capacity-requests 8)
 fi
-bench() { "$python" benchmarks/bench.py "${model[@]}" "$@"; }
+forward=()
+[[ -z "${COMPILE:-}" ]] || forward=(--compile "$COMPILE")
+bench() { "$python" benchmarks/bench.py "${model[@]}" "${forward[@]}" "$@"; }  # a later --compile wins
 
-sa3_part() {
+ensure_t5gemma() {
   # Stable Audio 3 needs transformers' T5Gemma (the names below are what diffusers' pipeline and src/ import); an
   # image whose transformers predates it gets ./.venv's (prepared in .whl/transformers/ with the dependencies its
   # import checks), in a folder of its own ahead of everything else.
@@ -69,6 +77,10 @@ sa3_part() {
   fi
   "$python" -c "import diffusers, transformers; print('diffusers', diffusers.__version__, 'transformers',
     transformers.__version__)"
+}
+
+sa3_part() {
+  ensure_t5gemma
 
   if $cpu_smoke; then
     # bf16 DiT beside an fp32 VAE: the GPU layout, which the baseline pipeline needs a VAE copy for
@@ -97,13 +109,19 @@ sa3_part() {
 for part in "${parts[@]}"; do
   case "$part" in
     model)
-      bench --only precision,latency,scheduler,drift,profile,decode,decode_placement --json "$out/bench-model.json"
+      bench --only precision,latency,scheduler,drift,profile,decode,decode_placement \
+        --json "$out/bench-model${COMPILE:+-$COMPILE}.json"
       # the served SDE noise is vectorized on CUDA (exact on CPU): the Brownian tree's latency beside it
       bench --only latency --sde-noise exact --json "$out/bench-tree.json" ;;
     throughput)
-      bench --only serving,throughput --json "$out/bench-throughput.json" ;;
+      bench --only serving,throughput --json "$out/bench-throughput${COMPILE:+-$COMPILE}.json" ;;
     arrivals)
-      bench --only arrivals --json "$out/bench-arrivals.json" ;;
+      bench --only arrivals --json "$out/bench-arrivals${COMPILE:+-$COMPILE}.json" ;;
+    graphs)
+      ensure_t5gemma  # the tests cover Stable Audio 3 too
+      PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
+        2>&1 | tee "$out/graphs-tests.log" || echo "the CUDA-graph tests failed with status $?"
+      $cpu_smoke || bench --only latency --compile cuda-graphs --json "$out/bench-graphs.json" ;;
     compile)
       timeout -s INT 300 "$python" benchmarks/bench.py "${model[@]}" --only latency --compile reduce-overhead \
         --json "$out/bench-compile.json" || echo "compile part stopped with status $?" ;;

@@ -13,7 +13,8 @@ NEEDED="bentoml diffusers torchsde trampoline soundfile cffi pycparser pydantic 
   httpx-ws httpx2 httpcore2 importlib-metadata kantoku lazy-importer opentelemetry-api opentelemetry-sdk
   opentelemetry-instrumentation opentelemetry-instrumentation-aiohttp-client opentelemetry-instrumentation-asgi
   opentelemetry-semantic-conventions opentelemetry-util-http pip-requirements-parser python-json-logger
-  pydub soxr python-multipart pyzmq rich-toolkit schema simple-di tomli-w tornado truststore uvicorn watchfiles wsproto"
+  pydub soxr pytest pluggy iniconfig pygments python-multipart pyzmq rich-toolkit schema simple-di tomli-w tornado
+  truststore uvicorn watchfiles wsproto"
 TRANSFORMERS="transformers tokenizers huggingface-hub safetensors regex"
 pins() {
   .venv/bin/python - "$@" <<'PY'

@@ -1,4 +1,5 @@
-"""``STABLE_AUDIO_COMPILE``: torch.compile of a family's DiT forward, the same way for both families."""
+"""``STABLE_AUDIO_COMPILE``: how a family's DiT forward runs when not eagerly, the same way for both families:
+torch.compile'd in one of its modes, or the eager forward replayed from CUDA graphs (``cuda_graphs``)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,17 @@ from collections.abc import Callable
 
 import torch
 
+from .cuda_graphs import GraphedForward
 
-def compiled_forward(forward: Callable[..., torch.Tensor], mode: str) -> Callable[..., torch.Tensor]:
-    """``forward`` compiled in torch.compile's ``mode``, as dynamic: the rows vary with the batch, and the frames
-    with the clip in the short window and for Stable Audio 3."""
+CUDA_GRAPHS = "cuda-graphs"
+
+
+def compiled_forward(forward: Callable[..., torch.Tensor], mode: str, device: torch.device
+                     ) -> Callable[..., torch.Tensor]:
+    """``forward`` in ``mode``: ``cuda-graphs``, or torch.compile's mode, compiled as dynamic: the rows vary with
+    the batch, and the frames with the clip in the short window and for Stable Audio 3."""
+    if mode == CUDA_GRAPHS:
+        return GraphedForward(forward, device)
     compiled = torch.compile(forward, dynamic=True, mode=mode)
 
     def run(*args: torch.Tensor | None) -> torch.Tensor:

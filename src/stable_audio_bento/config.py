@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from .compilation import CUDA_GRAPHS
 from .pipeline import SamplingOptions
 from .step_loop import BATCHING_MODES, BatchingMode
 
@@ -31,8 +32,9 @@ class EngineConfig:
         and T5 when available, else CPU fp32; the VAE stays fp32 unless set.
     sampling [STABLE_AUDIO_DECODE_MARGIN (``full`` or N), _SDE_NOISE, _DENOISE_WINDOW, _MAX_ROWS (``auto`` or N)]:
         see SamplingOptions.
-    compile [STABLE_AUDIO_COMPILE]: None (``0``, the default) runs eagerly; else torch.compile's mode for the DiT
-        forward (``1`` is ``default``; ``reduce-overhead`` adds CUDA graphs), compiled and warmed up before serving.
+    compile [STABLE_AUDIO_COMPILE]: None (``0``, the default) runs the DiT forward eagerly; ``cuda-graphs`` replays
+        the eager forward from CUDA graphs (a GPU only); else torch.compile's mode for it (``1`` is ``default``;
+        ``reduce-overhead`` adds CUDA graphs), compiled and warmed up before serving.
     sa3_conditioning [STABLE_AUDIO_SA3_CONDITIONING]: ``diffusers`` (StableAudio3Pipeline's text-to-audio, bit for
         bit) or ``reference`` (Stability's: the all-zero inpainting conditioning, see SA3Options).
     """
@@ -72,7 +74,7 @@ class EngineConfig:
                 max_rows=None if max_rows == "auto" else int(max_rows),
             ),
             auto_max_rows=max_rows == "auto",
-            compile=_compile_mode(env.get("STABLE_AUDIO_COMPILE", "0")),
+            compile=parse_compile_mode(env.get("STABLE_AUDIO_COMPILE", "0")),
             sa3_conditioning=_choice(env, "STABLE_AUDIO_SA3_CONDITIONING", ("diffusers", "reference")),
         )
 
@@ -84,16 +86,20 @@ def _choice(env, variable: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _compile_mode(value: str) -> str | None:
+def parse_compile_mode(value: str) -> str | None:
+    """A ``STABLE_AUDIO_COMPILE`` value as EngineConfig.compile: None for eager, ``cuda-graphs`` or a torch.compile
+    mode."""
     if value in ("", "0"):
         return None
+    if value == CUDA_GRAPHS:
+        return value
     from torch._inductor import list_mode_options  # imported only when asked: it is slow to import
 
     mode = "default" if value == "1" else value
     modes = list(list_mode_options())
     if mode not in modes:
-        raise ValueError(f"STABLE_AUDIO_COMPILE={value!r}: use 0, 1 or one of torch.compile's modes: "
-                         + ", ".join(modes))
+        raise ValueError(f"STABLE_AUDIO_COMPILE={value!r}: use 0, 1, {CUDA_GRAPHS} or one of torch.compile's "
+                         "modes: " + ", ".join(modes))
     return mode
 
 

@@ -16,6 +16,7 @@ from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioPr
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from . import sa3_loading
+from .compilation import CUDA_GRAPHS
 from .config import EngineConfig
 from .model_cache import cache_root, save_once
 from .pipeline import BatchedStableAudio
@@ -136,11 +137,15 @@ def load_engine(config: EngineConfig) -> BatchedStableAudio | BatchedStableAudio
         engine = load_sa3_engine(config)
     else:
         engine = BatchedStableAudio(load_pipeline(config), config.sampling)
-    logger.info("engine: %s%s on %s, DiT dtype %s, VAE dtype %s, %d CPU threads, %s, torch.compile %s", config.model,
+    forward = {None: "eager", CUDA_GRAPHS: CUDA_GRAPHS}.get(config.compile, f"torch.compile'd ({config.compile})")
+    logger.info("engine: %s%s on %s, DiT dtype %s, VAE dtype %s, %d CPU threads, %s, DiT forward: %s", config.model,
                 f" (stored model {config.model_tag})" if config.model_tag else "", engine.device,
-                engine.dtype, engine.vae.dtype, torch.get_num_threads(), engine.options, config.compile or "off")
+                engine.dtype, engine.vae.dtype, torch.get_num_threads(), engine.options, forward)
     if config.compile:
-        engine.compile(config.compile)
+        try:
+            engine.compile(config.compile)
+        except ValueError as error:  # a mode this device cannot run
+            raise ModelLoadError(f"{error}. Unset STABLE_AUDIO_COMPILE, or choose a torch.compile mode") from None
     return engine
 
 

@@ -134,7 +134,7 @@ class BatchedStableAudio:
         self._transformer_forward = self.transformer_forward
 
     def compile(self, mode: str = "default") -> None:
-        self._transformer_forward = compiled_forward(self.transformer_forward, mode)
+        self._transformer_forward = compiled_forward(self.transformer_forward, mode, self.device)
 
     @torch.no_grad()
     def rows_capacity(self) -> int:

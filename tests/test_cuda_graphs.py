@@ -1,0 +1,105 @@
+"""``STABLE_AUDIO_COMPILE=cuda-graphs``: the eager DiT forward replayed from CUDA graphs gives what the eager forward
+gives, for every shape, for fresh inputs of a shape already recorded, and for outputs kept past the next replay.
+
+The tests that replay graphs need a GPU: `bash benchmarks/gpu.sh graphs` runs this file on one. Here (CPU) only the
+setting's parsing and its refusal on a CPU run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stable_audio_bento.config import EngineConfig, parse_compile_mode
+from stable_audio_bento.cuda_graphs import GraphedForward
+from stable_audio_bento.generation import AudioRequest
+from stable_audio_bento.loading import ModelLoadError, load_engine, load_pipeline
+from stable_audio_bento.pipeline import BatchedStableAudio
+from stable_audio_bento.sa3 import BatchedStableAudio3
+from stable_audio_bento.sa3_loading import TINY_MAX_SECONDS, load_tiny_sa3, place_sa3_pipeline
+from stable_audio_bento.step_loop import run_to_completion
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (gpu.sh graphs)")
+CUDA = torch.device("cuda")
+
+
+def test_the_setting_names_cuda_graphs():
+    assert parse_compile_mode("cuda-graphs") == "cuda-graphs"
+    with pytest.raises(ValueError, match="cuda-graphs"):
+        parse_compile_mode("cuda-graph")
+
+
+def test_a_cpu_engine_refuses_cuda_graphs_by_name(model_cache):
+    with pytest.raises(ModelLoadError, match="STABLE_AUDIO_COMPILE=cuda-graphs needs a CUDA device.*cpu"):
+        load_engine(EngineConfig(model="tiny", device="cpu", compile="cuda-graphs"))
+
+
+def mixed_requests(seconds: float = 3.0, seed: int = 1) -> list[AudioRequest]:
+    """A guided and an unguided request: three DiT rows."""
+    return [AudioRequest("rain on a tin roof", seed=seed, audio_length=seconds, num_inference_steps=4),
+            AudioRequest("a cello", seed=seed + 1, audio_length=seconds, guidance_scale=1.0, num_inference_steps=4)]
+
+
+@pytest.fixture(scope="module")
+def cuda_pipe(model_cache):
+    return load_pipeline(EngineConfig(model="tiny", device="cuda", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def graphed_and_eager(cuda_pipe):
+    graphed = BatchedStableAudio(cuda_pipe)
+    graphed.compile("cuda-graphs")
+    return graphed, BatchedStableAudio(cuda_pipe)
+
+
+@needs_cuda
+def test_replayed_forwards_equal_eager_ones_for_fresh_inputs_and_kept_outputs(graphed_and_eager):
+    graphed, eager = graphed_and_eager
+    first, second = mixed_requests(seed=1), mixed_requests(seed=5)  # one shape, other values
+
+    def predictions(engine, requests):
+        return engine.forward([engine.prepare_request(request) for request in requests])
+
+    kept = predictions(graphed, first)
+    again = predictions(graphed, second)  # a replay of the same graph
+    for got, want in zip(kept + again, predictions(eager, first) + predictions(eager, second)):
+        torch.testing.assert_close(got, want)
+    assert not torch.equal(again[0], kept[0])
+    assert len(graphed._transformer_forward.recorded) == 1
+
+
+@needs_cuda
+def test_graphed_generations_equal_eager_ones_across_shapes(graphed_and_eager):
+    """The full window at the rows of a guided request alone, then of a guided and an unguided one."""
+    graphed, eager = graphed_and_eager
+    for requests in (mixed_requests()[:1], mixed_requests(seconds=2.0, seed=9)):
+        for got, want in zip(run_to_completion(graphed, requests), run_to_completion(eager, requests)):
+            torch.testing.assert_close(torch.from_numpy(got.audio), torch.from_numpy(want.audio))
+
+
+@needs_cuda
+def test_shapes_past_the_cap_run_eagerly(cuda_pipe):
+    engine, eager = BatchedStableAudio(cuda_pipe), BatchedStableAudio(cuda_pipe)
+    engine._transformer_forward = GraphedForward(engine.transformer_forward, CUDA, max_graphs=1)
+    for requests in (mixed_requests()[:1], mixed_requests()):
+        got = engine.forward([engine.prepare_request(request) for request in requests])
+        want = eager.forward([eager.prepare_request(request) for request in requests])
+        for have, expected in zip(got, want):
+            torch.testing.assert_close(have, expected)
+    assert len(engine._transformer_forward.recorded) == 1
+    assert len(engine._transformer_forward.eager_shapes) == 1
+
+
+@needs_cuda
+def test_stable_audio_3_text_and_inpainting_replay_as_eager(tmp_path):
+    """Its forward takes a None (no inpainting) or the inpainting's local conditioning."""
+    pipe = place_sa3_pipeline(load_tiny_sa3(tmp_path), CUDA, torch.float32, torch.float32)
+    graphed, eager = BatchedStableAudio3(pipe, TINY_MAX_SECONDS), BatchedStableAudio3(pipe, TINY_MAX_SECONDS)
+    graphed.compile("cuda-graphs")
+    rate = pipe.vae.config.sampling_rate
+    upload = torch.sin(torch.arange(int(2.5 * rate)) / rate * 2 * torch.pi * 220).repeat(2, 1).numpy()
+    requests = [AudioRequest("a cello", seed=3, audio_length=2.5, num_inference_steps=4),
+                AudioRequest("a violin", seed=4, audio_length=2.5, num_inference_steps=4, guidance_scale=1.0,
+                             init_audio=upload, mask_start=0.5, mask_end=1.5)]
+    for got, want in zip(run_to_completion(graphed, requests), run_to_completion(eager, requests)):
+        torch.testing.assert_close(torch.from_numpy(got.audio), torch.from_numpy(want.audio))
+    assert len(graphed._transformer_forward.recorded) >= 2
