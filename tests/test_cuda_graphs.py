@@ -2,13 +2,14 @@
 gives, for every shape, for fresh inputs of a shape already recorded, and for outputs kept past the next replay.
 
 The tests that replay graphs need a GPU: `bash benchmarks/gpu.sh graphs` runs this file on one. Here (CPU) only the
-setting's parsing and its refusal on a CPU run."""
+setting's parsing, its refusal on a CPU run, and the memory probe's switch to the eager forward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from stable_audio_bento.compilation import eager_forward
 from stable_audio_bento.config import EngineConfig, parse_compile_mode
 from stable_audio_bento.cuda_graphs import GraphedForward
 from stable_audio_bento.generation import AudioRequest
@@ -31,6 +32,16 @@ def test_the_setting_names_cuda_graphs():
 def test_a_cpu_engine_refuses_cuda_graphs_by_name(model_cache):
     with pytest.raises(ModelLoadError, match="STABLE_AUDIO_COMPILE=cuda-graphs needs a CUDA device.*cpu"):
         load_engine(EngineConfig(model="tiny", device="cpu", compile="cuda-graphs"))
+
+
+def test_memory_probes_run_the_eager_forward_and_restore_the_prepared_one(tiny_pipe):
+    engine = BatchedStableAudio(tiny_pipe)
+    engine.compile("default")  # lazily: nothing compiles here
+    prepared = engine._transformer_forward
+    with pytest.raises(RuntimeError, match="probe failed"), eager_forward(engine):
+        assert engine._transformer_forward == engine.transformer_forward
+        raise RuntimeError("probe failed")
+    assert engine._transformer_forward is prepared
 
 
 def mixed_requests(seconds: float = 3.0, seed: int = 1) -> list[AudioRequest]:
@@ -87,6 +98,15 @@ def test_shapes_past_the_cap_run_eagerly(cuda_pipe):
             torch.testing.assert_close(have, expected)
     assert len(engine._transformer_forward.recorded) == 1
     assert len(engine._transformer_forward.eager_shapes) == 1
+
+
+@needs_cuda
+def test_the_rows_that_fit_are_measured_on_the_eager_forward(graphed_and_eager):
+    """A replay allocates nothing (its memory was set aside when recorded): measured on it, the cap would be huge."""
+    graphed, eager = graphed_and_eager
+    expected = eager.rows_capacity()
+    assert 0.5 * expected <= graphed.rows_capacity() <= 2 * expected
+    assert isinstance(graphed._transformer_forward, GraphedForward)
 
 
 @needs_cuda

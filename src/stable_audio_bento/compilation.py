@@ -3,7 +3,9 @@ torch.compile'd in one of its modes, or the eager forward replayed from CUDA gra
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -27,3 +29,15 @@ def compiled_forward(forward: Callable[..., torch.Tensor], mode: str, device: to
         return compiled(*args).clone()
 
     return run
+
+
+@contextmanager
+def eager_forward(family: Any) -> Iterator[None]:
+    """Inside, ``family`` (either family: its ``transformer_forward`` and the ``_transformer_forward`` it runs) runs
+    its DiT forward eagerly. For memory probes: a CUDA-graph replay allocates nothing, its memory was set aside when
+    it was recorded, so only the eager forward shows what a batch of rows needs."""
+    prepared, family._transformer_forward = family._transformer_forward, family.transformer_forward
+    try:
+        yield
+    finally:
+        family._transformer_forward = prepared

@@ -151,7 +151,7 @@ def load_engine(config: EngineConfig) -> BatchedStableAudio | BatchedStableAudio
 
 def fit_rows_to_free_memory(engine: BatchedStableAudio | BatchedStableAudio3, config: EngineConfig) -> None:
     """With ``STABLE_AUDIO_MAX_ROWS=auto`` on a GPU, caps the DiT rows per forward at what fits in its free memory;
-    measured after a warm-up, so that compilation and the allocator's growth are already counted."""
+    measured after a warm-up, so that the allocator's growth is already counted, over the eager forward."""
     if config.auto_max_rows and engine.device.type == "cuda":
         engine.options = replace(engine.options, max_rows=engine.rows_capacity())
         logger.info("at most %d DiT rows per forward fit in free GPU memory", engine.options.max_rows)

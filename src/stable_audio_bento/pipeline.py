@@ -24,7 +24,7 @@ from diffusers.models.autoencoders.autoencoder_oobleck import OobleckDiagonalGau
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 
-from .compilation import compiled_forward
+from .compilation import compiled_forward, eager_forward
 from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .step_loop import RequestState
@@ -140,7 +140,8 @@ class BatchedStableAudio:
     def rows_capacity(self) -> int:
         """DiT rows per forward that fit in free CUDA memory, from the memory one full-window forward takes."""
         state = self.prepare_request(AudioRequest("probe", seed=0, audio_length=1.0, num_inference_steps=1))
-        return rows_that_fit(self.device, lambda: self.forward([state]), state.request.rows)
+        with eager_forward(self):  # a graph's replay would show none of the memory
+            return rows_that_fit(self.device, lambda: self.forward([state]), state.request.rows)
 
     def release_memory(self) -> None:
         release_cached_memory(self.device)

@@ -32,7 +32,7 @@ from diffusers import StableAudio3Pipeline
 from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_sigma_schedule
 from diffusers.utils.torch_utils import randn_tensor
 
-from .compilation import compiled_forward
+from .compilation import compiled_forward, eager_forward
 from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .sa3_edits import encode_reference, inpainting_conditioning, regenerated_frames, variation_start
@@ -135,7 +135,8 @@ class BatchedStableAudio3:
         """DiT rows per forward that fit in free CUDA memory, from the memory one row of the longest request takes."""
         state = self.prepare_request(AudioRequest("probe", seed=0, audio_length=self.limits.max_seconds,
                                                   guidance_scale=1.0, num_inference_steps=1))
-        return rows_that_fit(self.device, lambda: self.forward([state]), state.request.rows)
+        with eager_forward(self):  # a graph's replay would show none of the memory
+            return rows_that_fit(self.device, lambda: self.forward([state]), state.request.rows)
 
     def release_memory(self) -> None:
         release_cached_memory(self.device)
