@@ -107,6 +107,8 @@ class GraphedForward:
             # thread_local: the engine's other threads (a decode, a host-to-GPU copy) may use CUDA meanwhile.
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 output = self.forward(*static_args)
+        except torch.OutOfMemoryError:
+            raise  # not the shape's fault: the step loop frees the cache and retries over fewer rows
         except RuntimeError as error:
             torch.cuda.synchronize(self.device)
             logger.warning("CUDA graphs: recording failed for %s; that shape runs eagerly: %s", _described(key), error)
