@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,8 @@ def test_gpu_script_cpu_smoke(tmp_path, model_cache):
     assert [row["case"] for row in compiled["latency"] if row.get("reduce-overhead", 0) > 0] == [
         "10 s, exact window"]  # the full window only
     assert compiled["latency"][0]["reduce-overhead_snr_db"] > 60  # Inductor's kernels, fp32 rounding apart
-    assert "3 passed, 5 skipped" in done.stdout  # graphs: its tests here; the replays need a GPU
+    # graphs: tests/test_cuda_graphs.py, all passed or skipped (replays need a GPU)
+    assert re.search(r"^\d+ passed, \d+ skipped", done.stdout, re.MULTILINE), done.stdout[-4000:]
 
     serving = json.loads((tmp_path / "bench-throughput.json").read_text())
     assert serving["serving"]["http_s"] > 0 and serving["serving"]["direct_s"] > 0

@@ -109,17 +109,55 @@ def test_the_rows_that_fit_are_measured_on_the_eager_forward(graphed_and_eager):
     assert isinstance(graphed._transformer_forward, GraphedForward)
 
 
-@needs_cuda
-def test_stable_audio_3_text_and_inpainting_replay_as_eager(tmp_path):
-    """Its forward takes a None (no inpainting) or the inpainting's local conditioning."""
-    pipe = place_sa3_pipeline(load_tiny_sa3(tmp_path), CUDA, torch.float32, torch.float32)
-    graphed, eager = BatchedStableAudio3(pipe, TINY_MAX_SECONDS), BatchedStableAudio3(pipe, TINY_MAX_SECONDS)
+@pytest.fixture(scope="module")
+def sa3_graphed_and_eager(tmp_path_factory):
+    pipe = place_sa3_pipeline(load_tiny_sa3(tmp_path_factory.mktemp("tiny-sa3")), CUDA, torch.float32, torch.float32)
+    graphed = BatchedStableAudio3(pipe, TINY_MAX_SECONDS)
     graphed.compile("cuda-graphs")
-    rate = pipe.vae.config.sampling_rate
+    return graphed, BatchedStableAudio3(pipe, TINY_MAX_SECONDS)
+
+
+def sa3_requests() -> list[AudioRequest]:
+    """A text request and an inpainting one (its forward takes the inpainting's local conditioning, else None)."""
+    rate = 44100
     upload = torch.sin(torch.arange(int(2.5 * rate)) / rate * 2 * torch.pi * 220).repeat(2, 1).numpy()
-    requests = [AudioRequest("a cello", seed=3, audio_length=2.5, num_inference_steps=4),
-                AudioRequest("a violin", seed=4, audio_length=2.5, num_inference_steps=4, guidance_scale=1.0,
-                             init_audio=upload, mask_start=0.5, mask_end=1.5)]
+    return [AudioRequest("a cello", seed=3, audio_length=2.5, num_inference_steps=4),
+            AudioRequest("a violin", seed=4, audio_length=2.5, num_inference_steps=4, guidance_scale=1.0,
+                         init_audio=upload, mask_start=0.5, mask_end=1.5)]
+
+
+@needs_cuda
+def test_stable_audio_3_text_and_inpainting_replay_as_eager(sa3_graphed_and_eager):
+    graphed, eager = sa3_graphed_and_eager
+    requests = sa3_requests()
     for got, want in zip(run_to_completion(graphed, requests), run_to_completion(eager, requests)):
         torch.testing.assert_close(torch.from_numpy(got.audio), torch.from_numpy(want.audio))
     assert len(graphed._transformer_forward.recorded) >= 2
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["stable-audio-open", "stable-audio-3"])
+def test_a_step_after_the_first_never_waits_for_the_gpu(family, graphed_and_eager, sa3_graphed_and_eager):
+    """The host queues a step's forward and solver steps and goes on to the next: a sync (a GPU value read on the
+    host) would make it wait for the GPU every step, and the GPU then wait for the host. The first step may (the
+    scheduler finds its place in its schedule; new shapes are recorded)."""
+    engine = graphed_and_eager[0] if family == "stable-audio-open" else sa3_graphed_and_eager[0]
+    states = [engine.prepare_request(request)
+              for request in (mixed_requests() if family == "stable-audio-open" else sa3_requests())]
+
+    def step() -> None:  # one forward per group of states that can share one, as the step loop runs them
+        groups: dict = {}
+        for state in states:
+            groups.setdefault(engine.forward_key(state), []).append(state)
+        for group in groups.values():
+            for state, output in zip(group, engine.forward(group)):
+                engine.advance(state, output)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

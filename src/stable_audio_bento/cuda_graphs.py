@@ -39,7 +39,10 @@ def _leaves(args: tuple[Argument, ...]) -> list[torch.Tensor | None]:
 
 
 def _shape_key(args: tuple[Argument, ...]) -> Hashable:
-    return tuple(None if leaf is None else (tuple(leaf.shape), leaf.dtype, str(leaf.device)) for leaf in _leaves(args))
+    """Shapes, and the strides too: a kernel may be chosen by layout (a transposed view takes another matrix
+    product than a contiguous tensor), and each input buffer keeps the layout of the call that recorded it."""
+    return tuple(None if leaf is None else (tuple(leaf.shape), leaf.stride(), leaf.dtype, str(leaf.device))
+                 for leaf in _leaves(args))
 
 
 def _described(key: Hashable) -> str:
@@ -94,7 +97,7 @@ class GraphedForward:
                            self.max_graphs, _described(key))
             self.eager_shapes.add(key)
             return None
-        inputs = [None if leaf is None else leaf.clone() for leaf in _leaves(args)]
+        inputs = [None if leaf is None else leaf.clone() for leaf in _leaves(args)]  # keeps a dense layout
         static_args = _rebuilt(args, inputs)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
