@@ -62,20 +62,23 @@ def graphed_and_eager(cuda_pipe):
     return graphed, BatchedStableAudio(cuda_pipe)
 
 
+def predictions(engine, requests: list[AudioRequest]) -> list[torch.Tensor]:
+    return engine.forward([engine.prepare_request(request) for request in requests])
+
+
 @needs_cuda
-def test_replayed_forwards_equal_eager_ones_for_fresh_inputs_and_kept_outputs(graphed_and_eager):
+def test_a_shape_is_recorded_on_its_second_call_and_replays_equal_eager_forwards(graphed_and_eager):
+    """Fresh inputs of a recorded shape, and outputs kept past the next replay."""
     graphed, eager = graphed_and_eager
     first, second = mixed_requests(seed=1), mixed_requests(seed=5)  # one shape, other values
-
-    def predictions(engine, requests):
-        return engine.forward([engine.prepare_request(request) for request in requests])
-
-    kept = predictions(graphed, first)
-    again = predictions(graphed, second)  # a replay of the same graph
-    for got, want in zip(kept + again, predictions(eager, first) + predictions(eager, second)):
+    warm_up = predictions(graphed, first)  # its first call: eager
+    assert graphed._transformer_forward.recorded == {}
+    kept = predictions(graphed, first)  # recorded, then replayed
+    again = predictions(graphed, second)  # replayed
+    assert len(graphed._transformer_forward.recorded) == 1
+    for got, want in zip(warm_up + kept + again, 2 * predictions(eager, first) + predictions(eager, second)):
         torch.testing.assert_close(got, want)
     assert not torch.equal(again[0], kept[0])
-    assert len(graphed._transformer_forward.recorded) == 1
 
 
 @needs_cuda
@@ -85,19 +88,19 @@ def test_graphed_generations_equal_eager_ones_across_shapes(graphed_and_eager):
     for requests in (mixed_requests()[:1], mixed_requests(seconds=2.0, seed=9)):
         for got, want in zip(run_to_completion(graphed, requests), run_to_completion(eager, requests)):
             torch.testing.assert_close(torch.from_numpy(got.audio), torch.from_numpy(want.audio))
+    assert len(graphed._transformer_forward.recorded) == 2
 
 
 @needs_cuda
-def test_shapes_past_the_cap_run_eagerly(cuda_pipe):
+def test_past_the_most_graphs_the_least_recently_used_is_dropped(cuda_pipe):
     engine, eager = BatchedStableAudio(cuda_pipe), BatchedStableAudio(cuda_pipe)
-    engine._transformer_forward = GraphedForward(engine.transformer_forward, CUDA, max_graphs=1)
-    for requests in (mixed_requests()[:1], mixed_requests()):
-        got = engine.forward([engine.prepare_request(request) for request in requests])
-        want = eager.forward([eager.prepare_request(request) for request in requests])
-        for have, expected in zip(got, want):
-            torch.testing.assert_close(have, expected)
-    assert len(engine._transformer_forward.recorded) == 1
-    assert len(engine._transformer_forward.eager_shapes) == 1
+    graphed = engine._transformer_forward = GraphedForward(engine.transformer_forward, CUDA, max_graphs=1)
+    guided, mixed = mixed_requests()[:1], mixed_requests()  # 2 and 3 rows
+    # the rows of the one graph kept after each call: a shape is recorded on its second call, dropping the other
+    for requests, kept_rows in ((guided, None), (guided, 2), (mixed, 2), (mixed, 3), (guided, 2)):
+        for got, want in zip(predictions(engine, requests), predictions(eager, requests)):
+            torch.testing.assert_close(got, want)
+        assert [key[0][0][0] for key in graphed.recorded] == ([kept_rows] if kept_rows else [])
 
 
 @needs_cuda
@@ -139,7 +142,7 @@ def test_stable_audio_3_text_and_inpainting_replay_as_eager(sa3_graphed_and_eage
 @pytest.mark.parametrize("family", ["stable-audio-open", "stable-audio-3"])
 def test_a_step_after_the_first_never_waits_for_the_gpu(family, graphed_and_eager, sa3_graphed_and_eager):
     """The host queues a step's forward and solver steps and goes on to the next: a sync (a GPU value read on the
-    host) would make it wait for the GPU every step, and the GPU then wait for the host. The first step may (the
+    host) would make it wait for the GPU every step, and the GPU then wait for the host. The first steps may (the
     scheduler finds its place in its schedule; new shapes are recorded)."""
     engine = graphed_and_eager[0] if family == "stable-audio-open" else sa3_graphed_and_eager[0]
     states = [engine.prepare_request(request)
@@ -154,6 +157,7 @@ def test_a_step_after_the_first_never_waits_for_the_gpu(family, graphed_and_eage
                 engine.advance(state, output)
 
     step()
+    step()  # its shapes are recorded by now
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

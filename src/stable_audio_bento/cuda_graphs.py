@@ -3,21 +3,26 @@
 On an H200 the full-size stable-audio-open forward launches ~3,700 kernels and takes 41 ms on the host for ~6 ms of
 GPU work (benchmarks/RESULTS.md): the host is the bottleneck. A CUDA graph records those launches once and replays
 them with one. The kernels are the eager forward's own, so the audio is what the eager forward gives on that card,
-and recording takes a few forwards, not a compilation (torch.compile's reduce-overhead gets graphs too, after an
-Inductor build per shape).
+and recording costs about one forward's host time, not a compilation (torch.compile's reduce-overhead gets graphs
+too, after an Inductor build per shape).
 
 A graph holds fixed input and output buffers: each call copies its inputs in, replays, and copies the output out
 before the next replay can overwrite it. Every graph records into one shared memory pool, which is safe because
-replays never overlap (one lock) and no output is read from the pool after the next replay. The rows vary with the
-batch and, in the short window and for Stable Audio 3, the frames with the clip: each new shape is recorded on its
-first call, up to ``max_graphs``; later new shapes run eagerly. A shape whose recording fails (an operation a graph
-cannot hold) runs eagerly too, with one warning.
+replays never overlap (one lock) and no output is read from the pool after the next replay.
+
+Which shapes: the rows vary with the batch and, in the short window and for Stable Audio 3, the frames with the clip.
+A shape's first call runs eagerly and is its warm-up (kernels chosen, cuDNN plans built, outside any graph); its
+second call records it. So a shape seen once costs nothing, and a stable-audio-open request (100 steps) replays from
+its second step. At most ``max_graphs`` are kept, the least recently used dropped first (its buffers freed; a
+recording reuses the pool). A shape whose recording fails (an operation a graph cannot hold) runs eagerly from then
+on, with one warning.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -25,9 +30,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Eager runs on a side stream before recording, as PyTorch's CUDA-graph notes ask: lazy initialisation (cuBLAS
-# workspaces, cuDNN plans) must happen outside the graph.
-WARM_UP_RUNS = 2
 MAX_GRAPHS = 32
 
 Argument = torch.Tensor | tuple[torch.Tensor, ...] | None
@@ -76,39 +78,45 @@ class GraphedForward:
         if device.type != "cuda":
             raise ValueError(f"STABLE_AUDIO_COMPILE=cuda-graphs needs a CUDA device; the engine runs on {device}")
         self.forward, self.device, self.max_graphs = forward, device, max_graphs
-        self.recorded: dict[Hashable, _RecordedForward] = {}
-        self.eager_shapes: set[Hashable] = set()
-        self._pool = None  # the first graph's, shared by all
+        self.recorded: OrderedDict[Hashable, _RecordedForward] = OrderedDict()  # least recently used first
+        self.seen: set[Hashable] = set()
+        self.eager_shapes: set[Hashable] = set()  # their recording failed
+        self._pool = torch.cuda.graph_pool_handle()  # shared by all graphs
+        self._capture_stream: torch.cuda.Stream | None = None
         self._lock = threading.Lock()
 
     def __call__(self, *args: Argument) -> torch.Tensor:
         key = _shape_key(args)
         with self._lock:
             recorded = self.recorded.get(key)
-            if recorded is None and key not in self.eager_shapes:
-                recorded = self._record(key, args)
             if recorded is None:
-                return self.forward(*args)
+                if key not in self.seen or key in self.eager_shapes:
+                    self.seen.add(key)
+                    return self.forward(*args)
+                recorded = self._record(key, args)
+                if recorded is None:
+                    return self.forward(*args)
+            self.recorded.move_to_end(key)
             return recorded.replay(args)
 
     def _record(self, key: Hashable, args: tuple[Argument, ...]) -> _RecordedForward | None:
-        if len(self.recorded) >= self.max_graphs:
-            logger.warning("CUDA graphs: %d shapes recorded, the most kept; this one runs eagerly: %s",
-                           self.max_graphs, _described(key))
-            self.eager_shapes.add(key)
-            return None
         inputs = [None if leaf is None else leaf.clone() for leaf in _leaves(args)]  # keeps a dense layout
         static_args = _rebuilt(args, inputs)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARM_UP_RUNS):
+        if self._capture_stream is None:
+            # Once: whatever a stream sets up on its first use (cuBLAS's workspace for it) happens outside a graph.
+            self._capture_stream = torch.cuda.Stream(self.device)
+            self._capture_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._capture_stream):
                 self.forward(*static_args)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.current_stream(self.device).wait_stream(self._capture_stream)
+        if len(self.recorded) >= self.max_graphs:
+            dropped, _ = self.recorded.popitem(last=False)
+            logger.info("CUDA graphs: dropped the least recently used graph, for %s", _described(dropped))
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the engine's other threads (a decode, a host-to-GPU copy) may use CUDA meanwhile.
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
+                                  capture_error_mode="thread_local"):
                 output = self.forward(*static_args)
         except torch.OutOfMemoryError:
             raise  # not the shape's fault: the step loop frees the cache and retries over fewer rows
@@ -117,8 +125,6 @@ class GraphedForward:
             logger.warning("CUDA graphs: recording failed for %s; that shape runs eagerly: %s", _described(key), error)
             self.eager_shapes.add(key)
             return None
-        if self._pool is None:
-            self._pool = graph.pool()
         self.recorded[key] = recorded = _RecordedForward(graph, inputs, output)
-        logger.info("CUDA graphs: recorded the forward for %s (%d shapes)", _described(key), len(self.recorded))
+        logger.info("CUDA graphs: recorded the forward for %s (%d kept)", _described(key), len(self.recorded))
         return recorded
