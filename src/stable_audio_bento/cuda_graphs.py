@@ -87,7 +87,9 @@ class GraphedForward:
 
     def __call__(self, *args: Argument) -> torch.Tensor:
         key = _shape_key(args)
-        with self._lock:
+        # The engine's GPU as the current one: a thread starts on GPU 0, and a graph records and replays on the
+        # current device's streams.
+        with self._lock, torch.cuda.device(self.device):
             recorded = self.recorded.get(key)
             if recorded is None:
                 if key not in self.seen or key in self.eager_shapes:
