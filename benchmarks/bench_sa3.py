@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME  # noqa: E402
 
-from stable_audio_bento.config import EngineConfig  # noqa: E402
+from stable_audio_bento.config import EngineConfig, parse_compile_mode  # noqa: E402
 from stable_audio_bento.generation import AudioRequest  # noqa: E402
 from stable_audio_bento.loading import load_sa3_engine  # noqa: E402
 from stable_audio_bento.same_windows import (  # noqa: E402
@@ -101,11 +101,18 @@ def parse_args() -> argparse.Namespace:
                         help="seconds encoded or decoded (encode_memory, decode_memory)")
     parser.add_argument("--memory-windows", default="none,128,32",
                         help="latent frames per window, 'none' for the whole clip at once (*_memory)")
+    parser.add_argument("--compile", default="0", metavar="MODE",
+                        help="how the step loop's DiT forward runs (STABLE_AUDIO_COMPILE's values: 0 for eager, "
+                             "cuda-graphs, 1 or a torch.compile mode); the pipeline stays eager (throughput)")
     parser.add_argument("--json", type=Path, default=REPO / "artifacts" / "bench-sa3.json")
     parser.add_argument("--memory-child", nargs=4, metavar=("DIRECTION", "VAE", "SECONDS", "WINDOW"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
+    try:
+        args.compile = parse_compile_mode(args.compile)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -159,8 +166,8 @@ def pipeline_seconds(pipe, request: AudioRequest) -> float | None:
     return None
 
 
-def one_step(length: float) -> AudioRequest:
-    return AudioRequest("warm-up", seed=0, audio_length=length, guidance_scale=1.0, num_inference_steps=1)
+def warm_up_request(length: float, steps: int) -> AudioRequest:
+    return AudioRequest("warm-up", seed=0, audio_length=length, guidance_scale=1.0, num_inference_steps=steps)
 
 
 def bench_throughput(args) -> None:
@@ -168,19 +175,25 @@ def bench_throughput(args) -> None:
     tiny = args.model in (TINY_SA3, TINY_SA3_BASE)
     engine = load_sa3_engine(EngineConfig(model=args.model, load_format="auto" if tiny else "dummy",
                                           device=args.device, dtype=args.dtype, vae_dtype=args.vae_dtype))
+    if args.compile:
+        engine.compile(args.compile)
     say(f"\nbuilt {args.model} ({'tiny' if tiny else 'dummy'}) on {args.device}, DiT {args.dtype}, VAE "
-        f"{args.vae_dtype}, in {time.perf_counter() - started:.0f} s")
+        f"{args.vae_dtype}, in {time.perf_counter() - started:.0f} s; the step loop's DiT forward: "
+        f"{args.compile or 'eager'}")
     pipe = documented_pipeline(engine.pipe)
     batches, lengths = numbers(args.batches, int), numbers(args.lengths)
     pipeline_runs = args.pipeline_runs or max(batches)
     # The first forwards of a shape pay for kernel choice, module loading and allocator growth (oneDNN on CPU,
-    # cuBLAS/cuDNN on CUDA): not what is measured. One step of each length through both costs little.
+    # cuBLAS/cuDNN on CUDA), and with --compile for compilation (once for one row, once for any more) or for
+    # CUDA-graph recording (on a shape's second call): not what is measured. Two steps of each length through the
+    # loop (alone, and two together when compiled), one through the pipeline, cost little.
     fits_pipeline = {}
     for length in lengths:
-        results = run_to_completion(engine, [one_step(length)])
-        if results[0].error:
-            sys.exit(f"the step loop failed on its warm-up: {results[0].error}")
-        fits_pipeline[length] = pipeline_seconds(pipe, one_step(length)) is not None
+        for batch in (1, 2) if args.compile else (1,):
+            results = run_to_completion(engine, batch * [warm_up_request(length, steps=2)])
+            if results[0].error:
+                sys.exit(f"the step loop failed on its warm-up: {results[0].error}")
+        fits_pipeline[length] = pipeline_seconds(pipe, warm_up_request(length, steps=1)) is not None
     say(f"\n## throughput: {args.model} ({'tiny' if tiny else 'dummy'}), {args.steps} steps, unguided; seconds of "
         "audio per second of compute" + (f"; the pipeline timed on the first {pipeline_runs}, larger batches "
                                          "against B times their mean (≈)" if pipeline_runs < max(batches) else ""))

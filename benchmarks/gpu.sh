@@ -21,7 +21,7 @@
 #            a time.
 # With no part named: model, throughput, arrivals (over 10 min on an H200: too long for one device call). Name one
 # or several to run them in that order. COMPILE=MODE (a STABLE_AUDIO_COMPILE value, e.g. cuda-graphs) runs the
-# engine's DiT forward that way in model, throughput and arrivals (in-process and in the servers).
+# engine's DiT forward that way in model, throughput, arrivals and sa3 (in-process and in the servers).
 #
 #   bash benchmarks/prepare_gpu_wheels.sh     # here, once: the missing packages as Python 3.12 wheels in .whl/
 #   (device tool) run  command="bash benchmarks/gpu.sh throughput"  carry=[".whl"]
@@ -103,7 +103,8 @@ sa3_part() {
          --batches 1,2,4,8 --pipeline-runs 2 --memory-vae same-l --memory-lengths 30,120,380 --memory-windows none,128)
   fi
   "$python" benchmarks/bench_sa3.py "${sa3[@]}" --only decode_memory,encode_memory,throughput \
-    --json "$out/bench-sa3.json" 2>&1 | tee "$out/bench-sa3.log"
+    --compile "${COMPILE:-0}" --json "$out/bench-sa3${COMPILE:+-$COMPILE}.json" \
+    2>&1 | tee "$out/bench-sa3${COMPILE:+-$COMPILE}.log"
 }
 
 for part in "${parts[@]}"; do
