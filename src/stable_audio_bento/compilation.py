@@ -14,7 +14,7 @@ from .cuda_graphs import GraphedForward
 CUDA_GRAPHS = "cuda-graphs"
 
 
-def compiled_forward(forward: Callable[..., torch.Tensor], mode: str, device: torch.device
+def prepared_forward(forward: Callable[..., torch.Tensor], mode: str, device: torch.device
                      ) -> Callable[..., torch.Tensor]:
     """``forward`` in ``mode``: ``cuda-graphs``, or torch.compile's mode, compiled as dynamic: the rows vary with
     the batch, and the frames with the clip in the short window and for Stable Audio 3."""

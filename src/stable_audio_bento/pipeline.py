@@ -24,7 +24,7 @@ from diffusers.models.autoencoders.autoencoder_oobleck import OobleckDiagonalGau
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 
-from .compilation import compiled_forward, eager_forward
+from .compilation import prepared_forward, eager_forward
 from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .step_loop import RequestState
@@ -134,7 +134,7 @@ class BatchedStableAudio:
         self._transformer_forward = self.transformer_forward
 
     def compile(self, mode: str = "default") -> None:
-        self._transformer_forward = compiled_forward(self.transformer_forward, mode, self.device)
+        self._transformer_forward = prepared_forward(self.transformer_forward, mode, self.device)
 
     @torch.no_grad()
     def rows_capacity(self) -> int:

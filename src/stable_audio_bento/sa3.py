@@ -32,7 +32,7 @@ from diffusers import StableAudio3Pipeline
 from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_sigma_schedule
 from diffusers.utils.torch_utils import randn_tensor
 
-from .compilation import compiled_forward, eager_forward
+from .compilation import prepared_forward, eager_forward
 from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .sa3_edits import encode_reference, inpainting_conditioning, regenerated_frames, variation_start
@@ -128,7 +128,7 @@ class BatchedStableAudio3:
         self._transformer_forward = self.transformer_forward
 
     def compile(self, mode: str = "default") -> None:
-        self._transformer_forward = compiled_forward(self.transformer_forward, mode, self.device)
+        self._transformer_forward = prepared_forward(self.transformer_forward, mode, self.device)
 
     @torch.no_grad()
     def rows_capacity(self) -> int:
