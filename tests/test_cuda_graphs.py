@@ -108,7 +108,8 @@ def test_the_rows_that_fit_are_measured_on_the_eager_forward(graphed_and_eager):
     """A replay allocates nothing (its memory was set aside when recorded): measured on it, the cap would be huge."""
     graphed, eager = graphed_and_eager
     expected = eager.rows_capacity()
-    assert 0.5 * expected <= graphed.rows_capacity() <= 2 * expected
+    for _ in range(3):  # by the third, a probe through the graphs would be a replay
+        assert 0.5 * expected <= graphed.rows_capacity() <= 2 * expected
     assert isinstance(graphed._transformer_forward, GraphedForward)
 
 
