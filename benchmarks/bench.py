@@ -190,6 +190,14 @@ def as_request(body: dict) -> AudioRequest:
                         num_inference_steps=body["num_inference_steps"])
 
 
+def served_engine(pipe, args) -> BatchedStableAudio:
+    """The engine as the server runs it: the SDE noise, and the DiT forward in the first --compile mode."""
+    engine = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise))
+    if args.compile:
+        engine.compile(args.compile[0])
+    return engine
+
+
 def generate(engine: BatchedStableAudio, requests: list[AudioRequest]) -> list[AudioResult]:
     """The requests run to their end in-process through the engine's step loop, all admitted at once."""
     return run_to_completion(engine, requests)
@@ -494,9 +502,7 @@ def mean_or_nan(values: list[float]) -> float:
 
 
 def bench_decode_placement(pipe, args) -> None:
-    engine = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise))
-    if args.compile:
-        engine.compile(args.compile[0])
+    engine = served_engine(pipe, args)
     cuda = engine.device.type == "cuda"
     sync = torch.cuda.current_stream(engine.device).synchronize if cuda else (lambda: None)
     top = engine.limits.max_seconds
@@ -569,7 +575,7 @@ def post(url: str, body: dict) -> dict:
 
 
 def bench_serving(pipe, url, args) -> None:
-    engine = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise))
+    engine = served_engine(pipe, args)  # the server's forward, so that only HTTP differs
     body = {"input": PROMPTS[3], "audio_length": 2.0, "guidance_scale": 1.0, "seed": 7,
             "num_inference_steps": args.latency_steps if not args.quick else 1}
     request = replace(as_request(body), guidance_scale=1.0)
