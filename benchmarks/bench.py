@@ -190,12 +190,17 @@ def as_request(body: dict) -> AudioRequest:
                         num_inference_steps=body["num_inference_steps"])
 
 
-def served_engine(pipe, args) -> BatchedStableAudio:
-    """The engine as the server runs it: the SDE noise, and the DiT forward in the first --compile mode."""
-    engine = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise))
-    if args.compile:
-        engine.compile(args.compile[0])
+def bench_engine(pipe, args, compile_mode: str | None = None, window: str = "full") -> BatchedStableAudio:
+    """An engine over ``pipe`` with the run's SDE noise, its DiT forward eager or in ``compile_mode``."""
+    engine = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise, denoise_window=window))
+    if compile_mode:
+        engine.compile(compile_mode)
     return engine
+
+
+def served_engine(pipe, args) -> BatchedStableAudio:
+    """The engine as the server runs it: the DiT forward in the first --compile mode."""
+    return bench_engine(pipe, args, args.compile[0] if args.compile else None)
 
 
 def generate(engine: BatchedStableAudio, requests: list[AudioRequest]) -> list[AudioResult]:
@@ -230,14 +235,8 @@ def bench_latency(pipe, args) -> None:
     the same run (the full window only: the short window's varying frames would add a compilation each, minutes on
     a GPU), with each mode's audio against the eager audio. One mode after another, a line as each case ends, so a
     mode that stalls (the run's time limit) leaves the others' figures."""
-    def engine(window: str, compile_mode: str | None = None) -> BatchedStableAudio:
-        made = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise, denoise_window=window))
-        if compile_mode:
-            made.compile(compile_mode)
-        return made
-
     steps = args.latency_steps
-    longest = engine("full").limits.max_seconds
+    longest = bench_engine(pipe, args).limits.max_seconds
     cases = [("10 s, exact window", "full", 10.0), ("10 s, short window", "short", 10.0)]
     if not args.quick:
         cases.insert(0, (f"{longest:.2f} s, exact window", "full", longest))
@@ -248,7 +247,8 @@ def bench_latency(pipe, args) -> None:
     eager_audio = {}
     for mode in modes:
         variant = mode or "eager"
-        engines = {window: engine(window, mode) for window in ("full", "short") if mode is None or window == "full"}
+        engines = {window: bench_engine(pipe, args, mode, window) for window in ("full", "short")
+                   if mode is None or window == "full"}
         for row, (name, window, length) in zip(rows, cases):
             if window not in engines:
                 continue
@@ -279,7 +279,7 @@ def bench_drift(pipe, args) -> None:
     """One request alone (the baseline), then sharing every forward with 1-15 others of other lengths, prompts and
     guidance: how far batched kernels move its audio (bit-identical on CPU; on a GPU a taller matrix product may
     take another kernel)."""
-    engine = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise))
+    engine = bench_engine(pipe, args)
     steps = 2 if args.quick else 20
     request = AudioRequest(PROMPTS[2], 7, 10.0, num_inference_steps=steps)
     others = [AudioRequest(PROMPTS[i % len(PROMPTS)], 100 + i, 3.0 + 2.5 * i, num_inference_steps=steps,
@@ -301,7 +301,7 @@ def bench_profile(pipe, args) -> None:
     """One batched denoising step (8 guided 10 s requests in the full window; --quick: 2) under torch.profiler: the
     operations that take the most of their own device time (CPU time on CPU), how many ATen calls the step makes,
     and how busy the device is over the step: a low share means the host, not the GPU, sets the pace."""
-    engine = BatchedStableAudio(pipe, SamplingOptions(sde_noise=args.sde_noise))
+    engine = bench_engine(pipe, args)
     batch = 2 if args.quick else 8
     states = [engine.prepare_request(AudioRequest(PROMPTS[i % len(PROMPTS)], i, 10.0, num_inference_steps=100))
               for i in range(batch)]

@@ -24,7 +24,7 @@ from diffusers.models.autoencoders.autoencoder_oobleck import OobleckDiagonalGau
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 
-from .compilation import prepared_forward, eager_forward
+from .compilation import eager_forward, prepared_forward
 from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .step_loop import RequestState

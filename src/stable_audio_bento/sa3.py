@@ -32,7 +32,7 @@ from diffusers import StableAudio3Pipeline
 from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_sigma_schedule
 from diffusers.utils.torch_utils import randn_tensor
 
-from .compilation import prepared_forward, eager_forward
+from .compilation import eager_forward, prepared_forward
 from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .sa3_edits import encode_reference, inpainting_conditioning, regenerated_frames, variation_start
