@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import bentoml
@@ -85,6 +86,50 @@ def test_audio_longer_than_the_window_is_refused(tmp_path):
     too_long = np.zeros((LIMITS.max_samples // 4 + 8, 1))  # at 11025 Hz: a few samples past 47.55 s
     with pytest.raises(APIError, match="window") as raised:
         load_init_audio(write(tmp_path / "long.wav", too_long, 11025, "PCM_16"), LIMITS)
+    assert raised.value.param == "audio"
+
+
+def ffmpeg_silence(path: Path, seconds: float, rate: int = 8000) -> Path:
+    """A long mono AAC file of silence: a few kilobytes that decode to ``seconds`` of audio."""
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"anullsrc=r={rate}:cl=mono", "-t", str(seconds),
+                    "-c:a", "aac", "-b:a", "8k", str(path)], check=True)
+    return path
+
+
+@pytest.mark.parametrize("decoder", ["libsndfile", "ffmpeg"])
+def test_a_long_upload_is_refused_without_decoding_it_whole(tmp_path, decoder):
+    """A small file can decode to hours of audio; the size limit cannot see that, so decoding must stop at the
+    window (tracemalloc sees numpy's buffers; 10 minutes of float32 at 8 kHz would be 19 MB, 44.1 kHz stereo 212 MB)."""
+    minutes = 10
+    if decoder == "libsndfile":
+        path = write(tmp_path / "silence.flac", np.zeros((8000 * 60 * minutes, 1)), 8000, "PCM_16")
+    else:
+        path = ffmpeg_silence(tmp_path / "silence.m4a", 60 * minutes)
+    assert path.stat().st_size < 400_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(APIError, match="window") as raised:
+            load_init_audio(path, LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert raised.value.param == "audio"
+    assert peak < 8e6, peak  # at most the window at the file's rate: 47.55 s at 8 kHz is 1.5 MB of float32
+
+
+def test_ffmpeg_decodes_an_upload_inside_the_window_whole_and_refuses_one_past_it(tmp_path):
+    audio = load_init_audio(ffmpeg_silence(tmp_path / "inside.m4a", 47.0), LIMITS)
+    # AAC adds its encoder delay and padding, two frames of 1024 samples at most: 0.256 s at 8 kHz
+    assert audio.shape[0] == 2 and abs(audio.shape[1] - 47.0 * 44100) <= 0.256 * 44100 and not audio.any()
+    with pytest.raises(APIError, match="window"):
+        load_init_audio(ffmpeg_silence(tmp_path / "past.m4a", 48.0), LIMITS)
+
+
+@pytest.mark.parametrize(("rate", "channels", "message"), [(384000, 1, "sample rate"), (44100, 9, "channels")])
+def test_uploads_past_the_rate_or_channel_limits_are_refused(tmp_path, rate, channels, message):
+    path = write(tmp_path / "odd.wav", np.zeros((64, channels)), rate, "PCM_16")
+    with pytest.raises(APIError, match=message) as raised:
+        load_init_audio(path, LIMITS)
     assert raised.value.param == "audio"
 
 
