@@ -96,8 +96,10 @@ class StableAudioEngine:
         return [request.id for request in requests]
 
     @bentoml.api
-    async def result(self, generation_id: str) -> dict:
-        return vars(await self.results.wait(generation_id))
+    async def result(self, generation_id: str, wait_s: float) -> dict:
+        """The generation's result, or ``{"pending": true}`` if it has not come within ``wait_s``."""
+        result = await self.results.wait(generation_id, wait_s)
+        return {"pending": True} if result is None else vars(result)
 
     @bentoml.api
     async def cancel(self, ids: list[str]) -> None:
@@ -155,7 +157,7 @@ class StableAudio:
         self.config = FrontConfig.from_env(capacity)
         self.admission = Admission(self.config.max_pending, capacity, on_pending_change=FrontMetrics.get().pending.set)
         self.admission.drain_on_sigterm()
-        self.gateway = Gateway(EnginePool(engine_clients(self)), self.admission)
+        self.gateway = Gateway(EnginePool(engine_clients(self), SETTINGS.result_wait_s), self.admission)
         self.jobs = JobStore(self.gateway, self.config.job_ttl_s, self.config.max_finished_jobs)
         self.readiness = EngineReadiness(engine_clients(self))
 

@@ -134,7 +134,12 @@ def test_metrics_count_requests_batches_steps_and_audio(server):
     before = scrape(server)
     ok = httpx.post(server + "/v1/audio/generate", json={**BODY, "response_format": "mp3"}, timeout=120)
     bad = httpx.post(server + "/v1/audio/generate", json={"input": "x", "guidance_scale": -1, "response_format": "flac"})
-    assert (ok.status_code, bad.status_code) == (200, 400)
+    upload = io.BytesIO()
+    soundfile.write(upload, np.zeros((4410, 2)), 44100, format="WAV")
+    edit = httpx.post(server + "/v1/audio/edits", files={"audio": ("in.wav", upload.getvalue(), "audio/wav")},
+                      data={"input": "x", "audio_length": "0.1", "num_inference_steps": "2", "response_format": "flac"},
+                      timeout=120)
+    assert (ok.status_code, bad.status_code, edit.status_code) == (200, 400, 200)
     after = scrape(server)
 
     def grew(name: str) -> float:
@@ -142,8 +147,9 @@ def test_metrics_count_requests_batches_steps_and_audio(server):
 
     assert grew('stable_audio_requests_total{endpoint="/v1/audio/generate",format="mp3",status="200"}') == 1
     assert grew('stable_audio_requests_total{endpoint="/v1/audio/generate",format="flac",status="400"}') == 1
-    assert grew("stable_audio_generated_audio_seconds_total") == pytest.approx(2.0)
+    assert grew('stable_audio_requests_total{endpoint="/v1/audio/edits",format="flac",status="200"}') == 1
+    assert grew("stable_audio_generated_audio_seconds_total") == pytest.approx(2.1)
     assert grew("stable_audio_batch_size_count") >= 1
     assert grew("stable_audio_denoise_step_seconds_count") >= 12
-    assert grew("stable_audio_generation_seconds_per_audio_second_count") == 1
+    assert grew("stable_audio_generation_seconds_per_audio_second_count") == 2
     assert after["stable_audio_pending_generations"] == 0

@@ -118,6 +118,16 @@ def test_tracker_forgets_old_entries():
     assert tracker.interruption(AudioRequest("x", seed=0, audio_length=1, id="c")).failure == "cancelled"
 
 
+def test_a_request_cancelled_because_its_timeout_passed_counts_as_past_its_deadline():
+    """The front cancels a request once it sees its timeout pass; the engine must still say why it stopped."""
+    tracker = RequestTracker()
+    tracker.cancel(["late", "gone"])
+    late = AudioRequest("x", seed=0, audio_length=1, id="late", deadline=time.time() - 0.01)
+    gone = AudioRequest("x", seed=0, audio_length=1, id="gone", deadline=time.time() + 60)
+    assert tracker.interruption(late).failure == "deadline_exceeded"
+    assert tracker.interruption(gone).failure == "cancelled"
+
+
 def test_admission_refuses_past_its_bound_with_a_retry_estimate():
     async def scenario():
         admission = Admission(max_pending=2, max_batch_size=2)

@@ -140,6 +140,19 @@ def test_bad_input_is_a_400_naming_the_field(server, body, param):
         assert param in error["message"]
 
 
+@pytest.mark.parametrize("route", ["/v1/audio/generate", "/v1/audio/speech", "/v1/audio/jobs"])
+def test_an_empty_body_names_input_on_every_route(server, route):
+    response = httpx.post(server + route, content=b"", headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "input" and "input" in response.json()["error"]["message"]
+
+
+def test_a_method_a_route_does_not_take_is_a_405_with_a_readable_message(server):
+    response = httpx.put(server + "/v1/audio/jobs/job_x")
+    assert response.status_code == 405
+    assert response.json()["error"]["message"] == "Method Not Allowed"
+
+
 def test_unknown_model_is_a_404(server):
     response = post(server, {"input": "x", "model": "stabilityai/stable-audio-open-2.0"})
     assert response.status_code == 404

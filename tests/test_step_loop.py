@@ -181,12 +181,15 @@ def test_result_board_hands_results_from_the_loop_thread_to_waiters_and_forgets_
         assert board.expect("a") and board.expect("b") and not board.expect("a")  # a retried submit is ignored
         threading.Thread(target=board.deliverer("a"), args=(AudioResult(audio=np.ones((2, 3))),)).start()
         threading.Thread(target=board.deliverer("b"), args=(AudioResult.failed("cancelled", "gone"),)).start()
-        first = await asyncio.wait_for(board.wait("a"), 5)
-        again = await board.wait("a")  # within the grace: a retried result call still finds it
+        assert board.expect("c") and await board.wait("c", 0.05) is None  # not there yet: asked again later
+        first = await board.wait("a", 5)
+        again = await board.wait("a", 5)  # within the grace: a retried result call still finds it
         assert first is again and first.audio.shape == (2, 3)
         await asyncio.sleep(0.3)
-        assert len(board) == 0  # collected and uncollected results are both forgotten
-        assert (await board.wait("b")).failure == "server_error"
+        assert len(board) == 1  # collected and uncollected results are both forgotten; "c" still waits
+        assert (await board.wait("b", 5)).failure == "server_error"
+        board.deliverer("c")(AudioResult(audio=np.zeros((2, 1))))
+        assert (await board.wait("c", 5)).audio.shape == (2, 1)  # a later ask gets what came meanwhile
 
     asyncio.run(scenario())
 

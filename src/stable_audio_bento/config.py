@@ -144,6 +144,12 @@ class ServiceSettings:
     max_latency_ms: int = 600_000
     batching: BatchingMode = "continuous"
 
+    @property
+    def result_wait_s(self) -> float:
+        """How long one ``result`` call to an engine waits before it answers "not yet" and the front asks again:
+        well inside the engine's traffic timeout, so that no generation, however long, meets that timeout."""
+        return min(60.0, self.request_timeout_s / 2)
+
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "ServiceSettings":
         path = Path(path or os.environ.get("BENTOML_CONFIG") or REPO_ROOT / "configuration.yaml")

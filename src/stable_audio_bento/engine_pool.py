@@ -22,8 +22,9 @@ PLACEMENT_GRACE_S = 30.0
 
 
 class EnginePool:
-    def __init__(self, engines: list[Any]):
+    def __init__(self, engines: list[Any], result_wait_s: float):
         self.engines = engines  # BentoML clients of the engine services, in engine order
+        self.result_wait_s = result_wait_s  # the longest one result call waits (ServiceSettings.result_wait_s)
         self._in_flight: dict[str, int] = {}  # generation id -> engine, from submit until release
         self._placement: dict[str, int] = {}  # the same, kept PLACEMENT_GRACE_S longer
         self._turn = 0
@@ -54,8 +55,10 @@ class EnginePool:
         """Hands the request to its engine's step loop; a retried submit goes to the same engine, which ignores it."""
         await self.engines[self.place(request.id)].to_async.submit([request])
 
-    async def result(self, generation_id: str) -> dict:
-        return await self.engines[self._placement[generation_id]].to_async.result(generation_id)
+    async def result(self, generation_id: str) -> dict | None:
+        """The engine's result for this generation, or None if it has not come within ``result_wait_s``."""
+        answer = await self.engines[self._placement[generation_id]].to_async.result(generation_id, self.result_wait_s)
+        return None if answer.get("pending") else answer
 
     async def cancel(self, generation_ids: list[str]) -> None:
         """Ids never submitted are skipped: no engine has them, and none will."""

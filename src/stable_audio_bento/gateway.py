@@ -157,6 +157,7 @@ class Gateway:
                 result = call.result()
             except Exception as exc:  # the engine process is down or restarting: the request may be retried
                 logger.exception("the engine did not answer request %s", job.request_id)
+                await self.abandon(call, job)  # if it is still there, it stops computing for nobody
                 raise APIError(f"the model engine is unavailable: {type(exc).__name__}", status=503,
                                code="engine_unavailable", retry_after=self.admission.retry_after_s()) from exc
             return result
@@ -167,12 +168,16 @@ class Gateway:
         raise timeout_error()
 
     async def call_engine(self, job: AudioRequest) -> dict:
-        """Hands the request to the engine's step loop, then waits for its result: two calls, so that the engine's
-        batchable entry never waits for a generation. Each is retried on a fresh connection when a pooled one
-        breaks under it (aiohttp reusing a keep-alive connection the other side is closing); the engine ignores
-        a second submit of the same generation id, and keeps a collected result a little while for a retry."""
+        """Hands the request to the engine's step loop, then waits for its result: separate calls, so that the
+        engine's batchable entry never waits for a generation, and result calls that each wait a bounded time, so
+        that no generation meets the engine's traffic timeout however long it queues and runs. Each call is retried
+        on a fresh connection when a pooled one breaks under it (aiohttp reusing a keep-alive connection the other
+        side is closing); the engine ignores a second submit of the same generation id, and keeps a collected
+        result a little while for a retry."""
         await self.retrying_connection(self.engines.submit, job, job)
-        return await self.retrying_connection(self.engines.result, job.id, job)
+        while (result := await self.retrying_connection(self.engines.result, job.id, job)) is None:
+            pass
+        return result
 
     @staticmethod
     async def retrying_connection(call, argument, job: AudioRequest):
@@ -185,8 +190,13 @@ class Gateway:
                 logger.warning("connection to the engine broke (%s); retrying request %s", error, job.request_id)
 
     async def abandon(self, call: asyncio.Future, job: AudioRequest) -> None:
+        """Stops waiting and tells the engine to drop the request; an engine that cannot be told is logged, not
+        raised: the caller's own answer (499, 504, 503) stands."""
         call.cancel()
-        await asyncio.shield(self.cancel([job.id]))
+        try:
+            await asyncio.shield(self.cancel([job.id]))
+        except Exception:  # noqa: BLE001 - the engine is down: nothing runs there to drop
+            logger.warning("could not tell the engine to drop request %s", job.request_id, exc_info=True)
 
     async def cancel(self, generation_ids: list[str]) -> None:
         await self.engines.cancel(generation_ids)

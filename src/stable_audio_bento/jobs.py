@@ -9,6 +9,7 @@ in the front process, with progress read from the engine. Finished jobs are kept
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,8 @@ from .admission import Slot
 from .gateway import Delivery, Gateway, GeneratedAudio
 from .generation import AudioRequest
 from .protocol import APIError
+
+logger = logging.getLogger(__name__)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -54,6 +57,7 @@ class JobStore:
 
     def submit(self, request: AudioRequest, delivery: Delivery) -> Job:
         """Admits the job (429/503 like a synchronous request) and starts it."""
+        self._expire()
         job = Job(request, delivery, self.gateway.admission.admit(request.id))
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
         self._jobs[job.id] = job
@@ -69,9 +73,14 @@ class JobStore:
                 job.status = "cancelled" if error.code == "cancelled" else "failed"
             except asyncio.CancelledError:
                 job.status = "cancelled"
+            except Exception as exc:  # noqa: BLE001 - a fault here (an encoder, a full disk) fails this job, visibly
+                logger.exception("job %s failed", job.id)
+                job.error = APIError(f"generation failed: {type(exc).__name__}", status=500, code="generation_failed")
+                job.status = "failed"
             finally:
                 job.finished_at = time.time()
                 job.request = replace(job.request, init_audio=None)  # finished jobs need not hold the upload
+                self._expire()  # the store stays bounded whether or not anyone polls
 
     def get(self, job_id: str) -> Job:
         self._expire()

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from .audio import FORMATS
 from .generation import AudioRequest, AudioResult
-from .serving import JSON_BODY_PATHS
+from .serving import JSON_BODY_PATHS, UPLOAD_PATHS
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0)
 RATIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0)
@@ -111,8 +112,9 @@ class RequestMetricsMiddleware:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] != "http" or scope["method"] != "POST" or path not in JSON_BODY_PATHS:
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in (*JSON_BODY_PATHS, *UPLOAD_PATHS):
             return await self.app(scope, receive, send)
+        read_format = requested_form_format if path in UPLOAD_PATHS else requested_format
         body = bytearray()
 
         async def observed_receive():
@@ -123,7 +125,7 @@ class RequestMetricsMiddleware:
 
         async def observed_send(message):
             if message["type"] == "http.response.start":
-                FrontMetrics.get().requests.labels(path, str(message["status"]), requested_format(bytes(body))).inc()
+                FrontMetrics.get().requests.labels(path, str(message["status"]), read_format(bytes(body))).inc()
             await send(message)
 
         await self.app(scope, observed_receive, observed_send)
@@ -135,4 +137,24 @@ def requested_format(body: bytes) -> str:
         value = json.loads(body).get("response_format", "wav")
     except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep to parse
         return "invalid"
+    return known_format(value)
+
+
+# A multipart form's response_format part: its headers, a blank line, the value up to the next boundary.
+FORM_FORMAT = re.compile(rb'name="response_format"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n--')
+
+
+def requested_form_format(body: bytes) -> str:
+    """The same for an upload route's multipart form, whose values BentoML reads as JSON or else as text."""
+    if (match := FORM_FORMAT.search(body)) is None:
+        return "wav"
+    text = match.group(1).decode(errors="replace")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        value = text
+    return known_format(value)
+
+
+def known_format(value: object) -> str:
     return value if isinstance(value, str) and value in FORMATS else "invalid"

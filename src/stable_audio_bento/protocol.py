@@ -268,4 +268,5 @@ def describe_validation_error(detail: list[dict[str, Any]]) -> tuple[str, str | 
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if kind == "missing":
         message = "is required"
+        field = field or "input"  # no body at all: what every generation needs first is missing
     return (f"{field}: {message}" if field else message), field

@@ -97,6 +97,8 @@ class OpenAIErrorMiddleware:
         param = None
         if isinstance(data, dict) and "detail" in data and status == 400:
             message, param = describe_validation_error(data["detail"])
+        elif isinstance(data, dict) and isinstance(data.get("detail"), str):  # FastAPI's own: 404, 405
+            message = data["detail"]
         elif isinstance(data, dict) and isinstance(data.get("error"), str):
             message = data["error"]
         elif isinstance(data, list) and data and isinstance(data[0], dict):

@@ -70,12 +70,13 @@ class RequestTracker(GenerationMonitor):
         return {request_id: steps for request_id, steps in found.items() if steps is not None}
 
     def interruption(self, request: AudioRequest) -> AudioResult | None:
+        # The deadline first: the front cancels a request whose timeout it saw pass, and the cancel must not hide why.
+        if request.deadline is not None and time.time() > request.deadline:
+            return AudioResult.failed("deadline_exceeded", "the request's timeout passed before it finished")
         with self._lock:
             cancelled = self._cancelled.get(request.id) is not None
         if cancelled:
             return AudioResult.failed("cancelled", "cancelled: the client went away or cancelled the job")
-        if request.deadline is not None and time.time() > request.deadline:
-            return AudioResult.failed("deadline_exceeded", "the request's timeout passed before it finished")
         return None
 
     def on_step(self, request: AudioRequest, steps_done: int, steps_total: int) -> None:
@@ -121,10 +122,14 @@ class ResultBoard:
             future.set_result(result)
         asyncio.get_running_loop().call_later(self.unclaimed_ttl_s, self._results.pop, generation_id, None)
 
-    async def wait(self, generation_id: str) -> AudioResult:
+    async def wait(self, generation_id: str, timeout_s: float) -> AudioResult | None:
+        """The result, or None if it is not there within ``timeout_s`` (the caller asks again)."""
         if (future := self._results.get(generation_id)) is None:
             return AudioResult.failed("server_error", f"no generation {generation_id!r} was submitted here")
-        result = await asyncio.shield(future)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            return None
         asyncio.get_running_loop().call_later(self.claimed_grace_s, self._results.pop, generation_id, None)
         return result
 

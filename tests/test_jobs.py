@@ -1,0 +1,120 @@
+"""The front's jobs and its waiting for an engine, in-process with stand-in engines: what a job becomes when its
+generation fails in an unforeseen way, that finished jobs are forgotten whether or not anyone polls, and that a
+generation longer than any one engine call is waited for in bounded calls (and dropped on the engine when the
+front gives up on it)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stable_audio_bento.admission import Admission
+from stable_audio_bento.engine_pool import EnginePool
+from stable_audio_bento.gateway import Delivery, Gateway, GeneratedAudio
+from stable_audio_bento.generation import AudioRequest
+from stable_audio_bento.jobs import JobStore, new_job_id
+from stable_audio_bento.protocol import APIError
+
+
+def job_request() -> AudioRequest:
+    return AudioRequest("a bell", seed=1, audio_length=1.0, id=new_job_id())
+
+
+class GatewayThatGenerates:
+    """A gateway whose generations end at once with ``outcome``: audio, or the exception raised."""
+
+    def __init__(self, outcome):
+        self.admission = Admission(max_pending=100, max_batch_size=8)
+        self.outcome = outcome
+
+    async def generate(self, job: AudioRequest, delivery: Delivery, disconnected=None) -> GeneratedAudio:
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+    async def progress(self, ids):
+        return {}
+
+
+def test_a_job_whose_generation_fails_unforeseen_is_failed_not_queued_forever():
+    async def scenario():
+        gateway = GatewayThatGenerates(OSError("No space left on device"))
+        store = JobStore(gateway, ttl_s=60, max_finished=10)
+        job = store.submit(job_request(), Delivery("opus"))
+        await asyncio.wait([job.task])
+        return await store.describe(store.get(job.id)), gateway.admission.pending
+
+    described, pending = asyncio.run(scenario())
+    assert described["status"] == "failed" and described["finished_at"] is not None
+    assert described["error"]["code"] == "generation_failed" and "OSError" in described["error"]["message"]
+    assert not pending  # its admission slot was given back
+
+
+def test_finished_jobs_are_forgotten_without_anyone_polling():
+    async def scenario():
+        store = JobStore(GatewayThatGenerates(GeneratedAudio(b"\0" * 1000, "wav", 1, 1, 1.0)), ttl_s=60,
+                         max_finished=2)
+        for _ in range(20):
+            job = store.submit(job_request(), Delivery())
+            await asyncio.wait([job.task])
+        return len(store._jobs)
+
+    assert asyncio.run(scenario()) == 2
+
+
+class SlowEngine:
+    """A stand-in for an engine's BentoML client whose generation takes ``polls`` result calls to finish, or
+    whose result call fails with ``failure``."""
+
+    def __init__(self, polls: int = 0, failure: Exception | None = None):
+        self.polls, self.failure = polls, failure
+        self.result_calls: list[float] = []
+        self.cancelled: list[str] = []
+        self.to_async = self
+
+    async def submit(self, requests):
+        return [request.id for request in requests]
+
+    async def result(self, generation_id: str, wait_s: float) -> dict:
+        self.result_calls.append(wait_s)
+        if self.failure is not None:
+            raise self.failure
+        if len(self.result_calls) <= self.polls:
+            return {"pending": True}
+        return {"failure": None, "id": generation_id}
+
+    async def cancel(self, ids):
+        self.cancelled.extend(ids)
+
+
+def gateway_of(engine: SlowEngine) -> Gateway:
+    return Gateway(EnginePool([engine], result_wait_s=0.5), Admission(max_pending=10, max_batch_size=8))
+
+
+def test_a_generation_longer_than_one_result_call_is_asked_for_until_it_comes():
+    engine = SlowEngine(polls=3)
+    request = job_request()
+    result = asyncio.run(gateway_of(engine).wait_for_engine(request, None))
+    assert result == {"failure": None, "id": request.id}
+    assert engine.result_calls == [0.5] * 4 and not engine.cancelled
+
+
+def test_an_engine_call_that_fails_is_a_503_and_the_engine_is_told_to_drop_the_request():
+    engine = SlowEngine(failure=RuntimeError("504 from the engine's traffic timeout"))
+    request = job_request()
+    with pytest.raises(APIError) as raised:
+        asyncio.run(gateway_of(engine).wait_for_engine(request, None))
+    assert (raised.value.status, raised.value.code) == (503, "engine_unavailable")
+    assert engine.cancelled == [request.id]
+
+
+def test_a_cancel_that_cannot_reach_the_engine_leaves_the_callers_answer_as_it_is():
+    class UnreachableEngine(SlowEngine):
+        async def cancel(self, ids):
+            raise ConnectionError("the engine is down")
+
+    engine = UnreachableEngine(failure=ConnectionError("the engine is down"))
+    with pytest.raises(APIError) as raised:
+        asyncio.run(gateway_of(engine).wait_for_engine(job_request(), None))
+    assert raised.value.code == "engine_unavailable"
