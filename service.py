@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response  # noqa: E402
 from stable_audio_bento import traffic_timeout  # noqa: E402
 from stable_audio_bento.admission import Admission  # noqa: E402
 from stable_audio_bento.audio import FORMATS  # noqa: E402
-from stable_audio_bento.config import FrontConfig, ServiceSettings  # noqa: E402
+from stable_audio_bento.config import ServiceSettings  # noqa: E402
 from stable_audio_bento.engine_pool import EnginePool  # noqa: E402
 from stable_audio_bento.engine_workers import (  # noqa: E402
     depends_on_engines, engine_clients, engine_services, engine_worker_count,
@@ -37,7 +37,9 @@ from stable_audio_bento.protocol import (  # noqa: E402
 from stable_audio_bento.serving import (  # noqa: E402
     ModelCard, OpenAIErrorMiddleware, RequestGuardMiddleware, current_request, error_headers, install_log_filters,
 )
-from stable_audio_bento.startup import EngineReadiness, start_engine, supervise_like_a_container  # noqa: E402
+from stable_audio_bento.startup import (  # noqa: E402
+    EngineReadiness, front_settings, start_engine, supervise_like_a_container,
+)
 from stable_audio_bento.step_loop import LoopLimits, StepLoop  # noqa: E402
 from stable_audio_bento.tracking import RequestTracker, ResultBoard  # noqa: E402
 
@@ -154,7 +156,7 @@ class StableAudio:
     def __init__(self) -> None:
         install_log_filters()
         capacity = SETTINGS.max_batch_size * len(ENGINES)  # requests all engines run at once
-        self.config = FrontConfig.from_env(capacity)
+        self.config = front_settings(capacity)  # or the server stops, saying which setting is unusable
         self.admission = Admission(self.config.max_pending, capacity, on_pending_change=FrontMetrics.get().pending.set)
         self.admission.drain_on_sigterm()
         self.gateway = Gateway(EnginePool(engine_clients(self), SETTINGS.result_wait_s), self.admission)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from stable_audio_bento.local_server import local_server
+from stable_audio_bento.serving import GuardSettings
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 KEY = "s3cret-key-for-tests"
@@ -77,3 +78,20 @@ def test_command_line_client_sends_the_key(keyed_server, tmp_path):
     accepted = subprocess.run(command + ["--api-key", KEY], capture_output=True, text=True, timeout=300)
     assert accepted.returncode == 0, accepted.stderr
     assert (tmp_path / "door.wav").stat().st_size == 44 + 44100 * 2 * 2
+
+
+@pytest.mark.parametrize(("content", "message"), [(None, "cannot read it"), ("", "first line is empty"),
+                                                  ("\nkey-on-line-two\n", "first line is empty")])
+def test_a_key_file_without_a_key_is_refused(tmp_path, monkeypatch, content, message):
+    key_file = tmp_path / "api-key"
+    if content is not None:
+        key_file.write_text(content)
+    monkeypatch.setenv("STABLE_AUDIO_API_KEY_FILE", str(key_file))
+    with pytest.raises(ValueError, match=f"STABLE_AUDIO_API_KEY_FILE=.*{message}"):
+        GuardSettings.from_env()
+
+
+def test_body_limits_must_be_whole_numbers(monkeypatch):
+    monkeypatch.setenv("STABLE_AUDIO_MAX_BODY_BYTES", "1MB")
+    with pytest.raises(ValueError, match="STABLE_AUDIO_MAX_BODY_BYTES='1MB'"):
+        GuardSettings.from_env()

@@ -95,3 +95,27 @@ def test_stored_weights_are_read_from_their_folder_while_the_name_gives_the_limi
     assert isinstance(engine, BatchedStableAudio3)
     assert engine.max_seconds == 380.0  # the published model's trained maximum, known by its name
     assert engine.transformer.config.embed_dim == 64  # the tiny weights, not a download
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("STABLE_AUDIO_MAX_STEPS", "abc"), ("STABLE_AUDIO_MAX_STEPS", "0"), ("STABLE_AUDIO_DEFAULT_STEPS", "0"),
+    ("STABLE_AUDIO_DECODE_MARGIN", "-3"), ("STABLE_AUDIO_DECODE_MARGIN", "FULL"), ("STABLE_AUDIO_MAX_ROWS", "0"),
+    ("STABLE_AUDIO_MAX_ROWS", "x"),
+])
+def test_an_unusable_engine_setting_is_refused_naming_it(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=f"^{variable}={value!r}: give a whole number"):
+        EngineConfig.from_env()
+
+
+def test_a_default_step_count_above_the_maximum_is_refused(monkeypatch):
+    monkeypatch.setenv("STABLE_AUDIO_DEFAULT_STEPS", "900")
+    with pytest.raises(ValueError, match="STABLE_AUDIO_DEFAULT_STEPS=900 is above STABLE_AUDIO_MAX_STEPS=500"):
+        EngineConfig.from_env()
+
+
+def test_a_setting_left_empty_means_its_default(monkeypatch):
+    for variable in ("STABLE_AUDIO_MODEL", "STABLE_AUDIO_MAX_STEPS", "STABLE_AUDIO_DECODE_MARGIN",
+                     "STABLE_AUDIO_SDE_NOISE", "STABLE_AUDIO_MAX_ROWS", "STABLE_AUDIO_COMPILE", "STABLE_AUDIO_DTYPE"):
+        monkeypatch.setenv(variable, "")
+    assert EngineConfig.from_env() == EngineConfig()

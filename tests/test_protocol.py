@@ -26,6 +26,15 @@ def test_defaults_fill_the_model_window():
     assert 0 <= request.seed <= MAX_SEED
 
 
+def test_a_default_step_count_above_the_servers_maximum_asks_for_the_field():
+    with pytest.raises(APIError, match=r"at most 4 on this server \(the default of 100 is above that: give "
+                                       r"num_inference_steps\)") as raised:
+        GenerateRequest(input="rain").to_audio_request(LIMITS, "stabilityai/stable-audio-open-1.0", 100, 4)
+    assert raised.value.param == "num_inference_steps"
+    with pytest.raises(APIError, match=r"at most 4 on this server \(got 5\)"):
+        GenerateRequest(input="rain", num_inference_steps=5).to_audio_request(LIMITS, "x", 100, 4)
+
+
 def test_default_length_runs_to_the_end_of_the_window_from_audio_start():
     request = audio_request(input="rain", audio_start=40.0)
     assert round((request.audio_start + request.audio_length) * 44100) == 1024 * 2048

@@ -34,13 +34,14 @@ STOP_IN_ALL_S = 240
 MESSAGE = "cannot serve STABLE_AUDIO_MODEL="
 
 
-def start_server(model: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, log_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(port), "--host", "127.0.0.1"], cwd=REPO,
-            env={**os.environ, "BENTOML_CONFIG": str(REPO / "configuration.yaml"), "STABLE_AUDIO_MODEL": model},
+            env={**os.environ, "BENTOML_CONFIG": str(REPO / "configuration.yaml"), "STABLE_AUDIO_MODEL": model,
+                 **env},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return process, f"http://127.0.0.1:{port}"
 
@@ -51,9 +52,9 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def serve_until_exit(model: str, log_path: Path) -> tuple[int, datetime, str]:
+def serve_until_exit(model: str, log_path: Path, **env: str) -> tuple[int, datetime, str]:
     """Exit status, time of exit, and the log of a `bentoml serve` expected to stop on its own."""
-    process, _ = start_server(model, log_path)
+    process, _ = start_server(model, log_path, **env)
     try:
         status = process.wait(STOP_IN_ALL_S)
     finally:
@@ -80,6 +81,18 @@ def test_a_missing_model_folder_stops_the_server_with_one_message(tmp_path, mode
     assert_stopped_with_one_message(status, exited_at, log, f"there is no folder {missing}")
     # what local_server's exception quotes, for a run whose log stays on another machine: the cause comes first
     assert MESSAGE in why_it_stopped(ARTIFACTS / "startup-missing-folder.log").splitlines()[0]
+
+
+def test_an_empty_api_key_file_stops_the_server_instead_of_serving_without_a_key(tmp_path, model_cache):
+    """Serving with no key where the operator meant to set one would open the service to anyone."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("\n")
+    status, _, log = serve_until_exit("tiny", ARTIFACTS / "startup-empty-key.log",
+                                      STABLE_AUDIO_API_KEY_FILE=str(key_file))
+    assert status != 0, log
+    [message] = [line for line in log.splitlines() if "cannot start the front" in line]
+    assert "[CRITICAL]" in message and f"STABLE_AUDIO_API_KEY_FILE={str(key_file)!r}: its first line is empty" in message
+    assert "Traceback (most recent call last)" not in log.split("cannot start the front")[0], log
 
 
 def test_without_error_lines_the_quote_is_the_logs_end(tmp_path):
@@ -180,3 +193,12 @@ def test_out_of_memory_is_named_without_a_traceback():
 def test_an_unexpected_error_is_named_by_its_type(error):
     message = explain_failure(EngineConfig(model="tiny"), error)
     assert f"{type(error).__name__}: " in message and "the traceback is above" in message
+
+
+def test_a_stored_model_that_fails_is_named_by_its_tag_not_as_a_missing_folder():
+    config = EngineConfig(model="./tinycopy", weights="/root/bentoml/models/stable-audio/abc",
+                          model_tag="stable-audio:abc")
+    message = explain_failure(config, ModelLoadError("STABLE_AUDIO_DTYPE='half' is not one of auto, float16"))
+    assert message.startswith("cannot serve the stored model stable-audio:abc (imported from ./tinycopy): "
+                              "STABLE_AUDIO_DTYPE='half'")
+    assert "no folder" not in message

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from .compilation import CUDA_GRAPHS
+from .env_values import env_choice, env_integer, env_seconds, env_text
 from .pipeline import SamplingOptions
 from .step_loop import BATCHING_MODES, BatchingMode
 
@@ -56,34 +57,31 @@ class EngineConfig:
     @classmethod
     def from_env(cls) -> "EngineConfig":
         env = os.environ
-        max_rows = env.get("STABLE_AUDIO_MAX_ROWS", "auto")
-        margin = env.get("STABLE_AUDIO_DECODE_MARGIN", str(SamplingOptions.decode_margin_frames))
-        return cls(
-            model=env.get("STABLE_AUDIO_MODEL") or cls.model,  # set but empty: unset
-            load_format=env.get("STABLE_AUDIO_LOAD_FORMAT", cls.load_format),
-            device=env.get("STABLE_AUDIO_DEVICE", cls.device),
-            dtype=env.get("STABLE_AUDIO_DTYPE", cls.dtype),
-            vae_dtype=env.get("STABLE_AUDIO_VAE_DTYPE", cls.vae_dtype),
-            default_inference_steps=int(env["STABLE_AUDIO_DEFAULT_STEPS"]) if "STABLE_AUDIO_DEFAULT_STEPS" in env
-            else None,
-            max_inference_steps=int(env.get("STABLE_AUDIO_MAX_STEPS", cls.max_inference_steps)),
+        max_rows = env_text(env, "STABLE_AUDIO_MAX_ROWS") or "auto"
+        margin = env_text(env, "STABLE_AUDIO_DECODE_MARGIN")
+        config = cls(
+            model=env_text(env, "STABLE_AUDIO_MODEL") or cls.model,
+            load_format=env_text(env, "STABLE_AUDIO_LOAD_FORMAT") or cls.load_format,
+            device=env_text(env, "STABLE_AUDIO_DEVICE") or cls.device,
+            dtype=env_text(env, "STABLE_AUDIO_DTYPE") or cls.dtype,
+            vae_dtype=env_text(env, "STABLE_AUDIO_VAE_DTYPE") or cls.vae_dtype,
+            default_inference_steps=env_integer(env, "STABLE_AUDIO_DEFAULT_STEPS", None, minimum=1),
+            max_inference_steps=env_integer(env, "STABLE_AUDIO_MAX_STEPS", cls.max_inference_steps, minimum=1),
             sampling=SamplingOptions(
-                decode_margin_frames=None if margin == "full" else int(margin),
-                sde_noise=_choice(env, "STABLE_AUDIO_SDE_NOISE", ("auto", "exact", "vectorized")),
-                denoise_window=_choice(env, "STABLE_AUDIO_DENOISE_WINDOW", ("full", "short")),
-                max_rows=None if max_rows == "auto" else int(max_rows),
+                decode_margin_frames=None if margin == "full" else env_integer(
+                    env, "STABLE_AUDIO_DECODE_MARGIN", SamplingOptions.decode_margin_frames, minimum=0),
+                sde_noise=env_choice(env, "STABLE_AUDIO_SDE_NOISE", ("auto", "exact", "vectorized")),
+                denoise_window=env_choice(env, "STABLE_AUDIO_DENOISE_WINDOW", ("full", "short")),
+                max_rows=None if max_rows == "auto" else env_integer(env, "STABLE_AUDIO_MAX_ROWS", None, minimum=1),
             ),
             auto_max_rows=max_rows == "auto",
-            compile=parse_compile_mode(env.get("STABLE_AUDIO_COMPILE", "0")),
-            sa3_conditioning=_choice(env, "STABLE_AUDIO_SA3_CONDITIONING", ("diffusers", "reference")),
+            compile=parse_compile_mode(env_text(env, "STABLE_AUDIO_COMPILE") or "0"),
+            sa3_conditioning=env_choice(env, "STABLE_AUDIO_SA3_CONDITIONING", ("diffusers", "reference")),
         )
-
-
-def _choice(env, variable: str, allowed: tuple[str, ...]) -> str:
-    value = env.get(variable, allowed[0])
-    if value not in allowed:
-        raise ValueError(f"{variable}={value!r}: use one of {', '.join(allowed)}")
-    return value
+        if (config.default_inference_steps or 0) > config.max_inference_steps:  # every request without steps: 400
+            raise ValueError(f"STABLE_AUDIO_DEFAULT_STEPS={config.default_inference_steps} is above "
+                             f"STABLE_AUDIO_MAX_STEPS={config.max_inference_steps}")
+        return config
 
 
 def parse_compile_mode(value: str) -> str | None:
@@ -121,9 +119,9 @@ class FrontConfig:
     def from_env(cls, capacity: int) -> "FrontConfig":
         env = os.environ
         return cls(
-            max_pending=int(env.get("STABLE_AUDIO_MAX_PENDING", 4 * capacity)),
-            job_ttl_s=float(env.get("STABLE_AUDIO_JOB_TTL_S", cls.job_ttl_s)),
-            max_finished_jobs=int(env.get("STABLE_AUDIO_MAX_FINISHED_JOBS", cls.max_finished_jobs)),
+            max_pending=env_integer(env, "STABLE_AUDIO_MAX_PENDING", 4 * capacity, minimum=1),
+            job_ttl_s=env_seconds(env, "STABLE_AUDIO_JOB_TTL_S", cls.job_ttl_s),
+            max_finished_jobs=env_integer(env, "STABLE_AUDIO_MAX_FINISHED_JOBS", cls.max_finished_jobs, minimum=1),
         )
 
 
@@ -163,6 +161,6 @@ class ServiceSettings:
             request_timeout_s=front.get("traffic", {}).get("timeout", cls.request_timeout_s),
             max_batch_size=batching.get("max_batch_size", cls.max_batch_size),
             max_latency_ms=batching.get("max_latency_ms", cls.max_latency_ms),
-            batching=_choice({"STABLE_AUDIO_BATCHING": batching.get("mode", cls.batching), **os.environ},
-                             "STABLE_AUDIO_BATCHING", BATCHING_MODES),
+            batching=env_choice(os.environ, "STABLE_AUDIO_BATCHING", BATCHING_MODES,
+                                default=batching.get("mode", cls.batching)),
         )

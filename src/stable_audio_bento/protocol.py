@@ -112,7 +112,9 @@ class GenerateRequest(BaseModel):
             raise APIError(reason, param="response_format", code="format_unavailable")
         steps = default_steps if self.num_inference_steps is None else self.num_inference_steps
         if steps > max_steps:
-            raise APIError(f"num_inference_steps must be at most {max_steps} on this server (got {shown(steps)})",
+            given = (f"the default of {steps} is above that: give num_inference_steps" if self.num_inference_steps
+                     is None else f"got {shown(steps)}")
+            raise APIError(f"num_inference_steps must be at most {max_steps} on this server ({given})",
                            param="num_inference_steps")
         if limits.fixed_start and self.audio_start != 0:
             raise APIError(f"this model generates from the start: audio_start must be 0 (got {self.audio_start:g})",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hmac
 import json
 import logging
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
+from .env_values import env_integer, env_text
 from .generation import ModelLimits
 from .protocol import APIError, describe_validation_error, error_body, shown
 
@@ -139,17 +141,29 @@ class GuardSettings:
     @classmethod
     def from_env(cls) -> "GuardSettings":
         env = os.environ
-        key = env.get("STABLE_AUDIO_API_KEY") or None
-        if key is None and env.get("STABLE_AUDIO_API_KEY_FILE"):
-            with open(env["STABLE_AUDIO_API_KEY_FILE"]) as file:
-                key = file.readline().strip() or None
-        paths = env.get("STABLE_AUDIO_PUBLIC_PATHS")
+        key = env_text(env, "STABLE_AUDIO_API_KEY")
+        if key is None and (key_file := env_text(env, "STABLE_AUDIO_API_KEY_FILE")) is not None:
+            key = read_key_file(key_file)
+        paths = env_text(env, "STABLE_AUDIO_PUBLIC_PATHS")
         return cls(
             api_key=key,
             public_paths=tuple(p.strip() for p in paths.split(",") if p.strip()) if paths else cls.public_paths,
-            max_body_bytes=int(env.get("STABLE_AUDIO_MAX_BODY_BYTES", cls.max_body_bytes)),
-            max_upload_bytes=int(env.get("STABLE_AUDIO_MAX_UPLOAD_BYTES", cls.max_upload_bytes)),
+            max_body_bytes=env_integer(env, "STABLE_AUDIO_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
+            max_upload_bytes=env_integer(env, "STABLE_AUDIO_MAX_UPLOAD_BYTES", cls.max_upload_bytes, minimum=1),
         )
+
+
+def read_key_file(path: str) -> str:
+    """The key on the first line of the file. A file that cannot be read or starts with an empty line is refused:
+    serving without the key its operator meant to set would open the service to anyone."""
+    try:
+        with open(path) as file:
+            key = file.readline().strip()
+    except OSError as error:
+        raise ValueError(f"STABLE_AUDIO_API_KEY_FILE={path!r}: cannot read it ({error.strerror})") from None
+    if not key:
+        raise ValueError(f"STABLE_AUDIO_API_KEY_FILE={path!r}: its first line is empty; put the API key there")
+    return key
 
 
 # Their POST bodies are read as JSON whatever the Content-Type says (multipart is refused with 415).
@@ -251,8 +265,18 @@ class RequestGuardMiddleware:
 
     def __init__(self, app, settings: GuardSettings | None = None):
         self.app = app
-        self.settings = settings or GuardSettings.from_env()
-        self.expected = f"Bearer {self.settings.api_key}".encode() if self.settings.api_key else None
+        self._settings = settings
+
+    @functools.cached_property
+    def settings(self) -> GuardSettings:
+        """Read at the first request, not when Starlette builds the middleware (for the application's start): an
+        unusable setting must reach the front's own start-up check (``startup.front_settings``), which stops the
+        server naming it; raised here it would fail every request, the start included, and stop nothing."""
+        return self._settings or GuardSettings.from_env()
+
+    @functools.cached_property
+    def expected(self) -> bytes | None:
+        return f"Bearer {self.settings.api_key}".encode() if self.settings.api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

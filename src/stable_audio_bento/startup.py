@@ -33,12 +33,13 @@ from typing import Any
 
 import bentoml
 
-from .config import EngineConfig
+from .config import EngineConfig, FrontConfig
 from .engine_workers import own_device
 from .generation import AudioRequest
 from .loading import ModelLoadError, fit_rows_to_free_memory, load_engine
 from .model_store import serving_config
 from .protocol import APIError
+from .serving import GuardSettings
 from .step_loop import run_to_completion
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,17 @@ def start_engine(stored: bentoml.Model | None, index: int) -> tuple[EngineConfig
     return config, engine, report
 
 
+def front_settings(capacity: int) -> FrontConfig:
+    """The front's settings, the request guard's (API key, body limits) included, checked before it serves; an
+    unusable one logs one line and exits, as an engine does (the guard itself reads its settings only when the
+    first request comes)."""
+    try:
+        GuardSettings.from_env()
+        return FrontConfig.from_env(capacity)
+    except ValueError as exc:
+        exit_worker(f"cannot start the front: {_one_line(exc)}. The server stops; fix the setting and start it again.")
+
+
 class EngineReadiness:
     """The front's view of the engines' start. An engine answers calls only once its ``__init__`` has loaded and
     warmed up the model, and until then a call waits unanswered; so this asks each with a short timeout until its
@@ -130,7 +142,8 @@ def explain_failure(config: EngineConfig | None, exc: BaseException) -> str:
     """One line: what could not be served, why, and what to do about it."""
     if config is None:  # the environment itself is invalid
         return f"cannot start the engine: {_one_line(exc)}. The server stops; fix the setting and start it again."
-    what = f"cannot serve STABLE_AUDIO_MODEL={config.model!r}"
+    what = (f"cannot serve the stored model {config.model_tag} (imported from {config.model})" if config.weights
+            else f"cannot serve STABLE_AUDIO_MODEL={config.model!r}")
     if config.load_format != "auto":
         what += f" (STABLE_AUDIO_LOAD_FORMAT={config.load_format})"
     if _no_such_folder(config):
@@ -167,7 +180,8 @@ def _is_explained(config: EngineConfig | None, exc: BaseException) -> bool:
 
 
 def _no_such_folder(config: EngineConfig) -> bool:
-    return (config.load_format == "auto" and _looks_like_a_path(config.model)
+    # A stored model keeps the path it was imported from as its name; its weights are in the model store.
+    return (config.load_format == "auto" and config.weights is None and _looks_like_a_path(config.model)
             and not Path(config.model).expanduser().exists())
 
 
