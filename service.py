@@ -160,7 +160,8 @@ class StableAudio:
         self.admission = Admission(self.config.max_pending, capacity, on_pending_change=FrontMetrics.get().pending.set)
         self.admission.drain_on_sigterm()
         self.gateway = Gateway(EnginePool(engine_clients(self), SETTINGS.result_wait_s), self.admission)
-        self.jobs = JobStore(self.gateway, self.config.job_ttl_s, self.config.max_finished_jobs)
+        self.jobs = JobStore(self.gateway, self.config.job_ttl_s, self.config.max_finished_jobs,
+                             SETTINGS.request_timeout_s)
         self.readiness = EngineReadiness(engine_clients(self))
 
     async def __is_ready__(self) -> bool:

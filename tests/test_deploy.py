@@ -75,6 +75,16 @@ def test_pod_gets_the_gpu_the_engine_asks_for(manifests):
     assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus
 
 
+def test_no_deployment_overrides_the_model_baked_into_the_image(manifests):
+    """A model setting overrides the stored model (model_store.serving_config): every pod would download the
+    weights again, with a token, which is what baking them in avoids."""
+    (container,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert "STABLE_AUDIO_MODEL" not in {env["name"] for env in container["env"]}
+    cloud = bentocloud()
+    for where in (cloud, *cloud["services"].values()):
+        assert "STABLE_AUDIO_MODEL" not in {env["name"] for env in where.get("envs", [])}
+
+
 def test_probes_use_paths_the_service_serves(manifests):
     (container,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"

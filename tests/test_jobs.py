@@ -6,6 +6,8 @@ front gives up on it)."""
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import replace
 
 import pytest
 
@@ -40,7 +42,7 @@ class GatewayThatGenerates:
 def test_a_job_whose_generation_fails_unforeseen_is_failed_not_queued_forever():
     async def scenario():
         gateway = GatewayThatGenerates(OSError("No space left on device"))
-        store = JobStore(gateway, ttl_s=60, max_finished=10)
+        store = JobStore(gateway, ttl_s=60, max_finished=10, max_run_s=900)
         job = store.submit(job_request(), Delivery("opus"))
         await asyncio.wait([job.task])
         return await store.describe(store.get(job.id)), gateway.admission.pending
@@ -54,13 +56,27 @@ def test_a_job_whose_generation_fails_unforeseen_is_failed_not_queued_forever():
 def test_finished_jobs_are_forgotten_without_anyone_polling():
     async def scenario():
         store = JobStore(GatewayThatGenerates(GeneratedAudio(b"\0" * 1000, "wav", 1, 1, 1.0)), ttl_s=60,
-                         max_finished=2)
+                         max_finished=2, max_run_s=900)
         for _ in range(20):
             job = store.submit(job_request(), Delivery())
             await asyncio.wait([job.task])
         return len(store._jobs)
 
     assert asyncio.run(scenario()) == 2
+
+
+def test_a_job_without_a_timeout_gets_the_servers_and_keeps_its_own():
+    async def scenario():
+        store = JobStore(GatewayThatGenerates(GeneratedAudio(b"", "wav", 1, 1, 1.0)), ttl_s=60, max_finished=10,
+                         max_run_s=900)
+        started = time.time()
+        unbounded = store.submit(job_request(), Delivery())
+        bounded = store.submit(replace(job_request(), deadline=started + 5), Delivery())
+        await asyncio.wait([unbounded.task, bounded.task])
+        return started, unbounded.request.deadline, bounded.request.deadline
+
+    started, server_bound, own = asyncio.run(scenario())
+    assert started + 900 <= server_bound < started + 901 and own == started + 5
 
 
 class SlowEngine:

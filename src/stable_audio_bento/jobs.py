@@ -51,13 +51,18 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, gateway: Gateway, ttl_s: float, max_finished: int):
-        self.gateway, self.ttl_s, self.max_finished = gateway, ttl_s, max_finished
+    """max_run_s: the deadline of a job that sets no ``timeout`` (a direct request has the traffic timeout), so
+    that a drain, which waits for every job in flight, ends within the same bound."""
+
+    def __init__(self, gateway: Gateway, ttl_s: float, max_finished: int, max_run_s: float):
+        self.gateway, self.ttl_s, self.max_finished, self.max_run_s = gateway, ttl_s, max_finished, max_run_s
         self._jobs: dict[str, Job] = {}  # in submission order
 
     def submit(self, request: AudioRequest, delivery: Delivery) -> Job:
         """Admits the job (429/503 like a synchronous request) and starts it."""
         self._expire()
+        if request.deadline is None:
+            request = replace(request, deadline=time.time() + self.max_run_s)
         job = Job(request, delivery, self.gateway.admission.admit(request.id))
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
         self._jobs[job.id] = job
