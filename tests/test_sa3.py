@@ -4,6 +4,7 @@ windowed decode against the whole one, and the published models' full-size archi
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +21,8 @@ from stable_audio_bento.pipeline import SamplingOptions
 from stable_audio_bento.sa3 import BatchedStableAudio3, SA3Options
 from stable_audio_bento.sa3_loading import (MEDIUM_ARCHITECTURE, SMALL_ARCHITECTURE, TINY_MAX_SECONDS, TINY_SA3,
                                             TINY_SA3_BASE, is_sa3_model, load_tiny_sa3, max_seconds_for,
-                                            place_sa3_pipeline, published_architecture, tiny_sa3_model_dir)
+                                            place_sa3_pipeline, published_architecture, tiny_sa3_model_dir,
+                                            trained_max_seconds)
 from stable_audio_bento.same_chunked import uses_chunked_attention
 from stable_audio_bento.same_windows import decoder_reach_frames
 from stable_audio_bento.step_loop import StepLoop, run_to_completion
@@ -175,6 +177,19 @@ def test_limits_and_defaults_come_from_the_model(families):
     assert distilled.default_guidance_scale == base.default_guidance_scale == 1.0
     assert max_seconds_for("stabilityai/stable-audio-3-medium") == 380.0
     assert max_seconds_for("/models/stable-audio-3-small-sfx") == 120.0 and max_seconds_for("elsewhere") is None
+
+
+def autoencoder_shaped(architecture) -> SimpleNamespace:
+    """Only the configuration of an architecture's autoencoder: SAME-L's weights alone are 852 M parameters."""
+    defaults = {name: parameter.default for name, parameter in inspect.signature(AutoencoderSAME).parameters.items()}
+    return SimpleNamespace(config=SimpleNamespace(**{**defaults, **architecture.vae}))
+
+
+def test_a_checkpoint_in_a_folder_of_any_name_is_served_to_its_trained_length():
+    assert trained_max_seconds("./sa3-medium/", autoencoder_shaped(MEDIUM_ARCHITECTURE)) == 380.0
+    assert trained_max_seconds("/models/checkpoint", autoencoder_shaped(SMALL_ARCHITECTURE)) == 120.0
+    assert trained_max_seconds("/models/stable-audio-3-medium", autoencoder_shaped(SMALL_ARCHITECTURE)) == 380.0
+    assert trained_max_seconds(TINY_SA3, load_tiny_sa3().vae) is None  # its duration embedder's 120 s
 
 
 def test_requests_the_model_cannot_serve_fail_alone(family):

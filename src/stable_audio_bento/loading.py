@@ -181,7 +181,7 @@ def load_sa3_engine(config: EngineConfig) -> BatchedStableAudio3:
     options = SA3Options(config.sampling.max_rows, reference_conditioning=config.sa3_conditioning == "reference")
     if config.sampling.decode_margin_frames is None:
         options = replace(options, window_frames=None)
-    return BatchedStableAudio3(pipe, sa3_loading.max_seconds_for(config.model), options)
+    return BatchedStableAudio3(pipe, sa3_loading.trained_max_seconds(config.model, pipe.vae), options)
 
 
 def load_pipeline(config: EngineConfig) -> StableAudioPipeline:

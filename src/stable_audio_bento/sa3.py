@@ -93,7 +93,7 @@ class BatchedStableAudio3:
     ``forward_key``), ``advance`` (each request's own sampler step), ``decode`` (once, when it finishes).
 
     max_seconds: the longest audio served; default the duration embedder's clamp (384 s for the published models,
-    whose trained maxima, 380 s medium and 120 s small, the loader knows: ``sa3_loading.max_seconds_for``)."""
+    whose trained maxima, 380 s medium and 120 s small, the loader knows: ``sa3_loading.trained_max_seconds``)."""
 
     starts_from_audio = True  # prepare_request honours AudioRequest.init_audio: audio-to-audio (edits)
     inpaints = True  # ... and AudioRequest.mask_start / mask_end: inpainting and continuation

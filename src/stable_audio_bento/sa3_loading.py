@@ -244,7 +244,7 @@ def chunked_autoencoder_components(source: str) -> dict[str, AutoencoderSAME]:
 def check_autoencoder_is_faithful(model: str, vae: AutoencoderSAME) -> None:
     """A small model (by its published name, or a SAME-S-shaped autoencoder: width 128 × 6, 6 layers) is served
     only with the chunked attention SAME-S was trained with; diffusers' band attention decodes something else."""
-    same_s_shaped = vae.config.encoder_channels == 128 and list(vae.config.encoder_transformer_depths) == [6]
+    same_s_shaped = autoencoder_size(vae) == "S"
     published_small = max_seconds_for(model) is not None and "-small-" in Path(model).name
     if (same_s_shaped or published_small) and not uses_chunked_attention(vae):
         raise ValueError(
@@ -286,3 +286,18 @@ def keep_frequencies_in_fp32(module: torch.nn.Module) -> None:
 def max_seconds_for(model: str) -> float | None:
     """The trained maximum of a published model by its hub id (or a folder named after it); None if unknown."""
     return KNOWN_MAX_SECONDS.get(model) or KNOWN_MAX_SECONDS.get(f"stabilityai/{Path(model).name}")
+
+
+def autoencoder_size(vae: AutoencoderSAME) -> str | None:
+    """``S`` or ``L`` when the autoencoder has SAME-S's or SAME-L's shape (width and encoder depth), else None."""
+    shape = (vae.config.encoder_channels, tuple(vae.config.encoder_transformer_depths))
+    return {(128, (6,)): "S", (_SAME_L["encoder_channels"], _SAME_L["encoder_transformer_depths"]): "L"}.get(shape)
+
+
+def trained_max_seconds(model: str, vae: AutoencoderSAME) -> float | None:
+    """The trained maximum by the model's name, else by its autoencoder: every published model with SAME-S (the
+    small ones) was trained to 120 s, with SAME-L (medium) to 380 s; so a checkpoint imported from a folder of any
+    name is served to its own length, not to the duration embedder's 384 s clamp. None for other shapes."""
+    by_size = {"S": KNOWN_MAX_SECONDS["stabilityai/stable-audio-3-small-music"],
+               "L": KNOWN_MAX_SECONDS["stabilityai/stable-audio-3-medium"]}
+    return max_seconds_for(model) or by_size.get(autoencoder_size(vae))
