@@ -57,6 +57,12 @@ def test_unknown_load_format_and_dtype_are_refused():
         resolve_placement(EngineConfig(dtype="float8"))
 
 
+@pytest.mark.parametrize("device", ["gpu", "tpu", "cuda:99"])
+def test_a_device_the_engine_cannot_use_is_refused_naming_the_setting(device):
+    with pytest.raises(ModelLoadError, match=f"STABLE_AUDIO_DEVICE={device!r}"):
+        resolve_placement(EngineConfig(device=device))
+
+
 def test_placement_defaults_to_cpu_fp32_without_cuda():
     placement = resolve_placement(EngineConfig())
     assert placement.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

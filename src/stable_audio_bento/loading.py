@@ -115,12 +115,25 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 def resolve_placement(config: EngineConfig) -> Placement:
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+                          "cpu" if config.device == "auto" else _parse_device(config.device))
     if config.dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
         dtype = _parse_dtype(config.dtype, "STABLE_AUDIO_DTYPE")
     return Placement(device, dtype, _parse_dtype(config.vae_dtype, "STABLE_AUDIO_VAE_DTYPE"))
+
+
+def _parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"STABLE_AUDIO_DEVICE={name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(f"STABLE_AUDIO_DEVICE={name!r}, but this process sees {torch.cuda.device_count()} CUDA "
+                             "GPUs (CUDA_VISIBLE_DEVICES, the driver); use auto or cpu")
+    return device
 
 
 def _parse_dtype(name: str, variable: str) -> torch.dtype:
