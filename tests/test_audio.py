@@ -48,15 +48,17 @@ def test_mp3_is_real_mp3_of_the_right_length(stereo_tone):
 
 def test_pcm_is_interleaved_signed_16_bit_little_endian(stereo_tone):
     data = encode_audio(stereo_tone, RATE, "pcm")
-    samples = np.frombuffer(data, dtype="<i2").reshape(-1, 2).T / 32767
+    samples = np.frombuffer(data, dtype="<i2").reshape(-1, 2).T / 32768
     assert samples.shape == stereo_tone.shape
-    assert np.abs(samples - stereo_tone).max() < 1 / 32767 + 1e-6
+    assert np.abs(samples - stereo_tone).max() < 1 / 32768 + 1e-6
+    wav, _ = soundfile.read(io.BytesIO(encode_audio(stereo_tone, RATE, "wav")), dtype="int16")
+    assert data == wav.astype("<i2").tobytes()  # the same samples as the wav's
 
 
 def test_out_of_range_samples_are_clipped_not_wrapped():
     loud = np.array([[1.5, -1.5], [2.0, -3.0]], dtype=np.float32)
     samples = np.frombuffer(encode_audio(loud, RATE, "pcm"), dtype="<i2")
-    assert list(samples) == [32767, 32767, -32767, -32767]
+    assert list(samples) == [32767, 32767, -32768, -32768]
 
 
 def test_media_types_follow_the_suffix():

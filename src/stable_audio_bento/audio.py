@@ -95,7 +95,11 @@ def _frames(audio: np.ndarray) -> np.ndarray:
 
 
 def _pcm16(frames: np.ndarray) -> bytes:
-    return np.round(frames * 32767).astype("<i2").tobytes()
+    """16-bit little-endian samples, converted by libsndfile as for wav and flac, so every format of one request
+    holds the same samples."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, frames, 1, format="RAW", subtype="PCM_16", endian="LITTLE")  # RAW: the rate is not kept
+    return buffer.getvalue()
 
 
 def pcm16_segment(audio: np.ndarray, sample_rate: int) -> AudioSegment:
