@@ -39,9 +39,10 @@ def test_missing_or_wrong_key_is_a_401_in_the_error_shape(keyed_server, headers)
     assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
 
 
-def test_right_key_generates_and_public_paths_stay_open(keyed_server):
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer"])
+def test_right_key_generates_and_public_paths_stay_open(keyed_server, scheme):
     response = httpx.post(keyed_server + "/v1/audio/generate", json=BODY,
-                          headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
+                          headers={"Authorization": f"{scheme} {KEY}"}, timeout=300)
     assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
     assert httpx.get(keyed_server + "/health").status_code == 200
     assert httpx.get(keyed_server + "/metrics").status_code == 200

@@ -276,7 +276,8 @@ class RequestGuardMiddleware:
 
     @functools.cached_property
     def expected(self) -> bytes | None:
-        return f"Bearer {self.settings.api_key}".encode() if self.settings.api_key else None
+        """The key a request's ``Authorization: Bearer <key>`` must carry (the scheme in any case, RFC 7235)."""
+        return self.settings.api_key.encode() if self.settings.api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -295,8 +296,8 @@ class RequestGuardMiddleware:
 
     async def guard(self, scope, receive, send, context: RequestContext, headers: dict[bytes, bytes]):
         if self.expected is not None and scope["path"] not in self.settings.public_paths:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):
                 body = error_body("missing or invalid API key: send 'Authorization: Bearer <key>'", 401,
                                   code="invalid_api_key")
                 return await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
