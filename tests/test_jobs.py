@@ -14,9 +14,10 @@ import pytest
 from stable_audio_bento.admission import Admission
 from stable_audio_bento.engine_pool import EnginePool
 from stable_audio_bento.gateway import Delivery, Gateway, GeneratedAudio
-from stable_audio_bento.generation import AudioRequest
+from stable_audio_bento.generation import AudioRequest, ModelLimits
 from stable_audio_bento.jobs import JobStore, new_job_id
-from stable_audio_bento.protocol import APIError
+from stable_audio_bento.protocol import APIError, EditRequest
+from stable_audio_bento.serving import ModelCard
 
 
 def job_request() -> AudioRequest:
@@ -134,3 +135,17 @@ def test_a_cancel_that_cannot_reach_the_engine_leaves_the_callers_answer_as_it_i
     with pytest.raises(APIError) as raised:
         asyncio.run(gateway_of(engine).wait_for_engine(job_request(), None))
     assert raised.value.code == "engine_unavailable"
+
+
+def test_a_full_server_refuses_an_upload_before_decoding_it(tmp_path, monkeypatch):
+    import stable_audio_bento.gateway as gateway_module
+
+    decoded = []
+    monkeypatch.setattr(gateway_module, "load_init_audio", lambda path, limits: decoded.append(path))
+    gateway = Gateway(EnginePool([SlowEngine()], result_wait_s=0.5), Admission(max_pending=1, max_batch_size=8))
+    gateway._card = ModelCard("tiny", ModelLimits(44100, 2, 2048, 1024), 100, 500, edits=True)
+    gateway.admission.admit("the one running")
+    request = EditRequest(input="a bell", audio=tmp_path / "upload.wav")
+    with pytest.raises(APIError) as raised:
+        asyncio.run(gateway.prepare(request, "request-1"))
+    assert (raised.value.status, raised.value.code, decoded) == (429, "server_busy", [])

@@ -39,6 +39,15 @@ class Admission:
         """A slot for one generation, held until the returned object's ``with`` block ends.
 
         Raises 503 while shutting down and 429 when ``max_pending`` generations are queued or running."""
+        self.check_room()
+        self.pending[generation_id] = time.time()
+        self._idle.clear()
+        self._pending_changed()
+        return Slot(self, generation_id)
+
+    def check_room(self) -> None:
+        """What ``admit`` would refuse now, without taking a slot: for work worth skipping when it would be
+        refused anyway (decoding an upload)."""
         if self.draining:
             raise APIError("the server is shutting down and takes no new requests; retry on another instance",
                            status=503, code="shutting_down", retry_after=self.retry_after_s())
@@ -46,10 +55,6 @@ class Admission:
             raise APIError(f"the server is busy: {len(self.pending)} generations are queued or running (limit "
                            f"{self.max_pending}); retry later", status=429, code="server_busy",
                            retry_after=self.retry_after_s())
-        self.pending[generation_id] = time.time()
-        self._idle.clear()
-        self._pending_changed()
-        return Slot(self, generation_id)
 
     def release(self, generation_id: str) -> None:
         self.pending.pop(generation_id, None)

@@ -90,10 +90,10 @@ class Gateway:
             job = await self.attach_init_audio(job, request, card)
         return job
 
-    @staticmethod
-    async def attach_init_audio(job: AudioRequest, request: EditRequest, card: ModelCard) -> AudioRequest:
+    async def attach_init_audio(self, job: AudioRequest, request: EditRequest, card: ModelCard) -> AudioRequest:
         if not card.edits:
             raise APIError(f"{card.model} cannot start from audio yet", param="audio", code="unsupported")
+        self.admission.check_room()  # a server that is full or draining refuses the upload before decoding it
         # Decoding and resampling take up to a few tenths of a second (0.17 s for 47.55 s at 48 kHz): off the loop.
         audio = await asyncio.to_thread(load_init_audio, request.audio, card.limits)
         limits = card.limits
