@@ -45,7 +45,11 @@ from stable_audio_bento.tracking import RequestTracker, ResultBoard  # noqa: E40
 
 logger = logging.getLogger("stable_audio_bento")
 logger.setLevel(logging.INFO)
-SETTINGS = ServiceSettings.load()
+try:
+    SETTINGS = ServiceSettings.load()
+    ENGINE_COUNT = engine_worker_count()
+except ValueError as unusable:  # a setting read while BentoML imports this file: one line, not its traceback
+    raise SystemExit(f"stable-audio-bento cannot start: {unusable}") from None
 traffic_timeout.install()  # BentoML's own keeps every request alive for traffic.timeout
 
 
@@ -112,7 +116,7 @@ class StableAudioEngine:
         return self.tracker.progress(ids)
 
 
-ENGINES = engine_services(StableAudioEngine, engine_worker_count(), resources={"gpu": 1}, workers=1,
+ENGINES = engine_services(StableAudioEngine, ENGINE_COUNT, resources={"gpu": 1}, workers=1,
                           traffic={"timeout": SETTINGS.request_timeout_s}, runner_connection=NEVER_RECYCLE_CONNECTION)
 
 http_routes = FastAPI()

@@ -95,6 +95,17 @@ def test_an_empty_api_key_file_stops_the_server_instead_of_serving_without_a_key
     assert "Traceback (most recent call last)" not in log.split("cannot start the front")[0], log
 
 
+@pytest.mark.parametrize(("variable", "value"), [("STABLE_AUDIO_ENGINE_WORKERS", "two"),
+                                                  ("STABLE_AUDIO_BATCHING", "sometimes")])
+def test_an_unusable_setting_read_at_import_stops_with_one_line(variable, value):
+    done = subprocess.run([sys.executable, "-m", "bentoml", "serve", ".", "--port", str(free_port())], cwd=REPO,
+                          env={**os.environ, "STABLE_AUDIO_MODEL": "tiny", variable: value}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(f"stable-audio-bento cannot start: {variable}={value!r}")
+    assert "Traceback" not in done.stderr + done.stdout
+
+
 def test_without_error_lines_the_quote_is_the_logs_end(tmp_path):
     log = tmp_path / "server.log"
     log.write_text("".join(f"line {i}\n" for i in range(30)))
