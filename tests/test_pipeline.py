@@ -21,6 +21,9 @@ REFERENCE_CASES = {
     "guided, negative prompt, offset window": AudioRequest(
         "a piano playing a gentle melody", seed=11, audio_length=20.0, audio_start=2.5,
         negative_prompt="low quality, distorted", guidance_scale=3.0, num_inference_steps=6),
+    # 1.00002 s is sample 44100.88: the window starts at 44100, where diffusers' int() cut starts it (not round's 44101)
+    "start between two samples": AudioRequest("a click", seed=0, audio_length=1.0, audio_start=1.00002,
+                                              guidance_scale=1.0, num_inference_steps=2),
     "unguided, full window": AudioRequest("thunder and rain", seed=3, audio_length=1024 * 2048 / 44100,
                                           guidance_scale=1.0, negative_prompt="ignored", num_inference_steps=5),
 }

@@ -138,6 +138,10 @@ class ModelLimits:
     def min_strength(self, num_inference_steps: int) -> float:
         return self.min_strength_per_step * (num_inference_steps - 1)
 
+    def start_sample(self, seconds: float) -> int:
+        """The first sample of a window starting at ``seconds``: ``int``, as StableAudioPipeline cuts its start."""
+        return int(seconds * self.sample_rate)
+
     def samples(self, seconds: float) -> int:
         """Output samples for a length in seconds, as the model's pipeline cuts them."""
         return int(seconds * self.sample_rate) if self.fixed_start else round(seconds * self.sample_rate)

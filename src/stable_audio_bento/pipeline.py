@@ -371,5 +371,4 @@ class BatchedStableAudio:
         return max(0, start // hop - margin), min(frames, -(-(start + length) // hop) + margin)
 
     def window_samples(self, request: AudioRequest) -> tuple[int, int]:
-        rate = self.limits.sample_rate
-        return round(request.audio_start * rate), round(request.audio_length * rate)
+        return self.limits.start_sample(request.audio_start), self.limits.samples(request.audio_length)

@@ -128,7 +128,7 @@ class GenerateRequest(BaseModel):
                            f"(got {self.audio_length:g})", param="audio_length")
         if limits.samples(length) < 1:
             raise APIError("audio_length must cover at least one sample", param="audio_length")
-        end_sample = round(self.audio_start * limits.sample_rate) + limits.samples(length)
+        end_sample = limits.start_sample(self.audio_start) + limits.samples(length)
         if end_sample > limits.max_samples:
             raise APIError(f"audio_start + audio_length must be at most {limits.max_seconds:.2f} s for this model "
                            f"(got {self.audio_start:g} + {length:g})", param="audio_start")
