@@ -11,7 +11,7 @@ import torch
 
 from stable_audio_bento.compilation import eager_forward
 from stable_audio_bento.config import EngineConfig, parse_compile_mode
-from stable_audio_bento.cuda_graphs import GraphedForward
+from stable_audio_bento.cuda_graphs import MAX_OOM_RECORDINGS, GraphedForward
 from stable_audio_bento.generation import AudioRequest
 from stable_audio_bento.loading import ModelLoadError, load_engine, load_pipeline
 from stable_audio_bento.pipeline import BatchedStableAudio
@@ -89,6 +89,29 @@ def test_graphed_generations_equal_eager_ones_across_shapes(graphed_and_eager):
         for got, want in zip(run_to_completion(graphed, requests), run_to_completion(eager, requests)):
             torch.testing.assert_close(torch.from_numpy(got.audio), torch.from_numpy(want.audio))
     assert len(graphed._transformer_forward.recorded) == 2
+
+
+@needs_cuda
+def test_a_recording_out_of_memory_runs_that_call_eagerly_and_gives_up_after_three(cuda_pipe, monkeypatch):
+    class OutOfMemoryCapture:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+        def __exit__(self, *exc_info):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "graph", OutOfMemoryCapture)
+    engine, eager = BatchedStableAudio(cuda_pipe), BatchedStableAudio(cuda_pipe)
+    graphed = engine._transformer_forward = GraphedForward(engine.transformer_forward, CUDA)
+    requests = mixed_requests()[:1]
+    for _ in range(1 + MAX_OOM_RECORDINGS + 1):  # the warm-up, the tries, then eager for good
+        for got, want in zip(predictions(engine, requests), predictions(eager, requests)):
+            torch.testing.assert_close(got, want)
+    [key] = graphed.oom_recordings
+    assert graphed.oom_recordings[key] == MAX_OOM_RECORDINGS and key in graphed.eager_shapes and not graphed.recorded
 
 
 @needs_cuda

@@ -11,6 +11,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import load_pipeline
 from stable_audio_bento.generation import AudioRequest
+from stable_audio_bento import pipeline as pipeline_module
 from stable_audio_bento.pipeline import BatchedStableAudio, GaussianIncrements, SamplingOptions, sde_noise_for
 from stable_audio_bento.step_loop import run_to_completion
 from conftest import snr_db
@@ -144,6 +145,18 @@ def test_gaussian_increments_are_standard_normal_from_the_request_generator():
     again = GaussianIncrements(torch.Generator().manual_seed(0), like)(torch.tensor(10.0), torch.tensor(9.0))
     assert torch.equal(again, samples[0])
     assert torch.equal(again, randn_tensor(like.shape, generator=torch.Generator().manual_seed(0)))  # diffusers' draw
+
+
+@pytest.mark.parametrize("window", ["full", "short"])
+def test_the_row_cap_probe_runs_the_whole_window(tiny_pipe, monkeypatch, window):
+    """The cap must hold for the longest request: in the short window a short probe would denoise 64 frames of
+    1024 and measure a sixteenth of the memory."""
+    engine = BatchedStableAudio(tiny_pipe, SamplingOptions(denoise_window=window))
+    probed = []
+    monkeypatch.setattr(pipeline_module, "rows_that_fit", lambda device, forward, rows: probed.append(forward()) or 2)
+    assert engine.rows_capacity() == 2
+    [[prediction]] = probed
+    assert prediction.shape[-1] == engine.limits.latent_frames
 
 
 def test_short_window_denoises_fewer_frames_and_stays_batch_invariant(tiny_pipe):

@@ -15,7 +15,8 @@ A shape's first call runs eagerly and is its warm-up (kernels chosen, cuDNN plan
 second call records it. So a shape seen once costs nothing, and a stable-audio-open request (100 steps) replays from
 its second step. At most ``max_graphs`` are kept, the least recently used dropped first (its buffers freed; a
 recording reuses the pool). A shape whose recording fails (an operation a graph cannot hold) runs eagerly from then
-on, with one warning.
+on, with one warning; one whose recording runs out of memory runs that call eagerly, and after three such tries for
+good.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 MAX_GRAPHS = 32
+MAX_OOM_RECORDINGS = 3
 
 Argument = torch.Tensor | tuple[torch.Tensor, ...] | None
 
@@ -81,6 +83,7 @@ class GraphedForward:
         self.recorded: OrderedDict[Hashable, _RecordedForward] = OrderedDict()  # least recently used first
         self.seen: set[Hashable] = set()
         self.eager_shapes: set[Hashable] = set()  # their recording failed
+        self.oom_recordings: dict[Hashable, int] = {}  # shape -> recordings that ran out of memory
         self._pool = torch.cuda.graph_pool_handle()  # shared by all graphs
         self._capture_stream: torch.cuda.Stream | None = None
         self._lock = threading.Lock()
@@ -121,7 +124,17 @@ class GraphedForward:
                                   capture_error_mode="thread_local"):
                 output = self.forward(*static_args)
         except torch.OutOfMemoryError:
-            raise  # not the shape's fault: the step loop frees the cache and retries over fewer rows
+            # A graph's pool cannot reuse the eager forward's cached blocks: this call runs eagerly in them (what
+            # does not fit that way goes to the step loop's retry over fewer rows). The shape is tried again later,
+            # when memory may have freed, up to MAX_OOM_RECORDINGS times.
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            self.oom_recordings[key] = failures = self.oom_recordings.get(key, 0) + 1
+            logger.warning("CUDA graphs: out of memory recording %s (%d of %d tries); this call runs eagerly",
+                           _described(key), failures, MAX_OOM_RECORDINGS)
+            if failures >= MAX_OOM_RECORDINGS:
+                self.eager_shapes.add(key)
+            return None
         except RuntimeError as error:
             torch.cuda.synchronize(self.device)
             logger.warning("CUDA graphs: recording failed for %s; that shape runs eagerly: %s", _described(key), error)

@@ -17,6 +17,7 @@ def rows_that_fit(device: torch.device, forward: Callable[[], object], rows: int
     forward()
     torch.cuda.synchronize(device)
     per_row = (torch.cuda.max_memory_allocated(device) - baseline) / rows
+    torch.cuda.empty_cache()  # the probe's blocks, still cached, would count as used
     free, _ = torch.cuda.mem_get_info(device)
     return max(2, int(headroom * free / per_row))
 

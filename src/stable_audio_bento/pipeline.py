@@ -138,8 +138,10 @@ class BatchedStableAudio:
 
     @torch.no_grad()
     def rows_capacity(self) -> int:
-        """DiT rows per forward that fit in free CUDA memory, from the memory one full-window forward takes."""
-        state = self.prepare_request(AudioRequest("probe", seed=0, audio_length=1.0, num_inference_steps=1))
+        """DiT rows per forward that fit in free CUDA memory, from the memory one full-window forward takes (the
+        probe asks for the whole window, so that in the short denoise window too it denoises all its frames)."""
+        probe = AudioRequest("probe", seed=0, audio_length=self.limits.max_seconds, num_inference_steps=1)
+        state = self.prepare_request(probe)
         with eager_forward(self):  # a graph's replay would show none of the memory
             return rows_that_fit(self.device, lambda: self.forward([state]), state.request.rows)
 
