@@ -82,6 +82,17 @@ def test_unusable_uploads_name_the_audio_field(tmp_path, content):
     assert (raised.value.param, raised.value.status) == ("audio", 400)
 
 
+def test_a_file_libsndfile_opens_but_cannot_read_is_a_400(tmp_path):
+    """Its header is fine, its frames are not (a FLAC whose data is overwritten): libsndfile fails while reading."""
+    data = bytearray(write(tmp_path / "good.flac", tone(44100, 1.0, [440.0, 660.0]), 44100, "PCM_16").read_bytes())
+    data[200:] = b"\xff" * (len(data) - 200)
+    path = tmp_path / "corrupt.flac"
+    path.write_bytes(bytes(data))
+    with pytest.raises(APIError) as raised:
+        load_init_audio(path, LIMITS)
+    assert (raised.value.param, raised.value.status) == ("audio", 400)
+
+
 def test_audio_longer_than_the_window_is_refused(tmp_path):
     too_long = np.zeros((LIMITS.max_samples // 4 + 8, 1))  # at 11025 Hz: a few samples past 47.55 s
     with pytest.raises(APIError, match="window") as raised:

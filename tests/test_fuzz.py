@@ -458,7 +458,10 @@ def with_one_invalid_field(draw, field: str, invalid: dict = INVALID) -> dict:
     if value is PAST_END:
         length = round(body["audio_length"] * SAMPLE_RATE)
         first = MAX_SAMPLES - length + 1  # the first start sample that puts the end past the window
-        value = draw(st.integers(first, max(first, MAX_SAMPLES - 1))) / SAMPLE_RATE
+        sample = draw(st.integers(first, max(first, MAX_SAMPLES - 1)))
+        value = sample / SAMPLE_RATE  # the server starts at int(value * rate), which can land a sample below:
+        if int(value * SAMPLE_RATE) < sample:
+            value = math.nextafter(value, math.inf)  # one float up cannot
     if value is MISSING:
         del body[field]
     else:

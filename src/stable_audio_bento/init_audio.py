@@ -45,12 +45,10 @@ def decode(path: Path, limits: ModelLimits) -> tuple[np.ndarray, int]:
     if path.stat().st_size == 0:
         raise APIError("audio: the uploaded file is empty", param="audio")
     try:
-        upload = soundfile.SoundFile(path)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError):
-        frames, rate = decode_with_ffmpeg(path, limits)
-    else:
-        with upload:
+        with soundfile.SoundFile(path) as upload:
             frames, rate = decode_with_libsndfile(upload, limits)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError):  # unreadable to libsndfile, on opening or reading
+        frames, rate = decode_with_ffmpeg(path, limits)
     if frames.shape[0] == 0:
         raise APIError("audio: the uploaded file holds no samples", param="audio")
     if not np.isfinite(frames).all():
