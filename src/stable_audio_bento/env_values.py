@@ -4,7 +4,8 @@ what it takes, so that the server stops with one line about it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 def env_text(env: Mapping[str, str], variable: str) -> str | None:
@@ -12,27 +13,26 @@ def env_text(env: Mapping[str, str], variable: str) -> str | None:
 
 
 def env_integer(env: Mapping[str, str], variable: str, default: int | None, minimum: int) -> int | None:
-    if (value := env_text(env, variable)) is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        number = None
-    if number is None or number < minimum:
-        raise ValueError(f"{variable}={value!r}: give a whole number, at least {minimum}")
-    return number
+    return _env_number(env, variable, default, int, lambda number: number >= minimum,
+                       f"give a whole number, at least {minimum}")
 
 
 def env_seconds(env: Mapping[str, str], variable: str, default: float) -> float:
+    return _env_number(env, variable, default, float, lambda seconds: 0 < seconds < float("inf"),
+                       "give a number of seconds above 0")
+
+
+def _env_number(env: Mapping[str, str], variable: str, default, parse: Callable[[str], Any],
+                acceptable: Callable[[Any], bool], wanted: str):
     if (value := env_text(env, variable)) is None:
         return default
     try:
-        seconds = float(value)
+        number = parse(value)
     except ValueError:
-        seconds = None
-    if seconds is None or not 0 < seconds < float("inf"):
-        raise ValueError(f"{variable}={value!r}: give a number of seconds above 0")
-    return seconds
+        number = None
+    if number is None or not acceptable(number):
+        raise ValueError(f"{variable}={value!r}: {wanted}")
+    return number
 
 
 def env_choice(env: Mapping[str, str], variable: str, allowed: tuple[str, ...], default: str | None = None) -> str:

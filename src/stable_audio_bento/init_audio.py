@@ -35,7 +35,8 @@ def load_init_audio(path: Path, limits: ModelLimits) -> np.ndarray:
 
 
 def too_long(limits: ModelLimits, seconds: float | None) -> APIError:
-    length = "longer than that" if seconds is None else f"{seconds:.2f} s long"
+    """``seconds``: the upload's length, None when decoding stopped past the window without learning it."""
+    length = "longer than the window" if seconds is None else f"{seconds:.2f} s long"
     return APIError(f"audio is {length}; this model's window is {limits.max_seconds:.2f} s", param="audio")
 
 
