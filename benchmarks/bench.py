@@ -175,6 +175,12 @@ def server_env(args) -> dict[str, str]:
     return {**env, "STABLE_AUDIO_MODEL": args.model}
 
 
+def server_log(args, name: str = "server") -> Path:
+    """Beside the JSON report (gpu.sh: in $OUT, which comes back from the device machine): only the server's log
+    says how its engine ran, e.g. a CUDA-graph recording that failed and left that shape eager."""
+    return args.json.with_name(f"{args.json.stem}-{name}.log")
+
+
 def mixed_workload(count: int, steps: list[int], max_length: float, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     return [
@@ -616,7 +622,8 @@ def bench_throughput(pipe, url, args) -> None:
         torch.cuda.synchronize()
     baseline_wall = time.perf_counter() - started
     baseline = {"req_per_s": len(workload) / baseline_wall,
-                "audio_s_per_s": sum(b["audio_length"] for b in workload) / baseline_wall}
+                "audio_s_per_s": sum(b["audio_length"] for b in workload) / baseline_wall,
+                "dit_dtype": str(reference.transformer.dtype), "vae_dtype": str(reference.vae.dtype)}
     say("| clients | req/s | audio s/s | p50 s | p95 s | mean batch | vs diffusers sequential |")
     say("|---|---|---|---|---|---|---|")
     say(f"| diffusers, 1 at a time | {baseline['req_per_s']:.4f} | {baseline['audio_s_per_s']:.3f} | | | 1 | 1.00x |")
@@ -733,7 +740,7 @@ def bench_arrivals(args) -> None:
     max_pending = max(64, 2 * args.arrival_requests, 2 * args.capacity_requests)  # measure waiting, never 429
     for mode in BATCHING_MODES:
         env = {**server_env(args), "STABLE_AUDIO_BATCHING": mode, "STABLE_AUDIO_MAX_PENDING": str(max_pending)}
-        with local_server(env, REPO / "artifacts" / f"bench-server-{mode}.log") as url:
+        with local_server(env, server_log(args, f"server-{mode}")) as url:
             warm_up = {"input": WARM_UP.prompt, "audio_length": WARM_UP.audio_length, "seed": WARM_UP.seed,
                        "num_inference_steps": WARM_UP.num_inference_steps}
             post(url, warm_up)
@@ -822,10 +829,12 @@ def main() -> None:
     started = time.perf_counter()
     pipe = None
     if set(sections) & NEEDS_PIPE:
-        pipe = load_pipeline(engine_config(args, dtype="float32" if "precision" in sections else "auto"))
+        # --dtype for every section but precision, which compares each half precision against fp32 itself
+        config = engine_config(args)
+        pipe = load_pipeline(replace(config, dtype="float32") if "precision" in sections else config)
         if "precision" in sections:
             bench_precision(pipe, args)
-            pipe = load_pipeline(engine_config(args))
+            pipe = load_pipeline(config)
         for name, bench in (("decode", bench_decode), ("latency", bench_latency), ("scheduler", bench_scheduler),
                             ("drift", bench_drift), ("profile", bench_profile),
                             ("decode_placement", bench_decode_placement)):
@@ -833,7 +842,7 @@ def main() -> None:
                 bench(pipe, args)
     if set(sections) & {"serving", "throughput"}:
         env = {**server_env(args), "STABLE_AUDIO_BATCHING": "continuous"}
-        with local_server(env, REPO / "artifacts" / "bench-server.log") as url:
+        with local_server(env, server_log(args)) as url:
             if "serving" in sections:
                 bench_serving(pipe, url, args)
             if "throughput" in sections:

@@ -62,7 +62,7 @@ from stable_audio_bento.sa3_loading import (  # noqa: E402
     TINY_ARCHITECTURE,
     TINY_SA3,
     TINY_SA3_BASE,
-    keep_frequencies_in_fp32,
+    place_keeping_frequencies,
 )
 from stable_audio_bento.step_loop import run_to_completion  # noqa: E402
 
@@ -243,9 +243,7 @@ def memory_child(args) -> None:
     torch.manual_seed(0)
     with device:  # random initialisation on the GPU takes no time; on the CPU it is where it happens anyway
         vae = AutoencoderSAME(**AUTOENCODERS[vae_name]).to(device).eval()
-    if vae.dtype != dtype:  # diffusers warns on every cast, even to fp32
-        vae.to(dtype)
-        keep_frequencies_in_fp32(vae)
+    place_keeping_frequencies(vae, device, dtype)
     frames = latent_frames(float(seconds))
     window_frames = None if window == "none" else int(window)
     if direction == "decode":

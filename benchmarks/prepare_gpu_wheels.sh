@@ -5,6 +5,8 @@
 # encoder; `gpu.sh sa3` installs it only then), with the packages its import checks the versions of
 # (transformers/dependency_versions_check.py) and wants newer than an older image may have: tokenizers,
 # huggingface-hub (its httpx2 is in .whl/), safetensors, regex.
+# typing-extensions, idna, anyio and certifi are in the image too, but older than pydantic, httpx2 and bentoml
+# require (their versions there are unrecorded): ./.venv's shadow them, all four keeping their older APIs.
 # Needs PyPI; the result is about 33 MiB, 18 of them in transformers/. Carry it with the device tool: carry=[".whl"].
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +16,7 @@ NEEDED="bentoml diffusers torchsde trampoline soundfile cffi pycparser pydantic 
   opentelemetry-instrumentation opentelemetry-instrumentation-aiohttp-client opentelemetry-instrumentation-asgi
   opentelemetry-semantic-conventions opentelemetry-util-http pip-requirements-parser python-json-logger
   pydub soxr pytest pluggy iniconfig pygments python-multipart pyzmq rich-toolkit schema simple-di tomli-w tornado
-  truststore uvicorn watchfiles wsproto"
+  truststore uvicorn watchfiles wsproto typing-extensions idna anyio certifi"
 TRANSFORMERS="transformers tokenizers huggingface-hub safetensors regex"
 pins() {
   .venv/bin/python - "$@" <<'PY'

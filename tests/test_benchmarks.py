@@ -33,13 +33,19 @@ def test_gpu_script_cpu_smoke(tmp_path, model_cache):
     compiled = json.loads((tmp_path / "bench-compile.json").read_text())
     assert [row["case"] for row in compiled["latency"] if row.get("reduce-overhead", 0) > 0] == [
         "10 s, exact window"]  # the full window only
-    assert compiled["latency"][0]["reduce-overhead_snr_db"] > 60  # Inductor's kernels, fp32 rounding apart
+    assert compiled["latency"][0]["reduce-overhead_snr_db"] > 40  # Inductor's kernels, bf16 rounding apart
     # graphs: tests/test_cuda_graphs.py, all passed or skipped (replays need a GPU)
     assert re.search(r"^\d+ passed, \d+ skipped", done.stdout, re.MULTILINE), done.stdout[-4000:]
 
     serving = json.loads((tmp_path / "bench-throughput.json").read_text())
     assert serving["serving"]["http_s"] > 0 and serving["serving"]["direct_s"] > 0
     assert all(row["ok"] == row["requests"] for row in serving["throughput"]["service"])
+    # the GPU's layout in-process too (a half-precision DiT beside the fp32 VAE): diffusers got a VAE in the DiT's dtype
+    baseline = serving["throughput"]["baseline"]
+    assert baseline["dit_dtype"] == baseline["vae_dtype"] == "torch.bfloat16"
+    # each server's log beside its report: how the engine ran comes back from the device machine with the figures
+    assert "DiT forward: eager" in (tmp_path / "bench-throughput-server.log").read_text()
+    assert all((tmp_path / f"bench-arrivals-server-{mode}.log").exists() for mode in ("whole", "continuous"))
     arrivals = json.loads((tmp_path / "bench-arrivals.json").read_text())["arrivals"]
     assert [row["load"] for row in arrivals] == [0.5, 0.9]
     assert all(row["ok"] == row["requests"] for row in arrivals)

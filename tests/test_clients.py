@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
 import openai
 import pytest
 import soundfile
+
+from stable_audio_bento import client
 
 BODY = {"input": "a kettle whistling", "audio_length": 2.0, "num_inference_steps": 12, "seed": 99,
         "response_format": "flac"}
@@ -119,6 +124,90 @@ def test_command_line_client_shows_progress(server, tmp_path):
     bars = re.findall(r"\[([#.]{30})\] (\d+)/(\d+) steps", done.stderr)
     assert bars and bars[-1] == ("#" * 30, "20", "20") and "succeeded" in done.stderr
     assert soundfile.info(output).frames == 48000
+
+
+class StandInServer(BaseHTTPRequestHandler):
+    """The jobs API as the command-line client sees it: the first ``refusals`` submissions answered ``refusal``
+    (status, Retry-After), then a job that has already succeeded. Every request's method and path are kept."""
+
+    refusals, refusal, seen = 0, (429, "0"), []
+    JOB = {"id": "job_1", "status": "succeeded", "progress": {"steps_done": 2, "steps_total": 2}, "seed": 7,
+           "queue_position": None, "audio_duration": 1.0, "response_format": "wav", "error": None,
+           "result_url": "/v1/audio/jobs/job_1/content"}
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append(("POST", self.path))
+        if len(self.seen) <= self.refusals:
+            status, retry_after = self.refusal
+            error = {"error": {"message": "the server is busy", "type": "x", "param": None, "code": None}}
+            return self.answer(status, json.dumps(error).encode(), {"Retry-After": retry_after})
+        self.answer(202, json.dumps(self.JOB).encode(), {})
+
+    def do_GET(self):
+        self.seen.append(("GET", self.path))
+        content = self.path.endswith("/content")
+        self.answer(200, b"RIFF audio" if content else json.dumps(self.JOB).encode(), {})
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """(the stand-in server's URL, its handler class); ``refusals`` and ``refusal`` set per test."""
+    monkeypatch.setattr(StandInServer, "seen", [])
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandInServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", StandInServer
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_the_command_line_client_submits_again_after_a_busy_servers_retry_after(stand_in, tmp_path, capsys, status):
+    url, handler = stand_in
+    handler.refusals, handler.refusal = 2, (status, "0")
+    output = tmp_path / "out.wav"
+    assert client.main(["a bell", "--url", url, "--quiet", "-o", str(output)]) == 0
+    assert [path for method, path in handler.seen if method == "POST"] == ["/v1/audio/jobs"] * 3
+    assert output.read_bytes() == b"RIFF audio"
+    assert capsys.readouterr().err.count(f"server refused the job ({status}); retrying in 0 s") == 2
+
+
+@pytest.mark.parametrize("refusal, timeout", [((400, "0"), "60"), ((429, "30"), "5")])
+def test_a_bad_request_or_a_retry_past_the_timeout_is_not_sent_again(stand_in, tmp_path, capsys, refusal, timeout):
+    url, handler = stand_in
+    handler.refusals, handler.refusal = 1, refusal
+    started = time.monotonic()
+    assert client.main(["a bell", "--url", url, "--timeout", timeout, "-o", str(tmp_path / "out.wav")]) == 1
+    assert time.monotonic() - started < 5 and handler.seen == [("POST", "/v1/audio/jobs")]
+    assert f"error {refusal[0]}: " in capsys.readouterr().err and not (tmp_path / "out.wav").exists()
+
+
+@pytest.mark.parametrize("output", ["missing-folder/out.wav", "."])
+def test_an_output_the_client_cannot_write_is_refused_before_anything_is_generated(stand_in, tmp_path, output,
+                                                                                   monkeypatch, capsys):
+    url, handler = stand_in
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        client.main(["a bell", "--url", url, "-o", output])
+    assert exit_.value.code == 2 and handler.seen == []
+    assert f"cannot write {output}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix, response_format", [(".ogg", "opus"), (".OPUS", "opus"), (".flac", "flac"),
+                                                     (".audio", None)])
+def test_the_output_suffix_picks_the_format(suffix, response_format):
+    body = client.request_body(client.parse_args(["a bell", "-o", "out" + suffix]))
+    assert body.get("response_format") == response_format
 
 
 def scrape(server: str) -> dict[str, float]:

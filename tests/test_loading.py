@@ -50,6 +50,14 @@ def test_hub_id_without_network_fails_with_a_hint(monkeypatch):
         load_pipeline(EngineConfig(model="stabilityai/stable-audio-open-1.0"))
 
 
+@pytest.mark.parametrize("model", ["/models/missing", "./stable-audio-3-medium"])
+def test_a_folder_that_is_not_there_is_named_as_such_not_as_a_failed_download(model, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=f"^there is no folder {model!r}, and it is not a hub id") as refused:
+        load_engine(EngineConfig(model=model))
+    assert "Hugging Face" not in str(refused.value)
+
+
 def test_unknown_load_format_and_dtype_are_refused():
     with pytest.raises(ModelLoadError, match="STABLE_AUDIO_LOAD_FORMAT"):
         load_pipeline(EngineConfig(model="tiny", load_format="safetensors-please"))

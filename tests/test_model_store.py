@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+import bentoml
+from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models import ModelStore
 from diffusers import StableAudioPipeline
 
@@ -23,7 +26,7 @@ from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.generation import AudioRequest
 from stable_audio_bento.loading import load_engine
 from stable_audio_bento.local_server import local_server
-from stable_audio_bento.model_import import main
+from stable_audio_bento.model_import import import_model, main
 from stable_audio_bento.model_store import STORED_MODEL_TAG, serving_config
 from stable_audio_bento.sa3_loading import TINY_SA3, ensure_tiny_sa3_model
 from stable_audio_bento.step_loop import run_to_completion
@@ -118,6 +121,27 @@ def test_bad_sources_fail_with_a_clear_message(source, message, tmp_path, capsys
     assert "Traceback" not in error
     last_line = error.strip().splitlines()[-1]  # after diffusers' progress bars, if it got that far
     assert last_line.startswith("stable-audio-import-model: error: ") and message in last_line
+
+
+def test_an_import_interrupted_while_copying_into_the_store_leaves_no_entry(tmp_path, model_cache, monkeypatch):
+    """Ctrl-C while BentoML copies the weights into the store: the half-copied version (no model.yaml) is removed,
+    so listing the store and resolving the service's stored model still work, and the next import is served."""
+    store = ModelStore(tmp_path / "models")
+
+    def interrupted_copy(source, target, **options):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(source) / "model_index.json", target)
+        raise KeyboardInterrupt
+
+    with BentoMLContainer.model_store.patch(store):
+        with monkeypatch.context() as patched:
+            patched.setattr(shutil, "copytree", interrupted_copy)
+            with pytest.raises(KeyboardInterrupt):
+                import_model("tiny")
+        assert bentoml.models.list() == []
+        stored = import_model("tiny")
+        assert [model.tag for model in bentoml.models.list()] == [stored.tag]
+        assert store.get(STORED_MODEL_TAG).tag == stored.tag
 
 
 def test_serving_without_a_model_setting_generates_with_the_stored_model(imported, engine):

@@ -20,6 +20,7 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from stable_audio_bento.audio import format_unavailable
@@ -233,6 +234,29 @@ def test_cancel_stops_a_running_job(server, browser):
     wait_for(browser, lambda: text(browser, "status") == "Cancelled.", 30, "the job was not cancelled")
     assert browser.find_element(By.ID, "generate").is_enabled()
     assert browser.find_element(By.ID, "download").get_attribute("href") is None
+    job_id = text(browser, "job-id")
+    assert httpx.get(f"{server}/v1/audio/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_ctrl_enter_and_cancel_while_the_job_is_being_submitted(server, browser):
+    """Before the server has answered the job's POST (held back here for 1.5 s): Ctrl+Enter, which submits even
+    while the Generate button is disabled, sends no second job, and Cancel cancels the job once it is accepted."""
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length=47, num_inference_steps=400)
+    browser.execute_script("""
+        const fetchNow = window.fetch;
+        window.jobPosts = 0;
+        window.fetch = (path, options) => {
+          if (!options || options.method !== "POST") return fetchNow(path, options);
+          window.jobPosts++;
+          return new Promise((resolve) => setTimeout(resolve, 1500)).then(() => fetchNow(path, options));
+        };""")
+    browser.find_element(By.ID, "generate").click()
+    browser.find_element(By.ID, "input").send_keys(Keys.CONTROL, Keys.ENTER)
+    assert browser.execute_script("return window.jobPosts") == 1
+    browser.find_element(By.ID, "cancel").click()
+    wait_for(browser, lambda: text(browser, "status") == "Cancelled.", 30, "the job was not cancelled")
+    assert browser.find_element(By.ID, "generate").is_enabled()
     job_id = text(browser, "job-id")
     assert httpx.get(f"{server}/v1/audio/jobs/{job_id}").json()["status"] == "cancelled"
 

@@ -20,7 +20,8 @@ from stable_audio_bento.generation import AudioRequest
 from stable_audio_bento.loading import ModelLoadError, load_sa3_engine
 from stable_audio_bento.pipeline import SamplingOptions
 from stable_audio_bento.sa3 import BatchedStableAudio3, SA3Options
-from stable_audio_bento.sa3_loading import TINY_SA3, TINY_SA3_BASE, ensure_tiny_sa3_model, load_tiny_sa3
+from stable_audio_bento.sa3_loading import (TINY_SA3, TINY_SA3_BASE, chunked_autoencoder_components,
+                                            ensure_tiny_sa3_model, load_tiny_sa3)
 from stable_audio_bento.same_chunked import use_chunked_attention, uses_chunked_attention
 from stable_audio_bento.step_loop import run_to_completion
 from conftest import snr_db
@@ -119,14 +120,18 @@ def test_conditioning_is_chosen_by_environment(tmp_path, monkeypatch):
 
 
 def test_small_model_is_served_only_with_chunked_attention(tmp_path, monkeypatch):
-    """A folder named like a small model holding diffusers' band-attention SAME is refused; with Stability's chunk
-    settings in vae/config.json (as a chunked autoencoder's save_pretrained writes them) and a 3-tap decoder mapping
-    it is served, and a request's audio is the pipeline's with that autoencoder (odd latent length: the decoder pads
-    to whole chunks), bit for bit."""
+    """A folder named like a small model holding diffusers' band-attention SAME is refused, and so is one with the
+    chunk settings but diffusers' 1-tap decoder mapping; with Stability's chunk settings in vae/config.json (as a
+    chunked autoencoder's save_pretrained writes them) and a 3-tap decoder mapping it is served, and a request's
+    audio is the pipeline's with that autoencoder (odd latent length: the decoder pads to whole chunks), bit for
+    bit."""
     monkeypatch.setenv("STABLE_AUDIO_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "stable-audio-3-small-music"
     shutil.copytree(ensure_tiny_sa3_model(variant=TINY_SA3), folder)
     with pytest.raises(ModelLoadError, match="chunked attention"):
+        load_sa3_engine(EngineConfig(model=str(folder)))
+    use_chunked_attention(AutoencoderSAME.from_pretrained(folder / "vae")).save_pretrained(folder / "vae")
+    with pytest.raises(ModelLoadError, match="3-tap decoder mapping"):
         load_sa3_engine(EngineConfig(model=str(folder)))
 
     torch.manual_seed(1)
@@ -146,6 +151,24 @@ def test_small_model_is_served_only_with_chunked_attention(tmp_path, monkeypatch
     expected = engine.pipe(request.prompt, duration=request.audio_length, num_inference_steps=4,
                            generator=torch.Generator().manual_seed(request.seed)).audios[0].numpy()
     assert result.error is None and np.array_equal(result.audio, expected)
+
+
+def test_a_chunked_autoencoder_that_does_not_load_says_why(tmp_path, monkeypatch):
+    """vae/config.json records the chunk settings but the weights are missing or unreadable: a ValueError naming
+    the folder and the cause, not the reader's bare exception."""
+    monkeypatch.setenv("STABLE_AUDIO_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "chunked"
+    shutil.copytree(ensure_tiny_sa3_model(variant=TINY_SA3), folder)
+    use_chunked_attention(AutoencoderSAME.from_pretrained(folder / "vae")).save_pretrained(folder / "vae")
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"chunked.vae: config.json records chunk_size .* SafetensorError"):
+        chunked_autoencoder_components(str(folder))
+    with pytest.raises(ModelLoadError, match=r"does not load as one: SafetensorError"):  # startup's one line
+        load_sa3_engine(EngineConfig(model=str(folder)))
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"does not load as one: FileNotFoundError"):
+        chunked_autoencoder_components(str(folder))
 
 
 def test_no_duration_headroom(pipes):

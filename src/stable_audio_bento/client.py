@@ -1,5 +1,6 @@
 """Command-line client (standard library only, so it runs anywhere). It submits a job, shows a progress bar
-while polling it, then downloads the audio; Ctrl-C or --timeout cancels the job on the server.
+while polling it, then downloads the audio; Ctrl-C or --timeout cancels the job on the server. A busy server's
+refusal (429, or 503 while shutting down) is retried after its Retry-After until --timeout.
 
     python -m stable_audio_bento.client "Thunder and rain sounds" --audio-length 15 --seed 42 -o rain.wav
     python -m stable_audio_bento.client "A cello" --init-audio loop.wav --strength 0.5 -o cello.wav
@@ -19,6 +20,12 @@ from pathlib import Path
 
 POLL_INTERVAL_S = 0.25
 BAR_WIDTH = 30
+# Refused before admission: the server is full (429) or shutting down (503; behind a load balancer the next try may
+# reach another replica). Nothing was generated, so the job is sent again after Retry-After, until --timeout.
+RETRIED_STATUSES = (429, 503)
+DEFAULT_RETRY_AFTER_S = 1.0
+SUFFIX_FORMATS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "pcm": "pcm", "opus": "opus", "ogg": "opus",
+                  "aac": "aac"}
 
 FIELDS = {  # flag -> (type, help); None values are left out so the server applies its defaults
     "audio_length": (float, "seconds of audio (default: the model maximum, 47.55 s)"),
@@ -49,12 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=os.environ.get("STABLE_AUDIO_API_KEY"),
                         help="sent as 'Authorization: Bearer KEY' (default: $STABLE_AUDIO_API_KEY)")
     parser.add_argument("--timeout", type=float, default=3600.0,
-                        help="seconds to wait before cancelling the job (default 3600)")
+                        help="seconds to wait, retries of a busy server included, before cancelling the job "
+                             "(default 3600)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     for name in EDIT_FIELDS:
         if getattr(args, name) is not None and args.init_audio is None:
             parser.error(f"--{name.replace('_', '-')} needs --init-audio")
+    if args.output.is_dir() or not os.access(args.output.parent, os.W_OK):  # known now, not after the generation
+        parser.error(f"cannot write {args.output}: give a file in an existing folder this user can write to")
     return args
 
 
@@ -64,8 +74,8 @@ def request_body(args: argparse.Namespace) -> dict:
     if args.trim_silence:
         body["trim_silence"] = True
     suffix = args.output.suffix.lstrip(".").lower()
-    if "response_format" not in body and suffix in ("wav", "mp3", "flac", "pcm", "opus", "aac"):
-        body["response_format"] = suffix
+    if "response_format" not in body and suffix in SUFFIX_FORMATS:
+        body["response_format"] = SUFFIX_FORMATS[suffix]
     return body
 
 
@@ -106,11 +116,8 @@ def generate(server: Server, body: dict, timeout: float, show: "ProgressBar", in
              ) -> tuple[bytes, dict]:
     """Submit (an edit of ``init_audio`` if given), poll until the job ends, download. Returns the audio and the
     final job status."""
-    if init_audio is None:
-        job = server.job("POST", "/v1/audio/jobs", body)
-    else:
-        job = server.job("POST", "/v1/audio/edits/jobs", form=multipart_form(body, init_audio))
     deadline = time.monotonic() + timeout
+    job = submit(server, body, init_audio, deadline)
     try:
         while job["status"] in ("queued", "running"):
             show(job)
@@ -125,6 +132,30 @@ def generate(server: Server, body: dict, timeout: float, show: "ProgressBar", in
     if job["status"] != "succeeded":
         raise RuntimeError(f"job {job['status']}: {json.dumps(job['error'])}")
     return server.call("GET", job["result_url"])[0], job
+
+
+def submit(server: Server, body: dict, init_audio: Path | None, deadline: float) -> dict:
+    """The new job; a refusal in RETRIED_STATUSES is sent again after its Retry-After while the deadline allows."""
+    form = None if init_audio is None else multipart_form(body, init_audio)
+    while True:
+        try:
+            if form is None:
+                return server.job("POST", "/v1/audio/jobs", body)
+            return server.job("POST", "/v1/audio/edits/jobs", form=form)
+        except urllib.error.HTTPError as error:
+            wait = retry_after(error)
+            if error.code not in RETRIED_STATUSES or time.monotonic() + wait > deadline:
+                raise
+            print(f"server refused the job ({error.code}); retrying in {wait:g} s", file=sys.stderr, flush=True)
+            time.sleep(wait)
+
+
+def retry_after(error: urllib.error.HTTPError) -> float:
+    """The refusal's Retry-After in seconds (the server sends whole seconds), else a default."""
+    try:
+        return max(0.0, float(error.headers.get("Retry-After", DEFAULT_RETRY_AFTER_S)))
+    except ValueError:  # an HTTP date, from a proxy
+        return DEFAULT_RETRY_AFTER_S
 
 
 class ProgressBar:

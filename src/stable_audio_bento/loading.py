@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import string
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from .sa3 import BatchedStableAudio3, SA3Options
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
+HUB_ID = re.compile(r"\w(?:[\w.-]*\w)?/\w(?:[\w.-]*\w)?")  # owner/name, each starting and ending alphanumeric
 TINY_FORMAT_VERSION = 1
 
 
@@ -182,7 +184,11 @@ def load_sa3_engine(config: EngineConfig) -> BatchedStableAudio3:
         logger.info("built full-size %s architecture with random weights (dummy load format)", config.model)
     elif config.load_format == "auto":
         source = config.weights or sa3_loading.sa3_source(config.model)
-        pipe = _from_pretrained(source, StableAudio3Pipeline, **sa3_loading.chunked_autoencoder_components(source))
+        try:
+            components = sa3_loading.chunked_autoencoder_components(source)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        pipe = _from_pretrained(source, StableAudio3Pipeline, **components)
         try:
             sa3_loading.check_autoencoder_is_faithful(config.model, pipe.vae)
         except ValueError as exc:
@@ -216,6 +222,10 @@ def load_pipeline(config: EngineConfig) -> StableAudioPipeline:
 def _from_pretrained(source: str, pipeline_class: type = StableAudioPipeline, **components: Any) -> Any:
     """components: already loaded ones, which from_pretrained then does not read from ``source``."""
     is_folder = Path(source).is_dir()
+    if not is_folder and not HUB_ID.fullmatch(source):  # a mistyped or unmounted path, not a download to retry
+        raise ModelLoadError(f"there is no folder {source!r}, and it is not a hub id (owner/name). Point "
+                             "STABLE_AUDIO_MODEL at a local diffusers-format folder, or use STABLE_AUDIO_MODEL=tiny "
+                             "(or tiny-sa3) for a small random model.")
     try:
         return pipeline_class.from_pretrained(source, token=None if is_folder else os.environ.get("HF_TOKEN"),
                                               **components)

@@ -10,9 +10,9 @@ SOURCE is a hub id (with ``HF_TOKEN`` for gated repos), a local diffusers-format
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -22,10 +22,9 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi, hf_hub_download
 
 from . import sa3_checkpoint, sa3_loading
-from .loading import TINY, ensure_tiny_model
+from .loading import HUB_ID, TINY, ensure_tiny_model
 from .model_store import FAMILIES, STORED_MODEL_NAME
 
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 STORED_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -60,10 +59,18 @@ def import_model(source: str, text_encoder: str = sa3_checkpoint.TEXT_ENCODER_HU
     pipe, revision = read_source(source, text_encoder)
     family = FAMILIES[type(pipe).__name__]
     store_weights_in(pipe, getattr(torch, dtype))
-    with bentoml.models.create(STORED_MODEL_NAME, labels={"source": source, "family": family}) as model:
-        pipe.save_pretrained(model.path)
-        model.info.metadata.update(source=source, revision=revision, family=family, dtype=dtype,
-                                   size_bytes=sum(path.stat().st_size for path in _files(Path(model.path))))
+    tag = bentoml.Tag(STORED_MODEL_NAME).make_new_version()
+    try:
+        with bentoml.models.create(tag, labels={"source": source, "family": family}) as model:
+            pipe.save_pretrained(model.path)
+            model.info.metadata.update(source=source, revision=revision, family=family, dtype=dtype,
+                                       size_bytes=sum(path.stat().st_size for path in _files(Path(model.path))))
+    except BaseException:
+        # BentoML removes a half-copied store entry after an error, but not after Ctrl-C, and an entry without its
+        # model.yaml breaks every listing of the store, the service's start included (even with another model set).
+        with contextlib.suppress(bentoml.exceptions.NotFound):
+            bentoml.models.delete(tag)
+        raise
     return model
 
 

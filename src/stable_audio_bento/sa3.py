@@ -116,7 +116,7 @@ class BatchedStableAudio3:
             sample_rate=sample_rate,
             channels=int(pipe.vae.config.audio_channels),
             hop_length=hop,
-            # The latent length of the longest request, so limits.max_seconds is max_seconds rounded up to a frame.
+            # The latent length of the longest request; max_duration_s keeps the limit itself, within that frame.
             latent_frames=math.ceil(self.max_seconds * sample_rate / hop),
             max_duration_s=self.max_seconds,
             fixed_start=True,
@@ -124,7 +124,7 @@ class BatchedStableAudio3:
         self.encode_margin_frames = encoder_reach_frames(pipe.vae)
         self.decode_margin_frames = decoder_reach_frames(pipe.vae)
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._rotary_embeddings: dict[int, torch.Tensor] = {}
+        self._rotary_table = self.transformer.rotary_pos_emb(self.tokens(self.limits.latent_frames), self.device)
         self._transformer_forward = self.transformer_forward
 
     def compile(self, mode: str = "default") -> None:
@@ -262,8 +262,8 @@ class BatchedStableAudio3:
             # them take another kernel for a contiguous (rows, frames, channels) tensor, which rounds differently.
             local = torch.cat([state.local_conditioning.expand(state.request.rows, -1, -1) for state in states])
             local = local.transpose(1, 2)
-        tokens = latents.shape[-1] // self.transformer.config.patch_size + self.transformer.config.num_memory_tokens
-        hidden = self._transformer_forward(latents, context, modulation, self.rotary_embedding(tokens), local)
+        rope = self.rotary_embedding(self.tokens(latents.shape[-1]))
+        hidden = self._transformer_forward(latents, context, modulation, rope, local)
         rows = hidden.split([state.request.rows for state in states])
         return [self.guide(state, self.postprocess(output)) for state, output in zip(states, rows)]
 
@@ -285,10 +285,15 @@ class BatchedStableAudio3:
         timestep_embedding = dit.to_timestep_embed(dit.timestep_features(timestep.float()[:, None]).to(self.dtype))
         return dit.global_cond_embedder(state.global_embedding + timestep_embedding)
 
+    def tokens(self, frames: int) -> int:
+        """The DiT's sequence length for a latent length: its patches after its memory tokens."""
+        return frames // self.transformer.config.patch_size + self.transformer.config.num_memory_tokens
+
     def rotary_embedding(self, length: int) -> torch.Tensor:
-        if length not in self._rotary_embeddings:
-            self._rotary_embeddings[length] = self.transformer.rotary_pos_emb(length, self.device)
-        return self._rotary_embeddings[length]
+        """The rotary table of ``length`` tokens: the first rows of the longest request's, computed once. A row is
+        its position times the frequencies, element by element, so it is the same bit for bit in a table of any
+        length; a table kept per length would hold ~1.1 GB for the medium model once clips of every length had run."""
+        return self._rotary_table[:length]
 
     def transformer_forward(self, latents: torch.Tensor, context: torch.Tensor, modulation: torch.Tensor,
                             rope: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:

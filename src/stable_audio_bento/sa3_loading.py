@@ -19,6 +19,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableAudio3Pipeline
 from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME
 from diffusers.models.transformers.transformer_stable_audio3 import StableAudio3DiTModel
 from diffusers.pipelines.stable_audio_3.modeling_stable_audio_3 import StableAudio3DurationEmbedder
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import GemmaTokenizer, T5GemmaConfig, T5GemmaEncoderModel
 
@@ -233,20 +234,26 @@ def chunked_autoencoder_components(source: str) -> dict[str, AutoencoderSAME]:
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     if "chunk_size" not in config:
         return {}
-    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
-    vae = AutoencoderSAME.from_config({key: value for key, value in config.items() if key not in CHUNK_SETTINGS})
-    use_chunked_attention(vae, int(config["chunk_size"]), bool(config.get("chunk_midpoint_shift", False)),
-                          decoder_mapping_kernel=weights["decoder.blocks.0.mapping.weight_v"].shape[-1])
-    vae.load_state_dict(weights, strict=True)
+    weights_file = folder / "diffusion_pytorch_model.safetensors"
+    try:  # diffusers' loader, which would say what is wrong, never sees this folder's autoencoder
+        weights = load_file(weights_file)
+        vae = AutoencoderSAME.from_config({key: value for key, value in config.items() if key not in CHUNK_SETTINGS})
+        use_chunked_attention(vae, int(config["chunk_size"]), bool(config.get("chunk_midpoint_shift", False)),
+                              decoder_mapping_kernel=weights["decoder.blocks.0.mapping.weight_v"].shape[-1])
+        vae.load_state_dict(weights, strict=True)
+    except (OSError, SafetensorError, KeyError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"{folder}: config.json records chunk_size (a chunked SAME autoencoder), but "
+                         f"{weights_file.name} does not load as one: {type(exc).__name__}: {exc}") from exc
     return {"vae": vae}
 
 
 def check_autoencoder_is_faithful(model: str, vae: AutoencoderSAME) -> None:
     """A small model (by its published name, or a SAME-S-shaped autoencoder: width 128 × 6, 6 layers) is served
-    only with the chunked attention SAME-S was trained with; diffusers' band attention decodes something else."""
+    only with the chunked attention and the 3-tap decoder mapping SAME-S was trained with; diffusers' band attention
+    decodes something else, and a 1-tap mapping cannot hold SAME-S's weights."""
     same_s_shaped = autoencoder_size(vae) == "S"
     published_small = max_seconds_for(model) is not None and "-small-" in Path(model).name
-    if (same_s_shaped or published_small) and not uses_chunked_attention(vae):
+    if (same_s_shaped or published_small) and not (uses_chunked_attention(vae) and has_same_s_decoder_mapping(vae)):
         raise ValueError(
             f"{model!r}: its autoencoder is SAME-S, which Stability's code runs with chunked attention (chunks of "
             "32 frames, the second half of the layers on chunks shifted by half) and a 3-tap decoder mapping; "
@@ -256,31 +263,41 @@ def check_autoencoder_is_faithful(model: str, vae: AutoencoderSAME) -> None:
             "'Departures from diffusers')")
 
 
+def has_same_s_decoder_mapping(vae: AutoencoderSAME) -> bool:
+    """Whether the decoder maps its tokens to audio patches with SAME-S's 3 taps (diffusers' blocks have 1)."""
+    mappings = [block.mapping for block in vae.decoder.blocks if isinstance(block.mapping, torch.nn.Conv1d)]
+    return all(mapping.kernel_size[0] == SAME_S_DECODER_MAPPING_KERNEL for mapping in mappings)
+
+
 def place_sa3_pipeline(pipe: StableAudio3Pipeline, device: torch.device, dtype: torch.dtype,
                        vae_dtype: torch.dtype) -> StableAudio3Pipeline:
     """The duration embedder goes with the DiT's dtype: its output feeds the DiT's projections directly."""
     for module, wanted in ((pipe.text_encoder, dtype), (pipe.duration_embedder, dtype), (pipe.transformer, dtype),
                            (pipe.vae, vae_dtype)):
-        if (module.device, module.dtype) != (device, wanted):  # diffusers warns on every cast, even to fp32
-            module.to(device, wanted)
-    for module in (pipe.duration_embedder, pipe.transformer, pipe.vae):
-        keep_frequencies_in_fp32(module)
+        place_keeping_frequencies(module, device, wanted)
     for module in (pipe.text_encoder, pipe.duration_embedder, pipe.transformer, pipe.vae):
         module.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def keep_frequencies_in_fp32(module: torch.nn.Module) -> None:
-    """``module.to(dtype)`` also casts its Fourier and rotary frequency buffers; with a bf16 ``inv_freq`` the DiT
-    counts positions in bf16 (``arange(length, dtype=inv_freq.dtype)``: 257 becomes 256). Only these buffers go
-    back to fp32 (a no-op in fp32): every use of them computes in fp32 and casts back, whereas another buffer (the
-    SAME's running std) would turn its layer's output into fp32."""
-    for submodule in module.modules():
-        for name in ("inv_freq", "freqs"):
-            buffer = submodule._buffers.get(name)
-            if buffer is not None and buffer.dtype != torch.float32:
-                setattr(submodule, name, buffer.float())
+FREQUENCY_BUFFERS = ("inv_freq", "freqs")  # the rotary embeddings' and the duration embedder's Fourier frequencies
+
+
+def place_keeping_frequencies(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)``, but its Fourier and rotary frequency buffers keep their fp32 values. ``to``
+    would round them to a half dtype, and casting back to fp32 afterwards cannot undo that: with fp16 (CUDA's
+    default) the rotary angles of a 380 s clip's last frames come out 0.66 rad off and the duration's Fourier
+    features up to 19 rad off (bf16: the tiny model's duration embedding 3 dB from fp32). A half-precision
+    ``inv_freq`` would also count positions in that dtype (``arange(length, dtype=inv_freq.dtype)``: 257 becomes
+    256 in bf16). Every use of these buffers computes in fp32 and casts back, whereas another buffer (the SAME's
+    running std) would turn its layer's output into fp32, so only these stay."""
+    frequencies = [(owner, name, buffer.float()) for owner in module.modules() for name in FREQUENCY_BUFFERS
+                   if (buffer := owner._buffers.get(name)) is not None]
+    if (module.device, module.dtype) != (device, dtype):  # diffusers warns on every cast, even to fp32
+        module.to(device, dtype)
+    for owner, name, buffer in frequencies:
+        setattr(owner, name, buffer.to(device))
 
 
 def max_seconds_for(model: str) -> float | None:
