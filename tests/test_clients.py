@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -128,9 +129,14 @@ def test_command_line_client_shows_progress(server, tmp_path):
 
 class StandInServer(BaseHTTPRequestHandler):
     """The jobs API as the command-line client sees it: the first ``refusals`` submissions answered ``refusal``
-    (status, Retry-After), then a job that has already succeeded. Every request's method and path are kept."""
+    (status, Retry-After), then a job that has already succeeded. Every request's method and path are kept.
+
+    ``polls`` and ``downloads`` script the answers to the job's status and content, one per request (the last one
+    repeats): a job status ("running", "succeeded"), an HTTP status (int; 429 and 503 come with Retry-After: 0), or
+    "drop" (the connection is closed without an answer). With ``polls`` set, the submitted job is running."""
 
     refusals, refusal, seen = 0, (429, "0"), []
+    polls, downloads, cancel = [], [], "cancelled"  # cancel: the DELETE's answer, a job status or "drop"
     JOB = {"id": "job_1", "status": "succeeded", "progress": {"steps_done": 2, "steps_total": 2}, "seed": 7,
            "queue_position": None, "audio_duration": 1.0, "response_format": "wav", "error": None,
            "result_url": "/v1/audio/jobs/job_1/content"}
@@ -145,6 +151,20 @@ class StandInServer(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def scripted(self, script: list, success: bytes) -> None:
+        """Answers the next step of ``script`` (see the class)."""
+        tries = sum(seen == ("GET", self.path) for seen in self.seen)  # this one included
+        step = script[min(tries, len(script)) - 1]
+        if step == "drop":
+            self.close_connection = True  # nothing written: the client sees the connection closed
+        elif isinstance(step, int):
+            error = {"error": {"message": f"stand-in {step}", "type": "x", "param": "job_id", "code": None}}
+            self.answer(step, json.dumps(error).encode(), {"Retry-After": "0"} if step in (429, 503) else {})
+        elif step == "not json":
+            self.answer(200, b"<html>a proxy's page</html>", {})
+        else:
+            self.answer(200, success if step == "succeeded" else json.dumps({**self.JOB, "status": step}).encode(), {})
+
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         self.seen.append(("POST", self.path))
@@ -152,18 +172,32 @@ class StandInServer(BaseHTTPRequestHandler):
             status, retry_after = self.refusal
             error = {"error": {"message": "the server is busy", "type": "x", "param": None, "code": None}}
             return self.answer(status, json.dumps(error).encode(), {"Retry-After": retry_after})
-        self.answer(202, json.dumps(self.JOB).encode(), {})
+        self.answer(202, json.dumps({**self.JOB, "status": "running"} if self.polls else self.JOB).encode(), {})
 
     def do_GET(self):
         self.seen.append(("GET", self.path))
         content = self.path.endswith("/content")
+        if content and self.downloads:
+            return self.scripted(self.downloads, b"RIFF audio")
+        if not content and self.polls:
+            return self.scripted(self.polls, json.dumps(self.JOB).encode())
         self.answer(200, b"RIFF audio" if content else json.dumps(self.JOB).encode(), {})
+
+    def do_DELETE(self):
+        self.seen.append(("DELETE", self.path))
+        if self.cancel == "drop":
+            self.close_connection = True
+        else:
+            self.answer(200, json.dumps({**self.JOB, "status": self.cancel}).encode(), {})
 
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    """(the stand-in server's URL, its handler class); ``refusals`` and ``refusal`` set per test."""
-    monkeypatch.setattr(StandInServer, "seen", [])
+    """(the stand-in server's URL, its handler class); ``refusals``, ``refusal``, ``polls``, ``downloads`` and
+    ``cancel`` set per test."""
+    for name, value in {"seen": [], "refusals": 0, "refusal": (429, "0"), "polls": [], "downloads": [],
+                        "cancel": "cancelled"}.items():
+        monkeypatch.setattr(StandInServer, name, value)
     server = ThreadingHTTPServer(("127.0.0.1", 0), StandInServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", StandInServer
@@ -190,6 +224,90 @@ def test_a_bad_request_or_a_retry_past_the_timeout_is_not_sent_again(stand_in, t
     assert client.main(["a bell", "--url", url, "--timeout", timeout, "-o", str(tmp_path / "out.wav")]) == 1
     assert time.monotonic() - started < 5 and handler.seen == [("POST", "/v1/audio/jobs")]
     assert f"error {refusal[0]}: " in capsys.readouterr().err and not (tmp_path / "out.wav").exists()
+
+
+JOB_PATH = "/v1/audio/jobs/job_1"
+
+
+def run_client(url: str, tmp_path, *flags: str) -> int:
+    return client.main(["a bell", "--url", url, "--quiet", "-o", str(tmp_path / "out.wav"), *flags])
+
+
+@pytest.mark.parametrize("failure", ["drop", 429, 502, 503, 504])
+def test_the_command_line_client_polls_on_through_a_dropped_connection_or_a_proxys_error(stand_in, tmp_path, capsys,
+                                                                                        failure):
+    url, handler = stand_in
+    handler.polls = ["running", failure, failure, failure, "running", "succeeded"]
+    assert run_client(url, tmp_path) == 0
+    assert (tmp_path / "out.wav").read_bytes() == b"RIFF audio"
+    assert [method for method, path in handler.seen if path == JOB_PATH] == ["GET"] * 6  # and no cancel
+    err = capsys.readouterr().err
+    assert err.count("polling the job failed") == 1, err  # once, not at every try
+    cause = f"HTTP {failure} " if isinstance(failure, int) else "Remote end closed connection without response"
+    assert f"polling the job failed ({cause}" in err and "retrying until --timeout" in err
+
+
+def test_the_command_line_client_downloads_again_after_a_failed_download(stand_in, tmp_path, capsys):
+    url, handler = stand_in
+    handler.downloads = ["drop", 502, "succeeded"]
+    assert run_client(url, tmp_path) == 0
+    assert (tmp_path / "out.wav").read_bytes() == b"RIFF audio"
+    assert [path for _, path in handler.seen].count(JOB_PATH + "/content") == 3
+    assert capsys.readouterr().err.count("downloading the audio failed") == 1
+
+
+@pytest.mark.parametrize("cancel", ["cancelled", "drop"])
+@pytest.mark.parametrize("polls, flags, message", [
+    (["running", 500], [], "error 500: "),  # an error that trying again would not fix
+    (["running"], ["--timeout", "1"], "the job took longer than 1 s"),
+    (["running", "drop"], ["--timeout", "2"], "Remote end closed connection without response"),  # past --timeout
+], ids=["error", "timeout", "outage"])
+def test_the_command_line_client_cancels_the_job_it_gives_up_on(stand_in, tmp_path, capsys, polls, flags, message,
+                                                                cancel):
+    """Even when the cancel fails too (``drop``), the error that made the client give up is the one shown."""
+    url, handler = stand_in
+    handler.polls, handler.cancel = polls, cancel
+    started = time.monotonic()
+    assert run_client(url, tmp_path, *flags) == 1
+    assert time.monotonic() - started < 10
+    assert handler.seen[-1] == ("DELETE", JOB_PATH) and not (tmp_path / "out.wav").exists()
+    err = capsys.readouterr().err
+    assert message in err
+    assert ("could not cancel job job_1 on the server" in err) == (cancel == "drop"), err
+
+
+def test_an_unexpected_error_cancels_the_job_too(stand_in, tmp_path):
+    url, handler = stand_in
+    handler.polls = ["running", "not json"]  # e.g. a proxy's page
+    with pytest.raises(json.JSONDecodeError):
+        run_client(url, tmp_path)
+    assert handler.seen[-1] == ("DELETE", JOB_PATH)
+
+
+def test_a_job_the_server_no_longer_has_is_reported_as_gone_and_not_cancelled(stand_in, tmp_path, capsys):
+    url, handler = stand_in
+    handler.polls = ["running", 404]
+    assert run_client(url, tmp_path) == 1
+    assert "DELETE" not in [method for method, _ in handler.seen]
+    err = capsys.readouterr().err
+    assert "job job_1 is gone from the server (404): it expired or the server restarted" in err, err
+
+
+@pytest.mark.parametrize("cancel", ["cancelled", "drop"])
+def test_ctrl_c_cancels_the_job_even_when_the_cancel_fails(stand_in, tmp_path, cancel):
+    url, handler = stand_in
+    handler.polls, handler.cancel = ["running"], cancel
+    process = subprocess.Popen([sys.executable, "-m", "stable_audio_bento.client", "a bell", "--url", url, "--quiet",
+                                "-o", str(tmp_path / "out.wav")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while ("GET", JOB_PATH) not in handler.seen:  # polling
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=20)[1]
+    assert process.returncode == 130 and err.splitlines()[-1] == "cancelled", err
+    assert handler.seen[-1] == ("DELETE", JOB_PATH)
+    assert ("could not cancel job job_1 on the server" in err) == (cancel == "drop"), err
 
 
 @pytest.mark.parametrize("output", ["missing-folder/out.wav", "."])

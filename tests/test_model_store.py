@@ -19,17 +19,18 @@ import yaml
 import bentoml
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models import ModelStore
-from diffusers import StableAudioPipeline
+from diffusers import DiffusionPipeline, StableAudioPipeline
 
 from stable_audio_bento.audio import encode_audio
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.generation import AudioRequest
-from stable_audio_bento.loading import load_engine
+from stable_audio_bento.loading import ensure_tiny_model, load_engine
 from stable_audio_bento.local_server import local_server
-from stable_audio_bento.model_import import import_model, main
+from stable_audio_bento.model_import import identify_source, import_model, main
 from stable_audio_bento.model_store import STORED_MODEL_TAG, serving_config
-from stable_audio_bento.sa3_loading import TINY_SA3, ensure_tiny_sa3_model
+from stable_audio_bento.sa3_loading import TINY_SA3, ensure_tiny_sa3_model, load_tiny_sa3
 from stable_audio_bento.step_loop import run_to_completion
+from test_sa3_checkpoint import write_stability_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
@@ -37,6 +38,32 @@ ARTIFACTS = REPO / "artifacts"
 
 def bentoml_env(home: Path) -> dict[str, str]:
     return dict(os.environ, BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True")
+
+
+@pytest.fixture
+def store(tmp_path) -> ModelStore:
+    """An empty model store, the one imports in this process write into (its folder made, as BentoML makes it)."""
+    (tmp_path / "models").mkdir()
+    store = ModelStore(tmp_path / "models")
+    with BentoMLContainer.model_store.patch(store):
+        yield store
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, model_cache) -> Path:
+    """A copy of the tiny model's diffusers-format folder, free to change."""
+    return Path(shutil.copytree(ensure_tiny_model(), tmp_path / "tiny"))
+
+
+def change_one_weight(weights: Path) -> None:
+    """Flip a bit of a .safetensors file's last byte: in its last tensor's data, so it still loads, differently."""
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(data)
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("not expected to be called")
 
 
 @pytest.fixture(scope="module")
@@ -123,25 +150,96 @@ def test_bad_sources_fail_with_a_clear_message(source, message, tmp_path, capsys
     assert last_line.startswith("stable-audio-import-model: error: ") and message in last_line
 
 
-def test_an_import_interrupted_while_copying_into_the_store_leaves_no_entry(tmp_path, model_cache, monkeypatch):
-    """Ctrl-C while BentoML copies the weights into the store: the half-copied version (no model.yaml) is removed,
+def test_an_import_interrupted_while_writing_into_the_store_leaves_no_entry(store, model_cache, monkeypatch):
+    """Ctrl-C while the weights are written into the store: the half-written version (no model.yaml) is removed,
     so listing the store and resolving the service's stored model still work, and the next import is served."""
-    store = ModelStore(tmp_path / "models")
-
-    def interrupted_copy(source, target, **options):
-        Path(target).mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(source) / "model_index.json", target)
+    def interrupted_save(pipe, directory, **options):
+        (Path(directory) / "model_index.json").write_text("{}")
         raise KeyboardInterrupt
 
-    with BentoMLContainer.model_store.patch(store):
-        with monkeypatch.context() as patched:
-            patched.setattr(shutil, "copytree", interrupted_copy)
-            with pytest.raises(KeyboardInterrupt):
-                import_model("tiny")
-        assert bentoml.models.list() == []
-        stored = import_model("tiny")
-        assert [model.tag for model in bentoml.models.list()] == [stored.tag]
-        assert store.get(STORED_MODEL_TAG).tag == stored.tag
+    with monkeypatch.context() as patched:
+        patched.setattr(DiffusionPipeline, "save_pretrained", interrupted_save)
+        with pytest.raises(KeyboardInterrupt):
+            import_model("tiny")
+    assert bentoml.models.list() == []
+    stored = import_model("tiny").model
+    assert [model.tag for model in bentoml.models.list()] == [stored.tag]
+    assert store.get(STORED_MODEL_TAG).tag == stored.tag
+
+
+def test_the_import_writes_the_weights_once_straight_into_the_store(store, model_cache, monkeypatch):
+    """Not into a temporary folder first and then copied (bentoml.models.create's way): gigabytes written once."""
+    written_into = []
+    save_pretrained = DiffusionPipeline.save_pretrained
+
+    def recorded_save(pipe, directory, **options):
+        written_into.append(Path(directory))
+        return save_pretrained(pipe, directory, **options)
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", recorded_save)
+    monkeypatch.setattr(shutil, "copytree", refuse)
+    stored = import_model("tiny").model
+    assert written_into == [Path(store.get(STORED_MODEL_TAG).path)] == [Path(stored.path)]
+    assert (Path(stored.path) / "model.yaml").is_file() and (Path(stored.path) / "model_index.json").is_file()
+
+
+def test_a_folders_revision_leaves_out_git_and_hub_metadata_but_not_its_weights(tiny_folder):
+    """A git clone's .git/ and huggingface-cli's .cache/huggingface/ are not the model: the same files give the same
+    revision wherever they came from; a changed weight gives another."""
+    revision = identify_source(str(tiny_folder)).revision
+    assert revision == identify_source(str(ensure_tiny_model())).revision  # the same files in another folder
+    (tiny_folder / ".git" / "refs" / "heads").mkdir(parents=True)
+    (tiny_folder / ".git" / "refs" / "heads" / "main").write_text("0123abcd\n")
+    (tiny_folder / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    hub_metadata = tiny_folder / ".cache" / "huggingface" / "download" / "transformer"
+    hub_metadata.mkdir(parents=True)
+    (hub_metadata / "diffusion_pytorch_model.safetensors.metadata").write_text("0123abcd\n")
+    assert identify_source(str(tiny_folder)).revision == revision
+    change_one_weight(tiny_folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert identify_source(str(tiny_folder)).revision != revision
+
+
+def test_reimporting_a_stored_source_reuses_its_entry_without_loading_it(tiny_folder, store, monkeypatch, capsys):
+    """The same folder at the same revision in the same dtype: no new copy, no load, and it is served again (made
+    latest); another dtype or a changed weight is a new entry."""
+    first = import_model(str(tiny_folder)).model
+    (tiny_folder / ".git").mkdir()
+    (tiny_folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # cloned since: still the same model
+    with monkeypatch.context() as patched:
+        patched.setattr(DiffusionPipeline, "from_pretrained", refuse)
+        assert main([str(tiny_folder)]) == 0
+    assert capsys.readouterr().out.startswith(f"already stored as {first.tag} (stable-audio-open, float32, ")
+    assert [model.tag for model in store.list()] == [first.tag]
+
+    half = import_model(str(tiny_folder), dtype="bfloat16")
+    assert not half.already_stored and store.get(STORED_MODEL_TAG).tag == half.model.tag != first.tag
+    again = import_model(str(tiny_folder))
+    assert again.already_stored and again.model.tag == first.tag == store.get(STORED_MODEL_TAG).tag
+    assert len(store.list()) == 2
+
+    change_one_weight(tiny_folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    changed = import_model(str(tiny_folder))
+    assert not changed.already_stored and changed.model.tag not in (first.tag, half.model.tag)
+    assert changed.model.info.metadata["revision"] != first.info.metadata["revision"]
+    assert len(store.list()) == 3 and store.get(STORED_MODEL_TAG).tag == changed.model.tag
+
+
+def test_a_stability_checkpoint_is_reused_only_with_the_same_text_encoder(tmp_path, store, model_cache):
+    """Converting folds in T5Gemma from --text-encoder: the same checkpoint with a changed text encoder is another
+    model, so the text encoder's revision is recorded and must match too."""
+    checkpoint = tmp_path / "checkpoint"
+    write_stability_checkpoint(load_tiny_sa3(), checkpoint)
+    text_encoder = Path(shutil.copytree(ensure_tiny_sa3_model(), tmp_path / "text-encoder"))
+    first = import_model(str(checkpoint), str(text_encoder)).model
+    assert first.info.metadata["text_encoder"] == str(text_encoder)
+    again = import_model(str(checkpoint), str(text_encoder))
+    assert again.already_stored and again.model.tag == first.tag and len(store.list()) == 1
+
+    change_one_weight(text_encoder / "text_encoder" / "model.safetensors")
+    other = import_model(str(checkpoint), str(text_encoder))
+    assert not other.already_stored and len(store.list()) == 2
+    assert other.model.info.metadata["revision"] == first.info.metadata["revision"]  # the checkpoint is the same
+    assert other.model.info.metadata["text_encoder_revision"] != first.info.metadata["text_encoder_revision"]
 
 
 def test_serving_without_a_model_setting_generates_with_the_stored_model(imported, engine):

@@ -261,6 +261,54 @@ def test_ctrl_enter_and_cancel_while_the_job_is_being_submitted(server, browser)
     assert httpx.get(f"{server}/v1/audio/jobs/{job_id}").json()["status"] == "cancelled"
 
 
+def fail_fetches(browser, polls: str, downloads: str) -> None:
+    """From now on the page's polls of its job and its downloads are answered by the JavaScript expressions
+    ``polls`` and ``downloads`` (a promise of a Response, or a rejection as for a dropped connection) while they
+    are not null; window.failedPolls and window.failedDownloads count those answers."""
+    browser.execute_script(f"""
+        const fetchNow = window.fetch;
+        window.failedPolls = 0; window.failedDownloads = 0;
+        window.fetch = (path, options) => {{
+          if (!options || !options.method) {{
+            const download = /\\/content$/.test(path), poll = /^v1\\/audio\\/jobs\\/[^/]+$/.test(path);
+            const answer = poll ? ({polls}) : download ? ({downloads}) : null;
+            if (answer) {{ download ? window.failedDownloads++ : window.failedPolls++; return answer; }}
+          }}
+          return fetchNow(path, options);
+        }};""")
+
+
+def test_an_unreachable_server_and_a_bad_gateway_are_waited_out(server, browser):
+    """Polls that get no answer (the server restarting, a dropped connection) say so in the status while the job
+    goes on; once the server answers again the clip arrives. A download a proxy answers 502 is tried again."""
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length="2.0", num_inference_steps=3, seed=7)
+    fail_fetches(browser, polls='window.failedPolls < 3 ? Promise.reject(new TypeError("Failed to fetch")) : null',
+                 downloads='window.failedDownloads < 2 ? Promise.resolve(new Response("bad gateway", {status: 502}))'
+                           ' : null')
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "status") == "Server unreachable: the job goes on there; retrying…", 30,
+             "the outage was not shown")
+    assert text(browser, "error") == "" and browser.find_element(By.ID, "cancel").is_displayed()
+    wait_for(browser, lambda: text(browser, "status") == "Server answered HTTP 502: retrying the download…", 30,
+             "the failed download was not shown")
+    clip = wait_for_clip(browser)
+    assert clip["duration"] == pytest.approx(2.0, abs=0.05)
+    assert browser.execute_script("return [window.failedPolls, window.failedDownloads]") == [3, 2]
+    assert text(browser, "status").startswith("Done: ") and text(browser, "error") == ""
+
+
+def test_a_job_the_server_no_longer_has_is_reported_lost(server, browser):
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length="1.0", num_inference_steps=3)
+    fail_fetches(browser, downloads="null", polls='Promise.resolve(new Response(JSON.stringify({error: {message: '
+                 '"no job", type: "not_found", param: "job_id", code: null}}), {status: 404}))')
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "status").startswith("Lost the job: the server no longer has it"), 30,
+             "the lost job was not reported")
+    assert "no job" in text(browser, "error") and browser.find_element(By.ID, "generate").is_enabled()
+
+
 @pytest.fixture(scope="module")
 def keyed_server(model_cache, tmp_path_factory):
     """Default guard settings with an API key: /ui must stay open (GuardSettings.public_paths), the API not."""

@@ -25,6 +25,7 @@ from stable_audio_bento.sa3_loading import (FREQUENCY_BUFFERS, MEDIUM_ARCHITECTU
                                             tiny_sa3_model_dir, trained_max_seconds)
 from stable_audio_bento.same_chunked import uses_chunked_attention
 from stable_audio_bento.same_windows import decoder_reach_frames
+from stable_audio_bento.startup import warm_up
 from stable_audio_bento.step_loop import StepLoop, run_to_completion
 from conftest import snr_db
 
@@ -262,6 +263,24 @@ def test_half_precision_keeps_the_frequencies_exact(sa3_cache, pipes, dtype):
     assert torch.equal(half.transformer.rotary_pos_emb(1300, cpu), exact.transformer.rotary_pos_emb(1300, cpu))
     seconds = torch.tensor([7.3, 59.0, 119.5])
     assert snr_db(exact.duration_embedder(seconds), half.duration_embedder(seconds).float()) > 40
+
+
+def test_a_text_encoder_that_overflows_float16_stops_the_start_naming_the_dtype(sa3_cache, pipes):
+    """A Gemma-style encoder whose activations exceed fp16's 65504 (here: its embeddings scaled up) makes the
+    warm-up's audio non-finite; the start fails with a message that names the cure, where bf16 serves."""
+    cpu = torch.device("cpu")
+    for dtype, fails in ((torch.float16, True), (torch.bfloat16, False)):
+        pipe = place_sa3_pipeline(StableAudio3Pipeline.from_pretrained(sa3_cache / TINY_SA3), cpu, dtype,
+                                  torch.float32)
+        embeddings = pipe.text_encoder.get_input_embeddings().weight
+        # Weights up to 38400 fit fp16, but Gemma scales embeddings by sqrt(width) (5.7 here) past its 65504
+        embeddings.data = embeddings.data.float().mul(5e5).to(dtype)
+        engine = BatchedStableAudio3(pipe)
+        if fails:
+            with pytest.raises(ModelLoadError, match="non-finite audio.*STABLE_AUDIO_DTYPE=bfloat16"):
+                warm_up(engine)
+        else:
+            warm_up(engine)
 
 
 def test_model_names_and_cache_folders(sa3_cache, monkeypatch):

@@ -106,6 +106,15 @@ def test_mask_seconds_round_outward_to_latent_frames():
     assert regenerated_frames(0.0, 120.0, RATE, HOP, 1292) == (0, 1292)
 
 
+def test_a_mask_on_frame_boundaries_regenerates_exactly_those_frames():
+    """k * HOP / RATE seconds is frame k's start, up to float rounding either way: the frames between two boundaries
+    are regenerated, not one more at either end; a region narrower than a sample still regenerates its frame."""
+    for first in range(1290):
+        assert regenerated_frames(first * HOP / RATE, (first + 2) * HOP / RATE, RATE, HOP, 1292) == (first, first + 2)
+    assert regenerated_frames(1.0, 1.0 + 0.1 / RATE, RATE, HOP, 33) == (10, 11)
+    assert regenerated_frames(3.0, 3.0 + 0.1 / RATE, RATE, HOP, 33) == (32, 33)  # the last frame, at the very end
+
+
 JOINING = {  # equal latent length (2.5 s: 27 frames) except "short"; every kind of request
     "text": AudioRequest("rain", seed=1, audio_length=2.5, guidance_scale=1.0, num_inference_steps=6),
     "guided text": AudioRequest("wind", seed=2, audio_length=2.45, guidance_scale=3.0, negative_prompt="hiss",

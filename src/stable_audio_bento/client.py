@@ -1,6 +1,8 @@
 """Command-line client (standard library only, so it runs anywhere). It submits a job, shows a progress bar
-while polling it, then downloads the audio; Ctrl-C or --timeout cancels the job on the server. A busy server's
-refusal (429, or 503 while shutting down) is retried after its Retry-After until --timeout.
+while polling it, then downloads the audio. A busy server's refusal (429, or 503 while shutting down) is retried
+after its Retry-After until --timeout, and so is a poll or download that fails on the way (a dropped connection, a
+proxy's 502/504). Whatever makes the client give up on a job still queued or running (--timeout, Ctrl-C, an error),
+it cancels the job on the server, so that no GPU time goes to audio nobody will fetch.
 
     python -m stable_audio_bento.client "Thunder and rain sounds" --audio-length 15 --seed 42 -o rain.wav
     python -m stable_audio_bento.client "A cello" --init-audio loop.wav --strength 0.5 -o cello.wav
@@ -9,6 +11,7 @@ refusal (429, or 503 while shutting down) is retried after its Retry-After until
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -17,6 +20,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Callable, TypeVar
 
 POLL_INTERVAL_S = 0.25
 BAR_WIDTH = 30
@@ -24,6 +28,13 @@ BAR_WIDTH = 30
 # reach another replica). Nothing was generated, so the job is sent again after Retry-After, until --timeout.
 RETRIED_STATUSES = (429, 503)
 DEFAULT_RETRY_AFTER_S = 1.0
+# A poll or download that fails on the way may work at the next try while the job goes on on the server: the
+# connection dropped, was refused or timed out (a restarting proxy, a flaky network), or the server or a proxy
+# answered busy (429), bad gateway (502), unavailable (503) or gateway timeout (504). Tried again until --timeout.
+TRANSIENT_STATUSES = (429, 502, 503, 504)
+ACTIVE = ("queued", "running")
+CANCEL_TIMEOUT_S = 10.0  # the client is already giving up: a cancel that hangs must not keep it from exiting
+T = TypeVar("T")
 SUFFIX_FORMATS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "pcm": "pcm", "opus": "opus", "ogg": "opus",
                   "aac": "aac"}
 
@@ -86,14 +97,14 @@ class Server:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
 
-    def call(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None
-             ) -> tuple[bytes, dict[str, str]]:
+    def call(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None,
+             timeout: float | None = None) -> tuple[bytes, dict[str, str]]:
         """A JSON ``body``, or a ``form`` (multipart body and its Content-Type), or neither."""
         data, headers = None if body is None else json.dumps(body).encode(), self.headers
         if form is not None:
             data, headers = form[0], {**self.headers, "Content-Type": form[1]}
         request = urllib.request.Request(self.url + path, data, headers, method=method)
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
             return response.read(), dict(response.headers)
 
     def job(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None) -> dict:
@@ -117,21 +128,72 @@ def generate(server: Server, body: dict, timeout: float, show: "ProgressBar", in
     """Submit (an edit of ``init_audio`` if given), poll until the job ends, download. Returns the audio and the
     final job status."""
     deadline = time.monotonic() + timeout
-    job = submit(server, body, init_audio, deadline)
+    job = wait_for(server, submit(server, body, init_audio, deadline), deadline, timeout, show)
+    show(job)
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job {job['status']}: {json.dumps(job['error'])}")
+    # The result stays on the server until the job expires, so a failed download can be tried again too.
+    audio = retrying(lambda: server.call("GET", job["result_url"])[0], deadline, show, "downloading the audio")
+    return audio, job
+
+
+def wait_for(server: Server, job: dict, deadline: float, timeout: float, show: "ProgressBar") -> dict:
+    """Polls the job until it has ended. Whatever ends the wait before that (--timeout, Ctrl-C, an error that a
+    retry does not get past, a bug), the job is cancelled on the server on the way out: the server would otherwise
+    go on generating audio that nobody fetches. Not when the server no longer has the job (404)."""
+    path = f"/v1/audio/jobs/{job['id']}"
     try:
-        while job["status"] in ("queued", "running"):
+        while job["status"] in ACTIVE:
             show(job)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the job took longer than {timeout:g} s")
             time.sleep(POLL_INTERVAL_S)
-            job = server.job("GET", f"/v1/audio/jobs/{job['id']}")
-    except (KeyboardInterrupt, TimeoutError):
-        server.job("DELETE", f"/v1/audio/jobs/{job['id']}")
+            job = retrying(lambda: server.job("GET", path), deadline, show, "polling the job")
+    except urllib.error.HTTPError as error:
+        if error.code != 404:
+            cancel(server, job["id"])
+            raise
+        raise RuntimeError(f"job {job['id']} is gone from the server (404): it expired or the server restarted, "
+                           "so its audio is lost") from None
+    except BaseException:  # KeyboardInterrupt included
+        cancel(server, job["id"])
         raise
-    show(job)
-    if job["status"] != "succeeded":
-        raise RuntimeError(f"job {job['status']}: {json.dumps(job['error'])}")
-    return server.call("GET", job["result_url"])[0], job
+    return job
+
+
+def retrying(attempt: Callable[[], T], deadline: float, show: "ProgressBar", what: str) -> T:
+    """``attempt()``, tried again after a short wait while it fails transiently (see TRANSIENT_STATUSES) and the
+    deadline allows; else its error is raised. A run of failures is reported once on stderr, not at every try."""
+    reported = False
+    while True:
+        try:
+            return attempt()
+        except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError and socket timeouts are OSErrors
+            if isinstance(error, urllib.error.HTTPError) and error.code not in TRANSIENT_STATUSES:
+                raise
+            wait = retry_after(error) if isinstance(error, urllib.error.HTTPError) else DEFAULT_RETRY_AFTER_S
+            if time.monotonic() + wait > deadline:
+                raise
+            if not reported:
+                show.note(f"{what} failed ({describe(error)}); retrying until --timeout")
+                reported = True
+            time.sleep(wait)
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    return str(error) or type(error).__name__  # RemoteDisconnected and the like can have an empty message
+
+
+def cancel(server: Server, job_id: str) -> None:
+    """Best effort: the caller is already on its way out with an error of its own, which must not be replaced by
+    this one (the server may well be unreachable, which is why we are giving up)."""
+    try:
+        server.call("DELETE", f"/v1/audio/jobs/{job_id}", timeout=CANCEL_TIMEOUT_S)
+    except Exception as error:
+        print(f"could not cancel job {job_id} on the server ({describe(error)}); it may run to its end there",
+              file=sys.stderr, flush=True)
 
 
 def submit(server: Server, body: dict, init_audio: Path | None, deadline: float) -> dict:
@@ -163,6 +225,12 @@ class ProgressBar:
 
     def __init__(self, enabled: bool):
         self.enabled, self.interactive, self.last_tenth = enabled, sys.stderr.isatty(), -1
+        self.line_open = False  # a bar drawn in place and not yet ended by a newline
+
+    def note(self, message: str) -> None:
+        """A message on a line of its own, below the bar (shown even with --quiet: it is not progress)."""
+        print(("\n" if self.line_open else "") + message, file=sys.stderr, flush=True)
+        self.line_open = False
 
     def __call__(self, job: dict) -> None:
         if not self.enabled:
@@ -176,6 +244,7 @@ class ProgressBar:
         final = job["status"] not in ("queued", "running")
         if self.interactive:
             print("\r" + line.ljust(70), end="\n" if final else "", file=sys.stderr, flush=True)
+            self.line_open = not final
         elif final or int(10 * fraction) > self.last_tenth:
             self.last_tenth = int(10 * fraction)
             print(line, file=sys.stderr, flush=True)
@@ -189,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     except urllib.error.HTTPError as error:
         print(f"error {error.code}: {error.read().decode(errors='replace')}", file=sys.stderr)
         return 1
-    except (OSError, RuntimeError) as error:  # URLError and TimeoutError are OSErrors, as is an unreadable file
+    except (OSError, RuntimeError, http.client.HTTPException) as error:  # URLError and TimeoutError are OSErrors,
+        # as is an unreadable file; HTTPException: a response cut short or garbled, past --timeout
         print(f"failed ({args.url}): {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

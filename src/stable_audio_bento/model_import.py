@@ -5,6 +5,7 @@ SOURCE is a hub id (with ``HF_TOKEN`` for gated repos), a local diffusers-format
 ``tiny-sa3-base``, or a Stable Audio 3 checkpoint in Stability's layout (a folder with ``model_config.json`` and
 ``model.safetensors``, or either file), which is converted to diffusers' layout on the way in. ``--dtype float16``
 (or ``bfloat16``) stores the weights the service casts to ``STABLE_AUDIO_DTYPE`` in that dtype, half the size.
+A source already stored at the same revision in the same dtype is not stored again.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ import contextlib
 import hashlib
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import bentoml
 import torch
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.models.model import Model, ModelContext, ModelInfo, ModelOptions
 from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi, hf_hub_download
 
@@ -44,34 +49,81 @@ def main(argv: list[str] | None = None) -> int:
                              "%(default)s); the autoencoder stays float32. Store what you serve: float16 for GPUs")
     args = parser.parse_args(argv)
     try:
-        model = import_model(args.source, args.text_encoder, args.dtype)
+        model, already_stored = import_model(args.source, args.text_encoder, args.dtype)
     except (ImportFailed, sa3_checkpoint.CheckpointError) as exc:
         print(f"stable-audio-import-model: error: {exc}", file=sys.stderr)
         return 1
     metadata = model.info.metadata
-    print(f"stored {model.tag} ({metadata['family']}, {metadata['dtype']}, {metadata['size_bytes'] / 2**20:.1f} MiB) "
+    what = "already stored as" if already_stored else "stored"
+    print(f"{what} {model.tag} ({metadata['family']}, {metadata['dtype']}, {metadata['size_bytes'] / 2**20:.1f} MiB) "
           f"from {metadata['source']} at {metadata['revision']}")
     return 0
 
 
+class Imported(NamedTuple):
+    model: bentoml.Model
+    already_stored: bool  # an earlier import of the same source at the same revision, in the same dtype
+
+
 def import_model(source: str, text_encoder: str = sa3_checkpoint.TEXT_ENCODER_HUB_ID, dtype: str = "float32"
-                 ) -> bentoml.Model:
-    pipe, revision = read_source(source, text_encoder)
+                 ) -> Imported:
+    """The stored model of ``source`` in ``dtype``, made the store's latest (the one served). An earlier import with
+    the same identity (see ``identify_source``) is reused: the source is then not even loaded."""
+    identified = identify_source(source, text_encoder)
+    identity = {"source": source, "revision": identified.revision, "dtype": dtype, **identified.converted_with}
+    earlier = _stored_import(identity)
+    if earlier is not None:
+        _make_latest(earlier)
+        return Imported(earlier, already_stored=True)
+    pipe = identified.load()
     family = FAMILIES[type(pipe).__name__]
     store_weights_in(pipe, getattr(torch, dtype))
+    known = {key: value for key, value in identity.items() if value is not None}  # BentoML's metadata takes no None
+    return Imported(_store(pipe, labels={"source": source, "family": family}, metadata={**known, "family": family}),
+                    already_stored=False)
+
+
+def _stored_import(identity: dict[str, str | None]) -> bentoml.Model | None:
+    """The newest stored model whose metadata records ``identity``. The source's name is part of it, as the service
+    reads the stored model's ``source`` (the published name tells a small Stable Audio 3 model); an identity with a
+    part that could not be read (None) matches nothing."""
+    if None in identity.values():
+        return None
+    try:
+        stored = bentoml.models.list(STORED_MODEL_NAME)
+    except bentoml.exceptions.NotFound:  # nothing stored under that name yet
+        return None
+    matches = [model for model in stored if all(model.info.metadata.get(key) == value
+                                                for key, value in identity.items())]
+    return max(matches, key=lambda model: model.creation_time, default=None)
+
+
+def _make_latest(model: bentoml.Model) -> None:
+    """Point ``stable-audio:latest`` at ``model``, as a fresh import of it would: re-importing a source means serving
+    it. BentoML keeps the latest version's name in ``<store>/<name>/latest`` and has no call to set it."""
+    (Path(model.path).parent / "latest").write_text(model.tag.version)
+
+
+def _store(pipe: DiffusionPipeline, labels: dict[str, str], metadata: dict[str, str]) -> bentoml.Model:
+    """A new version of ``stable-audio`` holding ``pipe``, which ``save_pretrained`` writes straight into the store.
+    ``bentoml.models.create`` would have it written into a temporary folder and then copied into the store (a second
+    full write of gigabytes); this does what it does (the same model.yaml, the same ``latest``) without the copy."""
     tag = bentoml.Tag(STORED_MODEL_NAME).make_new_version()
     try:
-        with bentoml.models.create(tag, labels={"source": source, "family": family}) as model:
-            pipe.save_pretrained(model.path)
-            model.info.metadata.update(source=source, revision=revision, family=family, dtype=dtype,
-                                       size_bytes=sum(path.stat().st_size for path in _files(Path(model.path))))
+        with BentoMLContainer.model_store.get().register(tag) as entry:
+            pipe.save_pretrained(entry)
+            size_bytes = sum(path.stat().st_size for path in _files(Path(entry)))
+            info = ModelInfo(tag=tag, module="", labels=labels, options=ModelOptions(), signatures={},
+                             metadata={**metadata, "size_bytes": size_bytes}, api_version="v1",
+                             context=ModelContext(framework_name="", framework_versions={}))
+            Model(tag, entry, info, internal=True).flush()  # model.yaml, written last: the entry is complete
     except BaseException:
-        # BentoML removes a half-copied store entry after an error, but not after Ctrl-C, and an entry without its
+        # The store removes a half-written entry after an error, but not after Ctrl-C, and an entry without its
         # model.yaml breaks every listing of the store, the service's start included (even with another model set).
         with contextlib.suppress(bentoml.exceptions.NotFound):
             bentoml.models.delete(tag)
         raise
-    return model
+    return bentoml.models.get(tag)
 
 
 def store_weights_in(pipe: DiffusionPipeline, dtype: torch.dtype) -> None:
@@ -84,8 +136,16 @@ def store_weights_in(pipe: DiffusionPipeline, dtype: torch.dtype) -> None:
                 parameter.data = parameter.data.to(dtype)
 
 
-def read_source(source: str, text_encoder: str) -> tuple[DiffusionPipeline, str]:
-    """The pipeline and its revision: the hub commit, or the SHA-256 of the source's files."""
+@dataclass(frozen=True)
+class IdentifiedSource:
+    """A source identified before it is loaded, so that an earlier import of it is found without loading it."""
+    revision: str  # the hub commit, or the SHA-256 of the model's files
+    load: Callable[[], DiffusionPipeline]
+    # Stability's layout: the T5Gemma folded in on conversion comes from elsewhere, so it is part of the identity.
+    converted_with: dict[str, str | None] = field(default_factory=dict)
+
+
+def identify_source(source: str, text_encoder: str = sa3_checkpoint.TEXT_ENCODER_HUB_ID) -> IdentifiedSource:
     if source == TINY:
         return _diffusers_folder(ensure_tiny_model())
     if source in (sa3_loading.TINY_SA3, sa3_loading.TINY_SA3_BASE):
@@ -94,7 +154,7 @@ def read_source(source: str, text_encoder: str) -> tuple[DiffusionPipeline, str]
     if path.exists():
         if sa3_checkpoint.is_stability_checkpoint(path):
             files = sa3_checkpoint.checkpoint_files(path)
-            return sa3_checkpoint.load_stability_checkpoint(path, text_encoder), _digest(files, files[0].parent)
+            return _stability_checkpoint(lambda: path, _digest(files, files[0].parent), text_encoder)
         if (path / "model_index.json").is_file():
             return _diffusers_folder(path)
         raise ImportFailed(f"{source} is neither a diffusers-format folder (model_index.json) nor a Stable Audio 3 "
@@ -106,8 +166,27 @@ def read_source(source: str, text_encoder: str) -> tuple[DiffusionPipeline, str]
     return _from_hub(source, text_encoder)
 
 
-def _diffusers_folder(folder: Path) -> tuple[DiffusionPipeline, str]:
-    return _pipeline(str(folder)), _digest(_files(folder), folder)
+def _diffusers_folder(folder: Path) -> IdentifiedSource:
+    return IdentifiedSource(_digest(_files(folder), folder), lambda: _pipeline(str(folder)))
+
+
+def _stability_checkpoint(checkpoint: Callable[[], Path], revision: str, text_encoder: str) -> IdentifiedSource:
+    """``checkpoint`` gives the path to convert (downloading it first, for a hub repo)."""
+    return IdentifiedSource(
+        revision, lambda: sa3_checkpoint.load_stability_checkpoint(checkpoint(), text_encoder),
+        converted_with={"text_encoder": text_encoder, "text_encoder_revision": _text_encoder_revision(text_encoder)})
+
+
+def _text_encoder_revision(text_encoder: str) -> str | None:
+    """The SHA-256 of a local folder's files (all of them, for a diffusers-format SA3 folder: more than T5Gemma,
+    never less), or the hub's current commit, which transformers loads. None when the hub cannot say (offline, with
+    T5Gemma in transformers' cache): the import then goes ahead and matches no earlier one."""
+    folder = Path(text_encoder)
+    if folder.is_dir():
+        return _digest(_files(folder), folder)
+    with contextlib.suppress(Exception):  # huggingface_hub's own errors; loading it will say what is wrong
+        return HfApi(token=os.environ.get("HF_TOKEN")).model_info(text_encoder).sha
+    return None
 
 
 def _pipeline(source: str, **hub: str | None) -> DiffusionPipeline:
@@ -121,7 +200,7 @@ def _pipeline(source: str, **hub: str | None) -> DiffusionPipeline:
     return pipe
 
 
-def _from_hub(repo: str, text_encoder: str) -> tuple[DiffusionPipeline, str]:
+def _from_hub(repo: str, text_encoder: str) -> IdentifiedSource:
     token = os.environ.get("HF_TOKEN")
     try:
         info = HfApi(token=token).model_info(repo)
@@ -132,21 +211,30 @@ def _from_hub(repo: str, text_encoder: str) -> tuple[DiffusionPipeline, str]:
             f"(`huggingface-cli download {repo} --local-dir DIR`) and import DIR") from exc
     files = {sibling.rfilename for sibling in info.siblings or []}
     if "model_index.json" in files:
-        return _pipeline(repo, revision=info.sha, token=token), info.sha
+        return IdentifiedSource(info.sha, lambda: _pipeline(repo, revision=info.sha, token=token))
     if {sa3_checkpoint.CONFIG_FILE, sa3_checkpoint.WEIGHTS_FILE} <= files:
-        try:
-            weights = hf_hub_download(repo, sa3_checkpoint.WEIGHTS_FILE, revision=info.sha, token=token)
-            hf_hub_download(repo, sa3_checkpoint.CONFIG_FILE, revision=info.sha, token=token)  # beside the weights
-        except Exception as exc:  # gated without access, or the connection dropped
-            raise ImportFailed(f"could not download {repo!r}'s checkpoint ({type(exc).__name__}: {exc}); gated "
-                               "models need their license accepted and HF_TOKEN set") from exc
-        return sa3_checkpoint.load_stability_checkpoint(Path(weights), text_encoder), info.sha
+        return _stability_checkpoint(lambda: _download_checkpoint(repo, info.sha, token), info.sha, text_encoder)
     raise ImportFailed(f"{repo!r} has neither model_index.json (diffusers) nor {sa3_checkpoint.CONFIG_FILE} + "
                        f"{sa3_checkpoint.WEIGHTS_FILE} (Stability's layout)")
 
 
+def _download_checkpoint(repo: str, revision: str, token: str | None) -> Path:
+    try:
+        weights = hf_hub_download(repo, sa3_checkpoint.WEIGHTS_FILE, revision=revision, token=token)
+        hf_hub_download(repo, sa3_checkpoint.CONFIG_FILE, revision=revision, token=token)  # beside the weights
+    except Exception as exc:  # gated without access, or the connection dropped
+        raise ImportFailed(f"could not download {repo!r}'s checkpoint ({type(exc).__name__}: {exc}); gated "
+                           "models need their license accepted and HF_TOKEN set") from exc
+    return Path(weights)
+
+
 def _files(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.rglob("*") if path.is_file())
+    """The model's files under ``folder``: hidden ones (a path part starting with ".") left out. They are never the
+    model's (diffusers neither reads nor writes any), only where it came from: a git clone's ``.git/``, the
+    ``.cache/huggingface/`` that ``huggingface-cli download --local-dir`` leaves. Counted, they would give the same
+    model downloaded two ways two revisions, and a folder a new one after a ``git fetch``."""
+    return sorted(path for path in folder.rglob("*")
+                  if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
 
 
 def _digest(files: list[Path] | tuple[Path, ...], root: Path) -> str:

@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME
@@ -44,8 +42,13 @@ def regenerated_frames(mask_start: float, mask_end: float, sample_rate: int, hop
                        ) -> tuple[int, int]:
     """The latent frames [first, last) to regenerate for [mask_start, mask_end] seconds, rounded outward: the frame
     holding mask_start through the frame holding mask_end. (diffusers rounds the end down as well, which would keep
-    the last partial frame of a continuation as the zero padding past the upload.)"""
-    return int(mask_start * sample_rate / hop), min(math.ceil(mask_end * sample_rate / hop), frames)
+    the last partial frame of a continuation as the zero padding past the upload.) The seconds become sample
+    positions first, to the nearest sample: a frame's start given in seconds lands a hair either side of it in float
+    arithmetic, and dividing the seconds directly took in the frame before or after at 7 % of frame boundaries. A
+    region narrower than a sample still regenerates the frame holding it."""
+    start, end = round(mask_start * sample_rate), round(mask_end * sample_rate)
+    first = min(start // hop, frames - 1)
+    return first, min(max(-(-end // hop), first + 1), frames)
 
 
 def inpainting_conditioning(reference: torch.Tensor, first: int, last: int) -> torch.Tensor:

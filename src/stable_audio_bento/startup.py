@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+import torch
 
 from .config import EngineConfig, FrontConfig
 from .engine_workers import own_device
@@ -83,9 +84,7 @@ def start_engine(stored: bentoml.Model | None, index: int) -> tuple[EngineConfig
         config = own_device(serving_config(stored), index)
         engine = load_engine(config)
         loaded = time.perf_counter()
-        [result] = run_to_completion(engine, [WARM_UP])
-        if result.failure is not None:
-            raise ModelLoadError(f"the model loaded but its warm-up generation failed: {result.error}")
+        warm_up(engine)
         fit_rows_to_free_memory(engine, config)
     except Exception as exc:  # noqa: BLE001 - whatever stops the model from loading stops the server
         exit_worker(explain_failure(config, exc), traceback_of=None if _is_explained(config, exc) else exc)
@@ -93,6 +92,20 @@ def start_engine(stored: bentoml.Model | None, index: int) -> tuple[EngineConfig
     logger.info("ready: %s loaded in %.1f s, warm-up generation in %.1f s", config.model, report.load_s,
                 report.warmup_s)
     return config, engine, report
+
+
+def warm_up(engine: Any) -> None:
+    """Runs the warm-up generation; its failure is the model's, raised as a ModelLoadError."""
+    [result] = run_to_completion(engine, [WARM_UP])
+    if result.failure is None:
+        return
+    hint = ""
+    if engine.dtype == torch.float16:
+        # Models trained in bf16 can exceed fp16's range (65504): Gemma-based text encoders such as Stable Audio 3's
+        # T5Gemma are known to, and transformers' T5Gemma, unlike its T5, does not clamp. bf16 has fp32's range.
+        hint = (" (the DiT and text encoder run in float16, whose range a model trained in bfloat16 can overflow; "
+                "if the audio is non-finite, serve with STABLE_AUDIO_DTYPE=bfloat16 or float32)")
+    raise ModelLoadError(f"the model loaded but its warm-up generation failed: {result.error}{hint}")
 
 
 def front_settings(capacity: int) -> FrontConfig:
