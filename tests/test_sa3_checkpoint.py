@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.generation import AudioRequest
 from stable_audio_bento.loading import load_sa3_engine
-from stable_audio_bento.model_import import main, read_source
+from stable_audio_bento.model_import import identify_source, main
 from stable_audio_bento.pipeline import SamplingOptions
 from stable_audio_bento.sa3_checkpoint import CheckpointError, convert_checkpoint, load_stability_checkpoint
 from stable_audio_bento.sa3_loading import (TINY_ARCHITECTURE, ensure_tiny_sa3_model, let_autoencoder_hear_its_input,
@@ -261,7 +261,7 @@ def test_imported_small_model_is_served_with_its_chunked_attention_bit_for_bit(s
     assert np.array_equal(result.audio, expected)
 
     # The stored folder imported again (a diffusers-format folder now) keeps the chunked attention.
-    again, _ = read_source(str(stored), str(ensure_tiny_sa3_model()))
+    again = identify_source(str(stored), str(ensure_tiny_sa3_model())).load()
     assert uses_chunked_attention(again.vae) and again.vae.config.chunk_size == 32
 
 
