@@ -32,7 +32,7 @@ from stable_audio_bento.metrics import EngineMetrics, FrontMetrics, RequestMetri
 from stable_audio_bento.model_store import stored_model_reference  # noqa: E402
 from stable_audio_bento.playground import playground_page  # noqa: E402
 from stable_audio_bento.protocol import (  # noqa: E402
-    APIError, EditRequest, GenerateRequest, describe_validation_error,
+    APIError, EditRequest, GenerateRequest, describe_validation_error, model_not_served,
 )
 from stable_audio_bento.serving import (  # noqa: E402
     ModelCard, OpenAIErrorMiddleware, RequestGuardMiddleware, current_request, error_headers, install_log_filters,
@@ -227,15 +227,15 @@ class StableAudio:
 
     @http_routes.get("/v1/models")
     async def models(self):
+        return {"object": "list", "data": [(await self.gateway.model_card()).openai_model()]}
+
+    @http_routes.get("/v1/models/{model_id:path}")  # hub ids have a slash: owner/name
+    async def model(self, model_id: str):
+        """``client.models.retrieve(id)`` of the OpenAI SDK."""
         card = await self.gateway.model_card()
-        model = {"id": card.model, "object": "model", "created": 0, "owned_by": "stable-audio-bento",
-                 "max_audio_length": card.limits.max_seconds, "sample_rate": card.limits.sample_rate,
-                 "default_inference_steps": card.default_steps, "max_inference_steps": card.max_steps,
-                 "default_guidance_scale": card.default_guidance_scale, "fixed_start": card.limits.fixed_start,
-                 "edits": card.edits, "inpainting": card.inpainting,
-                 # an edit's strength must be at least this times (num_inference_steps - 1)
-                 "min_strength_per_step": card.limits.min_strength_per_step}
-        return {"object": "list", "data": [model]}
+        if model_id != card.model:
+            raise model_not_served(model_id, card.model)
+        return card.openai_model()
 
     @http_routes.post("/v1/audio/jobs", status_code=202)
     async def submit_job(self, request: GenerateRequest):

@@ -90,7 +90,12 @@ def test_bad_job_submissions_are_400_naming_the_field(server, body, param):
 
 def test_the_openai_sdk_lists_the_model_and_creates_speech(server):
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
-    assert [model.id for model in client.models.list()] == ["tiny"]
+    [listed] = client.models.list()
+    assert listed.id == "tiny" and client.models.retrieve("tiny") == listed
+    extra = listed.model_extra
+    assert extra["max_audio_length"] == pytest.approx(2**21 / 44100) and extra["sample_rate"] == 44100
+    with pytest.raises(openai.NotFoundError, match="'stabilityai/stable-audio-open-1.0' is not served here"):
+        client.models.retrieve("stabilityai/stable-audio-open-1.0")  # an owner/name id: a slash in the path
     speech = client.audio.speech.create(model="tiny", input="a kettle whistling", voice="alloy",
                                         response_format="flac", extra_body={k: BODY[k] for k in
                                                                            ("audio_length", "num_inference_steps", "seed")})

@@ -75,10 +75,10 @@ def client(fuzz_server) -> httpx.Client:
 
 
 def send(client: httpx.Client, test: str, content=b"", headers: dict | None = None,
-         method: str = "POST") -> httpx.Response:
+         method: str = "POST", route: str = ROUTE) -> httpx.Response:
     REQUESTS[test] += 1
     try:
-        return client.request(method, ROUTE, content=content, headers=headers or {})
+        return client.request(method, route, content=content, headers=headers or {})
     except httpx.TimeoutException as exc:
         shown = content[:200] if isinstance(content, bytes) else "(streamed)"
         raise AssertionError(f"no response within {TIMEOUT_S} s to {method} {headers} {shown!r}") from exc
@@ -800,25 +800,36 @@ def test_body_at_the_limit_is_not_a_413(client):
     assert error_of(response)["param"] == "num_inference_steps"
 
 
+JSON_ROUTES = [ROUTE, "/v1/audio/speech", "/v1/audio/jobs"]  # read by BentoML (the first) or by FastAPI
+UTF16_BODY = "{\"input\": \"x\"}".encode("utf-16")
+
+
 @pytest.mark.parametrize("data", [b"not json at all", b'{"input": "x",', b"\xff\xfe\xfd", b'{"input": "\xff"}',
-                                  "{\"input\": \"x\"}".encode("utf-16"), b"<xml/>", b"input=x"],
-                         ids=["text", "truncated", "bytes", "bad-utf8", "utf16", "xml", "form-like"])
+                                  b'{"input": "caf\xe9", "audio_length": 0.5}',
+                                  UTF16_BODY, b"<xml/>", b"input=x",
+                                  b'{"input": "x", "pad": ' + b"9" * 5000 + b"}"],
+                         ids=["text", "truncated", "bytes", "bad-utf8", "latin-1", "utf16", "xml", "form-like",
+                              "5000-digits"])
 @pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
-def test_non_json_is_a_400(client, data, content_type):
+@pytest.mark.parametrize("route", JSON_ROUTES)
+def test_non_json_is_a_400(client, data, content_type, route):
     headers = {"content-type": content_type} if content_type else {}
-    response = send(client, "explicit", data, headers)
+    response = send(client, "explicit", data, headers, route=route)
     assert response.status_code == 400, response.text
     error = error_of(response)
-    assert error["type"] == "invalid_request_error" and error["param"] is None
-    assert "JSON" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    if data == UTF16_BODY and route != ROUTE:
+        return  # FastAPI's json.loads detects UTF-16 and reads the body: valid JSON, refused for a missing field
+    assert error["param"] is None and "JSON" in error["message"]
 
 
 @pytest.mark.parametrize("data", [b"[" * 1000, b"[" * 1000 + b"]" * 1000, b'{"a":' * 1000, b'{"input": ' + b"[" * 1000,
                                   b"[" * 100_000],
                          ids=["arrays", "closed-arrays", "objects", "in-a-field", "very-deep"])
-def test_deeply_nested_json_is_a_400(client, data):
+@pytest.mark.parametrize("route", JSON_ROUTES)
+def test_deeply_nested_json_is_a_400(client, data, route):
     """Nesting past any parser's recursion limit is rejected like any other bad body, and answered."""
-    response = send(client, "explicit", data, {"content-type": "application/json"})
+    response = send(client, "explicit", data, {"content-type": "application/json"}, route=route)
     assert response.status_code == 400, response.text
     assert error_of(response)["param"] is None
 

@@ -66,6 +66,45 @@ def test_finished_jobs_are_forgotten_without_anyone_polling():
     assert asyncio.run(scenario()) == 2
 
 
+class GatewayWhoseEngineGoesAway:
+    """A generation that runs until ``finish`` is set, with its progress readable until ``gone`` is set (then the
+    call fails as BentoML's client does once the engine's socket is closed at a drain)."""
+
+    def __init__(self):
+        self.admission = Admission(max_pending=100, max_batch_size=8)
+        self.finish, self.gone = asyncio.Event(), False
+
+    async def generate(self, job: AudioRequest, delivery: Delivery, disconnected=None) -> GeneratedAudio:
+        await self.finish.wait()
+        return GeneratedAudio(b"RIFF", "wav", 1, 1, 1.0)
+
+    async def progress(self, ids):
+        if self.gone:
+            raise ConnectionRefusedError("Cannot connect to unix socket engine.sock")
+        return {job_id: {"steps_done": 3, "steps_total": 8} for job_id in ids}
+
+
+def test_a_running_job_polled_while_the_engine_cannot_be_asked_shows_its_last_state():
+    """During a drain the engine finishes what it holds but no longer answers progress calls: a poll answers the
+    job's last known state (not a 500), and the job still succeeds."""
+    async def scenario():
+        gateway = GatewayWhoseEngineGoesAway()
+        store = JobStore(gateway, ttl_s=60, max_finished=10, max_run_s=900)
+        job = store.submit(job_request(), Delivery())
+        await asyncio.sleep(0)
+        before = await store.describe(job)
+        gateway.gone = True
+        during = await store.describe(job)
+        gateway.finish.set()
+        await asyncio.wait([job.task])
+        return before, during, await store.describe(job)
+
+    before, during, after = asyncio.run(scenario())
+    assert before["status"] == during["status"] == "running"
+    assert before["progress"] == during["progress"] == {"steps_done": 3, "steps_total": 8}
+    assert after["status"] == "succeeded" and after["result_url"] is not None
+
+
 def test_a_job_without_a_timeout_gets_the_servers_and_keeps_its_own():
     async def scenario():
         store = JobStore(GatewayThatGenerates(GeneratedAudio(b"", "wav", 1, 1, 1.0)), ttl_s=60, max_finished=10,

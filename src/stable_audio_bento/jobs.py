@@ -40,6 +40,8 @@ class Job:
     output: GeneratedAudio | None = None
     error: APIError | None = None
     task: asyncio.Task | None = None
+    # (status, progress, queue_position) as last read from the engine, while the job is queued or running
+    live: tuple[JobStatus, dict[str, int] | None, int | None] = ("queued", None, None)
 
     @property
     def id(self) -> str:
@@ -113,11 +115,7 @@ class JobStore:
     async def describe(self, job: Job) -> dict[str, Any]:
         progress, queue_position, status = None, None, job.status
         if not job.finished:
-            pending = list(self.gateway.admission.pending)
-            started = await self.gateway.progress(pending)
-            progress = started.get(job.id)
-            queue_position = self.gateway.admission.queue_position(job.id, set(started))
-            status = "running" if progress is not None else "queued"
+            status, progress, queue_position = await self._live_state(job)
         elif job.output is not None:
             progress = {"steps_done": job.request.num_inference_steps, "steps_total": job.request.num_inference_steps}
         return {
@@ -137,6 +135,21 @@ class JobStore:
             "error": None if job.error is None else job.error.body()["error"],
             "result_url": f"/v1/audio/jobs/{job.id}/content" if job.output is not None else None,
         }
+
+    async def _live_state(self, job: Job) -> tuple[JobStatus, dict[str, int] | None, int | None]:
+        """Running with its progress, or queued with its place in line, as the engine tells it now. An engine that
+        cannot be asked (it is shutting down, its socket closed, while it finishes what it holds; or restarting)
+        leaves the last state read: the job is in flight all the same, and a poll is no place for a 500."""
+        try:
+            started = await self.gateway.progress(list(self.gateway.admission.pending))
+        except Exception as error:  # noqa: BLE001 - whatever the engine call raised, the job's state is known
+            logger.info("job %s: the engine's progress is unavailable (%s: %s); its last known state is shown",
+                        job.id, type(error).__name__, error)
+            return job.live
+        progress = started.get(job.id)
+        job.live = ("running" if progress is not None else "queued", progress,
+                    self.gateway.admission.queue_position(job.id, set(started)))
+        return job.live
 
     def _expire(self) -> None:
         now = time.time()

@@ -105,9 +105,7 @@ class GenerateRequest(BaseModel):
                          request_id: str = "") -> AudioRequest:
         """Checks what depends on the loaded model and this server, then fills in the defaults."""
         if self.model is not None and self.model != served_model:
-            raise APIError(f"model {shown(repr(self.model), 80)} is not served here; this server serves "
-                           f"{served_model!r}",
-                           param="model", status=404, code="model_not_found")
+            raise model_not_served(self.model, served_model)
         if (reason := format_unavailable(self.response_format)) is not None:
             raise APIError(reason, param="response_format", code="format_unavailable")
         steps = default_steps if self.num_inference_steps is None else self.num_inference_steps
@@ -250,6 +248,11 @@ class APIError(Exception):
         return error_body(self.message, self.status, self.param, self.code)
 
 
+def model_not_served(model: str, served_model: str) -> APIError:
+    return APIError(f"model {shown(repr(model), 80)} is not served here; this server serves {served_model!r}",
+                    param="model", status=404, code="model_not_found")
+
+
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
@@ -257,7 +260,7 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
 
 def describe_validation_error(detail: list[dict[str, Any]]) -> tuple[str, str | None]:
     """(message, field) for the first pydantic error, phrased for a person; BentoML reports them as a list."""
-    if not detail:
+    if not detail or not isinstance(detail[0], dict):
         return "invalid request body", None
     first = detail[0]
     fields = [part for part in first.get("loc", ()) if isinstance(part, str) and part not in ("body", "request")]

@@ -29,6 +29,7 @@ from .protocol import APIError, describe_validation_error, error_body, shown
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 5  # when nothing better is known: BentoML's own 429/503, or before any generation finished
+FASTAPI_UNPARSABLE_BODY = "There was an error parsing the body"  # fastapi.routing's 400 detail, word for word
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,16 @@ class ModelCard:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "max_seconds": self.limits.max_seconds}
+
+    def openai_model(self) -> dict[str, Any]:
+        """The model as /v1/models lists it: OpenAI's model object, with the limits and defaults a client needs."""
+        return {"id": self.model, "object": "model", "created": 0, "owned_by": "stable-audio-bento",
+                "max_audio_length": self.limits.max_seconds, "sample_rate": self.limits.sample_rate,
+                "default_inference_steps": self.default_steps, "max_inference_steps": self.max_steps,
+                "default_guidance_scale": self.default_guidance_scale, "fixed_start": self.limits.fixed_start,
+                "edits": self.edits, "inpainting": self.inpainting,
+                # an edit's strength must be at least this times (num_inference_steps - 1)
+                "min_strength_per_step": self.limits.min_strength_per_step}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
@@ -97,10 +108,16 @@ class OpenAIErrorMiddleware:
         if isinstance(data, dict) and isinstance(data.get("error"), dict):
             return raw
         param = None
-        if isinstance(data, dict) and "detail" in data and status == 400:
-            message, param = describe_validation_error(data["detail"])
-        elif isinstance(data, dict) and isinstance(data.get("detail"), str):  # FastAPI's own: 404, 405
-            message = data["detail"]
+        detail = data.get("detail") if isinstance(data, dict) else None
+        if isinstance(detail, list) and status == 400:  # BentoML's validation errors
+            message, param = describe_validation_error(detail)
+        elif detail == FASTAPI_UNPARSABLE_BODY and status == 400:
+            # FastAPI's answer when decoding the body fails other than as JSON syntax: bytes that are not UTF-8, a
+            # number past Python's 4300-digit limit, arrays nested past its recursion limit
+            message = ("request body could not be read as JSON: it must be UTF-8, with numbers under 4300 digits "
+                       "and nesting under 1000 levels")
+        elif isinstance(detail, str):  # FastAPI's own: 404, 405
+            message = detail
         elif isinstance(data, dict) and isinstance(data.get("error"), str):
             message = data["error"]
         elif isinstance(data, list) and data and isinstance(data[0], dict):
