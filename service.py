@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 
-from stable_audio_bento import traffic_timeout  # noqa: E402
+from stable_audio_bento import metric_labels, traffic_timeout  # noqa: E402
 from stable_audio_bento.admission import Admission  # noqa: E402
 from stable_audio_bento.audio import FORMATS  # noqa: E402
 from stable_audio_bento.config import ServiceSettings  # noqa: E402
@@ -27,6 +27,7 @@ from stable_audio_bento.engine_workers import (  # noqa: E402
 )
 from stable_audio_bento.gateway import Delivery, Gateway, GeneratedAudio  # noqa: E402
 from stable_audio_bento.generation import AudioRequest  # noqa: E402
+from stable_audio_bento.graceful_stop import stop_after  # noqa: E402
 from stable_audio_bento.jobs import JobStore, new_job_id  # noqa: E402
 from stable_audio_bento.metrics import EngineMetrics, FrontMetrics, RequestMetricsMiddleware  # noqa: E402
 from stable_audio_bento.model_store import stored_model_reference  # noqa: E402
@@ -51,6 +52,7 @@ try:
 except ValueError as unusable:  # a setting read while BentoML imports this file: one line, not its traceback
     raise SystemExit(f"stable-audio-bento cannot start: {unusable}") from None
 traffic_timeout.install()  # BentoML's own keeps every request alive for traffic.timeout
+metric_labels.install()  # BentoML's own labels its request metrics with every path requested
 
 
 # BentoML 1.4 replaces its client session to a service every 100 calls / 300 s and closes the old one with calls
@@ -78,6 +80,7 @@ class StableAudioEngine:
         self.loop = StepLoop(self.engine, self.tracker, LoopLimits(SETTINGS.batching, SETTINGS.max_batch_size,
                                                                    self.engine.options.max_rows))
         self.loop.start()
+        stop_after(self.results.all_collected)  # SIGTERM: the front collects what is in flight before the socket goes
         self.card = ModelCard(self.config.model, self.engine.limits,
                               self.config.default_inference_steps or self.engine.default_steps,
                               self.config.max_inference_steps, self.engine.default_guidance_scale,
@@ -162,15 +165,16 @@ class StableAudio:
         capacity = SETTINGS.max_batch_size * len(ENGINES)  # requests all engines run at once
         self.config = front_settings(capacity)  # or the server stops, saying which setting is unusable
         self.admission = Admission(self.config.max_pending, capacity, on_pending_change=FrontMetrics.get().pending.set)
-        self.admission.drain_on_sigterm()
+        stop_after(self.admission.drain)  # SIGTERM: 503 to new work, the generations in flight finish first
         self.gateway = Gateway(EnginePool(engine_clients(self), SETTINGS.result_wait_s), self.admission)
         self.jobs = JobStore(self.gateway, self.config.job_ttl_s, self.config.max_finished_jobs,
                              SETTINGS.request_timeout_s)
         self.readiness = EngineReadiness(engine_clients(self))
 
     async def __is_ready__(self) -> bool:
-        """BentoML's /readyz: 503 until every engine has loaded and warmed up its model."""
-        return await self.readiness.check() is not None
+        """BentoML's /readyz: 503 until every engine has loaded and warmed up its model, and again once draining
+        (before BentoML probes the engines, which may have closed their sockets: that probe raises)."""
+        return not self.admission.draining and await self.readiness.check() is not None
 
     @http_routes.get("/health")
     async def health(self):

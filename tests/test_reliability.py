@@ -159,21 +159,33 @@ def test_job_results_expire(limited_server):
 
 
 def test_sigterm_stops_admission_and_finishes_in_flight_requests(model_cache):
-    with local_server({"STABLE_AUDIO_MODEL": "tiny"}, ARTIFACTS / "sigterm-server.log", startup_timeout_s=180) as url:
+    """The signal reaches every worker at once: the front keeps answering (503 to new work, /readyz not ready)
+    and the engine keeps serving the front (progress, results) until what is in flight is done."""
+    log = ARTIFACTS / "sigterm-server.log"
+    with local_server({"STABLE_AUDIO_MODEL": "tiny"}, log, startup_timeout_s=180) as url:
         async def scenario():
             async with httpx.AsyncClient(timeout=300) as client:
                 in_flight = asyncio.ensure_future(client.post(url + "/v1/audio/generate", json=LONG))
-                await asyncio.sleep(1.0)
+                job = (await client.post(url + "/v1/audio/jobs", json=LONG)).json()
+                while (await client.get(f"{url}/v1/audio/jobs/{job['id']}")).json()["progress"] is None:
+                    await asyncio.sleep(0.1)
                 url.process.send_signal(signal.SIGTERM)  # to `bentoml serve` alone, as `docker stop` does
                 await asyncio.sleep(0.5)
                 refused = await client.post(url + "/v1/audio/generate", json=SHORT)
-                health = await client.get(url + "/health")
-                return await in_flight, refused, health
+                health, ready = await client.get(url + "/health"), await client.get(url + "/readyz")
+                steps_done = []  # the engine, signalled too, still answers the front's progress calls
+                for _ in range(3):
+                    polled = (await client.get(f"{url}/v1/audio/jobs/{job['id']}")).json()
+                    steps_done.append(polled["progress"]["steps_done"] if polled["status"] == "running" else 150)
+                    await asyncio.sleep(0.3)
+                return await in_flight, refused, health, ready, steps_done
 
-        finished, refused, health = asyncio.run(scenario())
+        finished, refused, health, ready, steps_done = asyncio.run(scenario())
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert refused.json()["error"]["code"] == "shutting_down"
-        assert health.status_code == 503
+        assert health.status_code == 503 and ready.status_code == 503
+        assert steps_done == sorted(steps_done) and steps_done[0] < steps_done[-1], steps_done
         assert finished.status_code == 200
         assert soundfile.info(io.BytesIO(finished.content)).frames == 1024 * 2048
         assert url.process.wait(60) == 0
+    assert "Exception in ASGI application" not in log.read_text(errors="replace")

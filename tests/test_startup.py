@@ -7,7 +7,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import ModelLoadError, tiny_model_dir
-from stable_audio_bento.local_server import free_port, why_it_stopped
+from stable_audio_bento.local_server import free_port, kill_server, why_it_stopped
 from stable_audio_bento.protocol import APIError
 from stable_audio_bento.startup import EngineReadiness, explain_failure
 
@@ -48,8 +47,7 @@ def start_server(model: str, log_path: Path, **env: str) -> tuple[subprocess.Pop
 
 def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill_server(process)
 
 
 def serve_until_exit(model: str, log_path: Path, **env: str) -> tuple[int, datetime, str]:

@@ -194,6 +194,26 @@ def test_result_board_hands_results_from_the_loop_thread_to_waiters_and_forgets_
     asyncio.run(scenario())
 
 
+def test_a_stopping_engine_waits_until_every_result_is_collected_or_given_up_on():
+    """What the engine waits for after SIGTERM: nothing still generating, and every result collected by the front
+    (which asks at once) or left uncollected for a while (its request was abandoned)."""
+    async def scenario():
+        board = ResultBoard()
+        board.expect("collected"), board.expect("abandoned")
+        waiting = asyncio.ensure_future(board.all_collected(given_up_after_s=0.5))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # both still generating
+        board.deliverer("collected")(AudioResult(audio=np.ones((2, 1))))
+        board.deliverer("abandoned")(AudioResult.failed("cancelled", "gone"))
+        await asyncio.sleep(0.05)
+        posted = time.monotonic()
+        assert (await board.wait("collected", 1)).audio.shape == (2, 1)
+        await asyncio.wait_for(waiting, 5)
+        return time.monotonic() - posted
+
+    assert 0.3 < asyncio.run(scenario()) < 2  # the abandoned result was waited for, not forever
+
+
 def test_batching_mode_comes_from_configuration_and_environment(tmp_path, monkeypatch):
     config = tmp_path / "configuration.yaml"
     config.write_text("services:\n  StableAudioEngine:\n    batching:\n      mode: whole\n")

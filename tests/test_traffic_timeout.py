@@ -7,7 +7,11 @@ import contextvars
 import gc
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 from bentoml._internal.server.base_app import BaseAppFactory
 from bentoml._internal.server.http import traffic
@@ -134,3 +138,28 @@ def test_service_installs_it_in_bentoml_middleware_stack():
         name = "app"
 
     assert [middleware.cls for middleware in App(timeout=900).middlewares] == [TrafficTimeoutMiddleware]
+
+
+def test_service_stack_runs_the_timeout_inside_our_middlewares():
+    """So that its 504 gets our request id and is counted (BentoML puts it outside them); the engines' stack keeps
+    it where BentoML puts it. In a subprocess: building the stack loads the services' configuration into BentoML."""
+    script = """
+import json, service
+from _bentoml_impl.server.app import ServiceAppFactory
+stacks = {}
+for svc in (service.StableAudio, service.ENGINES[0]):
+    svc.inject_config()
+    stacks[svc.name] = [m.cls.__name__ for m in ServiceAppFactory(svc).middlewares]
+print(json.dumps(stacks))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    stacks = json.loads(done.stdout.strip().splitlines()[-1])
+    front = stacks.pop("StableAudio")
+    assert front.index("TrafficTimeoutMiddleware") == front.index("RequestGuardMiddleware") + 1
+    assert front.index("RequestMetricsMiddleware") < front.index("RequestGuardMiddleware")
+    assert front.count("TrafficTimeoutMiddleware") == 1
+    (engine,) = stacks.values()
+    assert engine.index("AccessLogMiddleware") + 1 == engine.index("TrafficTimeoutMiddleware")

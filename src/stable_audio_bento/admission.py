@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 
@@ -92,24 +90,6 @@ class Admission:
         self.draining = True
         logger.info("draining: no new requests; %d generations in flight", len(self.pending))
         await self._idle.wait()
-
-    def drain_on_sigterm(self) -> None:
-        """Puts ``drain`` in front of the server's own SIGTERM handling (uvicorn's, which closes the listening
-        socket at once): the socket keeps answering 503 until in-flight work is done, then uvicorn shuts down."""
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set there; such a server stops the default way
-        loop = asyncio.get_running_loop()
-        server_handler = signal.getsignal(signal.SIGTERM)
-
-        def stop_after_drain(signum, frame):
-            if not callable(server_handler):
-                return
-            if self.draining:  # a second SIGTERM: stop waiting for the generations in flight
-                return server_handler(signum, frame)
-            drained = asyncio.run_coroutine_threadsafe(self.drain(), loop)
-            drained.add_done_callback(lambda _: loop.call_soon_threadsafe(server_handler, signum, frame))
-
-        signal.signal(signal.SIGTERM, stop_after_drain)
 
 
 class Slot:

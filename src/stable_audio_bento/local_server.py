@@ -14,6 +14,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 from .config import REPO_ROOT
 
 
@@ -74,5 +76,17 @@ def local_server(env: dict[str, str], log_path: Path, startup_timeout_s: float =
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                kill_server(process)
+
+
+def kill_server(process: subprocess.Popen) -> None:
+    """SIGKILLs `bentoml serve` and its workers. Circus starts each worker in a session of its own, out of reach of
+    a signal to the server's process group, and a killed server's workers would run on, orphaned."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        workers = psutil.Process(process.pid).children(recursive=True)  # while they are still its children
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

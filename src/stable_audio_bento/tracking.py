@@ -24,6 +24,10 @@ ENTRY_TTL_S = 3600.0
 MAX_ENTRIES = 100_000
 UNCLAIMED_RESULT_TTL_S = 120.0  # the front collects a result at once; one left this long was given up on
 CLAIMED_RESULT_GRACE_S = 30.0  # a result call retried after a broken connection still finds its result
+# At a stop, a result not collected this long after it was posted is taken as given up on (the front is polling
+# for it at once otherwise).
+UNCOLLECTED_AT_STOP_S = 10.0
+SETTLED_POLL_S = 0.25
 
 
 class _RecentEntries:
@@ -105,13 +109,22 @@ class ResultBoard:
     def __init__(self, unclaimed_ttl_s: float = UNCLAIMED_RESULT_TTL_S, claimed_grace_s: float = CLAIMED_RESULT_GRACE_S):
         self.unclaimed_ttl_s, self.claimed_grace_s = unclaimed_ttl_s, claimed_grace_s
         self._results: dict[str, asyncio.Future] = {}
+        self._uncollected: dict[str, float | None] = {}  # id -> when its result was posted (None: not yet)
 
     def expect(self, generation_id: str) -> bool:
         """Opens a slot for this id; False if there is one already (a submit retried after a broken connection)."""
         if generation_id in self._results:
             return False
         self._results[generation_id] = asyncio.get_running_loop().create_future()
+        self._uncollected[generation_id] = None
         return True
+
+    async def all_collected(self, given_up_after_s: float = UNCOLLECTED_AT_STOP_S) -> None:
+        """Returns once every generation submitted here has its result posted and collected, or posted and left
+        uncollected for ``given_up_after_s`` (its caller went away): what the engine waits for before it stops."""
+        while any(posted is None or time.monotonic() - posted < given_up_after_s
+                  for posted in self._uncollected.values()):
+            await asyncio.sleep(SETTLED_POLL_S)
 
     def deliverer(self, generation_id: str) -> Callable[[AudioResult], None]:
         event_loop = asyncio.get_running_loop()
@@ -120,7 +133,13 @@ class ResultBoard:
     def _post(self, generation_id: str, result: AudioResult) -> None:
         if (future := self._results.get(generation_id)) is not None and not future.done():
             future.set_result(result)
-        asyncio.get_running_loop().call_later(self.unclaimed_ttl_s, self._results.pop, generation_id, None)
+        if generation_id in self._uncollected:
+            self._uncollected[generation_id] = time.monotonic()
+        asyncio.get_running_loop().call_later(self.unclaimed_ttl_s, self._forget, generation_id)
+
+    def _forget(self, generation_id: str) -> None:
+        self._results.pop(generation_id, None)
+        self._uncollected.pop(generation_id, None)
 
     async def wait(self, generation_id: str, timeout_s: float) -> AudioResult | None:
         """The result, or None if it is not there within ``timeout_s`` (the caller asks again)."""
@@ -130,6 +149,7 @@ class ResultBoard:
             result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except TimeoutError:
             return None
+        self._uncollected.pop(generation_id, None)
         asyncio.get_running_loop().call_later(self.claimed_grace_s, self._results.pop, generation_id, None)
         return result
 

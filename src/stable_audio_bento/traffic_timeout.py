@@ -10,11 +10,19 @@ timer fires (found with tracemalloc inside the front worker; benchmarks/RESULTS.
 cancelled and the client gets 504) but waits with ``asyncio.wait``, whose timer is cancelled when the request
 ends, and answers in the OpenAI error shape. ``install`` puts it in the place BentoML reads its class from when
 it builds a service's middleware stack (each worker, after importing service.py).
+
+``install`` also moves it inside the service's own middlewares (``add_asgi_middleware``: request metrics, error
+shape, request guard). BentoML puts the timeout outside them, so its 504 was sent past them: no ``X-Request-Id``,
+no request id on its access log line (the guard sets the id in the handler's task, which the timeout runs apart),
+not counted in ``stable_audio_requests_total``. Inside them, the 504 goes through their ``send`` like any
+answer, in the task where the guard set the request id. The timeout then starts once the guard has read the
+body (at most the body limit); until then a stalled upload is the server's connection handling's business.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from .protocol import error_body
 from .serving import send_json
@@ -53,7 +61,30 @@ class TrafficTimeoutMiddleware:
 
 
 def install() -> None:
-    """Replaces BentoML's TimeoutMiddleware, which its app factory imports by name when building the stack."""
+    """Replaces BentoML's TimeoutMiddleware, which its app factory imports by name when building the stack, and
+    has the service app factory put it inside the service's own middlewares. Idempotent."""
+    from _bentoml_impl.server.app import ServiceAppFactory
     from bentoml._internal.server.http import traffic
 
     traffic.TimeoutMiddleware = TrafficTimeoutMiddleware
+    if not getattr(ServiceAppFactory.middlewares.fget, "timeout_inside", False):
+        ServiceAppFactory.middlewares = property(timeout_inside(ServiceAppFactory.middlewares.fget))
+
+
+def timeout_inside(build_stack):
+    """``ServiceAppFactory.middlewares`` with the traffic timeout moved from BentoML's place (outside the service's
+    own middlewares) to just inside the last of them."""
+    @functools.wraps(build_stack)
+    def middlewares(factory) -> list:
+        stack = build_stack(factory)
+        timeouts = [m for m in stack if m.cls is TrafficTimeoutMiddleware]
+        own_classes = [cls for cls, _ in factory.service.middlewares]
+        own = [i for i, m in enumerate(stack) if m.cls in own_classes]
+        if len(timeouts) != 1 or not own:
+            return stack
+        stack.insert(own[-1] + 1, timeouts[0])
+        stack.remove(timeouts[0])  # the first of the two: BentoML's place, before the service's own
+        return stack
+
+    middlewares.timeout_inside = True
+    return middlewares
