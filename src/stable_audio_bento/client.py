@@ -241,7 +241,7 @@ class ProgressBar:
         filled = round(BAR_WIDTH * fraction)
         state = f"queued, position {job['queue_position']}" if job["status"] == "queued" else job["status"]
         line = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} steps  {state}"
-        final = job["status"] not in ("queued", "running")
+        final = job["status"] not in ACTIVE
         if self.interactive:
             print("\r" + line.ljust(70), end="\n" if final else "", file=sys.stderr, flush=True)
             self.line_open = not final
