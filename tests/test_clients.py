@@ -76,7 +76,8 @@ def test_cancelled_jobs_have_no_audio(server):
 def test_unknown_jobs_are_404_in_the_error_shape(server, method, path):
     response = httpx.request(method, server + path)
     assert response.status_code == 404
-    assert response.json()["error"]["type"] == "not_found_error" and response.json()["error"]["param"] == "job_id"
+    error = response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "job_not_found", "job_id")
 
 
 @pytest.mark.parametrize("body, param", [({"input": "x", "audio_length": 99.0}, "audio_length"),

@@ -39,6 +39,18 @@ def test_missing_or_wrong_key_is_a_401_in_the_error_shape(keyed_server, headers)
     assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
 
 
+def test_a_401_is_counted_as_unread_not_as_an_invalid_format(keyed_server):
+    key = 'stable_audio_requests_total{endpoint="/v1/audio/generate",format="unread",status="401"}'
+
+    def refused() -> float:
+        lines = httpx.get(keyed_server + "/metrics").text.splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(key + " "))
+
+    before = refused()
+    assert httpx.post(keyed_server + "/v1/audio/generate", json=BODY, timeout=60).status_code == 401
+    assert refused() == before + 1
+
+
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer"])
 def test_right_key_generates_and_public_paths_stay_open(keyed_server, scheme):
     response = httpx.post(keyed_server + "/v1/audio/generate", json=BODY,

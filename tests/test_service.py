@@ -156,7 +156,8 @@ def test_a_method_a_route_does_not_take_is_a_405_with_a_readable_message(server)
 def test_unknown_model_is_a_404(server):
     response = post(server, {"input": "x", "model": "stabilityai/stable-audio-open-2.0"})
     assert response.status_code == 404
-    assert response.json()["error"]["param"] == "model"
+    error = response.json()["error"]  # OpenAI's answer to an unknown model, field for field
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "model_not_found", "model")
 
 
 CONCURRENT_BODIES = [

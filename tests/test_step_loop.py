@@ -93,6 +93,21 @@ def test_requests_joining_a_running_loop_at_any_step_get_their_solo_audio(engine
     assert results["long"].timings["prepare_s"] >= 0 and results["short"].started_at >= results["long"].started_at
 
 
+def test_the_queue_time_ends_where_prepare_starts(engine, monkeypatch):
+    """started_at (which ends Server-Timing's queue) is taken before prepare_request, which is timed apart."""
+    drive = Drive(engine)
+    prepare, entered = drive.loop.family.prepare_request, []
+
+    def slow_prepare(request):
+        entered.append(time.time())
+        time.sleep(0.2)
+        return prepare(request)
+
+    monkeypatch.setattr(drive.loop.family, "prepare_request", slow_prepare)
+    result = drive.run(monkeypatch, {0: ["short"]})["short"]
+    assert result.started_at <= entered[0] and result.timings["prepare_s"] >= 0.2
+
+
 def test_neighbours_cancelled_or_expiring_mid_run_leave_the_others_exact(engine, alone, monkeypatch):
     clock = [1_000.0]
     monkeypatch.setattr(tracking.time, "time", lambda: clock[0])

@@ -105,7 +105,9 @@ class EngineMetrics:
 class RequestMetricsMiddleware:
     """Counts each generation request with its status and requested format, 4xx from validation included.
 
-    It sees the body as it passes (the requests are at most the body limit), and reads only ``response_format``."""
+    It sees the body as it passes (the requests are at most the body limit), and reads only ``response_format``.
+    A request answered before its body was read whole (a 401, a 413) is counted with format ``unread``: what it
+    asked for is not known, and it is not a request for an invalid format."""
 
     def __init__(self, app):
         self.app = app
@@ -116,16 +118,20 @@ class RequestMetricsMiddleware:
             return await self.app(scope, receive, send)
         read_format = requested_form_format if path in UPLOAD_PATHS else requested_format
         body = bytearray()
+        read_whole = False
 
         async def observed_receive():
+            nonlocal read_whole
             message = await receive()
             if message["type"] == "http.request":
                 body.extend(message.get("body", b""))
+                read_whole = not message.get("more_body", False)
             return message
 
         async def observed_send(message):
             if message["type"] == "http.response.start":
-                FrontMetrics.get().requests.labels(path, str(message["status"]), read_format(bytes(body))).inc()
+                requested = read_format(bytes(body)) if read_whole else "unread"
+                FrontMetrics.get().requests.labels(path, str(message["status"]), requested).inc()
             await send(message)
 
         await self.app(scope, observed_receive, observed_send)

@@ -225,7 +225,7 @@ class StepLoop:
         return limits.max_rows is None or self.active_rows + request.rows <= limits.max_rows
 
     def _prepare(self, held: _Held) -> None:
-        started = time.perf_counter()
+        held.started_at, started = time.time(), time.perf_counter()  # the queue ends here: prepare is timed apart
         try:
             held.state = self.family.prepare_request(held.request)
         except Exception as exc:  # noqa: BLE001 - a request that cannot be prepared fails alone
@@ -233,7 +233,7 @@ class StepLoop:
             self._fail(held, exc)
             return
         held.timings["prepare_s"] = time.perf_counter() - started
-        held.started_at, held.denoise_started = time.time(), time.perf_counter()
+        held.denoise_started = time.perf_counter()
         self._active.append(held)
         self.monitor.on_step(held.request, 0, held.state.steps_total)
 
