@@ -165,10 +165,11 @@ class StableAudio:
         capacity = SETTINGS.max_batch_size * len(ENGINES)  # requests all engines run at once
         self.config = front_settings(capacity)  # or the server stops, saying which setting is unusable
         self.admission = Admission(self.config.max_pending, capacity, on_pending_change=FrontMetrics.get().pending.set)
-        stop_after(self.admission.drain)  # SIGTERM: 503 to new work, the generations in flight finish first
         self.gateway = Gateway(EnginePool(engine_clients(self), SETTINGS.result_wait_s), self.admission)
         self.jobs = JobStore(self.gateway, self.config.job_ttl_s, self.config.max_finished_jobs,
                              SETTINGS.request_timeout_s)
+        # SIGTERM: 503 to new work; the generations in flight finish, then the jobs that succeeded are fetched
+        stop_after(self.admission.drain, self.jobs.all_fetched)
         self.readiness = EngineReadiness(engine_clients(self))
 
     async def __is_ready__(self) -> bool:

@@ -14,6 +14,7 @@ import typing_extensions
 import yaml
 
 from stable_audio_bento.config import ENGINE_SERVICE, FRONT_SERVICE, FrontConfig, ServiceSettings
+from stable_audio_bento.jobs import UNFETCHED_AT_STOP_S
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERNETES = REPO / "deploy" / "kubernetes"
@@ -96,12 +97,13 @@ def test_probes_use_paths_the_service_serves(manifests):
 
 
 def test_termination_grace_covers_the_drain(manifests):
-    """SIGTERM drains: the generations in flight may take up to traffic.timeout, after the preStop pause."""
+    """SIGTERM drains: the generations in flight may take up to traffic.timeout, after the preStop pause; then a job
+    that succeeded has UNFETCHED_AT_STOP_S to be fetched."""
     spec = manifests["Deployment"]["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     pre_stop_s = float(command[1]) if command[0] == "sleep" else 0.0
-    assert spec["terminationGracePeriodSeconds"] >= pre_stop_s + SETTINGS.request_timeout_s
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop_s + SETTINGS.request_timeout_s + UNFETCHED_AT_STOP_S
 
 
 def test_autoscaler_targets_the_deployment_on_our_pending_metric(manifests):

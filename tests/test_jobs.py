@@ -66,6 +66,22 @@ def test_finished_jobs_are_forgotten_without_anyone_polling():
     assert asyncio.run(scenario()) == 2
 
 
+@pytest.mark.parametrize("ttl_s, fetch, expected_wait_s", [(60, True, 0.0), (60, False, 0.5), (0.2, False, 0.2)])
+def test_a_drain_waits_for_a_succeeded_jobs_audio_until_fetched_given_up_on_or_expired(ttl_s, fetch, expected_wait_s):
+    async def scenario():
+        store = JobStore(GatewayThatGenerates(GeneratedAudio(b"\0" * 1000, "wav", 1, 1, 1.0)), ttl_s=ttl_s,
+                         max_finished=10, max_run_s=900)
+        job = store.submit(job_request(), Delivery())
+        await asyncio.wait([job.task])
+        if fetch:
+            store.content(job.id)
+        started = time.monotonic()
+        await store.all_fetched(given_up_after_s=0.5)
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) == pytest.approx(expected_wait_s, abs=0.15)
+
+
 class GatewayWhoseEngineGoesAway:
     """A generation that runs until ``finish`` is set, with its progress readable until ``gone`` is set (then the
     call fails as BentoML's client does once the engine's socket is closed at a drain)."""

@@ -160,7 +160,8 @@ def test_job_results_expire(limited_server):
 
 def test_sigterm_stops_admission_and_finishes_in_flight_requests(model_cache):
     """The signal reaches every worker at once: the front keeps answering (503 to new work, /readyz not ready)
-    and the engine keeps serving the front (progress, results) until what is in flight is done."""
+    and the engine keeps serving the front (progress, results) until what is in flight is done; a job that
+    succeeds during the drain can still be fetched."""
     log = ARTIFACTS / "sigterm-server.log"
     with local_server({"STABLE_AUDIO_MODEL": "tiny"}, log, startup_timeout_s=180) as url:
         async def scenario():
@@ -178,14 +179,20 @@ def test_sigterm_stops_admission_and_finishes_in_flight_requests(model_cache):
                     polled = (await client.get(f"{url}/v1/audio/jobs/{job['id']}")).json()
                     steps_done.append(polled["progress"]["steps_done"] if polled["status"] == "running" else 150)
                     await asyncio.sleep(0.3)
-                return await in_flight, refused, health, ready, steps_done
+                finished = await in_flight
+                while (await client.get(f"{url}/v1/audio/jobs/{job['id']}")).json()["status"] != "succeeded":
+                    await asyncio.sleep(0.25)  # the command-line client's pace
+                await asyncio.sleep(1.0)  # a slower client: the drain is over, the job's audio is still there
+                fetched = await client.get(f"{url}/v1/audio/jobs/{job['id']}/content")
+                return finished, refused, health, ready, steps_done, fetched
 
-        finished, refused, health, ready, steps_done = asyncio.run(scenario())
+        finished, refused, health, ready, steps_done, fetched = asyncio.run(scenario())
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert refused.json()["error"]["code"] == "shutting_down"
         assert health.status_code == 503 and ready.status_code == 503
         assert steps_done == sorted(steps_done) and steps_done[0] < steps_done[-1], steps_done
         assert finished.status_code == 200
         assert soundfile.info(io.BytesIO(finished.content)).frames == 1024 * 2048
+        assert fetched.status_code == 200 and soundfile.info(io.BytesIO(fetched.content)).frames == 1024 * 2048
         assert url.process.wait(60) == 0
     assert "Exception in ASGI application" not in log.read_text(errors="replace")

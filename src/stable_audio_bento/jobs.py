@@ -22,6 +22,10 @@ from .protocol import APIError
 
 logger = logging.getLogger(__name__)
 
+# At a stop, how long a job that has succeeded waits to be fetched: its client polls every fraction of a second
+# (client.py, the playground), so longer means it went away.
+UNFETCHED_AT_STOP_S = 30.0
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -40,6 +44,7 @@ class Job:
     output: GeneratedAudio | None = None
     error: APIError | None = None
     task: asyncio.Task | None = None
+    fetched: bool = False  # its audio has been sent at least once
     # (status, progress, queue_position) as last read from the engine, while the job is queued or running
     live: tuple[JobStatus, dict[str, int] | None, int | None] = ("queued", None, None)
 
@@ -102,7 +107,16 @@ class JobStore:
         if job.output is None:
             raise APIError(f"job {job_id!r} is {job.status}; its audio exists only once it has succeeded",
                            param="job_id", status=409, code="job_not_finished" if not job.finished else job.status)
+        job.fetched = True
         return job.output
+
+    async def all_fetched(self, given_up_after_s: float = UNFETCHED_AT_STOP_S) -> None:
+        """Returns once every job that succeeded has had its audio fetched, or has waited ``given_up_after_s``
+        since it finished (or expired before): what a draining front waits for, after the jobs in flight."""
+        wait_s = min(given_up_after_s, self.ttl_s)
+        while any(job.output is not None and not job.fetched and time.time() - job.finished_at < wait_s
+                  for job in self._jobs.values()):
+            await asyncio.sleep(0.1)
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """Stops a queued or running job (the engine drops it at its next step); finished jobs stay as they are."""
