@@ -6,6 +6,7 @@ StableAudio (front, HTTP on :8091)  ->  StableAudioEngine (GPU: adaptive batchin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -204,7 +205,7 @@ class StableAudio:
             return error_response(ctx, error)
         ctx.response.headers.update(audio.headers())
         path = Path(ctx.temp_dir) / audio.filename
-        path.write_bytes(audio.data)
+        await asyncio.to_thread(path.write_bytes, audio.data)  # up to tens of MB: not on the event loop
         return path
 
     @bentoml.api(route="/v1/audio/edits/jobs", input_spec=EditRequest)

@@ -108,6 +108,22 @@ def test_the_openai_sdk_lists_the_model_and_creates_speech(server):
         client.audio.speech.create(model="tiny", input="x", voice="alloy", extra_body={"audio_length": 100})
 
 
+def test_the_openai_sdk_does_not_resend_a_request_that_ran_out_of_time(server):
+    """The SDK retries a 5xx twice by default; a 504 says X-Should-Retry: false, so the engine runs it once."""
+    key = 'stable_audio_requests_total{endpoint="/v1/audio/speech",format="wav",status="504"}'
+
+    def timed_out() -> float:
+        lines = httpx.get(server + "/metrics", timeout=30).text.splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(key + " "))
+
+    before = timed_out()
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=2)
+    with pytest.raises(openai.InternalServerError, match="timeout"):
+        client.audio.speech.create(model="tiny", input="a long drone", voice="alloy", response_format="wav",
+                                   extra_body={"num_inference_steps": 500, "timeout": 0.5})
+    assert timed_out() == before + 1
+
+
 @pytest.mark.parametrize("response_format", ["opus", "aac"])
 def test_ffmpeg_formats_over_http(server, response_format):
     body = {"input": "a bell", "audio_length": 1.5, "num_inference_steps": 2, "seed": 1,
@@ -282,12 +298,12 @@ def test_the_command_line_client_cancels_the_job_it_gives_up_on(stand_in, tmp_pa
     assert ("could not cancel job job_1 on the server" in err) == (cancel == "drop"), err
 
 
-def test_an_unexpected_error_cancels_the_job_too(stand_in, tmp_path):
+def test_an_unexpected_answer_cancels_the_job_too_and_is_reported(stand_in, tmp_path, capsys):
     url, handler = stand_in
     handler.polls = ["running", "not json"]  # e.g. a proxy's page
-    with pytest.raises(json.JSONDecodeError):
-        run_client(url, tmp_path)
+    assert run_client(url, tmp_path) == 1
     assert handler.seen[-1] == ("DELETE", JOB_PATH)
+    assert "failed (" in capsys.readouterr().err  # one line, no traceback
 
 
 def test_a_job_the_server_no_longer_has_is_reported_as_gone_and_not_cancelled(stand_in, tmp_path, capsys):
@@ -366,3 +382,9 @@ def test_metrics_count_requests_batches_steps_and_audio(server):
     assert grew("stable_audio_denoise_step_seconds_count") >= 12
     assert grew("stable_audio_generation_seconds_per_audio_second_count") == 2
     assert after["stable_audio_pending_generations"] == 0
+
+
+@pytest.mark.parametrize("position, shown", [(2, "queued, position 2"), (None, "queued")])
+def test_the_progress_bar_names_a_queue_position_only_when_the_server_knows_it(capsys, position, shown):
+    client.ProgressBar(True)({"status": "queued", "progress": None, "queue_position": position})
+    assert capsys.readouterr().err.rstrip().endswith(f"0/0 steps  {shown}")

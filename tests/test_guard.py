@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,18 +37,26 @@ def test_missing_or_wrong_key_is_a_401_in_the_error_shape(keyed_server, headers)
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
     error = response.json()["error"]
-    assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")  # OpenAI's answer
 
 
-def test_a_401_is_counted_as_unread_not_as_an_invalid_format(keyed_server):
-    key = 'stable_audio_requests_total{endpoint="/v1/audio/generate",format="unread",status="401"}'
+OVERSIZED = b'{"input": "' + b"x" * (1 << 20) + b'", "response_format": "mp3"}'
+
+
+@pytest.mark.parametrize("status, body, headers", [
+    (401, json.dumps(BODY).encode(), {}),
+    (413, OVERSIZED, {"Authorization": f"Bearer {KEY}"}),  # one chunk or two: the format is never read
+])
+def test_a_refusal_before_the_body_is_parsed_is_counted_as_unread(keyed_server, status, body, headers):
+    key = f'stable_audio_requests_total{{endpoint="/v1/audio/generate",format="unread",status="{status}"}}'
 
     def refused() -> float:
         lines = httpx.get(keyed_server + "/metrics").text.splitlines()
         return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(key + " "))
 
     before = refused()
-    assert httpx.post(keyed_server + "/v1/audio/generate", json=BODY, timeout=60).status_code == 401
+    response = httpx.post(keyed_server + "/v1/audio/generate", content=body, headers=headers, timeout=60)
+    assert response.status_code == status
     assert refused() == before + 1
 
 

@@ -82,6 +82,36 @@ def test_a_drain_waits_for_a_succeeded_jobs_audio_until_fetched_given_up_on_or_e
     assert asyncio.run(scenario()) == pytest.approx(expected_wait_s, abs=0.15)
 
 
+class GatewayThatFinishesWhileAsked(GatewayThatGenerates):
+    """The generation ends while a poll is asking the engine for its progress."""
+
+    def __init__(self, outcome):
+        super().__init__(outcome)
+        self.finish = asyncio.Event()
+
+    async def generate(self, job: AudioRequest, delivery: Delivery, disconnected=None) -> GeneratedAudio:
+        await self.finish.wait()
+        return await super().generate(job, delivery)
+
+    async def progress(self, ids):
+        self.finish.set()
+        await asyncio.sleep(0.05)  # the job's task ends meanwhile
+        return {request_id: {"steps_done": 3, "steps_total": 8} for request_id in ids}
+
+
+def test_a_job_that_finishes_while_polled_is_described_as_finished_not_running():
+    async def scenario():
+        store = JobStore(GatewayThatFinishesWhileAsked(GeneratedAudio(b"", "wav", 1, 1, 1.0)), ttl_s=60,
+                         max_finished=10, max_run_s=900)
+        job = store.submit(job_request(), Delivery())
+        await asyncio.sleep(0)
+        return await store.describe(job)
+
+    described = asyncio.run(scenario())
+    assert described["status"] == "succeeded" and described["result_url"] is not None
+    assert described["progress"]["steps_done"] == described["progress"]["steps_total"]
+
+
 class GatewayWhoseEngineGoesAway:
     """A generation that runs until ``finish`` is set, with its progress readable until ``gone`` is set (then the
     call fails as BentoML's client does once the engine's socket is closed at a drain)."""
@@ -121,18 +151,20 @@ def test_a_running_job_polled_while_the_engine_cannot_be_asked_shows_its_last_st
     assert after["status"] == "succeeded" and after["result_url"] is not None
 
 
-def test_a_job_without_a_timeout_gets_the_servers_and_keeps_its_own():
+def test_a_job_without_a_timeout_or_a_longer_one_gets_the_servers_and_keeps_a_shorter_one():
     async def scenario():
         store = JobStore(GatewayThatGenerates(GeneratedAudio(b"", "wav", 1, 1, 1.0)), ttl_s=60, max_finished=10,
                          max_run_s=900)
         started = time.time()
         unbounded = store.submit(job_request(), Delivery())
         bounded = store.submit(replace(job_request(), deadline=started + 5), Delivery())
-        await asyncio.wait([unbounded.task, bounded.task])
-        return started, unbounded.request.deadline, bounded.request.deadline
+        patient = store.submit(replace(job_request(), deadline=started + 86_400), Delivery())
+        await asyncio.wait([unbounded.task, bounded.task, patient.task])
+        return started, unbounded.request.deadline, bounded.request.deadline, patient.request.deadline
 
-    started, server_bound, own = asyncio.run(scenario())
+    started, server_bound, own, capped = asyncio.run(scenario())
     assert started + 900 <= server_bound < started + 901 and own == started + 5
+    assert started + 900 <= capped < started + 901  # a drain waits for jobs: none may outlast the server's bound
 
 
 class SlowEngine:
@@ -204,3 +236,18 @@ def test_a_full_server_refuses_an_upload_before_decoding_it(tmp_path, monkeypatc
     with pytest.raises(APIError) as raised:
         asyncio.run(gateway.prepare(request, "request-1"))
     assert (raised.value.status, raised.value.code, decoded) == (429, "server_busy", [])
+
+
+class RestartedEngine(SlowEngine):
+    """An engine that restarted after the request was submitted: it has never heard of it."""
+
+    async def result(self, generation_id: str, wait_s: float) -> dict:
+        return {"failure": "unknown_generation", "error": f"no generation {generation_id!r} was submitted here",
+                "id": generation_id}
+
+
+def test_a_request_its_restarted_engine_no_longer_has_is_a_503_to_send_again():
+    with pytest.raises(APIError) as raised:
+        asyncio.run(gateway_of(RestartedEngine()).generate(job_request(), Delivery()))
+    assert (raised.value.status, raised.value.code) == (503, "engine_unavailable")
+    assert raised.value.retry_after >= 1 and "send it again" in raised.value.message

@@ -93,6 +93,15 @@ def test_requests_joining_a_running_loop_at_any_step_get_their_solo_audio(engine
     assert results["long"].timings["prepare_s"] >= 0 and results["short"].started_at >= results["long"].started_at
 
 
+def test_a_monitor_that_fails_on_a_result_does_not_cost_the_request_its_audio(engine, alone, monkeypatch):
+    class BrokenMetrics(GenerationMonitor):
+        def on_finish(self, request, result):
+            raise RuntimeError("a metrics backend fault")
+
+    results = Drive(engine, BrokenMetrics()).run(monkeypatch, {0: ["short", "unguided"]})
+    assert_exact(results, alone, ["short", "unguided"])
+
+
 def test_the_queue_time_ends_where_prepare_starts(engine, monkeypatch):
     """started_at (which ends Server-Timing's queue) is taken before prepare_request, which is timed apart."""
     drive = Drive(engine)
@@ -202,7 +211,7 @@ def test_result_board_hands_results_from_the_loop_thread_to_waiters_and_forgets_
         assert first is again and first.audio.shape == (2, 3)
         await asyncio.sleep(0.3)
         assert len(board) == 1  # collected and uncollected results are both forgotten; "c" still waits
-        assert (await board.wait("b", 5)).failure == "server_error"
+        assert (await board.wait("b", 5)).failure == "unknown_generation"  # as after an engine restart
         board.deliverer("c")(AudioResult(audio=np.zeros((2, 1))))
         assert (await board.wait("c", 5)).audio.shape == (2, 1)  # a later ask gets what came meanwhile
 
@@ -215,7 +224,7 @@ def test_a_stopping_engine_waits_until_every_result_is_collected_or_given_up_on(
     async def scenario():
         board = ResultBoard()
         board.expect("collected"), board.expect("abandoned")
-        waiting = asyncio.ensure_future(board.all_collected(given_up_after_s=0.5))
+        waiting = asyncio.ensure_future(board.all_collected(given_up_after_s=0.5, quiet_s=0))
         await asyncio.sleep(0.3)
         assert not waiting.done()  # both still generating
         board.deliverer("collected")(AudioResult(audio=np.ones((2, 1))))
@@ -227,6 +236,26 @@ def test_a_stopping_engine_waits_until_every_result_is_collected_or_given_up_on(
         return time.monotonic() - posted
 
     assert 0.3 < asyncio.run(scenario()) < 2  # the abandoned result was waited for, not forever
+
+
+def test_a_stopping_engine_waits_for_a_request_still_on_its_way():
+    """A request the front admitted just before the stop may arrive after it: the engine stays until arrivals have
+    been quiet for quiet_s, and then until that request's result is collected."""
+    async def scenario():
+        board = ResultBoard()
+        started = time.monotonic()
+        waiting = asyncio.ensure_future(board.all_collected(quiet_s=1.0))
+        await asyncio.sleep(0.6)
+        assert not waiting.done()
+        board.expect("late")  # arrives during the quiet period: the wait starts over, and includes it
+        await asyncio.sleep(1.2)
+        assert not waiting.done()  # quiet for long enough now, but "late" is still generating
+        board.deliverer("late")(AudioResult(audio=np.ones((2, 1))))
+        await board.wait("late", 1)
+        await asyncio.wait_for(waiting, 5)
+        return time.monotonic() - started
+
+    assert 1.8 < asyncio.run(scenario()) < 3
 
 
 def test_batching_mode_comes_from_configuration_and_environment(tmp_path, monkeypatch):

@@ -103,7 +103,7 @@ def test_a_handler_that_does_not_answer_in_time_gets_504_and_is_cancelled():
         return sent
 
     start, body = asyncio.run(run())
-    assert start["status"] == 504
+    assert start["status"] == 504 and (b"x-should-retry", b"false") in start["headers"]
     error = json.loads(body["body"])["error"]
     assert error["code"] == "timeout" and error["type"] == "timeout_error" and "0.05 s" in error["message"]
 

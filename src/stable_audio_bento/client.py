@@ -43,7 +43,7 @@ FIELDS = {  # flag -> (type, help); None values are left out so the server appli
     "audio_start": (float, "start of the returned window in seconds (default 0)"),
     "negative_prompt": (str, "what to avoid"),
     "guidance_scale": (float, "classifier-free guidance scale (default: the model's; <= 1 disables guidance)"),
-    "num_inference_steps": (int, "denoising steps (default 100)"),
+    "num_inference_steps": (int, "denoising steps (default: the model's, 100 for stable-audio-open-1.0)"),
     "seed": (int, "random seed; the same seed and request give the same audio"),
     "response_format": (str, "wav, mp3, flac, pcm, opus or aac (default: from the output file's suffix, else wav)"),
     "model": (str, "model name; must match the served model if given"),
@@ -239,7 +239,8 @@ class ProgressBar:
         done, total = progress["steps_done"], progress["steps_total"]
         fraction = done / total if total else 0.0
         filled = round(BAR_WIDTH * fraction)
-        state = f"queued, position {job['queue_position']}" if job["status"] == "queued" else job["status"]
+        queued_at = job["queue_position"]  # unknown (None) while the server cannot ask its engine
+        state = job["status"] if job["status"] != "queued" or queued_at is None else f"queued, position {queued_at}"
         line = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} steps  {state}"
         final = job["status"] not in ACTIVE
         if self.interactive:
@@ -258,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except urllib.error.HTTPError as error:
         print(f"error {error.code}: {error.read().decode(errors='replace')}", file=sys.stderr)
         return 1
-    except (OSError, RuntimeError, http.client.HTTPException) as error:  # URLError and TimeoutError are OSErrors,
-        # as is an unreadable file; HTTPException: a response cut short or garbled, past --timeout
+    except (OSError, RuntimeError, ValueError, http.client.HTTPException) as error:  # URLError and TimeoutError
+        # are OSErrors, as is an unreadable file; HTTPException: a response cut short or garbled, past --timeout;
+        # ValueError: a 200 that is not the JSON expected (a proxy's HTML page)
         print(f"failed ({args.url}): {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -123,6 +123,10 @@ class Gateway:
             raise timeout_error()
         if failure == "cancelled":
             raise APIError("cancelled", status=CLIENT_CLOSED_REQUEST, code="cancelled")
+        if failure == "unknown_generation":  # the engine restarted under it: nothing wrong with the request
+            logger.error("request %s was lost by its engine: %s", job.request_id, result["error"])
+            raise APIError("the model engine restarted and lost this request: send it again", status=503,
+                           code="engine_unavailable", retry_after=self.admission.retry_after_s())
         if failure is not None:
             logger.error("request %s failed: %s", job.request_id, result["error"])
             raise APIError(f"generation failed: {result['error']}", status=500, code="generation_failed")

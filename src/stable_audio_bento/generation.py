@@ -56,7 +56,8 @@ class AudioRequest:
         return self.request_id or self.id
 
 
-Failure = Literal["cancelled", "deadline_exceeded", "server_error"]
+# unknown_generation: the engine holds no such request (it restarted since, or forgot it): the front may send it again.
+Failure = Literal["cancelled", "deadline_exceeded", "server_error", "unknown_generation"]
 
 
 @dataclass

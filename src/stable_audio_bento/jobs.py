@@ -18,7 +18,7 @@ from typing import Any, Literal
 from .admission import Slot
 from .gateway import Delivery, Gateway, GeneratedAudio
 from .generation import AudioRequest
-from .protocol import APIError
+from .protocol import APIError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class Job:
 
 
 class JobStore:
-    """max_run_s: the deadline of a job that sets no ``timeout`` (a direct request has the traffic timeout), so
-    that a drain, which waits for every job in flight, ends within the same bound."""
+    """max_run_s: the longest a job may run, its ``timeout`` or not, as a direct request is cut by the traffic
+    timeout: a drain, which waits for every job in flight, ends within the same bound."""
 
     def __init__(self, gateway: Gateway, ttl_s: float, max_finished: int, max_run_s: float):
         self.gateway, self.ttl_s, self.max_finished, self.max_run_s = gateway, ttl_s, max_finished, max_run_s
@@ -68,8 +68,9 @@ class JobStore:
     def submit(self, request: AudioRequest, delivery: Delivery) -> Job:
         """Admits the job (429/503 like a synchronous request) and starts it."""
         self._expire()
-        if request.deadline is None:
-            request = replace(request, deadline=time.time() + self.max_run_s)
+        latest = time.time() + self.max_run_s
+        if request.deadline is None or request.deadline > latest:
+            request = replace(request, deadline=latest)
         job = Job(request, delivery, self.gateway.admission.admit(request.id))
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
         self._jobs[job.id] = job
@@ -97,8 +98,9 @@ class JobStore:
     def get(self, job_id: str) -> Job:
         self._expire()
         if (job := self._jobs.get(job_id)) is None:
-            raise APIError(f"no job {job_id!r} on this instance: unknown, its result expired, or another instance "
-                           "accepted it (jobs live where they were submitted: poll through load-balancer affinity)",
+            raise APIError(f"no job {shown(repr(job_id), 80)} on this instance: unknown, its result expired, or "
+                           "another instance accepted it (jobs live where they were submitted: poll through "
+                           "load-balancer affinity)",
                            param="job_id", status=404, code="job_not_found")
         return job
 
@@ -127,11 +129,13 @@ class JobStore:
         return await self.describe(job)
 
     async def describe(self, job: Job) -> dict[str, Any]:
-        progress, queue_position, status = None, None, job.status
-        if not job.finished:
-            status, progress, queue_position = await self._live_state(job)
-        elif job.output is not None:
-            progress = {"steps_done": job.request.num_inference_steps, "steps_total": job.request.num_inference_steps}
+        live = None if job.finished else await self._live_state(job)
+        if job.finished:  # checked after asking the engine too: the job may have finished meanwhile
+            steps = job.request.num_inference_steps
+            status, queue_position = job.status, None
+            progress = {"steps_done": steps, "steps_total": steps} if job.output is not None else None
+        else:
+            status, progress, queue_position = live
         return {
             "id": job.id,
             "object": "audio.generation.job",

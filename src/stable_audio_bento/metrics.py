@@ -106,8 +106,9 @@ class RequestMetricsMiddleware:
     """Counts each generation request with its status and requested format, 4xx from validation included.
 
     It sees the body as it passes (the requests are at most the body limit), and reads only ``response_format``.
-    A request answered before its body was read whole (a 401, a 413) is counted with format ``unread``: what it
-    asked for is not known, and it is not a request for an invalid format."""
+    A request refused before its body was parsed (a 401, a 413, or any answer before the body was read whole) is
+    counted with format ``unread``: what it asked for is not known, and it is not a request for an invalid
+    format. A 413 is so even when the chunk that crossed the limit was the last."""
 
     def __init__(self, app):
         self.app = app
@@ -130,8 +131,9 @@ class RequestMetricsMiddleware:
 
         async def observed_send(message):
             if message["type"] == "http.response.start":
-                requested = read_format(bytes(body)) if read_whole else "unread"
-                FrontMetrics.get().requests.labels(path, str(message["status"]), requested).inc()
+                status = message["status"]
+                requested = read_format(bytes(body)) if read_whole and status not in (401, 413) else "unread"
+                FrontMetrics.get().requests.labels(path, str(status), requested).inc()
             await send(message)
 
         await self.app(scope, observed_receive, observed_send)

@@ -45,7 +45,8 @@ class GenerateRequest(BaseModel):
         "wav", description="wav, mp3, flac, pcm (s16le, interleaved), opus (Ogg Opus, 48 kHz) or aac (ADTS).")
     model: str | None = Field(None, description="Optional; must name the served model.")
     timeout: float | None = Field(None, description="Seconds this request may take, queueing included; past them "
-                                                    "it is abandoned with a 504. Default: the server's limit.")
+                                                    "it is abandoned with a 504. Default and most: the server's "
+                                                    "limit (traffic.timeout).")
     trim_silence: bool = Field(False, description=f"Cut the silence after the sound (from where every later "
                                f"{CHUNK_MS} ms stays under {SILENCE_THRESHOLD_DBFS:g} dBFS; at least {MIN_KEPT_S:g} s "
                                "is kept). The seconds returned are in the X-Audio-Duration header. Default false: "
@@ -230,10 +231,9 @@ def shown(value: Any, limit: int = 24) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-# OpenAI's types; a 404 (an unknown model or job) is an invalid_request_error there too, told apart by its code.
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
-               503: "service_unavailable", 504: "timeout_error"}
+# OpenAI's types: every other 4xx (a bad value, a wrong API key, an unknown model) is an invalid_request_error,
+# told apart by its status and code (invalid_api_key, model_not_found); every other 5xx a server_error.
+ERROR_TYPES = {429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
 class APIError(Exception):

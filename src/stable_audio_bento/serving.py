@@ -5,7 +5,6 @@ guards each request (API key, body size) and gives it an id and a way to notice 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextvars
 import functools
 import hmac
@@ -128,8 +127,14 @@ class OpenAIErrorMiddleware:
         return json.dumps(error_body(message, status, param)).encode()
 
 
+# The OpenAI SDK resends a 5xx (twice by default) unless the answer says not to: a request that ran out of time
+# would only run out of time again, holding an engine as long each time.
+NOT_TO_BE_RETRIED = ("x-should-retry", "false")
+
+
 def error_headers(error: APIError) -> dict[str, str]:
-    return {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
+    return {**headers, NOT_TO_BE_RETRIED[0]: NOT_TO_BE_RETRIED[1]} if error.status == 504 else headers
 
 
 async def send_json(send, status: int, body: dict[str, Any], extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -250,8 +255,10 @@ async def unreadable_form_field(scope, body: bytes, file_field: str) -> dict[str
 
     try:
         form = await Request({**scope, "method": "POST"}, receive).form()
-    except (MultiPartException, HTTPException, AssertionError):  # not multipart, or malformed: BentoML answers 400
-        return None
+    except (MultiPartException, HTTPException) as error:  # BentoML's own reading would raise the same: a 500
+        reason = getattr(error, "detail", None) or getattr(error, "message", None) or type(error).__name__
+        return error_body(f"the request is not a multipart form that can be read ({shown(reason, 80)}): send the "
+                          f"file as {file_field} (curl -F {file_field}=@FILE)", 400, file_field)
     try:
         value = form.get(file_field)
         if value is not None and not isinstance(value, UploadFile):
@@ -275,12 +282,15 @@ async def unreadable_form_field(scope, body: bytes, file_field: str) -> dict[str
         await form.close()
 
 
-def not_utf8_json(body: bytes) -> str | None:
-    """Why a JSON body is refused before any parser reads it: JSON travels as UTF-8 with no byte order mark (RFC
-    8259, section 8.1). One rule for every JSON route: FastAPI's json.loads would read UTF-16 and a BOM on
-    /v1/audio/speech and /v1/audio/jobs, which BentoML's parser refuses on /v1/audio/generate."""
-    if body.startswith(codecs.BOM_UTF8):
-        return "request body is not valid JSON: send UTF-8 without a byte order mark"
+def unreadable_json_text(body: bytes) -> str | None:
+    """Why a JSON route's body is refused before any parser reads it: JSON text travels as UTF-8 with no byte order
+    mark (RFC 8259, section 8.1), and an empty body holds none. One rule for every JSON route: FastAPI's json.loads
+    reads UTF-16, UTF-32 and a BOM on /v1/audio/speech and /v1/audio/jobs, and takes an empty body for a missing
+    ``input``, where BentoML's parser refuses them on /v1/audio/generate."""
+    if not body.strip():
+        return "request body is not valid JSON: it is empty"
+    if json.detect_encoding(body) != "utf-8":  # a byte order mark, or the NUL bytes of UTF-16 or UTF-32
+        return "request body is not valid JSON: send it as UTF-8, without a byte order mark"
     try:
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -354,7 +364,7 @@ class RequestGuardMiddleware:
                 body = error_body("send the request body as JSON (Content-Type: application/json), "
                                   "not multipart form data", 415)
                 return await send_json(send, 415, body)
-            if (refusal := not_utf8_json(b"".join(chunks))) is not None:
+            if (refusal := unreadable_json_text(b"".join(chunks))) is not None:
                 return await send_json(send, 400, error_body(refusal, 400))
             if media_type != b"application/json":  # curl -d without -H says form-urlencoded: read it as JSON
                 scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]

@@ -306,7 +306,10 @@ class StepLoop:
         result.timings = {**held.timings, **result.timings}
         result.started_at, result.batch_size = held.started_at, held.batch_size
         self.finished += 1
-        self.monitor.on_finish(held.request, result)
+        try:
+            self.monitor.on_finish(held.request, result)
+        except Exception:  # noqa: BLE001 - its metrics or log line must not cost the request its result
+            logger.exception("the monitor failed on the result of request %s", held.request.label)
         try:
             held.deliver(result)
         except Exception:  # noqa: BLE001 - a broken receiver must not stop the loop

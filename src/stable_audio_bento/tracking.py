@@ -27,6 +27,9 @@ CLAIMED_RESULT_GRACE_S = 30.0  # a result call retried after a broken connection
 # At a stop, a result not collected this long after it was posted is taken as given up on (the front is polling
 # for it at once otherwise).
 UNCOLLECTED_AT_STOP_S = 10.0
+# ... and none has arrived for this long: the front may have admitted one just before the stop that is still on its
+# way (BentoML's batching dispatcher, an upload's transfer), and the engine must not close its socket under it.
+ARRIVAL_QUIET_AT_STOP_S = 2.0
 SETTLED_POLL_S = 0.25
 
 
@@ -110,6 +113,7 @@ class ResultBoard:
         self.unclaimed_ttl_s, self.claimed_grace_s = unclaimed_ttl_s, claimed_grace_s
         self._results: dict[str, asyncio.Future] = {}
         self._uncollected: dict[str, float | None] = {}  # id -> when its result was posted (None: not yet)
+        self._last_arrival = float("-inf")  # time.monotonic() of the last expect
 
     def expect(self, generation_id: str) -> bool:
         """Opens a slot for this id; False if there is one already (a submit retried after a broken connection)."""
@@ -117,13 +121,18 @@ class ResultBoard:
             return False
         self._results[generation_id] = asyncio.get_running_loop().create_future()
         self._uncollected[generation_id] = None
+        self._last_arrival = time.monotonic()
         return True
 
-    async def all_collected(self, given_up_after_s: float = UNCOLLECTED_AT_STOP_S) -> None:
-        """Returns once every generation submitted here has its result posted and collected, or posted and left
-        uncollected for ``given_up_after_s`` (its caller went away): what the engine waits for before it stops."""
-        while any(posted is None or time.monotonic() - posted < given_up_after_s
-                  for posted in self._uncollected.values()):
+    async def all_collected(self, given_up_after_s: float = UNCOLLECTED_AT_STOP_S,
+                            quiet_s: float = ARRIVAL_QUIET_AT_STOP_S) -> None:
+        """Returns once no generation has arrived for ``quiet_s`` (counted from this call at the earliest) and every
+        generation submitted here has its result posted and collected, or posted and left uncollected for
+        ``given_up_after_s`` (its caller went away): what the engine waits for before it stops."""
+        called = time.monotonic()
+        while (time.monotonic() - max(called, self._last_arrival) < quiet_s
+               or any(posted is None or time.monotonic() - posted < given_up_after_s
+                      for posted in self._uncollected.values())):
             await asyncio.sleep(SETTLED_POLL_S)
 
     def deliverer(self, generation_id: str) -> Callable[[AudioResult], None]:
@@ -144,7 +153,7 @@ class ResultBoard:
     async def wait(self, generation_id: str, timeout_s: float) -> AudioResult | None:
         """The result, or None if it is not there within ``timeout_s`` (the caller asks again)."""
         if (future := self._results.get(generation_id)) is None:
-            return AudioResult.failed("server_error", f"no generation {generation_id!r} was submitted here")
+            return AudioResult.failed("unknown_generation", f"no generation {generation_id!r} was submitted here")
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except TimeoutError:

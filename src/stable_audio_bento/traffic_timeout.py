@@ -25,7 +25,7 @@ import asyncio
 import functools
 
 from .protocol import error_body
-from .serving import send_json
+from .serving import NOT_TO_BE_RETRIED, send_json
 
 
 class TrafficTimeoutMiddleware:
@@ -57,7 +57,7 @@ class TrafficTimeoutMiddleware:
         handler.cancel()
         body = error_body(f"the server did not answer within its traffic timeout ({self.timeout:g} s)", 504,
                           code="timeout")
-        await send_json(send, 504, body)
+        await send_json(send, 504, body, [tuple(part.encode() for part in NOT_TO_BE_RETRIED)])
 
 
 def install() -> None:
