@@ -806,10 +806,10 @@ UTF16_BODY = "{\"input\": \"x\"}".encode("utf-16")  # FastAPI's json.loads alone
 @pytest.mark.parametrize("data", [b"not json at all", b'{"input": "x",', b"\xff\xfe\xfd", b'{"input": "\xff"}',
                                   b'{"input": "caf\xe9", "audio_length": 0.5}',
                                   UTF16_BODY, UTF16_BODY[2:], '{"input": "x"}'.encode("utf-32-le"),
-                                  b'\xef\xbb\xbf{"input": "x"}', b"", b" \n", b"<xml/>", b"input=x",
+                                  b'\xef\xbb\xbf{"input": "x"}', b"<xml/>", b"input=x",
                                   b'{"input": "x", "pad": ' + b"9" * 5000 + b"}"],
                          ids=["text", "truncated", "bytes", "bad-utf8", "latin-1", "utf16", "utf16-no-bom",
-                              "utf32-no-bom", "utf8-bom", "empty", "blank", "xml", "form-like", "5000-digits"])
+                              "utf32-no-bom", "utf8-bom", "xml", "form-like", "5000-digits"])
 @pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
 @pytest.mark.parametrize("route", JSON_ROUTES)
 def test_non_json_is_a_400(client, data, content_type, route):

@@ -284,11 +284,9 @@ async def unreadable_form_field(scope, body: bytes, file_field: str) -> dict[str
 
 def unreadable_json_text(body: bytes) -> str | None:
     """Why a JSON route's body is refused before any parser reads it: JSON text travels as UTF-8 with no byte order
-    mark (RFC 8259, section 8.1), and an empty body holds none. One rule for every JSON route: FastAPI's json.loads
-    reads UTF-16, UTF-32 and a BOM on /v1/audio/speech and /v1/audio/jobs, and takes an empty body for a missing
-    ``input``, where BentoML's parser refuses them on /v1/audio/generate."""
-    if not body.strip():
-        return "request body is not valid JSON: it is empty"
+    mark (RFC 8259, section 8.1). One rule for every JSON route: FastAPI's json.loads reads UTF-16, UTF-32 and a BOM
+    on /v1/audio/speech and /v1/audio/jobs, where BentoML's parser refuses them on /v1/audio/generate. (An empty
+    body is read as no fields on all three: a 400 naming ``input``.)"""
     if json.detect_encoding(body) != "utf-8":  # a byte order mark, or the NUL bytes of UTF-16 or UTF-32
         return "request body is not valid JSON: send it as UTF-8, without a byte order mark"
     try:
