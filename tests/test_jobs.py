@@ -16,7 +16,7 @@ from stable_audio_bento.engine_pool import EnginePool
 from stable_audio_bento.gateway import Delivery, Gateway, GeneratedAudio
 from stable_audio_bento.generation import AudioRequest, ModelLimits
 from stable_audio_bento.jobs import JobStore, new_job_id
-from stable_audio_bento.protocol import APIError, EditRequest
+from stable_audio_bento.protocol import APIError, EditRequest, GenerateRequest
 from stable_audio_bento.serving import ModelCard
 
 
@@ -251,3 +251,17 @@ def test_a_request_its_restarted_engine_no_longer_has_is_a_503_to_send_again():
         asyncio.run(gateway_of(RestartedEngine()).generate(job_request(), Delivery()))
     assert (raised.value.status, raised.value.code) == (503, "engine_unavailable")
     assert raised.value.retry_after >= 1 and "send it again" in raised.value.message
+
+
+class LoadingEngine(SlowEngine):
+    """An engine not listening yet (its model still loading) or restarting."""
+
+    async def describe(self) -> dict:
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+
+def test_a_request_before_the_engine_can_describe_its_model_is_a_503_not_a_500():
+    gateway = gateway_of(LoadingEngine())
+    with pytest.raises(APIError) as raised:
+        asyncio.run(gateway.prepare(GenerateRequest(input="a bell", audio_length=1.0), "request-1"))
+    assert (raised.value.status, raised.value.code) == (503, "engine_unavailable") and raised.value.retry_after >= 1

@@ -76,9 +76,20 @@ class Gateway:
         self._card: ModelCard | None = None
 
     async def model_card(self) -> ModelCard:
+        """The served model, as the engines describe it (asked once); a 503 while they cannot be asked (still
+        loading, restarting), as when a generation cannot reach them."""
         if self._card is None:
-            self._card = ModelCard.from_dict(await self.engines.describe())
+            try:
+                described = await self.engines.describe()
+            except Exception as exc:
+                logger.exception("the engines could not be asked for their model")
+                raise self.engine_unavailable(exc) from exc
+            self._card = ModelCard.from_dict(described)
         return self._card
+
+    def engine_unavailable(self, exc: Exception) -> APIError:
+        return APIError(f"the model engine is unavailable: {type(exc).__name__}", status=503,
+                        code="engine_unavailable", retry_after=self.admission.retry_after_s())
 
     async def prepare(self, request: GenerateRequest, request_id: str, generation_id: str | None = None
                       ) -> AudioRequest:
@@ -162,8 +173,7 @@ class Gateway:
             except Exception as exc:  # the engine process is down or restarting: the request may be retried
                 logger.exception("the engine did not answer request %s", job.request_id)
                 await self.abandon(call, job)  # if it is still there, it stops computing for nobody
-                raise APIError(f"the model engine is unavailable: {type(exc).__name__}", status=503,
-                               code="engine_unavailable", retry_after=self.admission.retry_after_s()) from exc
+                raise self.engine_unavailable(exc) from exc
             return result
         await self.abandon(call, job)
         if client_gone in done:
