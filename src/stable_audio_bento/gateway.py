@@ -83,13 +83,14 @@ class Gateway:
                 described = await self.engines.describe()
             except Exception as exc:
                 logger.exception("the engines could not be asked for their model")
-                raise self.engine_unavailable(exc) from exc
+                raise self.engine_unavailable(type(exc).__name__) from exc
             self._card = ModelCard.from_dict(described)
         return self._card
 
-    def engine_unavailable(self, exc: Exception) -> APIError:
-        return APIError(f"the model engine is unavailable: {type(exc).__name__}", status=503,
-                        code="engine_unavailable", retry_after=self.admission.retry_after_s())
+    def engine_unavailable(self, why: str) -> APIError:
+        """A 503 to send the request again later: nothing is wrong with it."""
+        return APIError(f"the model engine is unavailable: {why}", status=503, code="engine_unavailable",
+                        retry_after=self.admission.retry_after_s())
 
     async def prepare(self, request: GenerateRequest, request_id: str, generation_id: str | None = None
                       ) -> AudioRequest:
@@ -136,8 +137,7 @@ class Gateway:
             raise APIError("cancelled", status=CLIENT_CLOSED_REQUEST, code="cancelled")
         if failure == "unknown_generation":  # the engine restarted under it: nothing wrong with the request
             logger.error("request %s was lost by its engine: %s", job.request_id, result["error"])
-            raise APIError("the model engine restarted and lost this request: send it again", status=503,
-                           code="engine_unavailable", retry_after=self.admission.retry_after_s())
+            raise self.engine_unavailable("it restarted and lost this request; send it again")
         if failure is not None:
             logger.error("request %s failed: %s", job.request_id, result["error"])
             raise APIError(f"generation failed: {result['error']}", status=500, code="generation_failed")
@@ -173,7 +173,7 @@ class Gateway:
             except Exception as exc:  # the engine process is down or restarting: the request may be retried
                 logger.exception("the engine did not answer request %s", job.request_id)
                 await self.abandon(call, job)  # if it is still there, it stops computing for nobody
-                raise self.engine_unavailable(exc) from exc
+                raise self.engine_unavailable(type(exc).__name__) from exc
             return result
         await self.abandon(call, job)
         if client_gone in done:

@@ -129,12 +129,12 @@ class OpenAIErrorMiddleware:
 
 # The OpenAI SDK resends a 5xx (twice by default) unless the answer says not to: a request that ran out of time
 # would only run out of time again, holding an engine as long each time.
-NOT_TO_BE_RETRIED = ("x-should-retry", "false")
+NOT_TO_BE_RETRIED = {"X-Should-Retry": "false"}
 
 
 def error_headers(error: APIError) -> dict[str, str]:
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
-    return {**headers, NOT_TO_BE_RETRIED[0]: NOT_TO_BE_RETRIED[1]} if error.status == 504 else headers
+    return {**headers, **NOT_TO_BE_RETRIED} if error.status == 504 else headers
 
 
 async def send_json(send, status: int, body: dict[str, Any], extra_headers: list[tuple[bytes, bytes]] = ()) -> None:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import functools
 
-from .protocol import error_body
-from .serving import NOT_TO_BE_RETRIED, send_json
+from .protocol import APIError
+from .serving import error_headers, send_json
 
 
 class TrafficTimeoutMiddleware:
@@ -55,9 +55,10 @@ class TrafficTimeoutMiddleware:
         if done:  # the response has started (it may stream for longer than the timeout) or the handler ended
             return await handler
         handler.cancel()
-        body = error_body(f"the server did not answer within its traffic timeout ({self.timeout:g} s)", 504,
-                          code="timeout")
-        await send_json(send, 504, body, [tuple(part.encode() for part in NOT_TO_BE_RETRIED)])
+        error = APIError(f"the server did not answer within its traffic timeout ({self.timeout:g} s)", status=504,
+                         code="timeout")
+        headers = [(name.lower().encode(), value.encode()) for name, value in error_headers(error).items()]
+        await send_json(send, 504, error.body(), headers)
 
 
 def install() -> None:
