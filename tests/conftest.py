@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -23,6 +24,16 @@ def snr_db(reference, other) -> float:
     reference, other = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
     noise = np.sum((reference - other) ** 2)
     return float("inf") if noise == 0 else float(10 * np.log10(np.sum(reference ** 2) / noise))
+
+
+def metric_samples(url: str, name: str = "") -> dict[str, float]:
+    """The server's Prometheus samples whose name starts with ``name``: the sample with its labels -> value."""
+    samples = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name) and line[:1] not in ("", "#"):
+            sample, value = line.rsplit(" ", 1)
+            samples[sample] = float(value)
+    return samples
 
 
 @pytest.fixture(scope="session")

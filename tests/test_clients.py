@@ -20,6 +20,8 @@ import soundfile
 
 from stable_audio_bento import client
 
+from conftest import metric_samples
+
 BODY = {"input": "a kettle whistling", "audio_length": 2.0, "num_inference_steps": 12, "seed": 99,
         "response_format": "flac"}
 
@@ -111,12 +113,12 @@ def test_the_openai_sdk_lists_the_model_and_creates_speech(server):
 def test_the_openai_sdk_does_not_resend_a_request_that_ran_out_of_time(server):
     """The SDK retries a 5xx twice by default; a 504 says X-Should-Retry: false, so the engine runs it once."""
     key = 'stable_audio_requests_total{endpoint="/v1/audio/speech",format="wav",status="504"}'
-    before = scrape(server).get(key, 0.0)
+    before = metric_samples(server).get(key, 0.0)
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=2)
     with pytest.raises(openai.InternalServerError, match="timeout"):
         client.audio.speech.create(model="tiny", input="a long drone", voice="alloy", response_format="wav",
                                    extra_body={"num_inference_steps": 500, "timeout": 0.5})
-    assert scrape(server).get(key, 0.0) == before + 1
+    assert metric_samples(server).get(key, 0.0) == before + 1
 
 
 @pytest.mark.parametrize("response_format", ["opus", "aac"])
@@ -345,17 +347,8 @@ def test_the_output_suffix_picks_the_format(suffix, response_format):
     assert body.get("response_format") == response_format
 
 
-def scrape(server: str) -> dict[str, float]:
-    samples = {}
-    for line in httpx.get(server + "/metrics").text.splitlines():
-        if line.startswith("stable_audio_") or line.startswith("bentoml_service_request_total"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
 def test_metrics_count_requests_batches_steps_and_audio(server):
-    before = scrape(server)
+    before = metric_samples(server)
     ok = httpx.post(server + "/v1/audio/generate", json={**BODY, "response_format": "mp3"}, timeout=120)
     bad = httpx.post(server + "/v1/audio/generate", json={"input": "x", "guidance_scale": -1, "response_format": "flac"})
     upload = io.BytesIO()
@@ -364,7 +357,7 @@ def test_metrics_count_requests_batches_steps_and_audio(server):
                       data={"input": "x", "audio_length": "0.1", "num_inference_steps": "2", "response_format": "flac"},
                       timeout=120)
     assert (ok.status_code, bad.status_code, edit.status_code) == (200, 400, 200)
-    after = scrape(server)
+    after = metric_samples(server)
 
     def grew(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)

@@ -17,7 +17,7 @@ import torch
 from stable_audio_bento.engine_workers import ENGINE_WORKERS_VARIABLE, engine_worker_count
 from stable_audio_bento.local_server import local_server
 
-from conftest import ARTIFACTS
+from conftest import ARTIFACTS, metric_samples
 
 LOG = ARTIFACTS / "engine-workers-server.log"
 LONG = {"input": "a long drone", "num_inference_steps": 150}  # seconds on the tiny model, full 47.55 s window
@@ -54,11 +54,9 @@ def generate(url: str, body: dict, request_id: str) -> bytes:
 
 
 def per_worker(url: str, outcome: str) -> dict[str, float]:
-    counts = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("stable_audio_engine_generations_total{") and f'outcome="{outcome}"' in line:
-            counts[re.search(r'worker="(\d+)"', line).group(1)] = float(line.rsplit(" ", 1)[1])
-    return counts
+    return {re.search(r'worker="(\d+)"', sample).group(1): value
+            for sample, value in metric_samples(url, "stable_audio_engine_generations_total{").items()
+            if f'outcome="{outcome}"' in sample}
 
 
 def test_the_same_request_on_both_engines_at_once_gives_the_same_bytes(two_engines):

@@ -16,6 +16,8 @@ import yaml
 from stable_audio_bento.local_server import local_server
 from stable_audio_bento.metric_labels import FIXED_ROUTES, OTHER, TEMPLATES, endpoint_label
 
+from conftest import metric_samples
+
 REPO = Path(__file__).resolve().parents[1]
 LOG = REPO / "artifacts" / "server-short-timeout.log"
 TIMEOUT_S = 8
@@ -31,11 +33,6 @@ def short_timeout_server(model_cache, tmp_path_factory) -> str:
     path.write_text(yaml.safe_dump(config))
     with local_server({"STABLE_AUDIO_MODEL": "tiny", "BENTOML_CONFIG": str(path)}, LOG, startup_timeout_s=180) as url:
         yield url
-
-
-def metric_samples(url: str, name: str) -> dict[str, float]:
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in httpx.get(url + "/metrics", timeout=30).text.splitlines() if line.startswith(name + "{")}
 
 
 def test_labels_are_route_templates():
@@ -78,7 +75,7 @@ def test_bentoml_request_metrics_have_bounded_endpoint_labels(short_timeout_serv
         httpx.get(f"{url}/v1/models/owner/{token}", timeout=30)
         httpx.get(f"{url}/scan-{token}", timeout=30)
     endpoints = set()
-    for sample in metric_samples(url, "bentoml_service_request_total"):
+    for sample in metric_samples(url, "bentoml_service_request_total{"):
         endpoints.add(re.search(r'endpoint="([^"]*)"', sample).group(1))
     assert {"/v1/audio/jobs/{job_id}", "/v1/audio/jobs/{job_id}/content", "/v1/models/{model_id}", OTHER} <= endpoints
     import service
@@ -91,7 +88,7 @@ def test_bentoml_request_metrics_have_bounded_endpoint_labels(short_timeout_serv
 def test_traffic_timeout_504_carries_the_request_id_and_is_counted(short_timeout_server):
     url = short_timeout_server
     key = 'stable_audio_requests_total{endpoint="/v1/audio/generate",format="wav",status="504"}'
-    before = metric_samples(url, "stable_audio_requests_total").get(key, 0)
+    before = metric_samples(url, "stable_audio_requests_total{").get(key, 0)
 
     def post(headers):
         return httpx.post(url + "/v1/audio/generate", json=SLOW, headers=headers, timeout=120)
@@ -102,7 +99,7 @@ def test_traffic_timeout_504_carries_the_request_id_and_is_counted(short_timeout
     assert given.json()["error"]["code"] == "timeout"
     assert given.headers["x-request-id"] == "t504"
     assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-request-id"])
-    assert metric_samples(url, "stable_audio_requests_total").get(key, 0) == before + 2
+    assert metric_samples(url, "stable_audio_requests_total{").get(key, 0) == before + 2
     access_lines = [line for line in LOG.read_text(errors="replace").splitlines()
                     if "status=504" in line and "/v1/audio/generate" in line]
     assert any("[request_id=t504]" in line for line in access_lines), access_lines

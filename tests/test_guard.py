@@ -15,6 +15,8 @@ import pytest
 from stable_audio_bento.local_server import local_server
 from stable_audio_bento.serving import GuardSettings
 
+from conftest import metric_samples
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 KEY = "s3cret-key-for-tests"
 BODY = {"input": "a door creaking", "audio_length": 1.0, "num_inference_steps": 2, "seed": 3}
@@ -50,14 +52,10 @@ OVERSIZED = b'{"input": "' + b"x" * (1 << 20) + b'", "response_format": "mp3"}'
 def test_a_refusal_before_the_body_is_parsed_is_counted_as_unread(keyed_server, status, body, headers):
     key = f'stable_audio_requests_total{{endpoint="/v1/audio/generate",format="unread",status="{status}"}}'
 
-    def refused() -> float:
-        lines = httpx.get(keyed_server + "/metrics").text.splitlines()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(key + " "))
-
-    before = refused()
+    before = metric_samples(keyed_server).get(key, 0.0)
     response = httpx.post(keyed_server + "/v1/audio/generate", content=body, headers=headers, timeout=60)
     assert response.status_code == status
-    assert refused() == before + 1
+    assert metric_samples(keyed_server).get(key, 0.0) == before + 1
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer"])
