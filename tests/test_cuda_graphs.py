@@ -189,3 +189,25 @@ def test_a_step_after_the_first_never_waits_for_the_gpu(family, graphed_and_eage
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_a_recording_the_forward_breaks_leaves_that_shape_eager_on_the_default_stream(cuda_pipe):
+    """A forward that reads a GPU value on the host cannot be captured: the capture is invalidated and ending it
+    raises. The call runs eagerly, and so do later ones of that shape, on the thread's own stream again. Last in
+    this file: a GPU whose capture went wrong should not take the other tests with it."""
+    engine, eager = BatchedStableAudio(cuda_pipe), BatchedStableAudio(cuda_pipe)
+    forward = engine.transformer_forward
+
+    def syncing_forward(*args):
+        output = forward(*args)
+        output.sum().item()
+        return output
+
+    graphed = engine._transformer_forward = GraphedForward(syncing_forward, CUDA)
+    requests = mixed_requests()[:1]
+    for _ in range(3):  # eager, the failed recording, eager for good
+        for got, want in zip(predictions(engine, requests), predictions(eager, requests)):
+            torch.testing.assert_close(got, want)
+        assert torch.cuda.current_stream(CUDA) == torch.cuda.default_stream(CUDA)
+    assert len(graphed.eager_shapes) == 1 and not graphed.recorded

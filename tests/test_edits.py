@@ -22,6 +22,7 @@ from stable_audio_bento.generation import AudioRequest, ModelLimits
 from stable_audio_bento.init_audio import load_init_audio
 from stable_audio_bento.pipeline import ENCODE_MARGIN_FRAMES
 from stable_audio_bento.protocol import DEFAULT_STRENGTH, APIError
+from stable_audio_bento.serving import GuardSettings
 from stable_audio_bento.step_loop import run_to_completion
 
 LIMITS = ModelLimits(sample_rate=44100, channels=2, hop_length=2048, latent_frames=1024)
@@ -78,6 +79,14 @@ def test_unusable_uploads_name_the_audio_field(tmp_path, content):
     path = tmp_path / "upload"
     path.write_bytes(content)
     with pytest.raises(APIError) as raised:
+        load_init_audio(path, LIMITS)
+    assert (raised.value.param, raised.value.status) == ("audio", 400)
+
+
+def test_an_upload_that_resamples_to_no_samples_is_a_400(tmp_path):
+    """One sample at 192 kHz is less than one at 44.1 kHz: refused by name, not sent on as a clip of 0 s."""
+    path = write(tmp_path / "blip.wav", np.full((1, 2), 0.5), 192_000, "PCM_16")
+    with pytest.raises(APIError, match="too short") as raised:
         load_init_audio(path, LIMITS)
     assert (raised.value.param, raised.value.status) == ("audio", 400)
 
@@ -329,7 +338,7 @@ def test_a_form_that_cannot_be_read_is_a_400_naming_audio(server, route, content
 
 
 def test_upload_over_the_limit_is_a_413_and_json_routes_keep_theirs(server):
-    big = {"audio": ("big.wav", b"\0" * (32 << 20), "audio/wav")}
+    big = {"audio": ("big.wav", b"\0" * (GuardSettings.max_upload_bytes + 1), "audio/wav")}
     response = post_edit(server, FIELDS, big)
     assert response.status_code == 413
     assert response.json()["error"]["param"] == "audio"

@@ -182,6 +182,10 @@ def test_incomplete_or_foreign_checkpoints_are_refused_with_the_reason(checkpoin
         convert_checkpoint(config, no_same, text_encoder)
     with pytest.raises(CheckpointError, match="model_config.json has no model.pretransform"):
         convert_checkpoint({"model": {}}, state, text_encoder)
+    no_objective = json.loads(json.dumps(config))
+    del no_objective["model"]["diffusion"]["diffusion_objective"]
+    with pytest.raises(CheckpointError, match=r"diffusion_objective is None; .*\['rectified_flow', 'rf_denoiser'\]"):
+        convert_checkpoint(no_objective, state, text_encoder)
     with pytest.raises(CheckpointError, match="could not load the T5Gemma text encoder"):
         convert_checkpoint(config, state, str(tmp_path))
     (tmp_path / "model_config.json").write_text("{}")

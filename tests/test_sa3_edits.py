@@ -100,6 +100,18 @@ def test_edit_is_bit_identical_to_its_diffusers_pipeline(pipes, families, case):
     assert np.abs(result.audio).max() > 0
 
 
+def test_the_served_windows_change_no_edit_whose_upload_fits_one_window(pipes, families):
+    """The engine's default windows of 128 latent frames (11.9 s) against the whole-clip encode and decode above:
+    an upload that fits one window is encoded whole, also when the request is shorter than it (the weak
+    variation), so the served edit is the pipeline's, bit for bit."""
+    served = {variant: BatchedStableAudio3(pipe) for variant, pipe in pipes.items()}
+    assert served[TINY_SA3].options.window_frames == 128
+    for case, (variant, request, _) in REFERENCE_CASES.items():
+        [windowed], [whole] = run_to_completion(served[variant], [request]), run_to_completion(families[variant],
+                                                                                               [request])
+        assert np.array_equal(windowed.audio, whole.audio), case
+
+
 def test_mask_seconds_round_outward_to_latent_frames():
     assert regenerated_frames(0.5, 1.2, RATE, HOP, 33) == (5, 13)  # 5.38 and 12.92 frames
     assert regenerated_frames(2.0, 3.5, RATE, HOP, 38) == (21, 38)  # a continuation reaches the last frame
@@ -192,6 +204,20 @@ def test_the_variation_schedule_is_the_pipelines_log_snr_ramp_from_the_strength(
     assert np.allclose(sigmas[:-1].numpy(), expected, atol=1e-6) and sigmas[-1] == 0
     assert torch.equal(timesteps, sigmas[:-1])  # num_train_timesteps = 1: timesteps are the sigmas
     assert torch.equal(family.schedule(4, 1.0)[1], family.schedule(4)[1])
+
+
+def test_a_variation_whose_ramp_passes_its_strength_again_is_served_where_diffusers_fails(pipes, families):
+    """Strength 0.5 over 41 steps: the log-SNR ramp is at 0.5 again at step 21. diffusers' scheduler looks its first
+    step up by value and takes the second match, and its pipeline runs off the schedule's end (the README says so);
+    the service counts its own steps: 41 of them, each with its own sigma."""
+    family = families[TINY_SA3]
+    _, sigmas = family.schedule(41, 0.5)
+    assert (sigmas == 0.5).nonzero().flatten().tolist() == [0, 21]
+    request = variation(1, 0.5, seconds=0.5, steps=41)
+    [result] = run_to_completion(family, [request])
+    assert result.error is None and result.audio.shape == (2, int(0.5 * RATE)) and np.abs(result.audio).max() > 0
+    with pytest.raises(IndexError):
+        diffusers_variation(pipes[TINY_SA3], request)
 
 
 def test_impossible_edits_fail_alone(families):

@@ -118,6 +118,7 @@ class GraphedForward:
             dropped, _ = self.recorded.popitem(last=False)
             logger.info("CUDA graphs: dropped the least recently used graph, for %s", _described(dropped))
         graph = torch.cuda.CUDAGraph()
+        previous_stream = torch.cuda.current_stream(self.device)
         try:
             # thread_local: the engine's other threads (a decode, a host-to-GPU copy) may use CUDA meanwhile.
             with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
@@ -140,6 +141,10 @@ class GraphedForward:
             logger.warning("CUDA graphs: recording failed for %s; that shape runs eagerly: %s", _described(key), error)
             self.eager_shapes.add(key)
             return None
+        finally:
+            # torch.cuda.graph's exit ends the capture before it restores the stream: when ending it raises (a
+            # capture the forward invalidated), this thread would stay on the capture stream for good.
+            torch.cuda.set_stream(previous_stream)
         self.recorded[key] = recorded = _RecordedForward(graph, inputs, output)
         logger.info("CUDA graphs: recorded the forward for %s (%d kept)", _described(key), len(self.recorded))
         return recorded

@@ -29,6 +29,8 @@ def load_init_audio(path: Path, limits: ModelLimits) -> np.ndarray:
     window long."""
     audio, rate = decode(path, limits)
     audio = match_channels(resample(audio, rate, limits.sample_rate), limits.channels)
+    if audio.shape[1] == 0:  # a sample or two at a higher rate resample to none
+        raise APIError(f"audio: the upload is too short to hold one sample at {limits.sample_rate} Hz", param="audio")
     if audio.shape[1] > limits.max_samples:
         raise too_long(limits, audio.shape[1] / limits.sample_rate)
     return audio

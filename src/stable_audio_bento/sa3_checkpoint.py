@@ -17,10 +17,11 @@ The key mapping follows diffusers' ``scripts/convert_stable_audio_3_to_diffusers
   [q | q2 | k | k2 | v]. Cross-attention's ``to_q`` / ``to_kv`` already agree.
 
 What the weights do not say comes from ``model_config.json``: the SAME's strides, level widths and attention, the
-duration's range, and ``diffusion_objective`` (``rf_denoiser``: the distilled models' stochastic sampling, else
-deterministic Euler). The SAME's attention (see ``same_attention``): SAME-L's encoder and decoder configs give a
-``sliding_window`` (diffusers' band attention); SAME-S's give none, and ``chunk_size`` and ``chunk_midpoint_shift``
-instead, which ``same_chunked`` reproduces and records in the autoencoder's config (so in ``vae/config.json``).
+duration's range, and ``diffusion_objective`` (``rf_denoiser``: the distilled models' stochastic sampling;
+``rectified_flow``: the base models' deterministic Euler; anything else is refused). The SAME's attention (see
+``same_attention``): SAME-L's encoder and decoder configs give a ``sliding_window`` (diffusers' band attention);
+SAME-S's give none, and ``chunk_size`` and ``chunk_midpoint_shift`` instead, which ``same_chunked`` reproduces and
+records in the autoencoder's config (so in ``vae/config.json``).
 SAME-S's decoder also has ``conv_mapping`` (a 3-tap output mapping, ``mapping.weight_v`` of shape (out, in, 3)
 under the decoder block's key); like every other shape, its taps are read from the weight. The T5Gemma text
 encoder and its tokenizer are not in these checkpoints: they are read from ``google/t5gemma-b-b-ul2`` (the hub) or
@@ -103,6 +104,7 @@ def convert_checkpoint(model_config: dict[str, Any], state: dict[str, torch.Tens
     model = model_config.get("model", {})
     transformer = StableAudio3DiTModel(**dit_config(state))
     vae = same_autoencoder(state, model_config)
+    stochastic = stochastic_sampling(model)
     duration = StableAudio3DurationEmbedder(**duration_config(state, model))
     used: set[str] = set()
     for module, convert in ((transformer, dit_state), (vae, same_state), (duration, duration_state)):
@@ -115,10 +117,22 @@ def convert_checkpoint(model_config: dict[str, Any], state: dict[str, torch.Tens
         logger.warning("%d checkpoint tensors are not part of the diffusers pipeline (e.g. %s)", len(ignored),
                        ignored[0])
     tokenizer, encoder = load_text_encoder(text_encoder)
-    stochastic = model.get("diffusion", {}).get("diffusion_objective") == "rf_denoiser"
     return StableAudio3Pipeline(vae=vae.eval(), text_encoder=encoder.eval(), tokenizer=tokenizer,
                                 duration_embedder=duration.eval(), transformer=transformer.eval(),
                                 scheduler=sa3_scheduler(stochastic))
+
+
+SAMPLING_OF_OBJECTIVE = {"rf_denoiser": True, "rectified_flow": False}  # distilled: stochastic; base: Euler
+
+
+def stochastic_sampling(model: dict[str, Any]) -> bool:
+    """Whether the checkpoint samples stochastically, from its objective; any other objective (Stability's code
+    defaults to ``v``, which no Stable Audio 3 model uses) would leave the sampler a guess."""
+    objective = model.get("diffusion", {}).get("diffusion_objective")
+    if objective not in SAMPLING_OF_OBJECTIVE:
+        raise CheckpointError(f"model_config.json's model.diffusion.diffusion_objective is {objective!r}; a Stable "
+                              f"Audio 3 checkpoint has one of {sorted(SAMPLING_OF_OBJECTIVE)}")
+    return SAMPLING_OF_OBJECTIVE[objective]
 
 
 # Each *_state function maps the diffusers module's tensor names to the checkpoint's keys.

@@ -29,12 +29,12 @@ from .same_chunked import ChunkedResamplingBlock
 def encode_in_windows(vae: AutoencoderSAME, audio: torch.Tensor, window: int | None, margin: int,
                       frames: int | None = None) -> torch.Tensor:
     """(batch, audio channels, samples) → (batch, latent channels, frames): the latents of the first ``frames``
-    latent frames (None: all of the clip), ``window`` frames at a time (None: the whole clip at once, as diffusers'
-    pipelines encode it), each window encoded with ``margin`` more frames of audio on each side and cropped again.
-    Fewer frames come back when the clip is shorter."""
+    latent frames (None: all of the clip), ``window`` frames at a time (None, or a clip that fits one window: the
+    whole clip at once, as diffusers' pipelines encode it), each window encoded with ``margin`` more frames of
+    audio on each side and cropped again. Fewer frames come back when the clip is shorter."""
     hop = vae.downsampling_ratio
     total = math.ceil(audio.shape[-1] / hop)
-    if window is None:
+    if window is None or total <= window:  # one window holds it all: encoded whole, as diffusers does
         return vae.encode(audio).latents[..., :frames]
     sides = encoder_latent_side(vae)
     check_chunk_alignment(sides, window, margin)

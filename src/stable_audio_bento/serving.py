@@ -159,7 +159,8 @@ class GuardSettings:
     api_key: str | None = None
     public_paths: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz", "/ui")
     max_body_bytes: int = 1 << 20
-    max_upload_bytes: int = 32 << 20  # 47.55 s of 24-bit stereo WAV at 96 kHz is 27 MB
+    # the longest window, Stable Audio 3 medium's 380 s, as 24-bit stereo WAV at 48 kHz is 109 MB
+    max_upload_bytes: int = 128 << 20
 
     @classmethod
     def from_env(cls) -> "GuardSettings":
