@@ -63,6 +63,7 @@ def test_selectors_labels_and_ports_match(manifests):
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"http": SETTINGS.port}
     assert {port["targetPort"] for port in service["spec"]["ports"]} <= set(ports)
+    assert service["spec"]["sessionAffinity"] == "ClientIP"  # a job's polls reach the pod that holds it
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(SETTINGS.port) and annotations["prometheus.io/path"] == "/metrics"
 
@@ -184,3 +185,5 @@ def test_bentocloud_services_match_the_served_ones():
     assert front["config_overrides"]["traffic"]["concurrency"] == int(max_pending)
     # A generation's calls must reach the engine replica that holds it: one replica, never two during updates.
     assert engine["scaling"]["max_replicas"] == 1 and engine["deployment_strategy"] == "Recreate"
+    # A job's polls must reach the front that holds it.
+    assert front["scaling"]["max_replicas"] == 1

@@ -120,15 +120,19 @@ def test_running_jobs_report_progress_and_are_cancelled_on_whichever_engine_runs
     assert {worker: after[worker] - before.get(worker, 0.0) for worker in after} == {"0": 1, "1": 1}
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+@pytest.mark.parametrize("value", ["0", "-1", "two", " "])
 def test_a_bad_worker_count_is_refused_with_the_variable_named(monkeypatch, value):
     monkeypatch.setenv(ENGINE_WORKERS_VARIABLE, value)
     with pytest.raises(ValueError, match=ENGINE_WORKERS_VARIABLE):
         engine_worker_count()
 
 
-def test_the_default_is_one_engine_per_visible_gpu_and_child_processes_inherit_it(monkeypatch):
-    monkeypatch.delenv(ENGINE_WORKERS_VARIABLE, raising=False)
+@pytest.mark.parametrize("unset", [None, ""], ids=["absent", "empty"])  # empty: as templating leaves a variable
+def test_the_default_is_one_engine_per_visible_gpu_and_child_processes_inherit_it(monkeypatch, unset):
+    if unset is None:
+        monkeypatch.delenv(ENGINE_WORKERS_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(ENGINE_WORKERS_VARIABLE, unset)
     expected = max(1, torch.cuda.device_count())
     assert engine_worker_count() == expected
     assert os.environ[ENGINE_WORKERS_VARIABLE] == str(expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from diffusers import AutoencoderOobleck, CosineDPMSolverMultistepScheduler, Sta
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import (ModelLoadError, load_engine, load_pipeline, resolve_placement,
                                         tiny_model_dir)
+from stable_audio_bento.model_cache import cache_root
 from stable_audio_bento.pipeline import BatchedStableAudio, SamplingOptions
 from stable_audio_bento.sa3 import BatchedStableAudio3
 from stable_audio_bento.sa3_loading import ensure_tiny_sa3_model
@@ -133,3 +135,5 @@ def test_a_setting_left_empty_means_its_default(monkeypatch):
                      "STABLE_AUDIO_SDE_NOISE", "STABLE_AUDIO_MAX_ROWS", "STABLE_AUDIO_COMPILE", "STABLE_AUDIO_DTYPE"):
         monkeypatch.setenv(variable, "")
     assert EngineConfig.from_env() == EngineConfig()
+    monkeypatch.setenv("STABLE_AUDIO_CACHE", "")  # not the current folder
+    assert cache_root() == Path.home() / ".cache" / "stable-audio-bento"

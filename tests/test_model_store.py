@@ -184,7 +184,7 @@ def test_the_import_writes_the_weights_once_straight_into_the_store(store, model
 
 
 def test_a_folders_revision_leaves_out_git_and_hub_metadata_but_not_its_weights(tiny_folder):
-    """A git clone's .git/ and huggingface-cli's .cache/huggingface/ are not the model: the same files give the same
+    """A git clone's .git/ and hf download's .cache/huggingface/ are not the model: the same files give the same
     revision wherever they came from; a changed weight gives another."""
     revision = identify_source(str(tiny_folder)).revision
     assert revision == identify_source(str(ensure_tiny_model())).revision  # the same files in another folder

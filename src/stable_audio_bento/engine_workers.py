@@ -21,6 +21,7 @@ import bentoml
 import torch
 
 from .config import ENGINE_SERVICE, EngineConfig
+from .env_values import env_text
 
 ENGINE_WORKERS_VARIABLE = "STABLE_AUDIO_ENGINE_WORKERS"
 
@@ -31,7 +32,7 @@ def engine_worker_count() -> int:
     The default is written back into the environment: service.py is imported first by ``bentoml serve``'s own
     process, whose children (the front, and engines that see one GPU each) inherit the variable and so agree on
     how many engine services there are."""
-    value = os.environ.get(ENGINE_WORKERS_VARIABLE)
+    value = env_text(os.environ, ENGINE_WORKERS_VARIABLE)
     gpus = torch.cuda.device_count()
     if value is None:
         count = max(1, gpus)

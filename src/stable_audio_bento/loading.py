@@ -237,7 +237,7 @@ def _from_pretrained(source: str, pipeline_class: type = StableAudioPipeline, **
         )
         raise ModelLoadError(
             f"{hint}: {exc}. Point STABLE_AUDIO_MODEL at a local diffusers-format folder "
-            f"(e.g. one made with `huggingface-cli download {source} --local-dir DIR`), "
+            f"(e.g. one made with `hf download {source} --local-dir DIR`), "
             "or use STABLE_AUDIO_MODEL=tiny (or tiny-sa3) for a small random model."
         ) from exc
 

@@ -10,9 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .env_values import env_text
+
 
 def cache_root() -> Path:
-    return Path(os.environ.get("STABLE_AUDIO_CACHE", Path.home() / ".cache" / "stable-audio-bento"))
+    return Path(env_text(os.environ, "STABLE_AUDIO_CACHE") or Path.home() / ".cache" / "stable-audio-bento")
 
 
 def save_once(directory: Path, build: Callable[[], Any]) -> Path:

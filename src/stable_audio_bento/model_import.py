@@ -208,7 +208,7 @@ def _from_hub(repo: str, text_encoder: str) -> IdentifiedSource:
         raise ImportFailed(
             f"could not read {repo!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). Gated models need "
             "their license accepted and HF_TOKEN set; without hub access, download the repo elsewhere "
-            f"(`huggingface-cli download {repo} --local-dir DIR`) and import DIR") from exc
+            f"(`hf download {repo} --local-dir DIR`) and import DIR") from exc
     files = {sibling.rfilename for sibling in info.siblings or []}
     if "model_index.json" in files:
         return IdentifiedSource(info.sha, lambda: _pipeline(repo, revision=info.sha, token=token))
@@ -231,7 +231,7 @@ def _download_checkpoint(repo: str, revision: str, token: str | None) -> Path:
 def _files(folder: Path) -> list[Path]:
     """The model's files under ``folder``: hidden ones (a path part starting with ".") left out. They are never the
     model's (diffusers neither reads nor writes any), only where it came from: a git clone's ``.git/``, the
-    ``.cache/huggingface/`` that ``huggingface-cli download --local-dir`` leaves. Counted, they would give the same
+    ``.cache/huggingface/`` that ``hf download --local-dir`` leaves. Counted, they would give the same
     model downloaded two ways two revisions, and a folder a new one after a ``git fetch``."""
     return sorted(path for path in folder.rglob("*")
                   if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))

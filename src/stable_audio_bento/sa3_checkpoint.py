@@ -337,6 +337,6 @@ def load_text_encoder(source: str) -> tuple[Any, T5GemmaEncoderModel]:
     except Exception as exc:  # transformers raises OSError, ValueError or HTTP errors depending on what is missing
         raise CheckpointError(
             f"could not load the T5Gemma text encoder from {source!r}: {exc}. Pass --text-encoder with a local "
-            f"folder (e.g. `huggingface-cli download {TEXT_ENCODER_HUB_ID} --local-dir DIR`), or set HF_TOKEN after "
+            f"folder (e.g. `hf download {TEXT_ENCODER_HUB_ID} --local-dir DIR`), or set HF_TOKEN after "
             "accepting Gemma's terms on the hub") from exc
     return tokenizer, encoder.float()

@@ -161,7 +161,7 @@ def explain_failure(config: EngineConfig | None, exc: BaseException) -> str:
         what += f" (STABLE_AUDIO_LOAD_FORMAT={config.load_format})"
     if _no_such_folder(config):
         why = (f"there is no folder {config.model}. Mount or download the model there (a diffusers-format folder, "
-               "e.g. `huggingface-cli download stabilityai/stable-audio-open-1.0 --local-dir DIR`), or set "
+               "e.g. `hf download stabilityai/stable-audio-open-1.0 --local-dir DIR`), or set "
                "STABLE_AUDIO_MODEL to a hub id or to tiny")
     elif _is_out_of_memory(exc):
         why = (f"not enough memory to load it ({_one_line(exc)}). Free memory or use a larger machine; on a GPU, "
