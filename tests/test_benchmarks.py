@@ -40,6 +40,7 @@ def test_gpu_script_cpu_smoke(tmp_path, model_cache):
     serving = json.loads((tmp_path / "bench-throughput.json").read_text())
     assert serving["serving"]["http_s"] > 0 and serving["serving"]["direct_s"] > 0
     assert all(row["ok"] == row["requests"] for row in serving["throughput"]["service"])
+    assert serving["throughput"]["service"][0]["vs_first_row"] == 1
     # the GPU's layout in-process too (a half-precision DiT beside the fp32 VAE): diffusers got a VAE in the DiT's dtype
     baseline = serving["throughput"]["baseline"]
     assert baseline["dit_dtype"] == baseline["vae_dtype"] == "torch.bfloat16"
