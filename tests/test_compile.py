@@ -68,11 +68,14 @@ def test_the_compiled_engine_predicts_what_the_eager_one_does(tiny_pipe):
     compiled.compile("default")
     requests = [AudioRequest("rain on a tin roof", seed=1, audio_length=3.0, num_inference_steps=4),
                 AudioRequest("a cello", seed=2, audio_length=3.0, guidance_scale=1.0, num_inference_steps=4)]
+    torch._dynamo.utils.counters.clear()
     try:
         expected = eager.forward([eager.prepare_request(request) for request in requests])
         got = compiled.forward([compiled.prepare_request(request) for request in requests])
+        compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
+    assert compiled_graphs >= 1  # the forward did go through the compiler
     for want, have in zip(expected, got):
         assert have.shape == want.shape
         torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)

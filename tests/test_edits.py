@@ -18,6 +18,7 @@ import pytest
 import soundfile
 import torch
 
+from stable_audio_bento.audio import encode_audio
 from stable_audio_bento.generation import AudioRequest, ModelLimits
 from stable_audio_bento.init_audio import load_init_audio
 from stable_audio_bento.pipeline import ENCODE_MARGIN_FRAMES
@@ -270,14 +271,22 @@ def post_edit(server: str, fields: dict, files: dict | None = None) -> httpx.Res
     return httpx.post(server + "/v1/audio/edits", data=fields, files=files, timeout=300)
 
 
-def test_multipart_edit_returns_audio_of_the_requested_length(server):
+def test_multipart_edit_is_the_engines_edit_of_the_upload(server, engine, tmp_path):
+    """The served edit equals the engine's, in-process, of the upload as init_audio.py reads it; another upload
+    gives other audio."""
     response = post_edit(server, {**FIELDS, "strength": "0.7", "response_format": "flac"})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "audio/flac" and response.headers["x-seed"] == "4"
     audio, rate = soundfile.read(io.BytesIO(response.content))
     assert (rate, audio.shape) == (44100, (22050, 2))
-    again = post_edit(server, {**FIELDS, "strength": "0.7", "response_format": "flac"})
-    assert again.content == response.content
+    upload = load_init_audio(write(tmp_path / "loop.wav", tone(48000, 0.25, [440.0]), 48000, "PCM_16"), LIMITS)
+    [alone] = run_to_completion(engine, [AudioRequest("a cello", seed=4, audio_length=0.5, num_inference_steps=2,
+                                                      init_audio=upload, strength=0.7)])
+    assert response.content == encode_audio(alone.audio, 44100, "flac")
+    other = io.BytesIO()
+    soundfile.write(other, tone(48000, 0.25, [660.0]), 48000, format="WAV", subtype="PCM_16")
+    assert post_edit(server, {**FIELDS, "strength": "0.7", "response_format": "flac"},
+                     {"audio": ("loop.wav", other.getvalue(), "audio/wav")}).content != response.content
 
 
 ERROR_CASES = {

@@ -127,6 +127,18 @@ def test_a_bad_worker_count_is_refused_with_the_variable_named(monkeypatch, valu
         engine_worker_count()
 
 
+def test_with_gpus_the_default_is_one_engine_each_and_more_engines_than_gpus_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for variable in ("BENTOML_DISABLE_GPU_ALLOCATION", "CUDA_VISIBLE_DEVICES", ENGINE_WORKERS_VARIABLE):
+        monkeypatch.delenv(variable, raising=False)
+    assert engine_worker_count() == 4
+    monkeypatch.setenv(ENGINE_WORKERS_VARIABLE, "5")  # the fifth engine would quietly run on the CPU
+    with pytest.raises(ValueError, match=f"{ENGINE_WORKERS_VARIABLE}=5 but 4 GPUs"):
+        engine_worker_count()
+    monkeypatch.setenv("BENTOML_DISABLE_GPU_ALLOCATION", "1")  # engines share GPUs in turn: allowed
+    assert engine_worker_count() == 5
+
+
 @pytest.mark.parametrize("unset", [None, ""], ids=["absent", "empty"])  # empty: as templating leaves a variable
 def test_the_default_is_one_engine_per_visible_gpu_and_child_processes_inherit_it(monkeypatch, unset):
     if unset is None:

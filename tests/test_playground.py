@@ -319,6 +319,14 @@ def keyed_server(model_cache, tmp_path_factory):
         yield url
 
 
+def test_with_a_key_the_probes_and_the_page_stay_open_and_nothing_else(keyed_server):
+    """The default public paths: a Kubernetes probe or a load balancer's health check has no key."""
+    for path in ("/health", "/healthz", "/livez", "/readyz", "/ui"):
+        assert httpx.get(keyed_server + path, timeout=30).status_code == 200, path
+    for path in ("/metrics", "/docs", "/docs.json", "/v1/models"):
+        assert httpx.get(keyed_server + path, timeout=30).status_code == 401, path
+
+
 def test_api_key_is_asked_for_and_sent(keyed_server, browser):
     page = httpx.get(keyed_server + "/ui")
     assert page.status_code == 200, "the page itself needs no key: '/ui' belongs in GuardSettings.public_paths"

@@ -235,7 +235,7 @@ def test_a_stopping_engine_waits_until_every_result_is_collected_or_given_up_on(
         await asyncio.wait_for(waiting, 5)
         return time.monotonic() - posted
 
-    assert 0.3 < asyncio.run(scenario()) < 2  # the abandoned result was waited for, not forever
+    assert 0.3 < asyncio.run(scenario()) < 5  # the abandoned result was waited for, not forever
 
 
 def test_a_stopping_engine_waits_for_a_request_still_on_its_way():
@@ -244,18 +244,18 @@ def test_a_stopping_engine_waits_for_a_request_still_on_its_way():
     async def scenario():
         board = ResultBoard()
         started = time.monotonic()
-        waiting = asyncio.ensure_future(board.all_collected(quiet_s=1.0))
-        await asyncio.sleep(0.6)
+        waiting = asyncio.ensure_future(board.all_collected(quiet_s=2.0))
+        await asyncio.sleep(1.0)
         assert not waiting.done()
         board.expect("late")  # arrives during the quiet period: the wait starts over, and includes it
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(2.5)
         assert not waiting.done()  # quiet for long enough now, but "late" is still generating
         board.deliverer("late")(AudioResult(audio=np.ones((2, 1))))
         await board.wait("late", 1)
         await asyncio.wait_for(waiting, 5)
         return time.monotonic() - started
 
-    assert 1.8 < asyncio.run(scenario()) < 3
+    assert 3.0 < asyncio.run(scenario()) < 8
 
 
 def test_batching_mode_comes_from_configuration_and_environment(tmp_path, monkeypatch):
