@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -146,6 +147,9 @@ def test_command_line_client_shows_progress(server, tmp_path):
     assert soundfile.info(output).frames == 48000
 
 
+AUDIO = b"RIFF audio"  # what the stand-in's downloads hold
+
+
 class StandInServer(BaseHTTPRequestHandler):
     """The jobs API as the command-line client sees it: the first ``refusals`` submissions answered ``refusal``
     (status, Retry-After), then a job that has already succeeded. Every request's method and path are kept.
@@ -180,7 +184,13 @@ class StandInServer(BaseHTTPRequestHandler):
             error = {"error": {"message": f"stand-in {step}", "type": "x", "param": "job_id", "code": None}}
             self.answer(step, json.dumps(error).encode(), {"Retry-After": "0"} if step in (429, 503) else {})
         elif step == "not json":
-            self.answer(200, b"<html>a proxy's page</html>", {})
+            self.answer(200, b"<html>a proxy's page</html>", {"Content-Type": "text/html"})
+        elif step == "not a job":
+            self.answer(200, json.dumps({"status": "running"}).encode(), {"Content-Type": "application/json"})
+        elif step == "redirect":
+            self.answer(302, b"", {"Location": "/elsewhere"})
+        elif step == "succeeded" and success == AUDIO:
+            self.answer(200, AUDIO, {"Content-Type": "audio/wav"})
         else:
             self.answer(200, success if step == "succeeded" else json.dumps({**self.JOB, "status": step}).encode(), {})
 
@@ -197,10 +207,12 @@ class StandInServer(BaseHTTPRequestHandler):
         self.seen.append(("GET", self.path))
         content = self.path.endswith("/content")
         if content and self.downloads:
-            return self.scripted(self.downloads, b"RIFF audio")
+            return self.scripted(self.downloads, AUDIO)
         if not content and self.polls:
             return self.scripted(self.polls, json.dumps(self.JOB).encode())
-        self.answer(200, b"RIFF audio" if content else json.dumps(self.JOB).encode(), {})
+        if content:
+            return self.answer(200, AUDIO, {"Content-Type": "audio/wav"})
+        self.answer(200, json.dumps(self.JOB).encode(), {})
 
     def do_DELETE(self):
         self.seen.append(("DELETE", self.path))
@@ -231,7 +243,7 @@ def test_the_command_line_client_submits_again_after_a_busy_servers_retry_after(
     output = tmp_path / "out.wav"
     assert client.main(["a bell", "--url", url, "--quiet", "-o", str(output)]) == 0
     assert [path for method, path in handler.seen if method == "POST"] == ["/v1/audio/jobs"] * 3
-    assert output.read_bytes() == b"RIFF audio"
+    assert output.read_bytes() == AUDIO
     assert capsys.readouterr().err.count(f"server refused the job ({status}); retrying in 0 s") == 2
 
 
@@ -258,7 +270,7 @@ def test_the_command_line_client_polls_on_through_a_dropped_connection_or_a_prox
     url, handler = stand_in
     handler.polls = ["running", failure, failure, failure, "running", "succeeded"]
     assert run_client(url, tmp_path) == 0
-    assert (tmp_path / "out.wav").read_bytes() == b"RIFF audio"
+    assert (tmp_path / "out.wav").read_bytes() == AUDIO
     assert [method for method, path in handler.seen if path == JOB_PATH] == ["GET"] * 6  # and no cancel
     err = capsys.readouterr().err
     assert err.count("polling the job failed") == 1, err  # once, not at every try
@@ -270,7 +282,7 @@ def test_the_command_line_client_downloads_again_after_a_failed_download(stand_i
     url, handler = stand_in
     handler.downloads = ["drop", 502, "succeeded"]
     assert run_client(url, tmp_path) == 0
-    assert (tmp_path / "out.wav").read_bytes() == b"RIFF audio"
+    assert (tmp_path / "out.wav").read_bytes() == AUDIO
     assert [path for _, path in handler.seen].count(JOB_PATH + "/content") == 3
     assert capsys.readouterr().err.count("downloading the audio failed") == 1
 
@@ -301,6 +313,45 @@ def test_an_unexpected_answer_cancels_the_job_too_and_is_reported(stand_in, tmp_
     assert run_client(url, tmp_path) == 1
     assert handler.seen[-1] == ("DELETE", JOB_PATH)
     assert "failed (" in capsys.readouterr().err  # one line, no traceback
+
+
+def test_an_answer_that_is_json_but_not_a_job_cancels_the_job_and_is_reported(stand_in, tmp_path, capsys):
+    url, handler = stand_in
+    handler.polls = ["running", "not a job"]  # the progress bar reads what is missing
+    assert client.main(["a bell", "--url", url, "--timeout", "10", "-o", str(tmp_path / "out.wav")]) == 1
+    assert handler.seen[-1] == ("DELETE", JOB_PATH)
+    assert "the server's answer is not a job (KeyError" in capsys.readouterr().err
+
+
+def test_a_redirect_is_reported_not_followed_with_the_key(stand_in, tmp_path, capsys):
+    url, handler = stand_in
+    handler.polls = ["running", "redirect"]
+    assert run_client(url, tmp_path, "--api-key", "secret") == 1
+    assert ("GET", "/elsewhere") not in handler.seen and handler.seen[-1] == ("DELETE", JOB_PATH)
+    assert "error 302: the server redirects to /elsewhere, which is not followed" in capsys.readouterr().err
+
+
+def test_a_download_that_is_not_audio_is_not_written(stand_in, tmp_path, capsys):
+    url, handler = stand_in
+    handler.downloads = ["not json"]  # a proxy's login page, with a 200
+    assert run_client(url, tmp_path) == 1
+    assert not (tmp_path / "out.wav").exists()
+    assert "the download of job job_1 is not audio (Content-Type: text/html)" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_leaves_no_partial_file_and_names_the_result(stand_in, tmp_path, capsys,
+                                                                                      monkeypatch):
+    url, _ = stand_in
+
+    def full_disk(self, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", full_disk)
+    assert run_client(url, tmp_path) == 1
+    assert list(tmp_path.iterdir()) == []
+    err = capsys.readouterr().err
+    assert "could not write" in err and "No space left on device" in err
+    assert f"{url}/v1/audio/jobs/job_1/content" in err
 
 
 def test_a_job_the_server_no_longer_has_is_reported_as_gone_and_not_cancelled(stand_in, tmp_path, capsys):

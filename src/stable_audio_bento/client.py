@@ -34,6 +34,7 @@ DEFAULT_RETRY_AFTER_S = 1.0
 TRANSIENT_STATUSES = (429, 502, 503, 504)
 ACTIVE = ("queued", "running")
 CANCEL_TIMEOUT_S = 10.0  # the client is already giving up: a cancel that hangs must not keep it from exiting
+MIN_CALL_TIMEOUT_S = 0.5  # a call at the deadline still gets this long, so that its failure says why
 T = TypeVar("T")
 SUFFIX_FORMATS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "pcm": "pcm", "opus": "opus", "ogg": "opus",
                   "aac": "aac"}
@@ -90,12 +91,25 @@ def request_body(args: argparse.Namespace) -> dict:
     return body
 
 
+class RefusedRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is, not followed: urllib would send the API key to wherever it
+    points, and turn a POST into a GET."""
+
+    def redirect_request(self, *args, **kwargs) -> None:
+        return None
+
+
 class Server:
+    """deadline: a time.monotonic() past which no call waits (each waits at most ``timeout`` besides), unless it
+    names its own timeout (the cancel on the way out)."""
+
     def __init__(self, url: str, api_key: str | None, timeout: float = 60.0):
         self.url, self.timeout = url.rstrip("/"), timeout
+        self.deadline: float | None = None
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
+        self.opener = urllib.request.build_opener(RefusedRedirect)
 
     def call(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None,
              timeout: float | None = None) -> tuple[bytes, dict[str, str]]:
@@ -103,8 +117,12 @@ class Server:
         data, headers = None if body is None else json.dumps(body).encode(), self.headers
         if form is not None:
             data, headers = form[0], {**self.headers, "Content-Type": form[1]}
+        if timeout is None:
+            timeout = self.timeout
+            if self.deadline is not None:
+                timeout = max(MIN_CALL_TIMEOUT_S, min(timeout, self.deadline - time.monotonic()))
         request = urllib.request.Request(self.url + path, data, headers, method=method)
-        with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+        with self.opener.open(request, timeout=timeout) as response:
             return response.read(), dict(response.headers)
 
     def job(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None) -> dict:
@@ -127,13 +145,16 @@ def generate(server: Server, body: dict, timeout: float, show: "ProgressBar", in
              ) -> tuple[bytes, dict]:
     """Submit (an edit of ``init_audio`` if given), poll until the job ends, download. Returns the audio and the
     final job status."""
-    deadline = time.monotonic() + timeout
+    deadline = server.deadline = time.monotonic() + timeout
     job = wait_for(server, submit(server, body, init_audio, deadline), deadline, timeout, show)
     show(job)
     if job["status"] != "succeeded":
         raise RuntimeError(f"job {job['status']}: {json.dumps(job['error'])}")
     # The result stays on the server until the job expires, so a failed download can be tried again too.
-    audio = retrying(lambda: server.call("GET", job["result_url"])[0], deadline, show, "downloading the audio")
+    audio, headers = retrying(lambda: server.call("GET", job["result_url"]), deadline, show, "downloading the audio")
+    media_type = {name.lower(): value for name, value in headers.items()}.get("content-type", "")
+    if not media_type.startswith("audio/"):  # a proxy's page, say, answered in the server's place
+        raise ValueError(f"the download of job {job['id']} is not audio (Content-Type: {media_type or 'none'})")
     return audio, job
 
 
@@ -141,7 +162,8 @@ def wait_for(server: Server, job: dict, deadline: float, timeout: float, show: "
     """Polls the job until it has ended. Whatever ends the wait before that (--timeout, Ctrl-C, an error that a
     retry does not get past, a bug), the job is cancelled on the server on the way out: the server would otherwise
     go on generating audio that nobody fetches. Not when the server no longer has the job (404)."""
-    path = f"/v1/audio/jobs/{job['id']}"
+    job_id = job["id"]  # kept for the cancel: a later answer may be of another shape
+    path = f"/v1/audio/jobs/{job_id}"
     try:
         while job["status"] in ACTIVE:
             show(job)
@@ -151,12 +173,12 @@ def wait_for(server: Server, job: dict, deadline: float, timeout: float, show: "
             job = retrying(lambda: server.job("GET", path), deadline, show, "polling the job")
     except urllib.error.HTTPError as error:
         if error.code != 404:
-            cancel(server, job["id"])
+            cancel(server, job_id)
             raise
-        raise RuntimeError(f"job {job['id']} is gone from the server (404): it expired or the server restarted, "
+        raise RuntimeError(f"job {job_id} is gone from the server (404): it expired or the server restarted, "
                            "so its audio is lost") from None
     except BaseException:  # KeyboardInterrupt included
-        cancel(server, job["id"])
+        cancel(server, job_id)
         raise
     return job
 
@@ -257,20 +279,46 @@ def main(argv: list[str] | None = None) -> int:
     try:
         audio, job = generate(server, request_body(args), args.timeout, ProgressBar(not args.quiet), args.init_audio)
     except urllib.error.HTTPError as error:
-        print(f"error {error.code}: {error.read().decode(errors='replace')}", file=sys.stderr)
+        if 300 <= error.code < 400:
+            print(f"error {error.code}: the server redirects to {error.headers.get('Location')}, which is not "
+                  "followed (it would get the API key): give that address as --url", file=sys.stderr)
+        else:
+            print(f"error {error.code}: {error.read().decode(errors='replace')}", file=sys.stderr)
         return 1
     except (OSError, RuntimeError, ValueError, http.client.HTTPException) as error:  # URLError and TimeoutError
         # are OSErrors, as is an unreadable file; HTTPException: a response cut short or garbled, past --timeout;
-        # ValueError: a 200 that is not the JSON expected (a proxy's HTML page)
+        # ValueError: a 200 that is not the JSON expected (a proxy's HTML page), or a download that is not audio
         print(f"failed ({args.url}): {error}", file=sys.stderr)
+        return 1
+    except (KeyError, TypeError) as error:  # JSON, but not a job's
+        print(f"failed ({args.url}): the server's answer is not a job ({type(error).__name__}: {error})",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return 130
-    args.output.write_bytes(audio)
+    try:
+        save(args.output, audio)
+    except OSError as error:
+        print(f"could not write {args.output} ({error}); the audio stays on the server until the job expires: "
+              f"{server.url}{job['result_url']}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output} ({len(audio)} bytes, {job['audio_duration']:.3f} s of {job['response_format']}, "
           f"seed {job['seed']})")
     return 0
+
+
+def save(path: Path, data: bytes) -> None:
+    """Whole or not at all: written beside the file, then renamed over it (a device such as /dev/null directly)."""
+    if path.exists() and not path.is_file():
+        path.write_bytes(data)
+        return
+    partial = path.with_name(f".{path.name}.part")
+    try:
+        partial.write_bytes(data)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
