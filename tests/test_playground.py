@@ -298,6 +298,21 @@ def test_an_unreachable_server_and_a_bad_gateway_are_waited_out(server, browser)
     assert text(browser, "status").startswith("Done: ") and text(browser, "error") == ""
 
 
+def test_a_poll_answered_by_a_page_that_is_not_the_job_is_retried(server, browser):
+    """A proxy's page with a 200 in place of the job's status: said in the status, and polled again until the
+    job's own answer comes."""
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length="1.0", num_inference_steps=3, seed=7)
+    fail_fetches(browser, downloads="null",
+                 polls='window.failedPolls < 3 ? Promise.resolve(new Response("<html>proxy</html>")) : null')
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "status") == "The server's answer was not the job's status; retrying…",
+             30, "the page that is not the job was not shown")
+    clip = wait_for_clip(browser)
+    assert clip["duration"] == pytest.approx(1.0, abs=0.05) and text(browser, "error") == ""
+    assert browser.execute_script("return window.failedPolls") == 3
+
+
 def test_a_job_the_server_no_longer_has_is_reported_lost(server, browser):
     open_page(browser, server)
     fill(browser, input=PROMPT, audio_length="1.0", num_inference_steps=3)
@@ -431,3 +446,20 @@ def test_the_form_follows_a_stable_audio_3_model_and_inpaints(sa3_server, browse
             "mask_start": "0.5", "mask_end": "1.5", "response_format": '"wav"', "seed": "7"}
     assert_download_is_the_direct_edit(browser, sa3_server, form, loop)
     browser.save_screenshot(str(ARTIFACTS / "playground-sa3-inpaint.png"))
+
+
+def test_a_stable_audio_3_edit_without_a_length_is_as_long_as_its_file(sa3_server, browser, tmp_path):
+    """The form's own 10 s is not sent for an edit on a model whose edits default to the file's length."""
+    loop = upload_file(tmp_path, seconds=2.0)
+    open_page(browser, sa3_server)
+    wait_for(browser, lambda: browser.find_element(By.ID, "num_inference_steps").get_attribute("value") == "8", 30,
+             "the form never took the model's defaults")
+    browser.find_element(By.ID, "init_audio").send_keys(str(loop))
+    length = browser.find_element(By.ID, "audio_length")
+    assert length.get_attribute("value") == "" and length.get_attribute("placeholder") == "the file's"
+    fill(browser, input=PROMPT, num_inference_steps=2, seed=7, mask_start="1.5")
+    browser.find_element(By.ID, "generate").click()
+    clip = wait_for_clip(browser)
+    assert clip["error"] is None and clip["duration"] == pytest.approx(2.0, abs=0.05)
+    sent = json.loads(browser.execute_script("return document.getElementById('request-json').textContent"))
+    assert "audio_length" not in sent and sent["mask_start"] == 1.5
