@@ -150,9 +150,13 @@ def test_bad_sources_fail_with_a_clear_message(source, message, tmp_path, capsys
     assert last_line.startswith("stable-audio-import-model: error: ") and message in last_line
 
 
-def test_an_import_interrupted_while_writing_into_the_store_leaves_no_entry(store, model_cache, monkeypatch):
-    """Ctrl-C while the weights are written into the store: the half-written version (no model.yaml) is removed,
-    so listing the store and resolving the service's stored model still work, and the next import is served."""
+def test_an_import_interrupted_while_writing_leaves_nothing_in_the_store(store, model_cache, monkeypatch, tmp_path):
+    """Ctrl-C while the weights are written: nothing entered the store (an entry without model.yaml would break
+    every listing of it) and the half-written folder beside it is removed; a folder a killed import left there
+    does no harm either. Listing the store and resolving the service's stored model work, the next import is
+    served."""
+    (tmp_path / ".stable-audio-import-killed").mkdir()  # kill -9 runs no clean-up
+    (tmp_path / ".stable-audio-import-killed" / "model_index.json").write_text("{}")
     def interrupted_save(pipe, directory, **options):
         (Path(directory) / "model_index.json").write_text("{}")
         raise KeyboardInterrupt
@@ -162,13 +166,15 @@ def test_an_import_interrupted_while_writing_into_the_store_leaves_no_entry(stor
         with pytest.raises(KeyboardInterrupt):
             import_model("tiny")
     assert bentoml.models.list() == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".stable-audio-import-killed", "models"]
     stored = import_model("tiny").model
     assert [model.tag for model in bentoml.models.list()] == [stored.tag]
     assert store.get(STORED_MODEL_TAG).tag == stored.tag
 
 
-def test_the_import_writes_the_weights_once_straight_into_the_store(store, model_cache, monkeypatch):
-    """Not into a temporary folder first and then copied (bentoml.models.create's way): gigabytes written once."""
+def test_the_import_writes_the_weights_once_and_renames_them_into_the_store(store, model_cache, monkeypatch):
+    """Not copied from a temporary folder (bentoml.models.create's way): gigabytes written once, beside the store,
+    and the whole folder renamed into it."""
     written_into = []
     save_pretrained = DiffusionPipeline.save_pretrained
 
@@ -179,7 +185,9 @@ def test_the_import_writes_the_weights_once_straight_into_the_store(store, model
     monkeypatch.setattr(DiffusionPipeline, "save_pretrained", recorded_save)
     monkeypatch.setattr(shutil, "copytree", refuse)
     stored = import_model("tiny").model
-    assert written_into == [Path(store.get(STORED_MODEL_TAG).path)] == [Path(stored.path)]
+    [staging] = written_into
+    assert staging.parent == Path(store._path).parent and not staging.exists()  # renamed, not copied
+    assert Path(store.get(STORED_MODEL_TAG).path) == Path(stored.path)
     assert (Path(stored.path) / "model.yaml").is_file() and (Path(stored.path) / "model_index.json").is_file()
 
 

@@ -14,7 +14,9 @@ import argparse
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -101,29 +103,38 @@ def _stored_import(identity: dict[str, str | None]) -> bentoml.Model | None:
 def _make_latest(model: bentoml.Model) -> None:
     """Point ``stable-audio:latest`` at ``model``, as a fresh import of it would: re-importing a source means serving
     it. BentoML keeps the latest version's name in ``<store>/<name>/latest`` and has no call to set it."""
-    (Path(model.path).parent / "latest").write_text(model.tag.version)
+    latest = Path(model.path).parent / "latest"
+    descriptor, partial = tempfile.mkstemp(dir=latest.parents[2])  # beside the store: its listing reads every file
+    with os.fdopen(descriptor, "w") as file:
+        file.write(model.tag.version)
+    os.chmod(partial, 0o644)
+    os.replace(partial, latest)  # whole: a reader never finds it empty
 
 
 def _store(pipe: DiffusionPipeline, labels: dict[str, str], metadata: dict[str, str]) -> bentoml.Model:
-    """A new version of ``stable-audio`` holding ``pipe``, which ``save_pretrained`` writes straight into the store.
-    ``bentoml.models.create`` would have it written into a temporary folder and then copied into the store (a second
-    full write of gigabytes); this does what it does (the same model.yaml, the same ``latest``) without the copy."""
+    """A new version of ``stable-audio`` holding ``pipe``. ``bentoml.models.create`` would have it written into a
+    temporary folder and then copied into the store (a second full write of gigabytes); this writes it once, beside
+    the store, with what ``create`` writes (the same model.yaml, the same ``latest``), then renames the whole entry
+    into place: an entry without its model.yaml breaks every listing of the store, the service's start included
+    (even with another model set), and one would stay behind a killed import, or be seen by a concurrent one."""
     tag = bentoml.Tag(STORED_MODEL_NAME).make_new_version()
+    store = Path(BentoMLContainer.model_store.get()._path)  # the one in use (tests patch it); no public name
+    (store / STORED_MODEL_NAME).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=store.parent, prefix=f".{STORED_MODEL_NAME}-import-"))  # same file system
     try:
-        with BentoMLContainer.model_store.get().register(tag) as entry:
-            pipe.save_pretrained(entry)
-            size_bytes = sum(path.stat().st_size for path in _files(Path(entry)))
-            info = ModelInfo(tag=tag, module="", labels=labels, options=ModelOptions(), signatures={},
-                             metadata={**metadata, "size_bytes": size_bytes}, api_version="v1",
-                             context=ModelContext(framework_name="", framework_versions={}))
-            Model(tag, entry, info, internal=True).flush()  # model.yaml, written last: the entry is complete
-    except BaseException:
-        # The store removes a half-written entry after an error, but not after Ctrl-C, and an entry without its
-        # model.yaml breaks every listing of the store, the service's start included (even with another model set).
-        with contextlib.suppress(bentoml.exceptions.NotFound):
-            bentoml.models.delete(tag)
-        raise
-    return bentoml.models.get(tag)
+        pipe.save_pretrained(staging)
+        size_bytes = sum(path.stat().st_size for path in _files(staging))
+        info = ModelInfo(tag=tag, module="", labels=labels, options=ModelOptions(), signatures={},
+                         metadata={**metadata, "size_bytes": size_bytes}, api_version="v1",
+                         context=ModelContext(framework_name="", framework_versions={}))
+        Model(tag, str(staging), info, internal=True).flush()  # model.yaml
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server run as another user
+        staging.rename(store / STORED_MODEL_NAME / tag.version)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
+    model = bentoml.models.get(tag)
+    _make_latest(model)
+    return model
 
 
 def store_weights_in(pipe: DiffusionPipeline, dtype: torch.dtype) -> None:
