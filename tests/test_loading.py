@@ -12,7 +12,7 @@ from diffusers import AutoencoderOobleck, CosineDPMSolverMultistepScheduler, Sta
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import (ModelLoadError, load_engine, load_pipeline, resolve_placement,
                                         tiny_model_dir)
-from stable_audio_bento.model_cache import cache_root
+from stable_audio_bento.model_cache import cache_root, save_once
 from stable_audio_bento.pipeline import BatchedStableAudio, SamplingOptions
 from stable_audio_bento.sa3 import BatchedStableAudio3
 from stable_audio_bento.sa3_loading import ensure_tiny_sa3_model
@@ -137,3 +137,31 @@ def test_a_setting_left_empty_means_its_default(monkeypatch):
     assert EngineConfig.from_env() == EngineConfig()
     monkeypatch.setenv("STABLE_AUDIO_CACHE", "")  # not the current folder
     assert cache_root() == Path.home() / ".cache" / "stable-audio-bento"
+
+
+class SavedPipeline:
+    """Stands in for a pipeline: ``save_pretrained`` writes a model_index.json, after ``meanwhile`` runs."""
+
+    def __init__(self, meanwhile=lambda: None):
+        self.meanwhile = meanwhile
+
+    def save_pretrained(self, folder):
+        self.meanwhile()
+        (Path(folder) / "model_index.json").write_text('{"by": "this process"}')
+
+
+def test_the_cache_saves_a_model_once_and_leaves_no_half_written_folder(tmp_path):
+    target = tmp_path / "tiny-v1"
+
+    def other_process_finishes_first():
+        target.mkdir()
+        (target / "model_index.json").write_text('{"by": "another process"}')
+
+    assert save_once(target, lambda: SavedPipeline(other_process_finishes_first)) == target
+    assert (target / "model_index.json").read_text() == '{"by": "another process"}'  # its identical copy stays
+    assert save_once(target, lambda: pytest.fail("built again")) == target
+    with pytest.raises(RuntimeError, match="build failed"):
+        save_once(tmp_path / "other", lambda: (_ for _ in ()).throw(RuntimeError("build failed")))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-v1"]  # no staging folder left behind
+    save_once(tmp_path / "third", SavedPipeline)
+    assert oct((tmp_path / "third").stat().st_mode & 0o777) == "0o755"

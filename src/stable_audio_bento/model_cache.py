@@ -24,9 +24,13 @@ def save_once(directory: Path, build: Callable[[], Any]) -> Path:
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    build().save_pretrained(staging)
     try:
+        build().save_pretrained(staging)
+        staging.chmod(0o755)  # not mkdtemp's 0700: the cache may be shared with a server run as another user
         staging.rename(directory)
-    except OSError:  # another process finished first; its copy is identical
-        shutil.rmtree(staging, ignore_errors=True)
+    except OSError:
+        if not (directory / "model_index.json").is_file():  # not another process finishing first (identical copy)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
     return directory
