@@ -293,3 +293,12 @@ def test_build_declares_the_stored_model_and_the_exported_bento_serves_it_alone(
         health = httpx.get(url + "/health").json()
     assert (health["model"], health["model_tag"]) == ("tiny", f"stable-audio:{version}")
     assert not (empty_home / "models").exists() or not any((empty_home / "models").iterdir())
+
+
+def test_a_folder_is_one_source_by_any_path_and_stored_by_its_absolute_one(store, tiny_folder, monkeypatch):
+    first = import_model(str(tiny_folder))
+    assert first.model.info.metadata["source"] == str(tiny_folder.resolve()) and not first.already_stored
+    monkeypatch.chdir(tiny_folder.parent)
+    again = import_model(f"./{tiny_folder.name}")
+    assert again.already_stored and again.model.tag == first.model.tag
+

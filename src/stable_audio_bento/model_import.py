@@ -71,6 +71,7 @@ def import_model(source: str, text_encoder: str = sa3_checkpoint.TEXT_ENCODER_HU
                  ) -> Imported:
     """The stored model of ``source`` in ``dtype``, made the store's latest (the one served). An earlier import with
     the same identity (see ``identify_source``) is reused: the source is then not even loaded."""
+    source = _absolute_if_local(source)
     identified = identify_source(source, text_encoder)
     identity = {"source": source, "revision": identified.revision, "dtype": dtype, **identified.converted_with}
     earlier = _stored_import(identity)
@@ -83,6 +84,14 @@ def import_model(source: str, text_encoder: str = sa3_checkpoint.TEXT_ENCODER_HU
     known = {key: value for key, value in identity.items() if value is not None}  # BentoML's metadata takes no None
     return Imported(_store(pipe, labels={"source": source, "family": family}, metadata={**known, "family": family}),
                     already_stored=False)
+
+
+def _absolute_if_local(source: str) -> str:
+    """A file or folder by its absolute path: ``./sao`` and ``/models/sao`` are one source, and the stored source is
+    the id the service shows, which a relative path, read from wherever the server runs, would not name."""
+    if source in (TINY, sa3_loading.TINY_SA3, sa3_loading.TINY_SA3_BASE) or not Path(source).exists():
+        return source
+    return str(Path(source).resolve())
 
 
 def _stored_import(identity: dict[str, str | None]) -> bentoml.Model | None:
