@@ -363,8 +363,9 @@ def test_a_job_the_server_no_longer_has_is_reported_as_gone_and_not_cancelled(st
     assert "job job_1 is gone from the server (404): it expired or the server restarted" in err, err
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 @pytest.mark.parametrize("cancel", ["cancelled", "drop"])
-def test_ctrl_c_cancels_the_job_even_when_the_cancel_fails(stand_in, tmp_path, cancel):
+def test_ctrl_c_or_sigterm_cancels_the_job_even_when_the_cancel_fails(stand_in, tmp_path, cancel, stop):
     url, handler = stand_in
     handler.polls, handler.cancel = ["running"], cancel
     process = subprocess.Popen([sys.executable, "-m", "stable_audio_bento.client", "a bell", "--url", url, "--quiet",
@@ -373,7 +374,7 @@ def test_ctrl_c_cancels_the_job_even_when_the_cancel_fails(stand_in, tmp_path, c
     while ("GET", JOB_PATH) not in handler.seen:  # polling
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     err = process.communicate(timeout=20)[1]
     assert process.returncode == 130 and err.splitlines()[-1] == "cancelled", err
     assert handler.seen[-1] == ("DELETE", JOB_PATH)

@@ -14,6 +14,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -273,8 +274,21 @@ class ProgressBar:
             print(line, file=sys.stderr, flush=True)
 
 
+def stop_on_sigterm(signum, frame) -> None:
+    """``kill``, a container stop or a CI timeout gives up like Ctrl-C: the job is cancelled on the way out."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        return run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
     server = Server(args.url, args.api_key)
     try:
         audio, job = generate(server, request_body(args), args.timeout, ProgressBar(not args.quiet), args.init_audio)
