@@ -362,6 +362,20 @@ def test_api_key_is_asked_for_and_sent(keyed_server, browser):
     assert browser.find_element(By.ID, "api_key").get_attribute("value") == "playground-secret"
 
 
+def test_what_was_typed_stays_when_the_key_lets_the_model_be_read(keyed_server, browser):
+    """Without the key the form keeps its own defaults; entering it reads the model's, which fill only the fields
+    the user has not typed in."""
+    open_page(browser, keyed_server)
+    fill(browser, num_inference_steps=3)
+    browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()  # where the key field is
+    fill(browser, api_key="playground-secret")
+    browser.find_element(By.ID, "input").click()  # leaving the key field: its change reads the model again
+    steps = browser.find_element(By.ID, "num_inference_steps")
+    wait_for(browser, lambda: steps.get_attribute("max") == "500", 30, "the model was not read with the key")
+    assert steps.get_attribute("value") == "3"
+    assert browser.find_element(By.ID, "guidance_scale").get_attribute("value") == "7"  # the model's default
+
+
 def upload_file(tmp_path: Path, seconds: float = 0.4, rate: int = 48000) -> Path:
     t = np.arange(round(seconds * rate)) / rate
     path = tmp_path / "loop.wav"

@@ -41,7 +41,8 @@ SUFFIX_FORMATS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "pcm": "pcm", "opu
                   "aac": "aac"}
 
 FIELDS = {  # flag -> (type, help); None values are left out so the server applies its defaults
-    "audio_length": (float, "seconds of audio (default: the model maximum, 47.55 s)"),
+    "audio_length": (float, "seconds of audio (default: the model's maximum, 47.55 s for stable-audio-open-1.0; "
+                            "an edit on Stable Audio 3: the file's length)"),
     "audio_start": (float, "start of the returned window in seconds (default 0)"),
     "negative_prompt": (str, "what to avoid"),
     "guidance_scale": (float, "classifier-free guidance scale (default: the model's; <= 1 disables guidance)"),
@@ -289,27 +290,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    server = Server(args.url, args.api_key)
+    server, bar = Server(args.url, args.api_key), ProgressBar(not args.quiet)
     try:
-        audio, job = generate(server, request_body(args), args.timeout, ProgressBar(not args.quiet), args.init_audio)
+        audio, job = generate(server, request_body(args), args.timeout, bar, args.init_audio)
     except urllib.error.HTTPError as error:
         if 300 <= error.code < 400:
-            print(f"error {error.code}: the server redirects to {error.headers.get('Location')}, which is not "
-                  "followed (it would get the API key): give that address as --url", file=sys.stderr)
+            bar.note(f"error {error.code}: the server redirects to {error.headers.get('Location')}, which is not "
+                     "followed (it would get the API key): give that address as --url")
         else:
-            print(f"error {error.code}: {error.read().decode(errors='replace')}", file=sys.stderr)
+            bar.note(f"error {error.code}: {error.read().decode(errors='replace')}")
         return 1
     except (OSError, RuntimeError, ValueError, http.client.HTTPException) as error:  # URLError and TimeoutError
         # are OSErrors, as is an unreadable file; HTTPException: a response cut short or garbled, past --timeout;
         # ValueError: a 200 that is not the JSON expected (a proxy's HTML page), or a download that is not audio
-        print(f"failed ({args.url}): {error}", file=sys.stderr)
+        bar.note(f"failed ({args.url}): {error}")
         return 1
     except (KeyError, TypeError) as error:  # JSON, but not a job's
-        print(f"failed ({args.url}): the server's answer is not a job ({type(error).__name__}: {error})",
-              file=sys.stderr)
+        bar.note(f"failed ({args.url}): the server's answer is not a job ({type(error).__name__}: {error})")
         return 1
     except KeyboardInterrupt:
-        print("cancelled", file=sys.stderr)
+        bar.note("cancelled")
         return 130
     try:
         save(args.output, audio)
