@@ -3,10 +3,11 @@ even when several processes start at the same moment."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +19,28 @@ def cache_root() -> Path:
 
 
 def save_once(directory: Path, build: Callable[[], Any]) -> Path:
-    """Builds the pipeline and saves it to ``directory`` unless a complete copy is there; returns the folder. The
-    copy is written beside it and renamed into place, so a reader never sees half a model."""
+    """Builds the pipeline and saves it to ``directory`` unless a complete copy is there; returns the folder."""
     if (directory / "model_index.json").is_file():
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     try:
-        build().save_pretrained(staging)
-        staging.chmod(0o755)  # not mkdtemp's 0700: the cache may be shared with a server run as another user
-        staging.rename(directory)
+        with written_whole(directory, beside=directory.parent) as staging:
+            build().save_pretrained(staging)
     except OSError:
         if not (directory / "model_index.json").is_file():  # not another process finishing first (identical copy)
             raise
+    return directory
+
+
+@contextlib.contextmanager
+def written_whole(target: Path, beside: Path) -> Iterator[Path]:
+    """A fresh folder under ``beside`` (on ``target``'s file system) to write a model into, renamed to ``target``
+    when the block ends without an error, and removed otherwise: a reader never sees half a model, and a killed
+    writer leaves only a hidden folder behind."""
+    staging = Path(tempfile.mkdtemp(dir=beside, prefix=f".{target.name}-"))
+    try:
+        yield staging
+        staging.chmod(0o755)  # not mkdtemp's 0700: the model may be read by a server run as another user
+        staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
-    return directory

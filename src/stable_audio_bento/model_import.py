@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import hashlib
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from . import sa3_checkpoint, sa3_loading
 from .loading import HUB_ID, TINY, ensure_tiny_model
+from .model_cache import written_whole
 from .model_store import FAMILIES, STORED_MODEL_NAME
 
 STORED_DTYPES = ("float32", "float16", "bfloat16")
@@ -129,18 +129,13 @@ def _store(pipe: DiffusionPipeline, labels: dict[str, str], metadata: dict[str, 
     tag = bentoml.Tag(STORED_MODEL_NAME).make_new_version()
     store = Path(BentoMLContainer.model_store.get()._path)  # the one in use (tests patch it); no public name
     (store / STORED_MODEL_NAME).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=store.parent, prefix=f".{STORED_MODEL_NAME}-import-"))  # same file system
-    try:
+    with written_whole(store / STORED_MODEL_NAME / tag.version, beside=store.parent) as staging:
         pipe.save_pretrained(staging)
         size_bytes = sum(path.stat().st_size for path in _files(staging))
         info = ModelInfo(tag=tag, module="", labels=labels, options=ModelOptions(), signatures={},
                          metadata={**metadata, "size_bytes": size_bytes}, api_version="v1",
                          context=ModelContext(framework_name="", framework_versions={}))
         Model(tag, str(staging), info, internal=True).flush()  # model.yaml
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server run as another user
-        staging.rename(store / STORED_MODEL_NAME / tag.version)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
     model = bentoml.models.get(tag)
     _make_latest(model)
     return model
