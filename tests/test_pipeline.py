@@ -27,6 +27,10 @@ REFERENCE_CASES = {
                                               guidance_scale=1.0, num_inference_steps=2),
     "unguided, full window": AudioRequest("thunder and rain", seed=3, audio_length=1024 * 2048 / 44100,
                                           guidance_scale=1.0, negative_prompt="ignored", num_inference_steps=5),
+    # over the 128 tokens T5 reads: cut where diffusers cuts them, both prompts
+    "prompts longer than the text encoder reads": AudioRequest(
+        ", ".join(f"rain layer {i} on a tin roof" for i in range(40)), seed=5, audio_length=2.0,
+        negative_prompt=" ".join(["muffled, distorted, low quality"] * 40), num_inference_steps=3),
 }
 
 

@@ -153,6 +153,25 @@ def test_a_burst_past_the_bound_is_served_or_refused_at_once(limited_server):
         assert response.json()["error"]["code"] == "server_busy"
 
 
+def test_jobs_and_speech_count_against_the_same_bound_and_free_it_when_cancelled(limited_server):
+    jobs = limited_server + "/v1/audio/jobs"
+    held = [httpx.post(jobs, json=LONG).json() for _ in range(MAX_PENDING)]
+    try:
+        for path, body in [("/v1/audio/generate", SHORT), ("/v1/audio/jobs", SHORT),
+                           ("/v1/audio/speech", {**SHORT, "model": "tiny", "voice": "alloy"})]:
+            refused = httpx.post(limited_server + path, json=body)
+            assert refused.status_code == 429, (path, refused.text)
+            assert refused.json()["error"]["code"] == "server_busy" and int(refused.headers["retry-after"]) >= 1
+    finally:
+        for job in held:
+            assert httpx.delete(f"{jobs}/{job['id']}").json()["status"] == "cancelled"
+    deadline = time.monotonic() + 30
+    while (served := httpx.post(limited_server + "/v1/audio/generate", json=SHORT, timeout=120)).status_code == 429:
+        assert time.monotonic() < deadline, "cancelled jobs still hold their admission slots"
+        time.sleep(0.2)
+    assert served.status_code == 200 and soundfile.info(io.BytesIO(served.content)).frames == 44100
+
+
 def test_job_results_expire(limited_server):
     job = httpx.post(limited_server + "/v1/audio/jobs", json=SHORT).json()
     deadline = time.monotonic() + 60
