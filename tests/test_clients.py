@@ -419,6 +419,10 @@ def test_metrics_count_requests_batches_steps_and_audio(server):
                       timeout=120)
     assert (ok.status_code, bad.status_code, edit.status_code) == (200, 400, 200)
     after = metric_samples(server)
+    engine_s = 0.0  # the two generations' prepare, denoise and decode, from their Server-Timing (ms)
+    for response in (ok, edit):
+        stages = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+        engine_s += sum(float(stages[stage]) for stage in ("prepare", "denoise", "decode")) / 1000
 
     def grew(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -427,9 +431,15 @@ def test_metrics_count_requests_batches_steps_and_audio(server):
     assert grew('stable_audio_requests_total{endpoint="/v1/audio/generate",format="flac",status="400"}') == 1
     assert grew('stable_audio_requests_total{endpoint="/v1/audio/edits",format="flac",status="200"}') == 1
     assert grew("stable_audio_generated_audio_seconds_total") == pytest.approx(2.1)
-    assert grew("stable_audio_batch_size_count") >= 1
-    assert grew("stable_audio_denoise_step_seconds_count") >= 12
+    forwards = grew('stable_audio_engine_steps_total{worker="0"}')
+    assert forwards >= 12 + 1  # one alone, then the other: an edit with its default strength takes at least one
+    assert grew("stable_audio_batch_size_count") == grew("stable_audio_denoise_step_seconds_count") == forwards
+    assert grew("stable_audio_batch_size_sum") == forwards  # one request per forward
     assert grew("stable_audio_generation_seconds_per_audio_second_count") == 2
+    assert grew('stable_audio_engine_generations_total{outcome="ok",worker="0"}') == 2
+    # The engine's step loop worked through both requests' encoding, steps and decoding, not their forwards alone.
+    busy_s = grew('stable_audio_engine_busy_seconds_total{worker="0"}')
+    assert 0.95 * engine_s <= busy_s and grew("stable_audio_denoise_step_seconds_sum") < busy_s
     assert after["stable_audio_pending_generations"] == 0
 
 

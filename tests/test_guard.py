@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import bentoml
@@ -13,7 +16,8 @@ import httpx
 import pytest
 
 from stable_audio_bento.local_server import local_server
-from stable_audio_bento.serving import GuardSettings
+from stable_audio_bento.metrics import RequestMetricsMiddleware
+from stable_audio_bento.serving import GuardSettings, RequestGuardMiddleware
 
 from conftest import metric_samples
 
@@ -115,3 +119,54 @@ def test_body_limits_must_be_whole_numbers(monkeypatch):
     monkeypatch.setenv("STABLE_AUDIO_MAX_BODY_BYTES", "1MB")
     with pytest.raises(ValueError, match="STABLE_AUDIO_MAX_BODY_BYTES='1MB'"):
         GuardSettings.from_env()
+
+
+def test_the_front_middlewares_let_an_upload_go_once_the_service_has_read_it():
+    """An upload is up to 128 MiB and a generation takes minutes: once the service has read the body, neither the
+    request metrics nor the guard keep a copy of it. The format label is the form's last response_format part,
+    the one BentoML reads."""
+    import prometheus_client
+
+    def part(headers: bytes, value: bytes) -> bytes:
+        return b"--fence\r\nContent-Disposition: form-data; " + headers + b"\r\n\r\n" + value + b"\r\n"
+
+    upload = 32 << 20
+    form = (part(b'name="audio"; filename="in.wav"\r\nContent-Type: audio/wav', b"\1" * upload)
+            + part(b'name="response_format"', b"mp3") + part(b'name="response_format"', b"flac") + b"--fence--\r\n")
+    chunk = 1 << 20
+    size, chunks = len(form), [form[at:at + chunk] for at in range(0, len(form), chunk)]
+    del form
+    held_while_generating = []
+
+    async def service(scope, receive, send):
+        message = await receive()
+        assert len(message["body"]) == size
+        del message  # the service has parsed it and let it go
+        gc.collect()
+        held_while_generating.append(tracemalloc.get_traced_memory()[0])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def arriving():
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+        await asyncio.Event().wait()  # the client stays connected
+
+    sent = []
+
+    async def recorded(message):
+        sent.append(message)
+
+    counted = {"endpoint": "/v1/audio/edits", "status": "200", "format": "flac"}
+    before = prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) or 0.0
+    scope = {"type": "http", "method": "POST", "path": "/v1/audio/edits", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=fence")]}
+    stack = RequestMetricsMiddleware(RequestGuardMiddleware(service, GuardSettings()))
+    tracemalloc.start()
+    try:
+        asyncio.run(stack(scope, arriving, recorded))
+    finally:
+        tracemalloc.stop()
+    assert sent[0]["status"] == 200
+    assert held_while_generating[0] < upload // 8, held_while_generating
+    assert prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) == before + 1

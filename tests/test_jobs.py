@@ -54,6 +54,19 @@ def test_a_job_whose_generation_fails_unforeseen_is_failed_not_queued_forever():
     assert not pending  # its admission slot was given back
 
 
+def test_a_job_cancelled_before_its_task_first_runs_is_cancelled_and_frees_its_slot():
+    async def scenario():
+        gateway = GatewayThatGenerates(GeneratedAudio(b"RIFF", "wav", 1, 1, 1.0))
+        store = JobStore(gateway, ttl_s=60, max_finished=10, max_run_s=900)
+        job = store.submit(job_request(), Delivery())
+        described = await store.cancel(job.id)  # before the loop has given the task its first turn
+        return described, gateway.admission.pending
+
+    described, pending = asyncio.run(scenario())
+    assert described["status"] == "cancelled" and described["finished_at"] is not None
+    assert described["result_url"] is None and not pending
+
+
 def test_finished_jobs_are_forgotten_without_anyone_polling():
     async def scenario():
         store = JobStore(GatewayThatGenerates(GeneratedAudio(b"\0" * 1000, "wav", 1, 1, 1.0)), ttl_s=60,

@@ -18,7 +18,7 @@ import soundfile
 
 from stable_audio_bento.local_server import local_server
 
-from conftest import ARTIFACTS
+from conftest import ARTIFACTS, metric_samples
 
 MAX_PENDING = 3
 LONG = {"input": "a long drone", "num_inference_steps": 150}  # seconds on the tiny model, full 47.55 s window
@@ -170,6 +170,8 @@ def test_jobs_and_speech_count_against_the_same_bound_and_free_it_when_cancelled
         assert time.monotonic() < deadline, "cancelled jobs still hold their admission slots"
         time.sleep(0.2)
     assert served.status_code == 200 and soundfile.info(io.BytesIO(served.content)).frames == 44100
+    assert metric_samples(limited_server, "stable_audio_pending_generations") == {
+        "stable_audio_pending_generations": 0.0}
 
 
 def test_job_results_expire(limited_server):

@@ -102,4 +102,7 @@ class Slot:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def release(self) -> None:
         self.admission.release(self.generation_id)

@@ -103,6 +103,9 @@ class GenerationMonitor:
         """Called after each batched denoising step: one DiT forward over ``rows`` rows of ``requests`` requests,
         and their own solver steps."""
 
+    def on_turn(self, seconds: float) -> None:
+        """Called after each turn of the loop: its admissions (text and audio encoding), steps and decodes."""
+
     def on_finish(self, request: AudioRequest, result: AudioResult) -> None:
         """Called once per request when it leaves the loop: with its audio, failed, or stopped."""
 

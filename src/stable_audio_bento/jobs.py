@@ -73,27 +73,33 @@ class JobStore:
             request = replace(request, deadline=latest)
         job = Job(request, delivery, self.gateway.admission.admit(request.id))
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
+        job.task.add_done_callback(lambda _: self._settle(job))
         self._jobs[job.id] = job
         return job
 
     async def _run(self, job: Job) -> None:
-        with job.slot:
-            try:
-                job.output = await self.gateway.generate(job.request, job.delivery)
-                job.status = "succeeded"
-            except APIError as error:
-                job.error = error
-                job.status = "cancelled" if error.code == "cancelled" else "failed"
-            except asyncio.CancelledError:
-                job.status = "cancelled"
-            except Exception as exc:  # noqa: BLE001 - a fault here (an encoder, a full disk) fails this job, visibly
-                logger.exception("job %s failed", job.id)
-                job.error = APIError(f"generation failed: {type(exc).__name__}", status=500, code="generation_failed")
-                job.status = "failed"
-            finally:
-                job.finished_at = time.time()
-                job.request = replace(job.request, init_audio=None)  # finished jobs need not hold the upload
-                self._expire()  # the store stays bounded whether or not anyone polls
+        try:
+            job.output = await self.gateway.generate(job.request, job.delivery)
+            job.status = "succeeded"
+        except APIError as error:
+            job.error = error
+            job.status = "cancelled" if error.code == "cancelled" else "failed"
+        except asyncio.CancelledError:
+            job.status = "cancelled"
+        except Exception as exc:  # noqa: BLE001 - a fault here (an encoder, a full disk) fails this job, visibly
+            logger.exception("job %s failed", job.id)
+            job.error = APIError(f"generation failed: {type(exc).__name__}", status=500, code="generation_failed")
+            job.status = "failed"
+
+    def _settle(self, job: Job) -> None:
+        """When the job's task is done, however it ended: also when cancelled before it ever ran, when ``_run``'s
+        own code never started."""
+        if job.status == "queued":
+            job.status = "cancelled"
+        job.slot.release()
+        job.finished_at = time.time()
+        job.request = replace(job.request, init_audio=None)  # finished jobs need not hold the upload
+        self._expire()  # the store stays bounded whether or not anyone polls
 
     def get(self, job_id: str) -> Job:
         self._expire()

@@ -46,17 +46,17 @@ class FrontMetrics:
 
 @dataclass
 class EngineMetrics:
-    # Per batched DiT forward: one denoising step of every request in it. A turn of the step loop runs one forward,
-    # or one per window length with STABLE_AUDIO_DENOISE_WINDOW=short.
+    # Per batched DiT forward: one denoising step of every request in it. A turn of the step loop runs one forward
+    # per latent length among its requests (Stable Audio 3, STABLE_AUDIO_DENOISE_WINDOW=short).
     batch_size: Any  # Histogram: requests in the forward
     step_rows: Any  # Histogram: DiT rows in the forward
     step_seconds: Any  # Histogram: the forward and the requests' solver steps
     audio_seconds: Any  # Counter: seconds of audio generated
-    seconds_per_audio_second: Any  # Histogram: engine time (denoise + decode) per second of audio, per request
+    seconds_per_audio_second: Any  # Histogram: engine time (prepare + denoise + decode) per audio second, per request
     # This engine's own share, labelled with its index:
     generations: Any  # Counter: generations that left its step loop, by outcome (ok, cancelled, ...)
     steps: Any  # Counter: its batched forwards
-    busy_seconds: Any  # Counter: seconds it spent in them (its rate is the engine's utilisation)
+    busy_seconds: Any  # Counter: seconds its step loop worked (encoding, steps, decoding): its rate is utilisation
     worker: str  # the engine's index
 
     @classmethod
@@ -77,13 +77,14 @@ class EngineMetrics:
             audio_seconds=prometheus.Counter("stable_audio_generated_audio_seconds", "Seconds of audio generated"),
             seconds_per_audio_second=prometheus.Histogram(
                 "stable_audio_generation_seconds_per_audio_second",
-                "Engine seconds (denoise + decode) per second of audio, per request", buckets=RATIO_BUCKETS),
+                "Engine seconds (prepare + denoise + decode) per second of audio, per request", buckets=RATIO_BUCKETS),
             generations=prometheus.Counter("stable_audio_engine_generations", "Generations that left an engine's "
                                            "step loop, by engine and outcome", ["worker", "outcome"]),
             steps=prometheus.Counter("stable_audio_engine_steps", "Batched denoising steps run by an engine",
                                      ["worker"]).labels(str(worker)),
-            busy_seconds=prometheus.Counter("stable_audio_engine_busy_seconds", "Seconds an engine spent in "
-                                            "denoising steps", ["worker"]).labels(str(worker)),
+            busy_seconds=prometheus.Counter(
+                "stable_audio_engine_busy_seconds", "Seconds an engine's step loop spent working: encoding, "
+                "denoising, decoding", ["worker"]).labels(str(worker)),
             worker=str(worker),
         )
 
@@ -92,23 +93,23 @@ class EngineMetrics:
         self.step_rows.observe(rows)
         self.step_seconds.observe(seconds)
         self.steps.inc()
-        self.busy_seconds.inc(seconds)
 
     def observe_finished(self, request: AudioRequest, result: AudioResult) -> None:
         self.generations.labels(self.worker, result.failure or "ok").inc()
         if result.audio is not None:
             self.audio_seconds.inc(request.audio_length)
-            engine_seconds = result.timings["denoise_s"] + result.timings["decode_s"]
+            engine_seconds = sum(result.timings[stage] for stage in ("prepare_s", "denoise_s", "decode_s"))
             self.seconds_per_audio_second.observe(engine_seconds / request.audio_length)
 
 
 class RequestMetricsMiddleware:
     """Counts each generation request with its status and requested format, 4xx from validation included.
 
-    It sees the body as it passes (the requests are at most the body limit), and reads only ``response_format``.
-    A request refused before its body was parsed (a 401, a 413, or any answer before the body was read whole) is
-    counted with format ``unread``: what it asked for is not known, and it is not a request for an invalid
-    format. A 413 is so even when the chunk that crossed the limit was the last."""
+    It sees the body as it passes and reads only ``response_format``, once the body is whole; then it lets the body
+    go (an upload's is up to 128 MiB, and a generation takes minutes). A request refused before its body was
+    parsed (a 401, a 413, or any answer before the body was read whole) is counted with format ``unread``: what it
+    asked for is not known, and it is not a request for an invalid format. A 413 is so even when the chunk that
+    crossed the limit was the last."""
 
     def __init__(self, app):
         self.app = app
@@ -119,27 +120,29 @@ class RequestMetricsMiddleware:
             return await self.app(scope, receive, send)
         read_format = requested_form_format if path in UPLOAD_PATHS else requested_format
         body = bytearray()
-        read_whole = False
+        requested = "unread"
 
         async def observed_receive():
-            nonlocal read_whole
+            nonlocal requested
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and requested == "unread":
                 body.extend(message.get("body", b""))
-                read_whole = not message.get("more_body", False)
+                if not message.get("more_body", False):
+                    requested = read_format(body)
+                    body.clear()
             return message
 
         async def observed_send(message):
             if message["type"] == "http.response.start":
                 status = message["status"]
-                requested = read_format(bytes(body)) if read_whole and status not in (401, 413) else "unread"
-                FrontMetrics.get().requests.labels(path, str(status), requested).inc()
+                label = "unread" if status in (401, 413) else requested
+                FrontMetrics.get().requests.labels(path, str(status), label).inc()
             await send(message)
 
         await self.app(scope, observed_receive, observed_send)
 
 
-def requested_format(body: bytes) -> str:
+def requested_format(body: bytes | bytearray) -> str:
     """The body's response_format when it is a known one, ``wav`` when absent, else ``invalid``."""
     try:
         value = json.loads(body).get("response_format", "wav")
@@ -152,9 +155,10 @@ def requested_format(body: bytes) -> str:
 FORM_FORMAT = re.compile(rb'name="response_format"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n--')
 
 
-def requested_form_format(body: bytes) -> str:
-    """The same for an upload route's multipart form, whose values BentoML reads as JSON or else as text."""
-    if (match := FORM_FORMAT.search(body)) is None:
+def requested_form_format(body: bytes | bytearray) -> str:
+    """The same for an upload route's multipart form, whose values BentoML reads as JSON or else as text (the last
+    part of that name, as BentoML takes)."""
+    if (match := next(reversed([*FORM_FORMAT.finditer(body)]), None)) is None:
         return "wav"
     text = match.group(1).decode(errors="replace")
     try:

@@ -355,7 +355,9 @@ class RequestGuardMiddleware:
                 return await send_json(send, 413, body)
             if not message.get("more_body"):
                 break
-        if upload and (error := await unreadable_form_field(scope, b"".join(chunks), UPLOAD_PATHS[scope["path"]])):
+        received, replayed = b"".join(chunks), False
+        del chunks
+        if upload and (error := await unreadable_form_field(scope, received, UPLOAD_PATHS[scope["path"]])):
             return await send_json(send, 400, error)
         if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
             media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
@@ -363,20 +365,19 @@ class RequestGuardMiddleware:
                 body = error_body("send the request body as JSON (Content-Type: application/json), "
                                   "not multipart form data", 415)
                 return await send_json(send, 415, body)
-            if (refusal := unreadable_json_text(b"".join(chunks))) is not None:
+            if (refusal := unreadable_json_text(received)) is not None:
                 return await send_json(send, 400, error_body(refusal, 400))
             if media_type != b"application/json":  # curl -d without -H says form-urlencoded: read it as JSON
                 scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
                          + [(b"content-type", b"application/json")]}
-        replayed = False
 
         async def replay():
-            nonlocal replayed
+            nonlocal received, replayed
             if replayed:
                 await context.disconnected.wait()
                 return {"type": "http.disconnect"}
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            message, received, replayed = {"type": "http.request", "body": received, "more_body": False}, b"", True
+            return message  # and the body is not kept for the request's minutes: an upload's is up to 128 MiB
 
         async def watch_connection():
             while (await receive())["type"] != "http.disconnect":

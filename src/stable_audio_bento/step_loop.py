@@ -154,6 +154,7 @@ class StepLoop:
 
     def step(self) -> None:
         """One turn of the loop: drop the stopped, admit, one denoising step for all, retire the finished."""
+        started = time.perf_counter()
         with self._wakeup:
             self._waiting.extend(self._incoming)
             self._incoming.clear()
@@ -162,6 +163,7 @@ class StepLoop:
         for group in self._forward_groups():
             self._step_group(group)
         self._retire_finished()
+        self.monitor.on_turn(time.perf_counter() - started)
 
     def run_until_idle(self) -> None:
         self.step()

@@ -94,12 +94,20 @@ class RequestTracker(GenerationMonitor):
         if self.metrics is not None:
             self.metrics.observe_step(requests, rows, seconds)
 
+    def on_turn(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.busy_seconds.inc(seconds)
+
     def on_finish(self, request: AudioRequest, result: AudioResult) -> None:
         if self.metrics is not None:
             self.metrics.observe_finished(request, result)
-        timings = " ".join(f"{name.removesuffix('_s')}={seconds:.3f}s" for name, seconds in result.timings.items())
-        logger.info("request %s finished: %s, up to %d requests per step, %s", request.label,
-                    result.failure or "ok", result.batch_size, timings)
+        parts = [result.failure or "ok"]  # then what it went through: one dropped while queued, nothing
+        if result.batch_size:
+            parts.append(f"up to {result.batch_size} requests per step")
+        if result.timings:
+            parts.append(" ".join(f"{name.removesuffix('_s')}={seconds:.3f}s"
+                                  for name, seconds in result.timings.items()))
+        logger.info("request %s finished: %s", request.label, ", ".join(parts))
 
 
 class ResultBoard:
