@@ -58,11 +58,11 @@ from stable_audio_bento.config import EngineConfig, parse_compile_mode  # noqa: 
 from stable_audio_bento.generation import AudioRequest, AudioResult  # noqa: E402
 from stable_audio_bento.loading import load_pipeline  # noqa: E402
 from stable_audio_bento.local_server import local_server  # noqa: E402
-from stable_audio_bento.pipeline import BatchedStableAudio, GaussianIncrements, SamplingOptions  # noqa: E402
+from stable_audio_bento.pipeline import BatchedStableAudio, SamplingOptions  # noqa: E402
 from stable_audio_bento.step_loop import StepLoop, run_to_completion  # noqa: E402
 
 from baseline import documented_pipeline  # noqa: E402  (this folder is on sys.path when run as a script)
-from report import finish  # noqa: E402
+from report import finish, save  # noqa: E402
 
 SECTIONS = ["decode", "latency", "scheduler", "precision", "drift", "profile", "decode_placement", "serving",
             "throughput", "arrivals"]
@@ -151,6 +151,16 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
+def median_timed(args, function, *arguments) -> tuple[float, object]:
+    """The median time of 3 calls after an untimed one (a shape's first call pays for allocation and kernel choice);
+    with --quick, one call."""
+    if args.quick:
+        return timed(function, *arguments)
+    function(*arguments)
+    runs = [timed(function, *arguments) for _ in range(3)]
+    return statistics.median(seconds for seconds, _ in runs), runs[-1][1]
+
+
 def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
     noise = float(np.sum((reference.astype(np.float64) - other) ** 2))
     return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / noise)
@@ -223,11 +233,12 @@ def bench_decode(pipe, args) -> None:
     lengths = [5.0, 10.0] if args.quick else [5.0, 10.0, full.limits.max_seconds]
     say("\n## decode: full 1024-frame decode + crop (baseline) vs trimmed window (margin 16 frames)")
     say("| clip | full decode s | trimmed s | speedup | SNR of trimmed vs full, dB |\n|---|---|---|---|---|")
-    full_seconds, full_audio = timed(full.decode_window, latents, AudioRequest("", 0, full.limits.max_seconds))
+    whole = AudioRequest("", 0, full.limits.max_seconds)
+    full_seconds, full_audio = median_timed(args, full.decode_window, latents, whole)
     rows = []
     for length in lengths:
         request = AudioRequest("", 0, length)
-        trimmed_seconds, audio = timed(trimmed.decode_window, latents, request)
+        trimmed_seconds, audio = median_timed(args, trimmed.decode_window, latents, request)
         reference = full_audio[:, : audio.shape[1]]
         rows.append({"clip_s": length, "full_s": full_seconds, "trimmed_s": trimmed_seconds,
                      "speedup": full_seconds / trimmed_seconds, "snr_db": snr_db(reference, audio)})
@@ -344,7 +355,9 @@ def bench_profile(pipe, args) -> None:
 
 
 def bench_scheduler(pipe, args) -> None:
-    engine = BatchedStableAudio(pipe)
+    # Each column's sampler named, not "auto" (which is vectorized on CUDA: both columns would time it)
+    engines = {mode: BatchedStableAudio(pipe, SamplingOptions(sde_noise=mode)) for mode in ("exact", "vectorized")}
+    engine = engines["exact"]
     batch_sizes = [1, 2, 4, 8, 16] if not args.quick else [1]
     say("\n## scheduler: per-step cost of the solver step (advance) for B requests (serial) vs one DiT forward for "
         "B guided requests")
@@ -357,19 +370,18 @@ def bench_scheduler(pipe, args) -> None:
         if torch.cuda.is_available():
             engine.forward(states)  # the first CUDA call pays for kernel selection; time the second
         forward_s, predictions = timed(engine.forward, states)
-        costs = {}
-        for mode in ("exact", "vectorized"):
-            fresh = [engine.prepare_request(request) for request in requests]
-            if mode == "vectorized":
-                for state in fresh:
-                    state.scheduler.noise_sampler = GaussianIncrements(state.generator, state.latents)
+        costs, samplers = {}, {}
+        for mode, sampling in engines.items():
+            fresh = [sampling.prepare_request(request) for request in requests]
             for state, noise in zip(fresh, predictions):  # the first step builds the Brownian tree
-                engine.advance(state, noise)
-            costs[mode], _ = timed(lambda: [engine.advance(s, n) for s, n in zip(fresh, predictions)])
+                sampling.advance(state, noise)
+            costs[mode], _ = timed(lambda: [sampling.advance(s, n) for s, n in zip(fresh, predictions)])
+            samplers[mode] = type(fresh[0].scheduler.noise_sampler).__name__
         exact_share = costs["exact"] / (forward_s + costs["exact"])
         vector_share = costs["vectorized"] / (forward_s + costs["vectorized"])
         rows.append({"batch": batch, "forward_s": forward_s, "tree_s": costs["exact"],
-                     "vectorized_s": costs["vectorized"], "tree_share": exact_share, "vectorized_share": vector_share})
+                     "vectorized_s": costs["vectorized"], "tree_share": exact_share, "vectorized_share": vector_share,
+                     "samplers": samplers})
         say(f"| {batch} | {forward_s:.4f} | {costs['exact']:.4f} | {exact_share:.1%} | {costs['vectorized']:.4f} "
             f"| {vector_share:.1%} |")
     REPORT["scheduler"] = rows
@@ -598,22 +610,14 @@ def bench_serving(pipe, url, args) -> None:
     REPORT["serving"] = {"direct_s": direct, "http_s": over_http, "overhead": over_http / direct - 1}
 
 
-def summarize(results: list[dict], wall: float) -> dict:
-    latencies = sorted(r["latency_s"] for r in results)
-    return {"requests": len(results), "ok": sum(r["status"] == 200 for r in results), "wall_s": wall,
-            "req_per_s": len(results) / wall, "audio_s_per_s": sum(r["audio_s"] for r in results) / wall,
-            "p50_s": float(np.percentile(latencies, 50)), "p95_s": float(np.percentile(latencies, 95)),
-            "p99_s": float(np.percentile(latencies, 99)),
-            "queued_share": sum(r["queue_s"] for r in results) / sum(latencies),
-            "mean_batch": statistics.mean(r["batch_size"] for r in results)}
-
-
 def bench_throughput(pipe, url, args) -> None:
     workload = mixed_workload(args.requests, [int(s) for s in args.steps.split(",")], args.max_length)
     say(f"\n## throughput: {len(workload)} mixed requests (5-{args.max_length:g} s, steps {args.steps}, half with a "
         "negative prompt), continuous batching")
     reference = documented_pipeline(pipe)
     reference.set_progress_bar_config(disable=True)
+    warm_up = workload[0]  # untimed, as the server warmed up at its start
+    reference(warm_up["input"], audio_end_in_s=warm_up["audio_length"], num_inference_steps=2)
     started = time.perf_counter()
     for body in workload:  # the reference server: diffusers, one request at a time, always the full window
         reference(body["input"], audio_end_in_s=body["audio_length"], num_inference_steps=body["num_inference_steps"],
@@ -634,14 +638,14 @@ def bench_throughput(pipe, url, args) -> None:
         started = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             results = list(pool.map(lambda body: post(url, body), workload))
-        row = {"clients": clients, **summarize(results, time.perf_counter() - started)}
+        row = {"clients": clients, **summary(results, time.perf_counter() - started)}
         row["speedup"] = row["req_per_s"] / baseline["req_per_s"]
         rows.append(row)
         row["vs_first_row"] = row["req_per_s"] / rows[0]["req_per_s"]
         say(f"| {clients} | {row['req_per_s']:.4f} | {row['audio_s_per_s']:.3f} | {row['p50_s']:.2f} | "
-            f"{row['p95_s']:.2f} | {row['mean_batch']:.1f} | {row['speedup']:.2f}x | {row['vs_first_row']:.2f}x |")
+            f"{row['p95_s']:.2f} | {row['mean_batch_header']:.1f} | {row['speedup']:.2f}x | {row['vs_first_row']:.2f}x |")
         if row["ok"] != row["requests"]:
-            say(f"  ({row['requests'] - row['ok']} requests failed)")
+            say(f"  ({row['requests'] - row['ok']} requests failed: the row counts only the answered ones)")
     REPORT["throughput"] = {"baseline": baseline, "service": rows}
 
 
@@ -713,7 +717,8 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def arrival_summary(results: list[dict], wall: float) -> dict:
+def summary(results: list[dict], wall: float) -> dict:
+    """Rates and latencies of the answered requests (200) alone: a refusal is quick and no audio."""
     ok = [r for r in results if r["status"] == 200]
     latencies = [r["latency_s"] for r in ok]
     short = [r["latency_s"] for r in ok if r["short"]]
@@ -755,8 +760,8 @@ def bench_arrivals(args) -> None:
                 with ThreadPoolExecutor(len(burst)) as pool:
                     burst_results = list(pool.map(lambda body: post(url, body), burst))
                 wall = time.perf_counter() - started
-                capacity = {"mode": mode, "requests": len(burst), "ok": sum(r["status"] == 200 for r in burst_results),
-                            "wall_s": wall, "req_per_s": len(burst) / wall}
+                ok = sum(r["status"] == 200 for r in burst_results)
+                capacity = {"mode": mode, "requests": len(burst), "ok": ok, "wall_s": wall, "req_per_s": ok / wall}
                 offsets = {load: poisson_offsets(len(workload), load * capacity["req_per_s"], int(load * 100))
                            for load in LOADS}
                 mix = {"requests": len(workload), "short": sum(is_short(body) for body in workload),
@@ -782,7 +787,7 @@ def bench_arrivals(args) -> None:
                 before = engine_counters(url)
                 results, wall = run_arrivals(url, workload, offsets[load])
                 after = engine_counters(url)
-                row = {"rate": load * capacity["req_per_s"], **arrival_summary(results, wall),
+                row = {"rate": load * capacity["req_per_s"], **summary(results, wall),
                        "rows_per_step": per_step(before, after, "stable_audio_step_rows"),
                        "requests_per_step": per_step(before, after, "stable_audio_batch_size")}
                 runs[mode, load] = row
@@ -837,17 +842,20 @@ def main() -> None:
         pipe = load_pipeline(replace(config, dtype="float32") if "precision" in sections else config)
         if "precision" in sections:
             bench_precision(pipe, args)
+            save(REPORT, args.json)
             pipe = load_pipeline(config)
         for name, bench in (("decode", bench_decode), ("latency", bench_latency), ("scheduler", bench_scheduler),
                             ("drift", bench_drift), ("profile", bench_profile),
                             ("decode_placement", bench_decode_placement)):
             if name in sections:
                 bench(pipe, args)
+                save(REPORT, args.json)
     if set(sections) & {"serving", "throughput"}:
         env = {**server_env(args), "STABLE_AUDIO_BATCHING": "continuous"}
         with local_server(env, server_log(args)) as url:
             if "serving" in sections:
                 bench_serving(pipe, url, args)
+                save(REPORT, args.json)
             if "throughput" in sections:
                 bench_throughput(pipe, url, args)
     if "arrivals" in sections:

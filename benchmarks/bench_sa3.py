@@ -67,7 +67,7 @@ from stable_audio_bento.sa3_loading import (  # noqa: E402
 from stable_audio_bento.step_loop import run_to_completion  # noqa: E402
 
 from baseline import documented_pipeline  # noqa: E402  (this folder is on sys.path when run as a script)
-from report import finish  # noqa: E402
+from report import finish, save  # noqa: E402
 
 SECTIONS = ["throughput", "decode_memory", "encode_memory"]
 PROMPTS = ["Thunder and rain sounds", "A piano playing a gentle melody", "Ocean waves crashing on a beach",
@@ -347,6 +347,7 @@ def main() -> None:
     for direction in ("decode", "encode"):  # first: their processes need the memory the throughput model holds
         if f"{direction}_memory" in sections:
             bench_memory(args, direction)
+            save(REPORT, args.json)
     if "throughput" in sections:
         bench_throughput(args)
     finish(REPORT, started, args.json)

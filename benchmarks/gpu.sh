@@ -27,8 +27,10 @@
 #   (device tool) run  command="bash benchmarks/gpu.sh throughput"  carry=[".whl"]
 #   bash benchmarks/gpu.sh [PART...] --cpu-smoke   # here: the same sequence, tiny models on CPU (~2 min a part)
 #
-# Figures are printed as Markdown tables for benchmarks/RESULTS.md; JSON reports (and the SA3 log, kept even if
-# the call is cut off) go to $OUT (or artifacts/).
+# Figures are printed as Markdown tables for benchmarks/RESULTS.md; JSON reports (written after each section, so a
+# section that fails leaves the earlier ones' figures) and the SA3 log go to $OUT (or artifacts/). Tee the whole
+# output into $OUT too (`... 2>&1 | tee $OUT/run1.log`): a traceback can push the tables out of the device tool's
+# output tail. At most 8 files come back: a part writes 1-3 (its JSON, its servers' logs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

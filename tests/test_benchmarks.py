@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -9,9 +10,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from stable_audio_bento.sa3_loading import ensure_tiny_sa3_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_rates_and_latencies_count_only_answered_requests(monkeypatch):
+    """A 429 is quick and no audio: counted as throughput, it would flatter the service against diffusers."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    bench = importlib.import_module("bench")
+    answered = {"status": 200, "latency_s": 8.0, "audio_s": 10.0, "queue_s": 2.0, "batch_size": 2, "steps": 50,
+                "denoise_s": 5.0, "short": False}
+    refused = {**answered, "status": 429, "latency_s": 0.01, "queue_s": float("nan"), "batch_size": 0}
+    summary = bench.summary([answered, refused, refused, refused], wall=10.0)
+    assert (summary["requests"], summary["ok"]) == (4, 1)
+    assert (summary["req_per_s"], summary["audio_s_per_s"], summary["p50_s"]) == (0.1, 1.0, 8.0)
+    assert (summary["queued_share"], summary["mean_batch_header"]) == (0.25, 2)
 
 
 def test_gpu_script_cpu_smoke(tmp_path, model_cache):
@@ -22,10 +38,12 @@ def test_gpu_script_cpu_smoke(tmp_path, model_cache):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
     model = json.loads((tmp_path / "bench-model.json").read_text())
-    assert all(row["snr_db"] >= 100 and row["speedup"] > 0 for row in model["decode"])  # the ratio is printed
+    assert all(row["snr_db"] >= 100 and row["speedup"] == pytest.approx(row["full_s"] / row["trimmed_s"])
+               for row in model["decode"])
     assert all(row["snr_db"] >= 30 for row in model["precision"] if row["component"] == "DiT + T5")
     assert [row["case"] for row in model["latency"]] == ["10 s, exact window", "10 s, short window"]
     assert model["scheduler"][0]["vectorized_s"] > 0 and model["scheduler"][0]["tree_s"] > 0
+    assert model["scheduler"][0]["samplers"] == {"exact": "BrownianTreeNoiseSampler", "vectorized": "GaussianIncrements"}
     assert [row["batch"] for row in model["drift"]] == [2] and model["drift"][0]["snr_db"] > 30
     assert model["profile"]["aten_calls"] > 100 and 0 < sum(row["share"] for row in model["profile"]["top"]) <= 1
     tree = json.loads((tmp_path / "bench-tree.json").read_text())
@@ -39,10 +57,12 @@ def test_gpu_script_cpu_smoke(tmp_path, model_cache):
 
     serving = json.loads((tmp_path / "bench-throughput.json").read_text())
     assert serving["serving"]["http_s"] > 0 and serving["serving"]["direct_s"] > 0
-    assert all(row["ok"] == row["requests"] for row in serving["throughput"]["service"])
-    assert serving["throughput"]["service"][0]["vs_first_row"] == 1
+    rows, baseline = serving["throughput"]["service"], serving["throughput"]["baseline"]
+    assert all(row["ok"] == row["requests"] for row in rows)
+    for row in rows:  # the ratios the table prints, each the right way round
+        assert row["speedup"] == pytest.approx(row["req_per_s"] / baseline["req_per_s"])
+        assert row["vs_first_row"] == pytest.approx(row["req_per_s"] / rows[0]["req_per_s"])
     # the GPU's layout in-process too (a half-precision DiT beside the fp32 VAE): diffusers got a VAE in the DiT's dtype
-    baseline = serving["throughput"]["baseline"]
     assert baseline["dit_dtype"] == baseline["vae_dtype"] == "torch.bfloat16"
     # each server's log beside its report: how the engine ran comes back from the device machine with the figures
     assert "DiT forward: eager" in (tmp_path / "bench-throughput-server.log").read_text()

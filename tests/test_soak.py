@@ -29,7 +29,7 @@ def test_soak_loses_no_request(server, capsys, tmp_path):
     output = capsys.readouterr().out
     summary = json.loads(output.strip().splitlines()[-1])
     assert summary["lost"] == 0, output[-6000:]
-    assert status == 0
+    assert status == 0, summary["rss"]["growth_by_process_pct"]  # and no process's idle RSS grew past the bound
     assert summary["completed"] > 0 and summary["rejected"] > 0 and summary["cancelled"] > 0, output[-3000:]
     assert summary["final_checks_ok"]
     assert summary["repeated_seed_checks"] > 0
@@ -38,6 +38,22 @@ def test_soak_loses_no_request(server, capsys, tmp_path):
     processes = summary["rss"]["samples"][0]["by_process_mib"]
     svg = plot.read_text()  # one line per server process, each named in the legend
     assert svg.count("<polyline") == len(processes) >= 3 and all(name in svg for name in processes)
+
+
+def test_a_process_whose_memory_grows_fails_the_soak_even_when_the_sum_hides_it(monkeypatch, capsys):
+    """Idle RSS after the warm-up and at the end: the front grows 30 % (a leak), the whole tree 9 %."""
+    soak = load_soak()
+    idle = [{"label": label, "t_s": 0.0, "rss_mib": sum(each.values()), "processes": 2, "by_process_mib": each}
+            for label, each in (("start", {"front (1)": 500.0, "engine (2)": 1500.0}),
+                                ("end", {"front (1)": 650.0, "engine (2)": 1530.0}))]
+
+    async def soaked(args, process=None):
+        return soak.summarize(args, soak.Stats(), soak.Stats(), soak.Stats(), 600.0, idle, [[1, 2], [1, 2]])
+
+    monkeypatch.setattr(soak, "soak", soaked)
+    assert soak.main(["--url", "http://127.0.0.1:8091"]) == 2
+    assert "front (1): idle RSS grew +30.00 %" in capsys.readouterr().out
+    assert soak.main(["--url", "http://127.0.0.1:8091", "--max-rss-growth-pct", "40"]) == 0
 
 
 def test_soak_refuses_a_server_that_is_not_on_loopback(capsys):
