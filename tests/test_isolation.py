@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -59,6 +60,26 @@ def test_an_out_of_memory_step_is_retried_in_halves_and_fails_only_its_culprit(e
     # The first step: the whole group, then halves until r2 is alone; no work is redone, the rest go on together.
     assert forwards[:5] == [{"r0", "r1", "r2", "r3"}, {"r0", "r1"}, {"r2", "r3"}, {"r2"}, {"r3"}]
     assert forwards[5] == {"r0", "r1", "r3"} and all("r2" not in ids for ids in forwards[5:])
+
+
+def test_an_out_of_memory_step_is_retried_with_the_failed_forwards_memory_given_back(engine, alone, monkeypatch):
+    """A device with room for 6 rows of activations, a forward needing twice its rows: the four requests (6 rows)
+    never fit together, each half (3 rows) does, once the failed forward's tensors are freed."""
+    forward, live = engine.forward, weakref.WeakSet()
+
+    class Activations:
+        def __init__(self, rows: int):
+            self.rows = rows
+
+    def on_a_small_device(states):
+        activations = Activations(2 * sum(state.request.rows for state in states))  # alive while this frame is
+        live.add(activations)
+        if sum(held.rows for held in live) > 6:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(states)
+
+    monkeypatch.setattr(engine, "forward", on_a_small_device)
+    assert_untouched(run_to_completion(engine, BATCH), alone, failed_ids=set())
 
 
 @pytest.mark.parametrize("bad_audio, message", [(np.nan, "non-finite"), (0.0, "silence")])

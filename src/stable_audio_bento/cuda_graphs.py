@@ -119,32 +119,36 @@ class GraphedForward:
             logger.info("CUDA graphs: dropped the least recently used graph, for %s", _described(dropped))
         graph = torch.cuda.CUDAGraph()
         previous_stream = torch.cuda.current_stream(self.device)
+        failure = None
         try:
             # thread_local: the engine's other threads (a decode, a host-to-GPU copy) may use CUDA meanwhile.
             with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
                                   capture_error_mode="thread_local"):
                 output = self.forward(*static_args)
-        except torch.OutOfMemoryError:
+        except RuntimeError as error:  # out of memory among them
+            failure, error.__traceback__ = error, None  # its frames would hold what the capture allocated
+        finally:
+            # torch.cuda.graph's exit ends the capture before it restores the stream: when ending it raises (a
+            # capture the forward invalidated), this thread would stay on the capture stream for good.
+            torch.cuda.set_stream(previous_stream)
+        if failure is None:
+            self.recorded[key] = recorded = _RecordedForward(graph, inputs, output)
+            logger.info("CUDA graphs: recorded the forward for %s (%d kept)", _described(key), len(self.recorded))
+            return recorded
+        del graph, inputs, static_args  # the failed capture's memory, given back before the eager call
+        torch.cuda.synchronize(self.device)
+        if isinstance(failure, torch.OutOfMemoryError):
             # A graph's pool cannot reuse the eager forward's cached blocks: this call runs eagerly in them (what
             # does not fit that way goes to the step loop's retry over fewer rows). The shape is tried again later,
             # when memory may have freed, up to MAX_OOM_RECORDINGS times.
-            torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             self.oom_recordings[key] = failures = self.oom_recordings.get(key, 0) + 1
             logger.warning("CUDA graphs: out of memory recording %s (%d of %d tries); this call runs eagerly",
                            _described(key), failures, MAX_OOM_RECORDINGS)
             if failures >= MAX_OOM_RECORDINGS:
                 self.eager_shapes.add(key)
-            return None
-        except RuntimeError as error:
-            torch.cuda.synchronize(self.device)
-            logger.warning("CUDA graphs: recording failed for %s; that shape runs eagerly: %s", _described(key), error)
+        else:
+            logger.warning("CUDA graphs: recording failed for %s; that shape runs eagerly: %s", _described(key),
+                           failure)
             self.eager_shapes.add(key)
-            return None
-        finally:
-            # torch.cuda.graph's exit ends the capture before it restores the stream: when ending it raises (a
-            # capture the forward invalidated), this thread would stay on the capture stream for good.
-            torch.cuda.set_stream(previous_stream)
-        self.recorded[key] = recorded = _RecordedForward(graph, inputs, output)
-        logger.info("CUDA graphs: recorded the forward for %s (%d kept)", _described(key), len(self.recorded))
-        return recorded
+        return None

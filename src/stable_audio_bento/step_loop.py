@@ -20,6 +20,7 @@ import functools
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -267,18 +268,23 @@ class StepLoop:
         try:
             outputs = self.family.forward([held.state for held in group])
         except Exception as exc:  # noqa: BLE001 - whatever broke, the rest of the group must not be lost
-            self.family.release_memory()
-            if len(group) == 1:
-                logger.exception("request %s failed on its own", group[0].request.label)
-                self._fail(group[0], exc)
-                return []
-            logger.warning("a step of %d requests failed (%s: %s); retrying it in halves", len(group),
-                           type(exc).__name__, exc)
-            half = len(group) // 2
-            return self._forward_isolating(group[:half]) + self._forward_isolating(group[half:])
-        for held in group:
-            held.batch_size = max(held.batch_size, len(group))
-        return list(zip(group, outputs))
+            failure, trace = exc, traceback.format_exc()
+            # Recovered from below, not in here, and without the traceback, whose frames hold the failed forward's
+            # tensors: released or retried while they live, an out-of-memory step would fail in every half too.
+            exc.__traceback__ = None
+        else:
+            for held in group:
+                held.batch_size = max(held.batch_size, len(group))
+            return list(zip(group, outputs))
+        self.family.release_memory()
+        if len(group) == 1:
+            logger.error("request %s failed on its own:\n%s", group[0].request.label, trace.rstrip())
+            self._fail(group[0], failure)
+            return []
+        logger.warning("a step of %d requests failed (%s: %s); retrying it in halves", len(group),
+                       type(failure).__name__, failure)
+        half = len(group) // 2
+        return self._forward_isolating(group[:half]) + self._forward_isolating(group[half:])
 
     def _retire_finished(self) -> None:
         for held in [held for held in self._active if held.state.finished]:

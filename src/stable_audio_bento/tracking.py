@@ -164,7 +164,7 @@ class ResultBoard:
             return AudioResult.failed("unknown_generation", f"no generation {generation_id!r} was submitted here")
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not yet the built-in TimeoutError on Python 3.10
             return None
         self._uncollected.pop(generation_id, None)
         asyncio.get_running_loop().call_later(self.claimed_grace_s, self._results.pop, generation_id, None)
