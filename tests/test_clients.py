@@ -408,6 +408,17 @@ def test_the_output_suffix_picks_the_format(suffix, response_format):
     assert body.get("response_format") == response_format
 
 
+def test_a_format_that_contradicts_the_output_suffix_is_refused_before_anything_is_sent(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        client.parse_args(["a bell", "-o", str(tmp_path / "bell.mp3"), "--response-format", "wav"])
+    assert exit_.value.code == 2 and "bell.mp3 names mp3 audio but --response-format asks for wav" in (
+        capsys.readouterr().err)
+    agreeing = client.parse_args(["a bell", "-o", str(tmp_path / "bell.ogg"), "--response-format", "opus"])
+    unknown_suffix = client.parse_args(["a bell", "-o", str(tmp_path / "bell.audio"), "--response-format", "wav"])
+    assert client.request_body(agreeing)["response_format"] == "opus"
+    assert client.request_body(unknown_suffix)["response_format"] == "wav"
+
+
 def test_metrics_count_requests_batches_steps_and_audio(server):
     before = metric_samples(server)
     ok = httpx.post(server + "/v1/audio/generate", json={**BODY, "response_format": "mp3"}, timeout=120)

@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} needs --init-audio")
     if args.output.is_dir() or not os.access(args.output.parent, os.W_OK):  # known now, not after the generation
         parser.error(f"cannot write {args.output}: give a file in an existing folder this user can write to")
+    named = SUFFIX_FORMATS.get(args.output.suffix.lstrip(".").lower())
+    if named is not None and args.response_format is not None and args.response_format.lower() != named:
+        parser.error(f"{args.output} names {named} audio but --response-format asks for {args.response_format}: "
+                     "drop one, or give the file the format's suffix")
     return args
 
 
