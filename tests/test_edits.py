@@ -146,6 +146,48 @@ def test_ffmpeg_decodes_an_upload_inside_the_window_whole_and_refuses_one_past_i
         load_init_audio(ffmpeg_silence(tmp_path / "past.m4a", 48.0), LIMITS)
 
 
+def test_ffmpeg_keeps_the_first_two_of_three_channels_as_they_are(tmp_path):
+    """An AAC upload in an M4A file named .raw (ffmpeg goes by the contents): each kept channel is its own tone,
+    not a mix of the three."""
+    source = write(tmp_path / "three.wav", tone(44100, 1.0, [440.0, 660.0, 880.0]), 44100)
+    path = tmp_path / "upload.raw"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(source), "-c:a", "aac", "-b:a", "256k", "-f", "mp4", str(path)],
+                   check=True)
+    audio = load_init_audio(path, LIMITS)
+    assert audio.shape[0] == 2 and abs(audio.shape[1] - 44100) <= 2048 + 1024  # AAC's priming and padding
+    for channel, frequency in zip(audio, (440.0, 660.0)):
+        spectrum = np.abs(np.fft.rfft(channel[4096:-4096]))
+        assert np.argmax(spectrum) * 44100 / len(channel[4096:-4096]) == pytest.approx(frequency, abs=3)
+        assert np.sqrt(np.mean(channel[4096:-4096] ** 2)) == pytest.approx(0.5 / math.sqrt(2), rel=0.05)
+
+
+@pytest.mark.parametrize("playlist", [
+    "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2,\n{target}\n#EXT-X-ENDLIST\n",  # HLS
+    "#EXTM3U\n#EXT-X-TARGETDURATION:5\n#EXTINF:2,\n{target}\n",  # live HLS: reloaded for minutes
+    "ffconcat version 1.0\nfile '{target}'\n"], ids=["hls", "live-hls", "concat"])
+def test_an_upload_that_names_other_files_is_refused_without_reading_them(tmp_path, playlist):
+    """Playlists make ffmpeg open the files they name: this server's own files would become the edit's audio."""
+    target = tmp_path / "server-side.mp3"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=duration=2", str(target)], check=True)
+    upload = tmp_path / "upload.mp3"
+    upload.write_text(playlist.format(target=target))
+    started = time.monotonic()
+    with pytest.raises(APIError, match="not audio") as raised:
+        load_init_audio(upload, LIMITS)
+    assert raised.value.param == "audio" and time.monotonic() - started < 10
+
+
+def test_an_ffmpeg_call_past_its_time_is_killed_and_refused(monkeypatch):
+    import stable_audio_bento.init_audio as init_audio
+
+    monkeypatch.setattr(init_audio, "FFMPEG_TIMEOUT_S", 0.3)
+    refused = APIError("audio: undecodable", param="audio")
+    started = time.monotonic()
+    with pytest.raises(APIError) as raised:
+        init_audio.run_ffmpeg(["sleep", "30"], refused)
+    assert raised.value is refused and time.monotonic() - started < 5
+
+
 @pytest.mark.parametrize(("rate", "channels", "message"), [(384000, 1, "sample rate"), (44100, 9, "channels")])
 def test_uploads_past_the_rate_or_channel_limits_are_refused(tmp_path, rate, channels, message):
     path = write(tmp_path / "odd.wav", np.zeros((64, channels)), rate, "PCM_16")

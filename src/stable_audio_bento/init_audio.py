@@ -9,7 +9,9 @@ first, decoding stops one sample past the model's window, and only the channels 
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,9 @@ from .protocol import APIError
 MAX_UPLOAD_RATE = 192_000  # Hz: the highest rate in common use (studio masters)
 MAX_UPLOAD_CHANNELS = 8  # 7.1 surround
 DECODE_BLOCK_FRAMES = 1 << 16
+# ffmpeg's demuxers for audio files (mov: MP4 and M4A; matroska: WebM; asf: WMA); none that reads a list of others
+FFMPEG_DEMUXERS = "wav,w64,aiff,caf,flac,mp3,ogg,mov,matroska,aac,ac3,eac3,asf,wv,ape,amr,au,tta,dts"
+FFMPEG_TIMEOUT_S = 30.0  # a 380 s upload decodes in about a second
 
 
 def load_init_audio(path: Path, limits: ModelLimits) -> np.ndarray:
@@ -44,7 +49,7 @@ def too_long(limits: ModelLimits, seconds: float | None) -> APIError:
 
 def decode(path: Path, limits: ModelLimits) -> tuple[np.ndarray, int]:
     """(channels, frames) float32, at most ``limits.channels`` channels, and the sample rate; libsndfile first (WAV,
-    FLAC, MP3, Ogg Vorbis/Opus), then ffmpeg through pydub for the rest (AAC, M4A, WebM, ...)."""
+    FLAC, MP3, Ogg Vorbis/Opus), then ffmpeg for the rest (AAC, M4A, WebM, ...)."""
     if path.stat().st_size == 0:
         raise APIError("audio: the uploaded file is empty", param="audio")
     try:
@@ -87,31 +92,43 @@ def decode_with_libsndfile(upload: soundfile.SoundFile, limits: ModelLimits) -> 
 
 
 def decode_with_ffmpeg(path: Path, limits: ModelLimits) -> tuple[np.ndarray, int]:
-    from pydub import AudioSegment  # imported here: it looks for ffmpeg on import and warns when it is missing
-    from pydub.exceptions import CouldntDecodeError
-    from pydub.utils import mediainfo_json
-
     undecodable = APIError("audio: the uploaded file is not audio that libsndfile or ffmpeg can decode",
                            param="audio")
+    probed = run_ffmpeg(["ffprobe", "-v", "error", "-of", "json", "-show_entries", "stream=sample_rate,channels",
+                         "-select_streams", "a:0", *ffmpeg_input(path)], undecodable)
     try:
-        streams = [stream for stream in mediainfo_json(str(path))["streams"] if stream.get("codec_type") == "audio"]
-        rate, channels = int(streams[0]["sample_rate"]), int(streams[0]["channels"])
-    except (KeyError, IndexError, ValueError, OSError) as error:
+        [stream] = json.loads(probed)["streams"]
+        rate, channels = int(stream["sample_rate"]), int(stream["channels"])
+    except (KeyError, ValueError, TypeError) as error:  # no audio stream, or one ffprobe could not describe
         raise undecodable from error
     check_header(rate, channels)
     limit = frames_to_read(rate, limits)
-    try:
-        # ffmpeg stops one frame's worth past the limit (-t): a longer file is never decoded whole.
-        segment = AudioSegment.from_file(path, duration=(limit + 1) / rate)
-    except (CouldntDecodeError, OSError, IndexError) as error:  # IndexError: pydub on ffprobe output without streams
-        raise undecodable from error
-    width = segment.sample_width
-    # pydub holds signed samples of 1, 2 or 4 bytes (it turns 8-bit WAV's unsigned ones and 24-bit ones into these)
-    integers = np.frombuffer(segment.raw_data, dtype={1: np.int8, 2: np.int16, 4: np.int32}[width])
-    kept = integers.reshape(-1, segment.channels)[:, : limits.channels].astype(np.float32)
-    if len(kept) > limit:
+    keep = min(channels, limits.channels)
+    # The first channels as they are (a channel map, not a downmix), float32 at the file's own rate; ffmpeg stops
+    # one frame's worth past the limit (-t): a longer file is never decoded whole.
+    decoded = run_ffmpeg(["ffmpeg", "-v", "error", "-nostdin", *ffmpeg_input(path), "-map", "0:a:0",
+                          "-t", f"{(limit + 1) / rate:.6f}", "-af", f"pan={keep}c|" + "|".join(
+                              f"c{channel}=c{channel}" for channel in range(keep)),
+                          "-ar", str(rate), "-f", "f32le", "-"], undecodable)
+    frames = np.frombuffer(decoded, dtype="<f4").reshape(-1, keep)
+    if len(frames) > limit:
         raise too_long(limits, None)
-    return kept / float(1 << (8 * width - 1)), segment.frame_rate
+    return frames, rate
+
+
+def ffmpeg_input(path: Path) -> list[str]:
+    """ffmpeg reads what a file asks it to: a playlist (HLS, concat) opens the files it names, from this server's
+    disk, and a live one is reloaded for minutes. So only audio containers' demuxers may read the upload, and only
+    the upload itself is opened."""
+    return ["-protocol_whitelist", "file", "-format_whitelist", FFMPEG_DEMUXERS, "-i", f"file:{path}"]
+
+
+def run_ffmpeg(command: list[str], undecodable: APIError) -> bytes:
+    """Its output; a failure, or a call still running after ``FFMPEG_TIMEOUT_S`` (killed), is ``undecodable``."""
+    try:
+        return subprocess.run(command, capture_output=True, check=True, timeout=FFMPEG_TIMEOUT_S).stdout
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as error:  # OSError: no ffmpeg
+        raise undecodable from error
 
 
 def resample(audio: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
