@@ -402,7 +402,7 @@ def test_an_output_the_client_cannot_write_is_refused_before_anything_is_generat
 
 
 @pytest.mark.parametrize("suffix, response_format", [(".ogg", "opus"), (".OPUS", "opus"), (".flac", "flac"),
-                                                     (".audio", None)])
+                                                     ("", None)])
 def test_the_output_suffix_picks_the_format(suffix, response_format):
     body = client.request_body(client.parse_args(["a bell", "-o", "out" + suffix]))
     assert body.get("response_format") == response_format
@@ -413,6 +413,9 @@ def test_a_format_that_contradicts_the_output_suffix_is_refused_before_anything_
         client.parse_args(["a bell", "-o", str(tmp_path / "bell.mp3"), "--response-format", "wav"])
     assert exit_.value.code == 2 and "bell.mp3 names mp3 audio but --response-format asks for wav" in (
         capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_:  # a suffix no format is served as: WAV in a .m4a would be a broken file
+        client.parse_args(["a bell", "-o", str(tmp_path / "bell.m4a")])
+    assert exit_.value.code == 2 and "no format is served as .m4a" in capsys.readouterr().err
     agreeing = client.parse_args(["a bell", "-o", str(tmp_path / "bell.ogg"), "--response-format", "opus"])
     unknown_suffix = client.parse_args(["a bell", "-o", str(tmp_path / "bell.audio"), "--response-format", "wav"])
     assert client.request_body(agreeing)["response_format"] == "opus"

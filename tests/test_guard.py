@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -170,3 +171,17 @@ def test_the_front_middlewares_let_an_upload_go_once_the_service_has_read_it():
     assert sent[0]["status"] == 200
     assert held_while_generating[0] < upload // 8, held_while_generating
     assert prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) == before + 1
+
+
+def test_control_characters_a_client_sent_are_escaped_in_the_log_lines_of_its_request():
+    """BentoML's access line prints the Content-Type as sent: its escape sequences must not reach a terminal."""
+    from stable_audio_bento import serving
+
+    record = logging.LogRecord("bentoml.access", logging.INFO, __file__, 1, "path=%s,type=%s",
+                               ("/v1/models", "text/x\x1b[2J\x1b[31mEVIL\r"), None)
+    token = serving._current_request.set(serving.RequestContext("ticket-1"))
+    try:
+        assert serving.RequestIdLogFilter().filter(record)
+    finally:
+        serving._current_request.reset(token)
+    assert record.getMessage() == "path=/v1/models,type=text/x\\x1b[2J\\x1b[31mEVIL\\x0d [request_id=ticket-1]"

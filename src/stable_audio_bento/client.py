@@ -48,7 +48,8 @@ FIELDS = {  # flag -> (type, help); None values are left out so the server appli
     "guidance_scale": (float, "classifier-free guidance scale (default: the model's; <= 1 disables guidance)"),
     "num_inference_steps": (int, "denoising steps (default: the model's, 100 for stable-audio-open-1.0)"),
     "seed": (int, "random seed; the same seed and request give the same audio"),
-    "response_format": (str, "wav, mp3, flac, pcm, opus or aac (default: from the output file's suffix, else wav)"),
+    "response_format": (str, "wav, mp3, flac, pcm, opus or aac (default: from the output file's suffix; wav for a "
+                             "file without one)"),
     "model": (str, "model name; must match the served model if given"),
     "strength": (float, "with --init-audio: how far from it to go, over 0 and at most 1 (default 0.5)"),
     "mask_start": (float, "with --init-audio, Stable Audio 3: regenerate from here (seconds), keep the rest"),
@@ -79,10 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} needs --init-audio")
     if args.output.is_dir() or not os.access(args.output.parent, os.W_OK):  # known now, not after the generation
         parser.error(f"cannot write {args.output}: give a file in an existing folder this user can write to")
-    named = SUFFIX_FORMATS.get(args.output.suffix.lstrip(".").lower())
+    suffix = args.output.suffix.lstrip(".").lower()
+    named = SUFFIX_FORMATS.get(suffix)
     if named is not None and args.response_format is not None and args.response_format.lower() != named:
         parser.error(f"{args.output} names {named} audio but --response-format asks for {args.response_format}: "
                      "drop one, or give the file the format's suffix")
+    if suffix and named is None and args.response_format is None:  # e.g. .m4a: WAV in it would be a broken file
+        parser.error(f"{args.output}: no format is served as .{suffix}; name the file .wav, .mp3, .flac, .pcm, "
+                     ".opus (or .ogg) or .aac, or give --response-format")
     return args
 
 

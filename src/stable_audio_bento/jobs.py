@@ -113,7 +113,8 @@ class JobStore:
     def content(self, job_id: str) -> GeneratedAudio:
         job = self.get(job_id)
         if job.output is None:
-            raise APIError(f"job {job_id!r} is {job.status}; its audio exists only once it has succeeded",
+            state = job.status if job.finished else "not finished"  # queued or running: the engine knows which
+            raise APIError(f"job {job_id!r} is {state}; its audio exists only once it has succeeded",
                            param="job_id", status=409, code="job_not_finished" if not job.finished else job.status)
         job.fetched = True
         return job.output

@@ -235,8 +235,12 @@ def _from_pretrained(source: str, pipeline_class: type = StableAudioPipeline, **
             if is_folder
             else f"could not fetch {source!r} from the Hugging Face hub (gated: accept the license and set HF_TOKEN)"
         )
+        reason, cause = str(exc), exc.__cause__
+        if cause is not None:  # diffusers refers to a stack trace, which this one-line message replaces
+            reason = reason.replace("Please check out the root cause in the stacktrace above.",
+                                    f"The cause: {type(cause).__name__}: {cause}")
         raise ModelLoadError(
-            f"{hint}: {exc}. Point STABLE_AUDIO_MODEL at a local diffusers-format folder "
+            f"{hint}: {reason}. Point STABLE_AUDIO_MODEL at a local diffusers-format folder "
             f"(e.g. one made with `hf download {source} --local-dir DIR`), "
             "or use STABLE_AUDIO_MODEL=tiny (or tiny-sa3) for a small random model."
         ) from exc

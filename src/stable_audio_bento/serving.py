@@ -213,13 +213,20 @@ def current_request() -> RequestContext:
     return _current_request.get() or RequestContext(request_id=uuid.uuid4().hex)
 
 
+# What a client sends can reach a log line (BentoML's access line prints the Content-Type): an escape sequence
+# there would clear or recolour the terminal of whoever reads the log.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 class RequestIdLogFilter(logging.Filter):
-    """Appends the current request's id to every log line written while it is handled."""
+    """Appends the current request's id to every log line written while it is handled, with control characters
+    written out as escapes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         context = _current_request.get()
         if context is not None and not getattr(record, "request_id_added", False):
-            record.msg, record.args = f"{record.getMessage()} [request_id={context.request_id}]", None
+            message = CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", record.getMessage())
+            record.msg, record.args = f"{message} [request_id={context.request_id}]", None
             record.request_id_added = True
         return True
 
