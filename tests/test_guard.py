@@ -18,7 +18,7 @@ import pytest
 
 from stable_audio_bento.local_server import local_server
 from stable_audio_bento.metrics import RequestMetricsMiddleware
-from stable_audio_bento.serving import GuardSettings, RequestGuardMiddleware
+from stable_audio_bento.serving import GuardSettings, RequestGuardMiddleware, send_json
 
 from conftest import metric_samples
 
@@ -185,3 +185,44 @@ def test_control_characters_a_client_sent_are_escaped_in_the_log_lines_of_its_re
     finally:
         serving._current_request.reset(token)
     assert record.getMessage() == "path=/v1/models,type=text/x\\x1b[2J\\x1b[31mEVIL\\x0d [request_id=ticket-1]"
+
+
+def test_a_stalled_body_gets_408_and_uploads_past_the_cap_get_429_before_their_body_is_read():
+    """A client that stops sending (or trickles) would hold its body's memory for as long as it keeps the
+    connection; uploads are held up to 128 MiB each, so only so many are received at once."""
+    reached = []
+
+    async def service(scope, receive, send):
+        reached.append(scope["path"])
+        await send_json(send, 200, {})
+
+    async def stalled():  # one chunk of an upload, then nothing: the client keeps the connection open
+        yield {"type": "http.request", "body": b"--fence\r\n", "more_body": True}
+        await asyncio.Event().wait()
+
+    def answer_of(guard, path="/v1/audio/edits"):
+        sent, chunks = [], stalled()
+
+        async def recorded(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "query_string": b"", "headers": []}
+        return guard(scope, chunks.__anext__, recorded), sent
+
+    async def scenario():
+        guard = RequestGuardMiddleware(service, GuardSettings(body_timeout_s=0.5, max_uploads=1))
+        (first, first_sent), (second, second_sent) = answer_of(guard), answer_of(guard)
+        receiving = asyncio.ensure_future(first)
+        await asyncio.sleep(0.1)
+        await second  # refused at once: the one upload allowed is being received
+        await receiving  # its body never completes
+        later, later_sent = answer_of(guard, "/v1/audio/generate")
+        await later
+        return first_sent, second_sent, later_sent
+
+    first, second, later = asyncio.run(scenario())
+    assert first[0]["status"] == 408 and json.loads(first[1]["body"])["error"]["param"] == "audio"
+    assert "not received whole within 0.5 s (9 bytes came)" in json.loads(first[1]["body"])["error"]["message"]
+    assert second[0]["status"] == 429 and (b"retry-after", b"5") in second[0]["headers"]
+    assert json.loads(second[1]["body"])["error"]["code"] == "server_busy"
+    assert later[0]["status"] == 408 and reached == []  # a JSON body has the same deadline; nothing reached the service

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from .env_values import env_integer, env_text
+from .env_values import env_integer, env_seconds, env_text
 from .generation import ModelLimits
 from .protocol import APIError, describe_validation_error, error_body, shown
 
@@ -154,6 +154,10 @@ class GuardSettings:
         the key itself); add /docs or /metrics here.
     max_body_bytes [STABLE_AUDIO_MAX_BODY_BYTES]: larger request bodies get 413.
     max_upload_bytes [STABLE_AUDIO_MAX_UPLOAD_BYTES]: the same for the routes that take a file (UPLOAD_PATHS).
+    body_timeout_s [STABLE_AUDIO_BODY_TIMEOUT_S]: a body not received whole in this time gets 408: a stalled or
+        trickling upload would otherwise hold its memory for as long as its client keeps the connection open.
+    max_uploads [STABLE_AUDIO_MAX_UPLOADS]: upload bodies received at once by this front process (each is held in
+        memory until it is read whole); past them an upload gets 429 before its body is read.
     """
 
     api_key: str | None = None
@@ -161,6 +165,8 @@ class GuardSettings:
     max_body_bytes: int = 1 << 20
     # the longest window, Stable Audio 3 medium's 380 s, as 24-bit stereo WAV at 48 kHz is 109 MB
     max_upload_bytes: int = 128 << 20
+    body_timeout_s: float = 300.0  # 128 MiB at 3.5 Mbit/s
+    max_uploads: int = 8
 
     @classmethod
     def from_env(cls) -> "GuardSettings":
@@ -174,6 +180,8 @@ class GuardSettings:
             public_paths=tuple(p.strip() for p in paths.split(",") if p.strip()) if paths else cls.public_paths,
             max_body_bytes=env_integer(env, "STABLE_AUDIO_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
             max_upload_bytes=env_integer(env, "STABLE_AUDIO_MAX_UPLOAD_BYTES", cls.max_upload_bytes, minimum=1),
+            body_timeout_s=env_seconds(env, "STABLE_AUDIO_BODY_TIMEOUT_S", cls.body_timeout_s),
+            max_uploads=env_integer(env, "STABLE_AUDIO_MAX_UPLOADS", cls.max_uploads, minimum=1),
         )
 
 
@@ -313,6 +321,7 @@ class RequestGuardMiddleware:
     def __init__(self, app, settings: GuardSettings | None = None):
         self.app = app
         self._settings = settings
+        self.uploads_receiving = 0
 
     @functools.cached_property
     def settings(self) -> GuardSettings:
@@ -341,6 +350,38 @@ class RequestGuardMiddleware:
 
         await self.guard(scope, receive, send_with_id, context, headers)
 
+    async def receive_body(self, receive, upload: bool) -> bytes | None:
+        """The whole body (None if the client went away first), within the size limit and ``body_timeout_s``, and
+        for an upload only while fewer than ``max_uploads`` are being received."""
+        if upload and self.uploads_receiving >= self.settings.max_uploads:
+            raise APIError(f"{self.uploads_receiving} uploads are being received; retry shortly", param="audio",
+                           status=429, code="server_busy", retry_after=5)
+        limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
+        chunks, size = [], 0
+
+        async def whole() -> bytes | None:
+            nonlocal size
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return None
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > limit:
+                    raise APIError(f"request body exceeds {limit} bytes", param="audio" if upload else None,
+                                   status=413)
+                if not message.get("more_body"):
+                    return b"".join(chunks)
+
+        self.uploads_receiving += upload
+        try:
+            return await asyncio.wait_for(whole(), self.settings.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(f"the request body was not received whole within {self.settings.body_timeout_s:g} s "
+                           f"({size} bytes came)", param="audio" if upload else None, status=408) from None
+        finally:
+            self.uploads_receiving -= upload
+
     async def guard(self, scope, receive, send, context: RequestContext, headers: dict[bytes, bytes]):
         if self.expected is not None and scope["path"] not in self.settings.public_paths:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
@@ -349,21 +390,14 @@ class RequestGuardMiddleware:
                                   code="invalid_api_key")
                 return await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
         upload = scope["path"] in UPLOAD_PATHS
-        limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
-        chunks, size = [], 0
-        while True:  # read the whole body (bounded), then replay it
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                body = error_body(f"request body exceeds {limit} bytes", 413, "audio" if upload else None)
-                return await send_json(send, 413, body)
-            if not message.get("more_body"):
-                break
-        received, replayed = b"".join(chunks), False
-        del chunks
+        try:
+            received = await self.receive_body(receive, upload)
+        except APIError as refusal:
+            headers = [(name.lower().encode(), value.encode()) for name, value in error_headers(refusal).items()]
+            return await send_json(send, refusal.status, refusal.body(), headers)
+        if received is None:  # the client went away
+            return
+        replayed = False
         if upload and (error := await unreadable_form_field(scope, received, UPLOAD_PATHS[scope["path"]])):
             return await send_json(send, 400, error)
         if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
