@@ -79,6 +79,21 @@ def test_finished_jobs_are_forgotten_without_anyone_polling():
     assert asyncio.run(scenario()) == 2
 
 
+def test_finished_jobs_hold_at_most_their_byte_budget_and_the_newest_is_kept_whatever_its_size():
+    async def finished_sizes(sizes, budget):
+        store = JobStore(GatewayThatGenerates(None), ttl_s=60, max_finished=100, max_run_s=900,
+                         max_finished_bytes=budget)
+        for size in sizes:
+            store.gateway.outcome = GeneratedAudio(b"\0" * size, "wav", 1, 1, 1.0)
+            job = store.submit(job_request(), Delivery())
+            await asyncio.wait([job.task])
+            await asyncio.sleep(0)  # the task's done callback
+        return [len(job.output.data) for job in store._jobs.values()]
+
+    assert asyncio.run(finished_sizes([1000] * 5, budget=2500)) == [1000, 1000]
+    assert asyncio.run(finished_sizes([1000, 1000, 5000], budget=2500)) == [5000]
+
+
 @pytest.mark.parametrize("ttl_s, fetch, expected_wait_s", [(60, True, 0.0), (60, False, 0.5), (0.2, False, 0.2)])
 def test_a_drain_waits_for_a_succeeded_jobs_audio_until_fetched_given_up_on_or_expired(ttl_s, fetch, expected_wait_s):
     async def scenario():

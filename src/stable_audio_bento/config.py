@@ -109,11 +109,14 @@ class FrontConfig:
         engines) before new ones get 429; default 4 times ``capacity``, the requests all engines run at once.
     job_ttl_s [STABLE_AUDIO_JOB_TTL_S]: seconds a finished job's result is kept.
     max_finished_jobs [STABLE_AUDIO_MAX_FINISHED_JOBS]: finished jobs kept at most (oldest dropped first).
+    max_finished_bytes [STABLE_AUDIO_MAX_FINISHED_BYTES]: the most audio they hold in this process (oldest dropped
+        first; the newest is kept whatever its size): 256 WAVs of Stable Audio 3's 380 s would be 17 GB.
     """
 
     max_pending: int = 32
     job_ttl_s: float = 3600.0
     max_finished_jobs: int = 256
+    max_finished_bytes: int = 2 << 30
 
     @classmethod
     def from_env(cls, capacity: int) -> "FrontConfig":
@@ -122,6 +125,8 @@ class FrontConfig:
             max_pending=env_integer(env, "STABLE_AUDIO_MAX_PENDING", 4 * capacity, minimum=1),
             job_ttl_s=env_seconds(env, "STABLE_AUDIO_JOB_TTL_S", cls.job_ttl_s),
             max_finished_jobs=env_integer(env, "STABLE_AUDIO_MAX_FINISHED_JOBS", cls.max_finished_jobs, minimum=1),
+            max_finished_bytes=env_integer(env, "STABLE_AUDIO_MAX_FINISHED_BYTES", cls.max_finished_bytes,
+                                           minimum=1),
         )
 
 

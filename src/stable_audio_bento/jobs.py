@@ -3,7 +3,8 @@
 BentoML's ``@bentoml.task`` gives submit/status/get, but no progress, no queue position, no expiry, and no cancel
 when served locally; a job here is the same admitted generation as a synchronous request, run as an asyncio task
 in the front process, with progress read from the engine. Finished jobs are kept ``ttl_s`` seconds (at most
-``max_finished`` of them, oldest dropped first), then forgotten: their ids answer 404 like unknown ones.
+``max_finished`` of them holding at most ``max_finished_bytes`` of audio, oldest dropped first), then forgotten:
+their ids answer 404 like unknown ones.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ class JobStore:
     """max_run_s: the longest a job may run, its ``timeout`` or not, as a direct request is cut by the traffic
     timeout: a drain, which waits for every job in flight, ends within the same bound."""
 
-    def __init__(self, gateway: Gateway, ttl_s: float, max_finished: int, max_run_s: float):
+    def __init__(self, gateway: Gateway, ttl_s: float, max_finished: int, max_run_s: float,
+                 max_finished_bytes: int | None = None):
         self.gateway, self.ttl_s, self.max_finished, self.max_run_s = gateway, ttl_s, max_finished, max_run_s
+        self.max_finished_bytes = max_finished_bytes  # None: no bound
         self._jobs: dict[str, Job] = {}  # in submission order
 
     def submit(self, request: AudioRequest, delivery: Delivery) -> Job:
@@ -181,6 +184,10 @@ class JobStore:
         finished = [job for job in self._jobs.values() if job.finished]
         finished.sort(key=lambda job: job.finished_at)
         excess = len(finished) - self.max_finished
+        held = sum(len(job.output.data) for job in finished if job.output is not None)
         for position, job in enumerate(finished):
-            if position < excess or now - job.finished_at > self.ttl_s:
+            # the newest stays whatever its size: its client has not had a chance to fetch it
+            over_budget = self.max_finished_bytes is not None and held > self.max_finished_bytes
+            if position < excess or now - job.finished_at > self.ttl_s or (over_budget and job is not finished[-1]):
                 del self._jobs[job.id]
+                held -= len(job.output.data) if job.output is not None else 0
