@@ -460,4 +460,4 @@ def test_metrics_count_requests_batches_steps_and_audio(server):
 @pytest.mark.parametrize("position, shown", [(2, "queued, position 2"), (None, "queued")])
 def test_the_progress_bar_names_a_queue_position_only_when_the_server_knows_it(capsys, position, shown):
     client.ProgressBar(True)({"status": "queued", "progress": None, "queue_position": position})
-    assert capsys.readouterr().err.rstrip().endswith(f"0/0 steps  {shown}")
+    assert capsys.readouterr().err.rstrip().endswith(f".] {shown}")  # no step counts before it starts

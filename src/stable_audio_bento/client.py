@@ -268,13 +268,13 @@ class ProgressBar:
     def __call__(self, job: dict) -> None:
         if not self.enabled:
             return
-        progress = job.get("progress") or {"steps_done": 0, "steps_total": 0}
-        done, total = progress["steps_done"], progress["steps_total"]
-        fraction = done / total if total else 0.0
+        progress = job.get("progress")  # None until the job starts
+        fraction = progress["steps_done"] / progress["steps_total"] if progress and progress["steps_total"] else 0.0
         filled = round(BAR_WIDTH * fraction)
         queued_at = job["queue_position"]  # unknown (None) while the server cannot ask its engine
         state = job["status"] if job["status"] != "queued" or queued_at is None else f"queued, position {queued_at}"
-        line = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} steps  {state}"
+        steps = f"{progress['steps_done']}/{progress['steps_total']} steps  " if progress else ""
+        line = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {steps}{state}"
         final = job["status"] not in ACTIVE
         if self.interactive:
             print("\r" + line.ljust(70), end="\n" if final else "", file=sys.stderr, flush=True)
