@@ -345,6 +345,7 @@ def test_with_a_key_the_probes_and_the_page_stay_open_and_nothing_else(keyed_ser
 def test_api_key_is_asked_for_and_sent(keyed_server, browser):
     page = httpx.get(keyed_server + "/ui")
     assert page.status_code == 200, "the page itself needs no key: '/ui' belongs in GuardSettings.public_paths"
+    assert page.headers["x-frame-options"] == "DENY"  # another site cannot frame it and have the key typed in
     open_page(browser, keyed_server)
     fill(browser, input=PROMPT, audio_length=1, num_inference_steps=2, seed=3)
     browser.find_element(By.ID, "generate").click()

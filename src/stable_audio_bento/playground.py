@@ -16,6 +16,10 @@ def _html() -> str:
     return PAGE.read_text(encoding="utf-8")
 
 
+# Not to be framed by another site's page (clickjacking): the key typed into it drives this server.
+NOT_FRAMED = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+
+
 def playground_page() -> HTMLResponse:
     """The page, read once; ``no-cache`` so a redeployed server's page replaces an old one at the next load."""
-    return HTMLResponse(_html(), headers={"Cache-Control": "no-cache"})
+    return HTMLResponse(_html(), headers={"Cache-Control": "no-cache", **NOT_FRAMED})
