@@ -36,6 +36,12 @@ def metric_samples(url: str, name: str = "") -> dict[str, float]:
     return samples
 
 
+def own_bentoml_home(tmp_path_factory) -> dict[str, str]:
+    """For a server whose metrics a test reads: BentoML empties <BENTOML_HOME>/prometheus_multiproc_dir when a
+    server starts, so a server started later under the same home would wipe this one's counters."""
+    return {"BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home"))}
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("model-cache")
@@ -64,9 +70,10 @@ def engine(tiny_pipe) -> BatchedStableAudio:
 
 
 @pytest.fixture(scope="session")
-def server(model_cache) -> str:
+def server(model_cache, tmp_path_factory) -> str:
     """`bentoml serve` from the repo root with the tiny model and default settings; yields its base URL."""
-    with local_server({"STABLE_AUDIO_MODEL": "tiny"}, ARTIFACTS / "server.log", startup_timeout_s=180) as url:
+    env = {"STABLE_AUDIO_MODEL": "tiny", **own_bentoml_home(tmp_path_factory)}
+    with local_server(env, ARTIFACTS / "server.log", startup_timeout_s=180) as url:
         yield url
 
 

@@ -17,7 +17,7 @@ import torch
 from stable_audio_bento.engine_workers import ENGINE_WORKERS_VARIABLE, engine_worker_count
 from stable_audio_bento.local_server import local_server
 
-from conftest import ARTIFACTS, metric_samples
+from conftest import ARTIFACTS, metric_samples, own_bentoml_home
 
 LOG = ARTIFACTS / "engine-workers-server.log"
 LONG = {"input": "a long drone", "num_inference_steps": 150}  # seconds on the tiny model, full 47.55 s window
@@ -28,10 +28,7 @@ ENGINE_LINE = re.compile(r"\[service:(StableAudioEngine\d*):\d+\] request (\S+) 
 
 @pytest.fixture(scope="module")
 def two_engines(model_cache, tmp_path_factory):
-    # Its own BENTOML_HOME: BentoML keeps the Prometheus files of every server under it, and another server
-    # starting there meanwhile would reset the counters this module reads.
-    env = {"STABLE_AUDIO_MODEL": "tiny", ENGINE_WORKERS_VARIABLE: "2",
-           "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home"))}
+    env = {"STABLE_AUDIO_MODEL": "tiny", ENGINE_WORKERS_VARIABLE: "2", **own_bentoml_home(tmp_path_factory)}
     with local_server(env, LOG, startup_timeout_s=300) as url:
         yield url
 

@@ -16,7 +16,7 @@ import yaml
 from stable_audio_bento.local_server import local_server
 from stable_audio_bento.metric_labels import FIXED_ROUTES, OTHER, TEMPLATES, endpoint_label
 
-from conftest import metric_samples
+from conftest import metric_samples, own_bentoml_home
 
 REPO = Path(__file__).resolve().parents[1]
 LOG = REPO / "artifacts" / "server-short-timeout.log"
@@ -31,7 +31,8 @@ def short_timeout_server(model_cache, tmp_path_factory) -> str:
     config["services"]["StableAudio"]["traffic"]["timeout"] = TIMEOUT_S
     path = tmp_path_factory.mktemp("config") / "configuration.yaml"
     path.write_text(yaml.safe_dump(config))
-    with local_server({"STABLE_AUDIO_MODEL": "tiny", "BENTOML_CONFIG": str(path)}, LOG, startup_timeout_s=180) as url:
+    env = {"STABLE_AUDIO_MODEL": "tiny", "BENTOML_CONFIG": str(path), **own_bentoml_home(tmp_path_factory)}
+    with local_server(env, LOG, startup_timeout_s=180) as url:
         yield url
 
 

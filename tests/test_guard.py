@@ -20,7 +20,7 @@ from stable_audio_bento.local_server import local_server
 from stable_audio_bento.metrics import RequestMetricsMiddleware
 from stable_audio_bento.serving import GuardSettings, RequestGuardMiddleware, send_json
 
-from conftest import metric_samples
+from conftest import metric_samples, own_bentoml_home
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 KEY = "s3cret-key-for-tests"
@@ -32,7 +32,7 @@ def keyed_server(model_cache, tmp_path_factory) -> str:
     key_file = tmp_path_factory.mktemp("secrets") / "api-key"
     key_file.write_text(KEY + "\n")
     env = {"STABLE_AUDIO_MODEL": "tiny", "STABLE_AUDIO_API_KEY_FILE": str(key_file),
-           "STABLE_AUDIO_PUBLIC_PATHS": "/health,/metrics"}
+           "STABLE_AUDIO_PUBLIC_PATHS": "/health,/metrics", **own_bentoml_home(tmp_path_factory)}
     with local_server(env, ARTIFACTS / "server-keyed.log", startup_timeout_s=180) as url:
         yield url
 

@@ -18,7 +18,7 @@ import soundfile
 
 from stable_audio_bento.local_server import local_server
 
-from conftest import ARTIFACTS, metric_samples
+from conftest import ARTIFACTS, metric_samples, own_bentoml_home
 
 MAX_PENDING = 3
 LONG = {"input": "a long drone", "num_inference_steps": 150}  # seconds on the tiny model, full 47.55 s window
@@ -26,9 +26,9 @@ SHORT = {"input": "a click", "audio_length": 1.0, "num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def limited_server(model_cache):
+def limited_server(model_cache, tmp_path_factory):
     env = {"STABLE_AUDIO_MODEL": "tiny", "STABLE_AUDIO_MAX_PENDING": str(MAX_PENDING), "STABLE_AUDIO_JOB_TTL_S": "2",
-           "STABLE_AUDIO_MAX_ROWS": "2"}
+           "STABLE_AUDIO_MAX_ROWS": "2", **own_bentoml_home(tmp_path_factory)}
     with local_server(env, ARTIFACTS / "limited-server.log", startup_timeout_s=180) as url:
         yield url
 
