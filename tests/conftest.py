@@ -36,6 +36,12 @@ def metric_samples(url: str, name: str = "") -> dict[str, float]:
     return samples
 
 
+def server_timing_ms(response) -> dict[str, float]:
+    """The response's Server-Timing header: milliseconds by stage."""
+    return {name: float(ms) for name, ms in
+            (part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))}
+
+
 def own_bentoml_home(tmp_path_factory) -> dict[str, str]:
     """For a server whose metrics a test reads: BentoML empties <BENTOML_HOME>/prometheus_multiproc_dir when a
     server starts, so a server started later under the same home would wipe this one's counters."""

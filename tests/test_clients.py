@@ -21,7 +21,7 @@ import soundfile
 
 from stable_audio_bento import client
 
-from conftest import metric_samples
+from conftest import metric_samples, server_timing_ms
 
 BODY = {"input": "a kettle whistling", "audio_length": 2.0, "num_inference_steps": 12, "seed": 99,
         "response_format": "flac"}
@@ -435,8 +435,8 @@ def test_metrics_count_requests_batches_steps_and_audio(server):
     after = metric_samples(server)
     engine_s = 0.0  # the two generations' prepare, denoise and decode, from their Server-Timing (ms)
     for response in (ok, edit):
-        stages = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
-        engine_s += sum(float(stages[stage]) for stage in ("prepare", "denoise", "decode")) / 1000
+        stages = server_timing_ms(response)
+        engine_s += sum(stages[stage] for stage in ("prepare", "denoise", "decode")) / 1000
 
     def grew(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
