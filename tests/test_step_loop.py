@@ -102,6 +102,51 @@ def test_a_monitor_that_fails_on_a_result_does_not_cost_the_request_its_audio(en
     assert_exact(results, alone, ["short", "unguided"])
 
 
+class FailingFor(GenerationMonitor):
+    """A monitor whose ``hook`` raises for the request ``victim`` (for every request where the hook names none)."""
+
+    def __init__(self, hook: str, victim: str):
+        self.hook, self.victim = hook, victim
+
+    def maybe_fail(self, hook: str, request: AudioRequest | None = None) -> None:
+        if hook == self.hook and (request is None or request.id == self.victim):
+            raise RuntimeError(f"{hook} broke")
+
+    def interruption(self, request):
+        self.maybe_fail("interruption", request)
+
+    def on_step(self, request, steps_done, steps_total):
+        self.maybe_fail("on_step", request)
+
+    def on_forward(self, requests, rows, seconds):
+        self.maybe_fail("on_forward")
+
+    def on_turn(self, seconds):
+        self.maybe_fail("on_turn")
+
+
+@pytest.mark.parametrize("hook, victim_fails", [("interruption", True), ("forward_key", True), ("on_step", False),
+                                                 ("on_forward", False), ("on_turn", False)])
+def test_a_hook_that_raises_for_one_request_costs_at_most_that_request(engine, alone, monkeypatch, hook,
+                                                                      victim_fails):
+    """Whether a request was stopped or which forward it joins cannot be known when the hook raises, so that request
+    fails alone; the monitor's progress and metrics never cost anyone their audio."""
+    monitor = FailingFor(hook, "short")
+    drive = Drive(engine, monitor)
+    if hook == "forward_key":
+        forward_key = engine.forward_key
+
+        def failing_forward_key(state):
+            monitor.maybe_fail(hook, state.request)
+            return forward_key(state)
+
+        monkeypatch.setattr(engine, "forward_key", failing_forward_key)
+    results = drive.run(monkeypatch, {0: ["long", "short"], 2: ["unguided"]})
+    assert_exact(results, alone, ["long", "unguided"] + ([] if victim_fails else ["short"]))
+    if victim_fails:
+        assert results["short"].failure == "server_error" and f"{hook} broke" in results["short"].error
+
+
 def test_the_queue_time_ends_where_prepare_starts(engine, monkeypatch):
     """started_at (which ends Server-Timing's queue) is taken before prepare_request, which is timed apart."""
     drive = Drive(engine)

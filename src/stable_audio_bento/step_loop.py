@@ -164,7 +164,7 @@ class StepLoop:
         for group in self._forward_groups():
             self._step_group(group)
         self._retire_finished()
-        self.monitor.on_turn(time.perf_counter() - started)
+        self._tell_monitor(self.monitor.on_turn, time.perf_counter() - started)
 
     def run_until_idle(self) -> None:
         self.step()
@@ -203,7 +203,13 @@ class StepLoop:
     # Who runs: interruptions, admission, grouping.
     def _drop_interrupted(self) -> None:
         for held in [*self._waiting, *self._active]:
-            if (stopped := self.monitor.interruption(held.request)) is None:
+            try:
+                stopped = self.monitor.interruption(held.request)
+            except Exception as exc:  # noqa: BLE001 - whether it was stopped is unknown: it ends, alone
+                logger.exception("could not tell whether request %s was stopped", held.request.label)
+                self._fail(held, exc)
+                continue
+            if stopped is None:
                 continue
             if held.state is None:
                 self._waiting.remove(held)  # never computed
@@ -238,12 +244,18 @@ class StepLoop:
         held.timings["prepare_s"] = time.perf_counter() - started
         held.denoise_started = time.perf_counter()
         self._active.append(held)
-        self.monitor.on_step(held.request, 0, held.state.steps_total)
+        self._tell_monitor(self.monitor.on_step, held.request, 0, held.state.steps_total)
 
     def _forward_groups(self) -> list[list[_Held]]:
         groups: dict[Hashable, list[_Held]] = {}
-        for held in self._active:
-            groups.setdefault(self.family.forward_key(held.state), []).append(held)
+        for held in list(self._active):
+            try:
+                key = self.family.forward_key(held.state)
+            except Exception as exc:  # noqa: BLE001 - a request the family cannot place fails alone
+                logger.exception("request %s could not be grouped for its step", held.request.label)
+                self._fail(held, exc)
+                continue
+            groups.setdefault(key, []).append(held)
         return list(groups.values())
 
     # How a step runs for one group, and what happens to a request that fails in it.
@@ -257,10 +269,10 @@ class StepLoop:
                 logger.exception("request %s failed in its solver step", held.request.label)
                 self._fail(held, exc)
                 continue
-            self.monitor.on_step(held.request, held.state.step, held.state.steps_total)
+            self._tell_monitor(self.monitor.on_step, held.request, held.state.step, held.state.steps_total)
         if stepped:
-            self.monitor.on_forward(len(stepped), sum(held.request.rows for held, _ in stepped),
-                                    time.perf_counter() - started)
+            self._tell_monitor(self.monitor.on_forward, len(stepped), sum(held.request.rows for held, _ in stepped),
+                               time.perf_counter() - started)
 
     def _forward_isolating(self, group: list[_Held]) -> list[tuple[_Held, Any]]:
         """The group's forward; if it raises (out of memory, a bad kernel, a bug one request triggers), the
@@ -299,6 +311,14 @@ class StepLoop:
             held.timings["decode_s"] = time.perf_counter() - started
             self._finish(held, result)
 
+    @staticmethod
+    def _tell_monitor(hook: Callable[..., None], *args: Any) -> None:
+        """Metrics, progress and log lines must never cost a request its audio, nor the others theirs."""
+        try:
+            hook(*args)
+        except Exception:  # noqa: BLE001
+            logger.exception("the generation monitor failed in %s", hook.__name__)
+
     def _fail(self, held: _Held, exc: Exception) -> None:
         if held in self._active:
             self._active.remove(held)
@@ -314,10 +334,7 @@ class StepLoop:
         result.timings = {**held.timings, **result.timings}
         result.started_at, result.batch_size = held.started_at, held.batch_size
         self.finished += 1
-        try:
-            self.monitor.on_finish(held.request, result)
-        except Exception:  # noqa: BLE001 - its metrics or log line must not cost the request its result
-            logger.exception("the monitor failed on the result of request %s", held.request.label)
+        self._tell_monitor(self.monitor.on_finish, held.request, result)
         try:
             held.deliver(result)
         except Exception:  # noqa: BLE001 - a broken receiver must not stop the loop
