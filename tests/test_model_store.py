@@ -27,7 +27,7 @@ from stable_audio_bento.generation import AudioRequest
 from stable_audio_bento.loading import ensure_tiny_model, load_engine
 from stable_audio_bento.local_server import local_server
 from stable_audio_bento.model_import import identify_source, import_model, main
-from stable_audio_bento.model_store import STORED_MODEL_TAG, serving_config
+from stable_audio_bento.model_store import STORED_MODEL_TAG, serving_config, stored_model_reference, stored_models
 from stable_audio_bento.sa3_loading import TINY_SA3, ensure_tiny_sa3_model, load_tiny_sa3
 from stable_audio_bento.step_loop import run_to_completion
 from test_sa3_checkpoint import write_stability_checkpoint
@@ -301,4 +301,30 @@ def test_a_folder_is_one_source_by_any_path_and_stored_by_its_absolute_one(store
     monkeypatch.chdir(tiny_folder.parent)
     again = import_model(f"./{tiny_folder.name}")
     assert again.already_stored and again.model.tag == first.model.tag
+
+
+
+def test_a_store_entry_without_model_yaml_is_skipped_with_a_warning(store, model_cache, monkeypatch, caplog):
+    """BentoML's listing of the store raises at an entry without model.yaml (an older importer killed while writing
+    it left one; so might anything else), and so does its `latest` when that file names it or is missing.
+    Listing, importing and declaring the service's stored model (even when STABLE_AUDIO_MODEL names another) skip
+    it, each naming it with how to remove it, and find the complete entry."""
+    good = import_model("tiny").model
+    broken = Path(store._path) / "stable-audio" / bentoml.Tag("stable-audio").make_new_version().version
+    (broken / "transformer").mkdir(parents=True)  # newer than the good one: the one BentoML's `latest` would pick
+    (broken / "model_index.json").write_text("{}")
+    with pytest.raises(bentoml.exceptions.BentoMLException, match="model.yaml"):
+        store.list()
+    monkeypatch.setenv("STABLE_AUDIO_MODEL", "tiny")
+    latest = broken.parent / "latest"
+    latest.write_text(broken.name)
+    assert stored_model_reference().stored.path == good.path
+    latest.unlink()
+    assert stored_model_reference().stored.path == good.path
+    assert [model.tag for model in stored_models()] == [good.tag]
+    again = import_model("tiny")
+    assert again.already_stored and again.model.tag == good.tag == store.get(STORED_MODEL_TAG).tag
+    warnings = [record.getMessage() for record in caplog.records if record.name.startswith("stable_audio_bento")]
+    assert len(warnings) == 4 and all(f"skipping {broken} " in warning and "model.yaml" in warning
+                                      and f"`rm -r {broken}`" in warning for warning in warnings)
 

@@ -22,7 +22,6 @@ from typing import Callable, NamedTuple
 
 import bentoml
 import torch
-from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models.model import Model, ModelContext, ModelInfo, ModelOptions
 from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi, hf_hub_download
@@ -30,7 +29,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from . import sa3_checkpoint, sa3_loading
 from .loading import HUB_ID, TINY, ensure_tiny_model
 from .model_cache import written_whole
-from .model_store import FAMILIES, STORED_MODEL_NAME
+from .model_store import FAMILIES, STORED_MODEL_NAME, store_folder, stored_models
 
 STORED_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -100,13 +99,13 @@ def _stored_import(identity: dict[str, str | None]) -> bentoml.Model | None:
     part that could not be read (None) matches nothing."""
     if None in identity.values():
         return None
-    try:
-        stored = bentoml.models.list(STORED_MODEL_NAME)
-    except bentoml.exceptions.NotFound:  # nothing stored under that name yet
-        return None
-    matches = [model for model in stored if all(model.info.metadata.get(key) == value
-                                                for key, value in identity.items())]
-    return max(matches, key=lambda model: model.creation_time, default=None)
+    return _newest_stored(lambda metadata: all(metadata.get(key) == value for key, value in identity.items()))
+
+
+def _newest_stored(matches: Callable[[dict], bool]) -> bentoml.Model | None:
+    """The newest stored model whose metadata ``matches``."""
+    return max((model for model in stored_models() if matches(model.info.metadata)),
+               key=lambda model: model.creation_time, default=None)
 
 
 def _make_latest(model: bentoml.Model) -> None:
@@ -124,10 +123,10 @@ def _store(pipe: DiffusionPipeline, labels: dict[str, str], metadata: dict[str, 
     """A new version of ``stable-audio`` holding ``pipe``. ``bentoml.models.create`` would have it written into a
     temporary folder and then copied into the store (a second full write of gigabytes); this writes it once, beside
     the store, with what ``create`` writes (the same model.yaml, the same ``latest``), then renames the whole entry
-    into place: an entry without its model.yaml breaks every listing of the store, the service's start included
-    (even with another model set), and one would stay behind a killed import, or be seen by a concurrent one."""
+    into place: an entry without its model.yaml breaks BentoML's listing of the store (this project's skips it),
+    and one would stay behind a killed import, or be seen by a concurrent one."""
     tag = bentoml.Tag(STORED_MODEL_NAME).make_new_version()
-    store = Path(BentoMLContainer.model_store.get()._path)  # the one in use (tests patch it); no public name
+    store = store_folder()
     (store / STORED_MODEL_NAME).mkdir(parents=True, exist_ok=True)
     with written_whole(store / STORED_MODEL_NAME / tag.version, beside=store.parent) as staging:
         pipe.save_pretrained(staging)
