@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -20,6 +21,8 @@ import bentoml
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models import ModelStore
 from diffusers import DiffusionPipeline, StableAudioPipeline
+from huggingface_hub import HfApi
+from huggingface_hub.errors import OfflineModeIsEnabled
 
 from stable_audio_bento.audio import encode_audio
 from stable_audio_bento.config import EngineConfig
@@ -328,3 +331,44 @@ def test_a_store_entry_without_model_yaml_is_skipped_with_a_warning(store, model
     assert len(warnings) == 4 and all(f"skipping {broken} " in warning and "model.yaml" in warning
                                       and f"`rm -r {broken}`" in warning for warning in warnings)
 
+
+HUB_REPO = "stable-audio-bento-tests/tiny-on-the-hub"
+
+
+def hub_at(commit: str):
+    """HfApi.model_info of a hub holding a diffusers-format repo at ``commit``."""
+    holding = [SimpleNamespace(rfilename="model_index.json")]
+    return lambda api, repo, **options: SimpleNamespace(sha=commit, siblings=holding)
+
+
+def unreachable_hub(api, repo, **options):
+    raise OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/models: offline mode is enabled. To disable "
+                               "it, please unset the `HF_HUB_OFFLINE` environment variable.")
+
+
+def test_an_offline_reimport_of_a_hub_id_finds_its_newest_stored_import(store, model_cache, monkeypatch, capsys):
+    """With the hub unreachable (HF_HUB_OFFLINE, no network) a hub id's revision cannot be read: its newest import in
+    the dtype asked for is reused, loading nothing, and made latest; a hub id (or dtype) never imported fails with
+    one line saying the hub cannot be reached and nothing is stored for it."""
+    load = DiffusionPipeline.from_pretrained
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda source, **options: load(ensure_tiny_model()))
+    imports = {}
+    for commit, dtype in [("1" * 40, "float32"), ("2" * 40, "float32"), ("2" * 40, "bfloat16")]:
+        monkeypatch.setattr(HfApi, "model_info", hub_at(commit))
+        imports[commit, dtype] = import_model(HUB_REPO, dtype=dtype).model
+    newest = imports["2" * 40, "float32"]
+    assert newest.info.labels["source"] == HUB_REPO and newest.info.metadata["revision"] == "2" * 40
+
+    monkeypatch.setattr(HfApi, "model_info", unreachable_hub)
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", refuse)
+    assert main([HUB_REPO]) == 0
+    assert capsys.readouterr().out.startswith(f"already stored as {newest.tag} (stable-audio-open, float32, ")
+    assert store.get(STORED_MODEL_TAG).tag == newest.tag and len(store.list()) == 3
+
+    for source, dtype in [("stable-audio-bento-tests/never-imported", "float32"), (HUB_REPO, "float16")]:
+        assert main([source, "--dtype", dtype]) == 1
+        [error] = capsys.readouterr().err.strip().splitlines()
+        assert error.startswith(f"stable-audio-import-model: error: could not read {source!r} from the Hugging Face "
+                                "hub, which cannot be reached (OfflineModeIsEnabled: ")
+        assert f"no import of {source!r} in {dtype} is stored" in error
+    assert store.get(STORED_MODEL_TAG).tag == newest.tag and len(store.list()) == 3

@@ -5,7 +5,8 @@ SOURCE is a hub id (with ``HF_TOKEN`` for gated repos), a local diffusers-format
 ``tiny-sa3-base``, or a Stable Audio 3 checkpoint in Stability's layout (a folder with ``model_config.json`` and
 ``model.safetensors``, or either file), which is converted to diffusers' layout on the way in. ``--dtype float16``
 (or ``bfloat16``) stores the weights the service casts to ``STABLE_AUDIO_DTYPE`` in that dtype, half the size.
-A source already stored at the same revision in the same dtype is not stored again.
+A source already stored at the same revision in the same dtype is not stored again; offline, a hub id already
+stored is its newest import.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from bentoml._internal.models.model import Model, ModelContext, ModelInfo, ModelOptions
 from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
 
 from . import sa3_checkpoint, sa3_loading
 from .loading import HUB_ID, TINY, ensure_tiny_model
@@ -36,6 +38,10 @@ STORED_DTYPES = ("float32", "float16", "bfloat16")
 
 class ImportFailed(RuntimeError):
     """The source could not be read; the message says why and what to do instead."""
+
+
+class HubUnreachable(ImportFailed):
+    """The hub gave no answer about a repo (HF_HUB_OFFLINE, no connection), so its revision is unknown."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,20 +69,23 @@ def main(argv: list[str] | None = None) -> int:
 
 class Imported(NamedTuple):
     model: bentoml.Model
-    already_stored: bool  # an earlier import of the same source at the same revision, in the same dtype
+    already_stored: bool  # an earlier import of the same source was reused (see import_model)
 
 
 def import_model(source: str, text_encoder: str = sa3_checkpoint.TEXT_ENCODER_HUB_ID, dtype: str = "float32"
                  ) -> Imported:
     """The stored model of ``source`` in ``dtype``, made the store's latest (the one served). An earlier import with
-    the same identity (see ``identify_source``) is reused: the source is then not even loaded."""
+    the same identity (see ``identify_source``) is reused: the source is then not even loaded. With the hub
+    unreachable, a hub id's newest import stands in for it (see ``_stored_offline``)."""
     source = _absolute_if_local(source)
-    identified = identify_source(source, text_encoder)
+    try:
+        identified = identify_source(source, text_encoder)
+    except HubUnreachable as unreachable:
+        return _reused(_stored_offline(source, text_encoder, dtype, unreachable))
     identity = {"source": source, "revision": identified.revision, "dtype": dtype, **identified.converted_with}
     earlier = _stored_import(identity)
     if earlier is not None:
-        _make_latest(earlier)
-        return Imported(earlier, already_stored=True)
+        return _reused(earlier)
     pipe = identified.load()
     family = FAMILIES[type(pipe).__name__]
     store_weights_in(pipe, getattr(torch, dtype))
@@ -93,6 +102,11 @@ def _absolute_if_local(source: str) -> str:
     return str(Path(source).resolve())
 
 
+def _reused(earlier: bentoml.Model) -> Imported:
+    _make_latest(earlier)
+    return Imported(earlier, already_stored=True)
+
+
 def _stored_import(identity: dict[str, str | None]) -> bentoml.Model | None:
     """The newest stored model whose metadata records ``identity``. The source's name is part of it, as the service
     reads the stored model's ``source`` (the published name tells a small Stable Audio 3 model); an identity with a
@@ -100,6 +114,19 @@ def _stored_import(identity: dict[str, str | None]) -> bentoml.Model | None:
     if None in identity.values():
         return None
     return _newest_stored(lambda metadata: all(metadata.get(key) == value for key, value in identity.items()))
+
+
+def _stored_offline(repo: str, text_encoder: str, dtype: str, unreachable: HubUnreachable) -> bentoml.Model:
+    """The newest stored import of hub repo ``repo`` in ``dtype`` (and, if it was converted from Stability's layout,
+    with ``text_encoder``): with the hub unreachable no revision can be read, the text encoder's neither, so none
+    is compared; a reachable hub would give its newest commit, as no revision is asked for."""
+    newest = _newest_stored(lambda metadata: (metadata.get("source"), metadata.get("dtype")) == (repo, dtype)
+                            and metadata.get("text_encoder", text_encoder) == text_encoder)
+    if newest is None:
+        raise ImportFailed(f"{unreachable}, and no import of {repo!r} in {dtype} is stored. Without hub access, "
+                           f"download the repo elsewhere (`hf download {repo} --local-dir DIR`) and import DIR"
+                           ) from unreachable
+    return newest
 
 
 def _newest_stored(matches: Callable[[dict], bool]) -> bentoml.Model | None:
@@ -218,11 +245,12 @@ def _from_hub(repo: str, text_encoder: str) -> IdentifiedSource:
     token = os.environ.get("HF_TOKEN")
     try:
         info = HfApi(token=token).model_info(repo)
-    except Exception as exc:  # offline, unknown repo, gated without a token: huggingface_hub's own errors
-        raise ImportFailed(
-            f"could not read {repo!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). Gated models need "
-            "their license accepted and HF_TOKEN set; without hub access, download the repo elsewhere "
-            f"(`hf download {repo} --local-dir DIR`) and import DIR") from exc
+    except HfHubHTTPError as exc:  # the hub's answer: unknown repo, gated without a token, ...
+        raise ImportFailed(f"could not read {repo!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). Gated "
+                           "models need their license accepted and HF_TOKEN set") from exc
+    except Exception as exc:  # no answer: HF_HUB_OFFLINE (OfflineModeIsEnabled), a connection error or timeout
+        raise HubUnreachable(f"could not read {repo!r} from the Hugging Face hub, which cannot be reached "
+                             f"({type(exc).__name__}: {exc})") from exc
     files = {sibling.rfilename for sibling in info.siblings or []}
     if "model_index.json" in files:
         return IdentifiedSource(info.sha, lambda: _pipeline(repo, revision=info.sha, token=token))
