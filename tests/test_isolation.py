@@ -62,9 +62,12 @@ def test_an_out_of_memory_step_is_retried_in_halves_and_fails_only_its_culprit(e
     assert forwards[5] == {"r0", "r1", "r3"} and all("r2" not in ids for ids in forwards[5:])
 
 
-def test_an_out_of_memory_step_is_retried_with_the_failed_forwards_memory_given_back(engine, alone, monkeypatch):
+@pytest.mark.parametrize("chained", [False, True])
+def test_an_out_of_memory_step_is_retried_with_the_failed_forwards_memory_given_back(engine, alone, monkeypatch,
+                                                                                     chained):
     """A device with room for 6 rows of activations, a forward needing twice its rows: the four requests (6 rows)
-    never fit together, each half (3 rows) does, once the failed forward's tensors are freed."""
+    never fit together, each half (3 rows) does, once the failed forward's tensors are freed; also when the error
+    is raised while another is handled (a fallback kernel path), whose traceback holds the same frame."""
     forward, live = engine.forward, weakref.WeakSet()
 
     class Activations:
@@ -75,7 +78,12 @@ def test_an_out_of_memory_step_is_retried_with_the_failed_forwards_memory_given_
         activations = Activations(2 * sum(state.request.rows for state in states))  # alive while this frame is
         live.add(activations)
         if sum(held.rows for held in live) > 6:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            if not chained:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            try:
+                raise RuntimeError("the fast kernel failed")
+            except RuntimeError:
+                raise torch.OutOfMemoryError("CUDA out of memory in the fallback (simulated)")
         return forward(states)
 
     monkeypatch.setattr(engine, "forward", on_a_small_device)

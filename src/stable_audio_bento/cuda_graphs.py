@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .step_loop import drop_tracebacks
+
 logger = logging.getLogger(__name__)
 
 MAX_GRAPHS = 32
@@ -126,7 +128,8 @@ class GraphedForward:
                                   capture_error_mode="thread_local"):
                 output = self.forward(*static_args)
         except RuntimeError as error:  # out of memory among them
-            failure, error.__traceback__ = error, None  # its frames would hold what the capture allocated
+            failure = error
+            drop_tracebacks(error)  # their frames would hold what the capture allocated
         finally:
             # torch.cuda.graph's exit ends the capture before it restores the stream: when ending it raises (a
             # capture the forward invalidated), this thread would stay on the capture stream for good.

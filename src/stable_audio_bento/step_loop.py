@@ -100,6 +100,20 @@ def release_freed_host_memory() -> None:
         trim(0)
 
 
+def drop_tracebacks(error: BaseException) -> None:
+    """Takes the tracebacks off ``error`` and off every exception it was raised from or while handling: their
+    frames hold what a failed forward allocated, and one kept traceback in the chain (an out-of-memory error
+    raised in a fallback path, or re-raised ``from``) keeps all of it alive."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending += [current.__cause__, current.__context__]
+
+
 @dataclass(frozen=True)
 class LoopLimits:
     """mode: ``continuous`` admits at every step boundary, ``whole`` only into an empty loop.
@@ -281,9 +295,9 @@ class StepLoop:
             outputs = self.family.forward([held.state for held in group])
         except Exception as exc:  # noqa: BLE001 - whatever broke, the rest of the group must not be lost
             failure, trace = exc, traceback.format_exc()
-            # Recovered from below, not in here, and without the traceback, whose frames hold the failed forward's
+            # Recovered from below, not in here, and without the tracebacks, whose frames hold the failed forward's
             # tensors: released or retried while they live, an out-of-memory step would fail in every half too.
-            exc.__traceback__ = None
+            drop_tracebacks(exc)
         else:
             for held in group:
                 held.batch_size = max(held.batch_size, len(group))
