@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -226,3 +227,68 @@ def test_a_stalled_body_gets_408_and_uploads_past_the_cap_get_429_before_their_b
     assert second[0]["status"] == 429 and (b"retry-after", b"5") in second[0]["headers"]
     assert json.loads(second[1]["body"])["error"]["code"] == "server_busy"
     assert later[0]["status"] == 408 and reached == []  # a JSON body has the same deadline; nothing reached the service
+
+
+def run_through_the_front(scope_path: str, chunks: list[bytes], settings: GuardSettings, pause_s: float = 0.0,
+                          content_type: bytes = b"multipart/form-data; boundary=fence") -> tuple[list[dict], list]:
+    """Sends ``chunks`` (``pause_s`` apart) through the request metrics and the guard to a service that answers
+    200; returns what was sent back and what reached the service."""
+    reached = []
+
+    async def service(scope, receive, send):
+        reached.append((await receive())["body"])
+        await send_json(send, 200, {})
+
+    pending = list(chunks)
+
+    async def arriving():
+        if pending:
+            await asyncio.sleep(pause_s)
+            return {"type": "http.request", "body": pending.pop(0), "more_body": bool(pending)}
+        await asyncio.Event().wait()  # the client stays connected
+
+    sent = []
+
+    async def recorded(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": scope_path, "query_string": b"",
+             "headers": [(b"content-type", content_type)]}
+    asyncio.run(RequestMetricsMiddleware(RequestGuardMiddleware(service, settings))(scope, arriving, recorded))
+    return sent, reached
+
+
+def test_a_form_crafted_to_be_searched_is_read_once_by_a_parser():
+    """A body repeating a part header used to cost the front's event loop time quadratic in its size: 2.5 minutes
+    for 1 MiB, every other request on that process waiting. The guard's parser reads the form once, and the metrics
+    take the format from it."""
+    import prometheus_client
+
+    crafted = b'name="response_format"\r\n' * ((2 << 20) // 24)  # 2 MiB of the header a search looks for
+    form = (b'--fence\r\nContent-Disposition: form-data; name="audio"; filename="in.wav"\r\n\r\n' + crafted
+            + b'\r\n--fence\r\nContent-Disposition: form-data; name="response_format"\r\n\r\nmp3\r\n--fence--\r\n')
+    counted = {"endpoint": "/v1/audio/edits", "status": "200", "format": "mp3"}
+    before = prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) or 0.0
+    started = time.perf_counter()
+    sent, reached = run_through_the_front("/v1/audio/edits", [form], GuardSettings())
+    assert time.perf_counter() - started < 5  # a parser takes a fraction of a second
+    assert sent[0]["status"] == 200 and reached == [form]
+    assert prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) == before + 1
+
+
+def test_a_body_trickling_below_the_minimum_rate_gets_408_and_a_steady_one_arrives(monkeypatch):
+    """Each byte buys 1 / body_min_rate seconds past a grace period: a client sending a few bytes at a time
+    cannot hold one of the few upload slots for the whole body deadline."""
+    from stable_audio_bento import serving
+
+    monkeypatch.setattr(serving, "BODY_GRACE_S", 0.3)
+    settings = GuardSettings(body_timeout_s=30, body_min_rate=2000)
+    started = time.perf_counter()
+    sent, reached = run_through_the_front("/v1/audio/edits", [b"x" * 10] * 100, settings, pause_s=0.05)  # 200 B/s
+    assert time.perf_counter() - started < 3 and reached == []
+    error = json.loads(sent[1]["body"])["error"]
+    assert sent[0]["status"] == 408 and error["param"] == "audio"
+    assert "arrived slower than 2000 bytes/s" in error["message"]
+    sent, reached = run_through_the_front("/v1/audio/generate", [b"{" + b" " * 498, b"}"],
+                                          settings, pause_s=0.2, content_type=b"application/json")
+    assert sent[0]["status"] == 200 and reached == [b"{" + b" " * 498 + b"}"]  # 500 bytes in 0.4 s: in time

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from .audio import FORMATS
 from .generation import AudioRequest, AudioResult
-from .serving import JSON_BODY_PATHS, UPLOAD_PATHS
+from .serving import JSON_BODY_PATHS, UPLOAD_FORM_SCOPE_KEY, UPLOAD_PATHS
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0)
 RATIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0)
@@ -105,11 +104,11 @@ class EngineMetrics:
 class RequestMetricsMiddleware:
     """Counts each generation request with its status and requested format, 4xx from validation included.
 
-    It sees the body as it passes and reads only ``response_format``, once the body is whole; then it lets the body
-    go (an upload's is up to 128 MiB, and a generation takes minutes). A request refused before its body was
-    parsed (a 401, a 413, or any answer before the body was read whole) is counted with format ``unread``: what it
-    asked for is not known, and it is not a request for an invalid format. A 413 is so even when the chunk that
-    crossed the limit was the last."""
+    It reads only ``response_format``: from a JSON body as it passes, once the body is whole (then it lets the body
+    go), and from an upload's form as the guard read it (an upload is up to 128 MiB and is parsed once). A request
+    refused before its body was parsed (a 401, 408, 413 or 429 from the guard, or any answer before the body was
+    read whole) is counted with format ``unread``: what it asked for is not known, and it is not a request for an
+    invalid format. A 413 is so even when the chunk that crossed the limit was the last."""
 
     def __init__(self, app):
         self.app = app
@@ -118,9 +117,9 @@ class RequestMetricsMiddleware:
         path = scope.get("path", "")
         if scope["type"] != "http" or scope["method"] != "POST" or path not in (*JSON_BODY_PATHS, *UPLOAD_PATHS):
             return await self.app(scope, receive, send)
-        read_format = requested_form_format if path in UPLOAD_PATHS else requested_format
         body = bytearray()
         requested = "unread"
+        form: dict[str, Any] = {}
 
         async def observed_receive():
             nonlocal requested
@@ -128,45 +127,36 @@ class RequestMetricsMiddleware:
             if message["type"] == "http.request" and requested == "unread":
                 body.extend(message.get("body", b""))
                 if not message.get("more_body", False):
-                    requested = read_format(body)
+                    requested = requested_format(body)
                     body.clear()
             return message
 
         async def observed_send(message):
             if message["type"] == "http.response.start":
                 status = message["status"]
-                label = "unread" if status in (401, 413) else requested
+                if path in UPLOAD_PATHS:
+                    label = requested_in(form["fields"]) if "fields" in form else "unread"
+                else:
+                    label = "unread" if status in (401, 413) else requested
                 FrontMetrics.get().requests.labels(path, str(status), label).inc()
             await send(message)
 
-        await self.app(scope, observed_receive, observed_send)
+        if path in UPLOAD_PATHS:
+            await self.app({**scope, UPLOAD_FORM_SCOPE_KEY: form}, receive, observed_send)
+        else:
+            await self.app(scope, observed_receive, observed_send)
 
 
 def requested_format(body: bytes | bytearray) -> str:
-    """The body's response_format when it is a known one, ``wav`` when absent, else ``invalid``."""
+    """The JSON body's response_format when it is a known one, ``wav`` when absent, else ``invalid``."""
     try:
-        value = json.loads(body).get("response_format", "wav")
-    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep to parse
+        fields = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, nested too deep to parse
         return "invalid"
-    return known_format(value)
+    return requested_in(fields) if isinstance(fields, dict) else "invalid"
 
 
-# A multipart form's response_format part: its headers, a blank line, the value up to the next boundary.
-FORM_FORMAT = re.compile(rb'name="response_format"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n--')
-
-
-def requested_form_format(body: bytes | bytearray) -> str:
-    """The same for an upload route's multipart form, whose values BentoML reads as JSON or else as text (the last
-    part of that name, as BentoML takes)."""
-    if (match := next(reversed([*FORM_FORMAT.finditer(body)]), None)) is None:
-        return "wav"
-    text = match.group(1).decode(errors="replace")
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        value = text
-    return known_format(value)
-
-
-def known_format(value: object) -> str:
+def requested_in(fields: dict[str, Any]) -> str:
+    """The same for a request's fields, read."""
+    value = fields.get("response_format", "wav")
     return value if isinstance(value, str) and value in FORMATS else "invalid"

@@ -156,6 +156,9 @@ class GuardSettings:
     max_upload_bytes [STABLE_AUDIO_MAX_UPLOAD_BYTES]: the same for the routes that take a file (UPLOAD_PATHS).
     body_timeout_s [STABLE_AUDIO_BODY_TIMEOUT_S]: a body not received whole in this time gets 408: a stalled or
         trickling upload would otherwise hold its memory for as long as its client keeps the connection open.
+    body_min_rate [STABLE_AUDIO_BODY_MIN_RATE, bytes per second]: past its first ``BODY_GRACE_S`` a body must keep
+        arriving at this average rate, else 408, so that a client trickling a few bytes cannot hold one of the
+        ``max_uploads`` for the whole ``body_timeout_s``.
     max_uploads [STABLE_AUDIO_MAX_UPLOADS]: upload bodies received at once by this front process (each is held in
         memory until it is read whole); past them an upload gets 429 before its body is read.
     """
@@ -166,6 +169,7 @@ class GuardSettings:
     # the longest window, Stable Audio 3 medium's 380 s, as 24-bit stereo WAV at 48 kHz is 109 MB
     max_upload_bytes: int = 128 << 20
     body_timeout_s: float = 300.0  # 128 MiB at 3.5 Mbit/s
+    body_min_rate: int = 16 << 10  # 128 kbit/s
     max_uploads: int = 8
 
     @classmethod
@@ -181,6 +185,7 @@ class GuardSettings:
             max_body_bytes=env_integer(env, "STABLE_AUDIO_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
             max_upload_bytes=env_integer(env, "STABLE_AUDIO_MAX_UPLOAD_BYTES", cls.max_upload_bytes, minimum=1),
             body_timeout_s=env_seconds(env, "STABLE_AUDIO_BODY_TIMEOUT_S", cls.body_timeout_s),
+            body_min_rate=env_integer(env, "STABLE_AUDIO_BODY_MIN_RATE", cls.body_min_rate, minimum=1),
             max_uploads=env_integer(env, "STABLE_AUDIO_MAX_UPLOADS", cls.max_uploads, minimum=1),
         )
 
@@ -202,6 +207,11 @@ def read_key_file(path: str) -> str:
 JSON_BODY_PATHS = ("/v1/audio/generate", "/v1/audio/speech", "/v1/audio/jobs")
 # Their POST bodies are multipart form data with a file in the named field, and have their own, larger limit.
 UPLOAD_PATHS = {"/v1/audio/edits": "audio", "/v1/audio/edits/jobs": "audio"}
+# A middleware outside the guard that wants an upload's form fields puts a dict at this scope key; once the guard
+# has read the form it stores there, under "fields", the values of its text parts (read_upload_form). The form is
+# read once, by a parser: searching the body for a field again cost time quadratic in a crafted body's size.
+UPLOAD_FORM_SCOPE_KEY = "stable_audio.upload_form"
+BODY_GRACE_S = 10.0  # a body's first seconds, before body_min_rate applies: a connection's slow start, a pause
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
@@ -261,11 +271,12 @@ def install_log_filters() -> None:
                 handler.addFilter(kind())
 
 
-async def unreadable_form_field(scope, body: bytes, file_field: str) -> dict[str, Any] | None:
-    """The error body for a multipart form BentoML would answer with a 500, naming the field: text in the
-    ``file_field`` part (BentoML would take it for a URL and fetch it, from this server's network), or another part
-    that its reading of form values as JSON cannot survive (nesting past the parser's recursion limit, an integer
-    past Python's digit limit, a file part whose bytes are not text)."""
+async def read_upload_form(scope, body: bytes, file_field: str) -> dict[str, Any]:
+    """The values of the form's text parts as BentoML reads them (JSON when it parses, else text; the last part of
+    a name). Raises a 400 naming the field for a form BentoML would answer with a 500: text in the ``file_field``
+    part (BentoML would take it for a URL and fetch it, from this server's network), or another part that its
+    reading of form values as JSON cannot survive (nesting past the parser's recursion limit, an integer past
+    Python's digit limit, a file part whose bytes are not text)."""
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -273,27 +284,31 @@ async def unreadable_form_field(scope, body: bytes, file_field: str) -> dict[str
         form = await Request({**scope, "method": "POST"}, receive).form()
     except (MultiPartException, HTTPException) as error:  # BentoML's own reading would raise the same: a 500
         reason = getattr(error, "detail", None) or getattr(error, "message", None) or type(error).__name__
-        return error_body(f"the request is not a multipart form that can be read ({shown(reason, 80)}): send the "
-                          f"file as {file_field} (curl -F {file_field}=@FILE)", 400, file_field)
+        raise APIError(f"the request is not a multipart form that can be read ({shown(reason, 80)}): send the file "
+                       f"as {file_field} (curl -F {file_field}=@FILE)", param=file_field) from None
     try:
         value = form.get(file_field)
         if value is not None and not isinstance(value, UploadFile):
-            return error_body(f"{file_field} must be a file (curl -F {file_field}=@FILE), not text", 400, file_field)
+            raise APIError(f"{file_field} must be a file (curl -F {file_field}=@FILE), not text", param=file_field)
+        values = {}
         for name in form:
             value = form[name]  # the last part of that name, as BentoML reads it
             if name == file_field:
                 continue
+            text = await value.read() if isinstance(value, UploadFile) else value
             try:
-                json.loads(await value.read() if isinstance(value, UploadFile) else value)
+                parsed = json.loads(text)
             except json.JSONDecodeError:
-                pass  # read as text
+                parsed = text  # read as text
             except RecursionError:
-                return error_body(f"{shown(name, 40)}: nested too deeply to read", 400, name)
+                raise APIError(f"{shown(name, 40)}: nested too deeply to read", param=name) from None
             except UnicodeDecodeError:
-                return error_body(f"{shown(name, 40)}: a file part that is not UTF-8 text", 400, name)
+                raise APIError(f"{shown(name, 40)}: a file part that is not UTF-8 text", param=name) from None
             except ValueError as error:  # e.g. an integer past Python's 4,300 digits
-                return error_body(f"{shown(name, 40)}: cannot be read: {shown(error, 80)}", 400, name)
-        return None
+                raise APIError(f"{shown(name, 40)}: cannot be read: {shown(error, 80)}", param=name) from None
+            if not isinstance(value, UploadFile):  # a file part's bytes are not kept for the request's minutes
+                values[name] = parsed
+        return values
     finally:
         await form.close()
 
@@ -351,34 +366,36 @@ class RequestGuardMiddleware:
         await self.guard(scope, receive, send_with_id, context, headers)
 
     async def receive_body(self, receive, upload: bool) -> bytes | None:
-        """The whole body (None if the client went away first), within the size limit and ``body_timeout_s``, and
-        for an upload only while fewer than ``max_uploads`` are being received."""
-        if upload and self.uploads_receiving >= self.settings.max_uploads:
-            raise APIError(f"{self.uploads_receiving} uploads are being received; retry shortly", param="audio",
+        """The whole body (None if the client went away first), within the size limit, ``body_timeout_s`` and
+        ``body_min_rate``, and for an upload only while fewer than ``max_uploads`` are being received."""
+        settings, param = self.settings, "audio" if upload else None
+        if upload and self.uploads_receiving >= settings.max_uploads:
+            raise APIError(f"{self.uploads_receiving} uploads are being received; retry shortly", param=param,
                            status=429, code="server_busy", retry_after=5)
-        limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
+        limit = settings.max_upload_bytes if upload else settings.max_body_bytes
         chunks, size = [], 0
-
-        async def whole() -> bytes | None:
-            nonlocal size
+        clock = asyncio.get_running_loop().time
+        started = clock()
+        self.uploads_receiving += upload
+        try:
             while True:
-                message = await receive()
+                # Each byte received buys 1 / body_min_rate seconds more, up to the whole body's deadline.
+                by_rate = BODY_GRACE_S + size / settings.body_min_rate
+                allowed = min(settings.body_timeout_s, by_rate)
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, started + allowed - clock()))
+                except asyncio.TimeoutError:
+                    why = (f"arrived slower than {settings.body_min_rate} bytes/s" if by_rate < settings.body_timeout_s
+                           else f"was not received whole within {settings.body_timeout_s:g} s")
+                    raise APIError(f"the request body {why} ({size} bytes came)", param=param, status=408) from None
                 if message["type"] != "http.request":
                     return None
                 chunks.append(message.get("body", b""))
                 size += len(chunks[-1])
                 if size > limit:
-                    raise APIError(f"request body exceeds {limit} bytes", param="audio" if upload else None,
-                                   status=413)
+                    raise APIError(f"request body exceeds {limit} bytes", param=param, status=413)
                 if not message.get("more_body"):
                     return b"".join(chunks)
-
-        self.uploads_receiving += upload
-        try:
-            return await asyncio.wait_for(whole(), self.settings.body_timeout_s)
-        except asyncio.TimeoutError:
-            raise APIError(f"the request body was not received whole within {self.settings.body_timeout_s:g} s "
-                           f"({size} bytes came)", param="audio" if upload else None, status=408) from None
         finally:
             self.uploads_receiving -= upload
 
@@ -398,8 +415,13 @@ class RequestGuardMiddleware:
         if received is None:  # the client went away
             return
         replayed = False
-        if upload and (error := await unreadable_form_field(scope, received, UPLOAD_PATHS[scope["path"]])):
-            return await send_json(send, 400, error)
+        if upload:
+            try:
+                fields = await read_upload_form(scope, received, UPLOAD_PATHS[scope["path"]])
+            except APIError as refusal:
+                return await send_json(send, refusal.status, refusal.body())
+            if (wanted := scope.get(UPLOAD_FORM_SCOPE_KEY)) is not None:
+                wanted["fields"] = fields
         if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
             media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if media_type.startswith(b"multipart/"):
