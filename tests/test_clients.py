@@ -315,13 +315,13 @@ def test_an_unexpected_answer_cancels_the_job_too_and_is_reported(stand_in, tmp_
     assert "failed (" in capsys.readouterr().err  # one line, no traceback
 
 
-def test_on_a_terminal_the_error_gets_a_line_of_its_own_below_the_bar(stand_in, tmp_path, capsys, monkeypatch):
+def test_on_a_terminal_the_messages_get_lines_of_their_own_below_the_bar(stand_in, tmp_path, capsys, monkeypatch):
     url, handler = stand_in
-    handler.polls = ["running", 500]
+    handler.polls, handler.cancel = ["running", 500], "drop"
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is drawn in place, its line left open
     assert client.main(["a bell", "--url", url, "--timeout", "10", "-o", str(tmp_path / "out.wav")]) == 1
     err = capsys.readouterr().err
-    assert re.search(r"running *\nerror 500: ", err), err
+    assert re.search(r"running *\ncould not cancel job job_1 .*\nerror 500: ", err), err
 
 
 def test_an_answer_that_is_json_but_not_a_job_cancels_the_job_and_is_reported(stand_in, tmp_path, capsys):

@@ -184,12 +184,12 @@ def wait_for(server: Server, job: dict, deadline: float, timeout: float, show: "
             job = retrying(lambda: server.job("GET", path), deadline, show, "polling the job")
     except urllib.error.HTTPError as error:
         if error.code != 404:
-            cancel(server, job_id)
+            cancel(server, job_id, show)
             raise
         raise RuntimeError(f"job {job_id} is gone from the server (404): it expired or the server restarted, "
                            "so its audio is lost") from None
     except BaseException:  # KeyboardInterrupt included
-        cancel(server, job_id)
+        cancel(server, job_id, show)
         raise
     return job
 
@@ -219,14 +219,13 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__  # RemoteDisconnected and the like can have an empty message
 
 
-def cancel(server: Server, job_id: str) -> None:
+def cancel(server: Server, job_id: str, show: "ProgressBar") -> None:
     """Best effort: the caller is already on its way out with an error of its own, which must not be replaced by
     this one (the server may well be unreachable, which is why we are giving up)."""
     try:
         server.call("DELETE", f"/v1/audio/jobs/{job_id}", timeout=CANCEL_TIMEOUT_S)
     except Exception as error:
-        print(f"could not cancel job {job_id} on the server ({describe(error)}); it may run to its end there",
-              file=sys.stderr, flush=True)
+        show.note(f"could not cancel job {job_id} on the server ({describe(error)}); it may run to its end there")
 
 
 def submit(server: Server, body: dict, init_audio: Path | None, deadline: float) -> dict:
