@@ -6,6 +6,7 @@ import io
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -388,6 +389,51 @@ def test_ctrl_c_or_sigterm_cancels_the_job_even_when_the_cancel_fails(stand_in, 
     assert process.returncode == 130 and err.splitlines()[-1] == "cancelled", err
     assert handler.seen[-1] == ("DELETE", JOB_PATH)
     assert ("could not cancel job job_1 on the server" in err) == (cancel == "drop"), err
+
+
+@pytest.fixture
+def dripping_server(request):
+    """A server's URL that answers anything with a job's JSON, a byte every 0.2 s from ``request.param`` on ("status
+    line" or "body"): each read gets a byte well within any socket timeout."""
+    listener, stopped = socket.create_server(("127.0.0.1", 0)), threading.Event()
+    listener.settimeout(0.2)  # accept() looks at ``stopped`` this often
+    body = json.dumps(StandInServer.JOB).encode()
+    head = f"HTTP/1.1 202 Accepted\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    at_once = head if request.param == "body" else b""
+
+    def drip(connection: socket.socket) -> None:
+        with connection:
+            connection.recv(65536)  # the request, or enough of it
+            connection.sendall(at_once)
+            for byte in (head + body)[len(at_once):]:
+                if stopped.wait(0.2):
+                    return
+                connection.sendall(bytes([byte]))
+
+    def serve() -> None:
+        while not stopped.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=drip, args=(connection,), daemon=True).start()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stopped.set()
+    server.join()
+    listener.close()
+
+
+@pytest.mark.parametrize("dripping_server", ["status line", "body"], indirect=True)
+def test_a_server_that_drips_its_answer_cannot_hold_the_client_past_its_timeout(dripping_server, tmp_path, capsys):
+    started = time.monotonic()
+    assert client.main(["a bell", "--url", dripping_server, "--timeout", "2", "--quiet",
+                        "-o", str(tmp_path / "out.wav")]) == 1
+    assert time.monotonic() - started < 2 + 1.5
+    err = capsys.readouterr().err
+    assert "POST /v1/audio/jobs: the server's answer did not arrive whole within 2.0 s" in err, err
 
 
 @pytest.mark.parametrize("output", ["missing-folder/out.wav", "."])

@@ -2,7 +2,8 @@
 while polling it, then downloads the audio. A busy server's refusal (429, or 503 while shutting down) is retried
 after its Retry-After until --timeout, and so is a poll or download that fails on the way (a dropped connection, a
 proxy's 502/504). Whatever makes the client give up on a job still queued or running (--timeout, Ctrl-C, an error),
-it cancels the job on the server, so that no GPU time goes to audio nobody will fetch.
+it cancels the job on the server, so that no GPU time goes to audio nobody will fetch. No exchange with the server
+outlasts its timeout, not even an answer that trickles in.
 
     python -m stable_audio_bento.client "Thunder and rain sounds" --audio-length 15 --seed 42 -o rain.wav
     python -m stable_audio_bento.client "A cello" --init-audio loop.wav --strength 0.5 -o cello.wav
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import io
 import json
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -110,9 +114,71 @@ class RefusedRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class Watchdog:
+    """Shuts an exchange's socket down once ``seconds`` have passed, and then raises TimeoutError as the exchange
+    ends, whatever it returned or raised (a body cut short by the shutdown may look whole). A socket timeout bounds
+    each read alone: a server or proxy that sends a byte now and then would hold the exchange for ever; a socket
+    shut down ends the read it is blocked in."""
+
+    def __init__(self, seconds: float, what: str):
+        self.seconds, self.what = seconds, what
+        self.lock, self.sock, self.fired = threading.Lock(), None, False
+        self.timer = threading.Timer(seconds, self.fire)
+
+    def watch(self, sock: socket.socket) -> None:
+        """The exchange's socket, once connected (the connection itself is bounded by its socket timeout)."""
+        with self.lock:
+            self.sock = sock
+            if self.fired:
+                shut(sock)
+
+    def fire(self) -> None:
+        with self.lock:
+            self.fired = True
+            if self.sock is not None:
+                shut(self.sock)
+
+    def __enter__(self) -> "Watchdog":
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.timer.cancel()
+        if self.fired:
+            raise TimeoutError(f"{self.what}: the server's answer did not arrive whole within {self.seconds:.1f} s")
+
+
+def shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed meanwhile: the exchange is over
+        pass
+
+
+class WatchedHandler:
+    """Mixed into urllib's HTTP and HTTPS handlers: each connection hands its socket to its request's Watchdog."""
+
+    def do_open(self, http_class, request, **connection_args):
+        class Watched(http_class):
+            def connect(self):
+                super().connect()
+                request.watchdog.watch(self.sock)
+
+        return super().do_open(Watched, request, **connection_args)
+
+
+class WatchedHTTPHandler(WatchedHandler, urllib.request.HTTPHandler):
+    pass
+
+
+class WatchedHTTPSHandler(WatchedHandler, urllib.request.HTTPSHandler):
+    pass
+
+
 class Server:
     """deadline: a time.monotonic() past which no call waits (each waits at most ``timeout`` besides), unless it
-    names its own timeout (the cancel on the way out)."""
+    names its own timeout (the cancel on the way out). A call's time bounds the whole exchange: connecting, sending
+    and the whole answer, an error's body included."""
 
     def __init__(self, url: str, api_key: str | None, timeout: float = 60.0):
         self.url, self.timeout = url.rstrip("/"), timeout
@@ -120,7 +186,7 @@ class Server:
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
-        self.opener = urllib.request.build_opener(RefusedRedirect)
+        self.opener = urllib.request.build_opener(RefusedRedirect, WatchedHTTPHandler, WatchedHTTPSHandler)
 
     def call(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None,
              timeout: float | None = None) -> tuple[bytes, dict[str, str]]:
@@ -133,8 +199,17 @@ class Server:
             if self.deadline is not None:
                 timeout = max(MIN_CALL_TIMEOUT_S, min(timeout, self.deadline - time.monotonic()))
         request = urllib.request.Request(self.url + path, data, headers, method=method)
-        with self.opener.open(request, timeout=timeout) as response:
-            return response.read(), dict(response.headers)
+        with Watchdog(timeout, f"{method} {path}") as request.watchdog:
+            return self.exchange(request, timeout)
+
+    def exchange(self, request: urllib.request.Request, timeout: float) -> tuple[bytes, dict[str, str]]:
+        """An HTTPError comes with its body already read, so that reading it later cannot outlast the watchdog."""
+        try:
+            with self.opener.open(request, timeout=timeout) as response:
+                return response.read(), dict(response.headers)
+        except urllib.error.HTTPError as error:
+            raise urllib.error.HTTPError(error.filename, error.code, error.reason, error.headers,
+                                         io.BytesIO(error.read())) from None
 
     def job(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None) -> dict:
         return json.loads(self.call(method, path, body, form)[0])
