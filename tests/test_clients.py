@@ -157,9 +157,10 @@ class StandInServer(BaseHTTPRequestHandler):
 
     ``polls`` and ``downloads`` script the answers to the job's status and content, one per request (the last one
     repeats): a job status ("running", "succeeded"), an HTTP status (int; 429 and 503 come with Retry-After: 0), or
-    "drop" (the connection is closed without an answer). With ``polls`` set, the submitted job is running."""
+    "drop" (the connection is closed without an answer). With ``polls`` set, the submitted job is running. With
+    ``held`` (an Event) set, the answer to a submission waits for it."""
 
-    refusals, refusal, seen = 0, (429, "0"), []
+    refusals, refusal, seen, held = 0, (429, "0"), [], None
     polls, downloads, cancel = [], [], "cancelled"  # cancel: the DELETE's answer, a job status or "drop"
     JOB = {"id": "job_1", "status": "succeeded", "progress": {"steps_done": 2, "steps_total": 2}, "seed": 7,
            "queue_position": None, "audio_duration": 1.0, "response_format": "wav", "error": None,
@@ -198,6 +199,8 @@ class StandInServer(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         self.seen.append(("POST", self.path))
+        if self.held is not None:
+            self.held.wait(20)
         if len(self.seen) <= self.refusals:
             status, retry_after = self.refusal
             error = {"error": {"message": "the server is busy", "type": "x", "param": None, "code": None}}
@@ -225,10 +228,10 @@ class StandInServer(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    """(the stand-in server's URL, its handler class); ``refusals``, ``refusal``, ``polls``, ``downloads`` and
-    ``cancel`` set per test."""
+    """(the stand-in server's URL, its handler class); ``refusals``, ``refusal``, ``polls``, ``downloads``,
+    ``cancel`` and ``held`` set per test."""
     for name, value in {"seen": [], "refusals": 0, "refusal": (429, "0"), "polls": [], "downloads": [],
-                        "cancel": "cancelled"}.items():
+                        "cancel": "cancelled", "held": None}.items():
         monkeypatch.setattr(StandInServer, name, value)
     server = ThreadingHTTPServer(("127.0.0.1", 0), StandInServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -389,6 +392,34 @@ def test_ctrl_c_or_sigterm_cancels_the_job_even_when_the_cancel_fails(stand_in, 
     assert process.returncode == 130 and err.splitlines()[-1] == "cancelled", err
     assert handler.seen[-1] == ("DELETE", JOB_PATH)
     assert ("could not cancel job job_1 on the server" in err) == (cancel == "drop"), err
+
+
+@pytest.mark.parametrize("stops", [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGINT]],
+                         ids=["ctrl-c", "sigterm", "ctrl-c-twice"])
+def test_a_stop_while_the_job_is_submitted_waits_for_its_id_to_cancel_it(stand_in, tmp_path, stops):
+    """The server gives the job's id only in its answer to the submission; a second stop quits without it, and
+    says that the job may run on."""
+    url, handler = stand_in
+    handler.polls, handler.held = ["running"], threading.Event()
+    process = subprocess.Popen([sys.executable, "-m", "stable_audio_bento.client", "a bell", "--url", url, "--quiet",
+                                "-o", str(tmp_path / "out.wav")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while ("POST", "/v1/audio/jobs") not in handler.seen:  # the submission is waiting for its answer
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    seen = []
+    for stop in stops:
+        process.send_signal(stop)
+        seen.append(process.stderr.readline())  # each stop is answered with a line
+    handler.held.set()
+    err = "".join(seen) + process.communicate(timeout=20)[1]
+    assert process.returncode == 130 and err.splitlines()[-1] == "cancelled", err
+    assert "stopping once the server answers" in err, err
+    if len(stops) == 1:
+        assert handler.seen[-1] == ("DELETE", JOB_PATH), handler.seen
+    else:
+        assert "DELETE" not in [method for method, _ in handler.seen]
+        assert "it cannot be cancelled" in err, err
 
 
 @pytest.fixture

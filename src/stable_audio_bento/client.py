@@ -24,8 +24,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 POLL_INTERVAL_S = 0.25
 BAR_WIDTH = 30
@@ -40,6 +41,7 @@ TRANSIENT_STATUSES = (429, 502, 503, 504)
 ACTIVE = ("queued", "running")
 CANCEL_TIMEOUT_S = 10.0  # the client is already giving up: a cancel that hangs must not keep it from exiting
 MIN_CALL_TIMEOUT_S = 0.5  # a call at the deadline still gets this long, so that its failure says why
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and kill or a container stop (see stop_on_sigterm)
 T = TypeVar("T")
 SUFFIX_FORMATS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "pcm": "pcm", "opus": "opus", "ogg": "opus",
                   "aac": "aac"}
@@ -232,7 +234,7 @@ def generate(server: Server, body: dict, timeout: float, show: "ProgressBar", in
     """Submit (an edit of ``init_audio`` if given), poll until the job ends, download. Returns the audio and the
     final job status."""
     deadline = server.deadline = time.monotonic() + timeout
-    job = wait_for(server, submit(server, body, init_audio, deadline), deadline, timeout, show)
+    job = wait_for(server, submit(server, body, init_audio, deadline, show), deadline, timeout, show)
     show(job)
     if job["status"] != "succeeded":
         raise RuntimeError(f"job {job['status']}: {json.dumps(job['error'])}")
@@ -303,20 +305,60 @@ def cancel(server: Server, job_id: str, show: "ProgressBar") -> None:
         show.note(f"could not cancel job {job_id} on the server ({describe(error)}); it may run to its end there")
 
 
-def submit(server: Server, body: dict, init_audio: Path | None, deadline: float) -> dict:
+def submit(server: Server, body: dict, init_audio: Path | None, deadline: float, show: "ProgressBar") -> dict:
     """The new job; a refusal in RETRIED_STATUSES is sent again after its Retry-After while the deadline allows."""
     form = None if init_audio is None else multipart_form(body, init_audio)
     while True:
         try:
-            if form is None:
-                return server.job("POST", "/v1/audio/jobs", body)
-            return server.job("POST", "/v1/audio/edits/jobs", form=form)
+            return create(server, body, form, show)
         except urllib.error.HTTPError as error:
             wait = retry_after(error)
             if error.code not in RETRIED_STATUSES or time.monotonic() + wait > deadline:
                 raise
-            print(f"server refused the job ({error.code}); retrying in {wait:g} s", file=sys.stderr, flush=True)
+            show.note(f"server refused the job ({error.code}); retrying in {wait:g} s")
             time.sleep(wait)
+
+
+def create(server: Server, body: dict, form: tuple[bytes, str] | None, show: "ProgressBar") -> dict:
+    """POSTs the job. The server names a job only in this answer (it takes no id from the client), so a stop while
+    the answer is awaited waits for it, and cancels the job it names (see stops_deferred)."""
+    job = None
+    try:
+        with stops_deferred(show):
+            if form is None:
+                job = server.job("POST", "/v1/audio/jobs", body)
+            else:
+                job = server.job("POST", "/v1/audio/edits/jobs", form=form)
+    except KeyboardInterrupt:
+        if job is not None:
+            cancel(server, job["id"], show)
+        raise
+    return job
+
+
+@contextmanager
+def stops_deferred(show: "ProgressBar") -> Iterator[None]:
+    """The first Ctrl-C or SIGTERM inside is held until the block ends, then raised as KeyboardInterrupt in place of
+    whatever the block returned or raised: the block ends by itself, its exchange bounded by the call's timeout. A
+    second one is raised at once, as that bound may be a minute, long for a user who wants out."""
+    stops = []
+
+    def hold(signum, frame) -> None:
+        if stops:
+            show.note("stopped before the server answered: if it has created the job, the job runs to its end "
+                      "there (the server names it only in that answer), and it cannot be cancelled from here")
+            raise KeyboardInterrupt
+        stops.append(signum)
+        show.note("stopping once the server answers, to cancel the job it creates; stop again to quit at once")
+
+    previous = {signum: signal.signal(signum, hold) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if stops:
+            raise KeyboardInterrupt
 
 
 def retry_after(error: urllib.error.HTTPError) -> float:
