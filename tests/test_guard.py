@@ -230,9 +230,11 @@ def test_a_stalled_body_gets_408_and_uploads_past_the_cap_get_429_before_their_b
 
 
 def run_through_the_front(scope_path: str, chunks: list[bytes], settings: GuardSettings, pause_s: float = 0.0,
-                          content_type: bytes = b"multipart/form-data; boundary=fence") -> tuple[list[dict], list]:
+                          content_type: bytes = b"multipart/form-data; boundary=fence", then_leave: bool = False
+                          ) -> tuple[list[dict], list]:
     """Sends ``chunks`` (``pause_s`` apart) through the request metrics and the guard to a service that answers
-    200; returns what was sent back and what reached the service."""
+    200, the client staying connected or, ``then_leave``, going away; returns what was sent back and what reached
+    the service."""
     reached = []
 
     async def service(scope, receive, send):
@@ -244,7 +246,9 @@ def run_through_the_front(scope_path: str, chunks: list[bytes], settings: GuardS
     async def arriving():
         if pending:
             await asyncio.sleep(pause_s)
-            return {"type": "http.request", "body": pending.pop(0), "more_body": bool(pending)}
+            return {"type": "http.request", "body": pending.pop(0), "more_body": bool(pending) or then_leave}
+        if then_leave:
+            return {"type": "http.disconnect"}
         await asyncio.Event().wait()  # the client stays connected
 
     sent = []
@@ -292,3 +296,14 @@ def test_a_body_trickling_below_the_minimum_rate_gets_408_and_a_steady_one_arriv
     sent, reached = run_through_the_front("/v1/audio/generate", [b"{" + b" " * 498, b"}"],
                                           settings, pause_s=0.2, content_type=b"application/json")
     assert sent[0]["status"] == 200 and reached == [b"{" + b" " * 498 + b"}"]  # 500 bytes in 0.4 s: in time
+
+
+@pytest.mark.parametrize("path", ["/v1/audio/edits", "/v1/audio/generate"])
+def test_a_client_that_leaves_mid_body_is_counted_as_499(path):
+    import prometheus_client
+
+    counted = {"endpoint": path, "status": "499", "format": "unread"}
+    before = prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) or 0.0
+    sent, reached = run_through_the_front(path, [b"--fence\r\n"], GuardSettings(), then_leave=True)
+    assert sent == [] and reached == []
+    assert prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) == before + 1

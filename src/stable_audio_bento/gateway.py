@@ -21,12 +21,11 @@ from .engine_pool import EnginePool
 from .generation import AudioRequest
 from .init_audio import load_init_audio
 from .protocol import APIError, EditRequest, GenerateRequest
-from .serving import ModelCard, RequestContext
+from .serving import CLIENT_CLOSED_REQUEST, ModelCard, RequestContext
 from .silence import trim_trailing_silence
 
 logger = logging.getLogger(__name__)
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads this response
 ENGINE_CONNECTION_ATTEMPTS = 3
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .audio import FORMATS
 from .generation import AudioRequest, AudioResult
-from .serving import JSON_BODY_PATHS, UPLOAD_FORM_SCOPE_KEY, UPLOAD_PATHS
+from .serving import CLIENT_CLOSED_REQUEST, JSON_BODY_PATHS, UPLOAD_FORM_SCOPE_KEY, UPLOAD_PATHS
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0)
 RATIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0)
@@ -108,7 +108,8 @@ class RequestMetricsMiddleware:
     go), and from an upload's form as the guard read it (an upload is up to 128 MiB and is parsed once). A request
     refused before its body was parsed (a 401, 408, 413 or 429 from the guard, or any answer before the body was
     read whole) is counted with format ``unread``: what it asked for is not known, and it is not a request for an
-    invalid format. A 413 is so even when the chunk that crossed the limit was the last."""
+    invalid format. A 413 is so even when the chunk that crossed the limit was the last. A client that goes away
+    before any answer (mid-upload) is counted as nginx logs it, with status 499."""
 
     def __init__(self, app):
         self.app = app
@@ -120,6 +121,7 @@ class RequestMetricsMiddleware:
         body = bytearray()
         requested = "unread"
         form: dict[str, Any] = {}
+        answered = False
 
         async def observed_receive():
             nonlocal requested
@@ -132,8 +134,9 @@ class RequestMetricsMiddleware:
             return message
 
         async def observed_send(message):
+            nonlocal answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                answered, status = True, message["status"]
                 if path in UPLOAD_PATHS:
                     label = requested_in(form["fields"]) if "fields" in form else "unread"
                 else:
@@ -145,6 +148,8 @@ class RequestMetricsMiddleware:
             await self.app({**scope, UPLOAD_FORM_SCOPE_KEY: form}, receive, observed_send)
         else:
             await self.app(scope, observed_receive, observed_send)
+        if not answered:
+            FrontMetrics.get().requests.labels(path, str(CLIENT_CLOSED_REQUEST), "unread").inc()
 
 
 def requested_format(body: bytes | bytearray) -> str:

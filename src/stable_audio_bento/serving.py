@@ -211,6 +211,7 @@ UPLOAD_PATHS = {"/v1/audio/edits": "audio", "/v1/audio/edits/jobs": "audio"}
 # has read the form it stores there, under "fields", the values of its text parts (read_upload_form). The form is
 # read once, by a parser: searching the body for a field again cost time quadratic in a crafted body's size.
 UPLOAD_FORM_SCOPE_KEY = "stable_audio.upload_form"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads this response
 BODY_GRACE_S = 10.0  # a body's first seconds, before body_min_rate applies: a connection's slow start, a pause
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
