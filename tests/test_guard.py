@@ -230,15 +230,16 @@ def test_a_stalled_body_gets_408_and_uploads_past_the_cap_get_429_before_their_b
 
 
 def run_through_the_front(scope_path: str, chunks: list[bytes], settings: GuardSettings, pause_s: float = 0.0,
-                          content_type: bytes = b"multipart/form-data; boundary=fence", then_leave: bool = False
-                          ) -> tuple[list[dict], list]:
+                          content_type: bytes = b"multipart/form-data; boundary=fence", then_leave: bool = False,
+                          while_serving=lambda: None) -> tuple[list[dict], list]:
     """Sends ``chunks`` (``pause_s`` apart) through the request metrics and the guard to a service that answers
     200, the client staying connected or, ``then_leave``, going away; returns what was sent back and what reached
-    the service."""
+    the service; ``while_serving`` is called in the service, once it has read the body."""
     reached = []
 
     async def service(scope, receive, send):
         reached.append((await receive())["body"])
+        while_serving()
         await send_json(send, 200, {})
 
     pending = list(chunks)
@@ -306,4 +307,34 @@ def test_a_client_that_leaves_mid_body_is_counted_as_499(path):
     before = prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) or 0.0
     sent, reached = run_through_the_front(path, [b"--fence\r\n"], GuardSettings(), then_leave=True)
     assert sent == [] and reached == []
+    assert prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) == before + 1
+
+
+def test_of_an_upload_form_the_front_keeps_only_the_format_for_the_request():
+    """Each text part is parsed as JSON (BentoML's reading) to check it can be; a form of JSON arrays takes about
+    eight times its size parsed, and must not be held for the generation's minutes."""
+    import prometheus_client
+
+    def part(name: bytes, value: bytes) -> bytes:
+        return b"--fence\r\nContent-Disposition: form-data; name=\"" + name + b"\"\r\n\r\n" + value + b"\r\n"
+
+    array = b"[" + b"1.5," * 200_000 + b"1.5]"  # 800 kB of text, about 6 MB parsed
+    form = (b'--fence\r\nContent-Disposition: form-data; name="audio"; filename="in.wav"\r\n\r\nRIFF\r\n'
+            + b"".join(part(b"junk%d" % index, array) for index in range(8)) + part(b"response_format", b'"mp3"')
+            + b"--fence--\r\n")
+    held = []
+
+    def measure():
+        gc.collect()
+        held.append(tracemalloc.get_traced_memory()[0])
+
+    counted = {"endpoint": "/v1/audio/edits", "status": "200", "format": "mp3"}
+    before = prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) or 0.0
+    tracemalloc.start()
+    try:
+        sent, reached = run_through_the_front("/v1/audio/edits", [form], GuardSettings(), while_serving=measure)
+    finally:
+        tracemalloc.stop()
+    assert sent[0]["status"] == 200 and len(reached[0]) == len(form)
+    assert held[0] < 4 * len(form), (held, len(form))  # the body, once or twice; not 48 MB of parsed arrays
     assert prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) == before + 1

@@ -208,9 +208,10 @@ JSON_BODY_PATHS = ("/v1/audio/generate", "/v1/audio/speech", "/v1/audio/jobs")
 # Their POST bodies are multipart form data with a file in the named field, and have their own, larger limit.
 UPLOAD_PATHS = {"/v1/audio/edits": "audio", "/v1/audio/edits/jobs": "audio"}
 # A middleware outside the guard that wants an upload's form fields puts a dict at this scope key; once the guard
-# has read the form it stores there, under "fields", the values of its text parts (read_upload_form). The form is
-# read once, by a parser: searching the body for a field again cost time quadratic in a crafted body's size.
+# has read the form it stores there, under "fields", its KEPT_FORM_FIELDS (read_upload_form). The form is read
+# once, by a parser: searching the body for a field again cost time quadratic in a crafted body's size.
 UPLOAD_FORM_SCOPE_KEY = "stable_audio.upload_form"
+KEPT_FORM_FIELDS = ("response_format",)  # for the request metrics' label
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads this response
 BODY_GRACE_S = 10.0  # a body's first seconds, before body_min_rate applies: a connection's slow start, a pause
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -273,8 +274,9 @@ def install_log_filters() -> None:
 
 
 async def read_upload_form(scope, body: bytes, file_field: str) -> dict[str, Any]:
-    """The values of the form's text parts as BentoML reads them (JSON when it parses, else text; the last part of
-    a name). Raises a 400 naming the field for a form BentoML would answer with a 500: text in the ``file_field``
+    """The form's ``KEPT_FORM_FIELDS`` that it has as text parts, as BentoML reads them (JSON when it parses, else
+    text; the last part of a name); the others are parsed and let go (kept, a form of JSON arrays would take about
+    eight times its size for the request's minutes). Raises a 400 naming the field for a form BentoML would answer with a 500: text in the ``file_field``
     part (BentoML would take it for a URL and fetch it, from this server's network), or another part that its
     reading of form values as JSON cannot survive (nesting past the parser's recursion limit, an integer past
     Python's digit limit, a file part whose bytes are not text)."""
@@ -307,7 +309,7 @@ async def read_upload_form(scope, body: bytes, file_field: str) -> dict[str, Any
                 raise APIError(f"{shown(name, 40)}: a file part that is not UTF-8 text", param=name) from None
             except ValueError as error:  # e.g. an integer past Python's 4,300 digits
                 raise APIError(f"{shown(name, 40)}: cannot be read: {shown(error, 80)}", param=name) from None
-            if not isinstance(value, UploadFile):  # a file part's bytes are not kept for the request's minutes
+            if name in KEPT_FORM_FIELDS and not isinstance(value, UploadFile):
                 values[name] = parsed
         return values
     finally:
