@@ -66,7 +66,8 @@ def stored_models() -> list[bentoml.Model]:
 def _readable(entry: Path) -> bentoml.Model | None:
     try:
         return BentoMLContainer.model_store.get().get(bentoml.Tag(STORED_MODEL_NAME, entry.name))
-    except bentoml.exceptions.BentoMLException as unreadable:  # what BentoML raises for a missing or bad model.yaml
+    except Exception as unreadable:  # noqa: BLE001 - a missing model.yaml, one cut short (YAMLError), without a field
+        # (KeyError), a folder name that is no version (ValueError): whatever it is, this entry cannot be served
         logger.warning("skipping %s in BentoML's model store: %s. It cannot be served; remove it with `rm -r %s` "
                        "(`bentoml models list` fails until then)", entry, unreadable, entry)
         return None
