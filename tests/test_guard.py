@@ -318,9 +318,9 @@ def test_of_an_upload_form_the_front_keeps_only_the_format_for_the_request():
     def part(name: bytes, value: bytes) -> bytes:
         return b"--fence\r\nContent-Disposition: form-data; name=\"" + name + b"\"\r\n\r\n" + value + b"\r\n"
 
-    array = b"[" + b"1.5," * 200_000 + b"1.5]"  # 800 kB of text, about 6 MB parsed
+    array = b"[" + b"1.5," * 50_000 + b"1.5]"  # 200 kB of text, about 1.6 MB parsed
     form = (b'--fence\r\nContent-Disposition: form-data; name="audio"; filename="in.wav"\r\n\r\nRIFF\r\n'
-            + b"".join(part(b"junk%d" % index, array) for index in range(8)) + part(b"response_format", b'"mp3"')
+            + b"".join(part(b"junk%d" % index, array) for index in range(30)) + part(b"response_format", b'"mp3"')
             + b"--fence--\r\n")
     held = []
 
@@ -336,5 +336,20 @@ def test_of_an_upload_form_the_front_keeps_only_the_format_for_the_request():
     finally:
         tracemalloc.stop()
     assert sent[0]["status"] == 200 and len(reached[0]) == len(form)
-    assert held[0] < 4 * len(form), (held, len(form))  # the body, once or twice; not 48 MB of parsed arrays
+    assert held[0] < 4 * len(form), (held, len(form))  # the 6 MB body, once or twice; not 48 MB of parsed arrays
     assert prometheus_client.REGISTRY.get_sample_value("stable_audio_requests_total", counted) == before + 1
+
+
+@pytest.mark.parametrize("extra_part, message, param", [
+    (b'name="seed"; filename="seed.txt"\r\n\r\n42', "seed: only audio is a file; send this field as text", "seed"),
+    (b'name="input"\r\n\r\n' + b"x" * (300 << 10), "each at most 256 KiB", "audio"),
+    (b'name="notes"\r\n\r\n' + b"[" * 100_000 + b"]" * 100_000, "notes: nested too deeply", "notes"),
+])
+def test_an_upload_form_that_is_costly_or_unsafe_to_read_is_refused_naming_its_field(extra_part, message, param):
+    """Read as BentoML reads a form, every value goes through the JSON parser on the event loop, and a file part in
+    any field is taken whole: only audio may be a file, text parts are kept to what an edit's fields need."""
+    form = (b'--fence\r\nContent-Disposition: form-data; name="audio"; filename="in.wav"\r\n\r\nRIFF\r\n'
+            b"--fence\r\nContent-Disposition: form-data; " + extra_part + b"\r\n--fence--\r\n")
+    sent, reached = run_through_the_front("/v1/audio/edits", [form], GuardSettings())
+    error = json.loads(sent[1]["body"])["error"]
+    assert sent[0]["status"] == 400 and reached == [] and error["param"] == param and message in error["message"]

@@ -212,6 +212,9 @@ UPLOAD_PATHS = {"/v1/audio/edits": "audio", "/v1/audio/edits/jobs": "audio"}
 # once, by a parser: searching the body for a field again cost time quadratic in a crafted body's size.
 UPLOAD_FORM_SCOPE_KEY = "stable_audio.upload_form"
 KEPT_FORM_FIELDS = ("response_format",)  # for the request metrics' label
+# An edit has 15 fields, its prompts at most 10,000 characters (60 kB as JSON escapes); unknown fields are ignored.
+MAX_FORM_FIELDS = 64
+MAX_FORM_PART_BYTES = 256 << 10
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads this response
 BODY_GRACE_S = 10.0  # a body's first seconds, before body_min_rate applies: a connection's slow start, a pause
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -274,21 +277,27 @@ def install_log_filters() -> None:
 
 
 async def read_upload_form(scope, body: bytes, file_field: str) -> dict[str, Any]:
-    """The form's ``KEPT_FORM_FIELDS`` that it has as text parts, as BentoML reads them (JSON when it parses, else
-    text; the last part of a name); the others are parsed and let go (kept, a form of JSON arrays would take about
-    eight times its size for the request's minutes). Raises a 400 naming the field for a form BentoML would answer with a 500: text in the ``file_field``
-    part (BentoML would take it for a URL and fetch it, from this server's network), or another part that its
-    reading of form values as JSON cannot survive (nesting past the parser's recursion limit, an integer past
-    Python's digit limit, a file part whose bytes are not text)."""
+    """The form's ``KEPT_FORM_FIELDS`` that it has, as BentoML reads them (JSON when it parses, else text; the last
+    part of a name); the other text parts are parsed and let go (kept, a form of JSON arrays would take about eight
+    times its size for the request's minutes).
+
+    Raises a 400 naming the field for a form BentoML would answer with a 500, or that would cost the front's event
+    loop seconds to read as BentoML does (every value through the JSON parser, about 40 ms per MiB of nested
+    arrays): text in the ``file_field`` part (BentoML would take it for a URL and fetch it, from this server's
+    network), a file in another part, more than ``MAX_FORM_FIELDS`` text parts or one over ``MAX_FORM_PART_BYTES``,
+    or a value that reading as JSON cannot survive (nesting past the parser's recursion limit, an integer past
+    Python's digit limit)."""
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request({**scope, "method": "POST"}, receive).form()
+        form = await Request({**scope, "method": "POST"}, receive).form(
+            max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_PART_BYTES)
     except (MultiPartException, HTTPException) as error:  # BentoML's own reading would raise the same: a 500
         reason = getattr(error, "detail", None) or getattr(error, "message", None) or type(error).__name__
         raise APIError(f"the request is not a multipart form that can be read ({shown(reason, 80)}): send the file "
-                       f"as {file_field} (curl -F {file_field}=@FILE)", param=file_field) from None
+                       f"as {file_field} (curl -F {file_field}=@FILE) and the other fields as text, each at most "
+                       f"{MAX_FORM_PART_BYTES // 1024} KiB", param=file_field) from None
     try:
         value = form.get(file_field)
         if value is not None and not isinstance(value, UploadFile):
@@ -298,18 +307,18 @@ async def read_upload_form(scope, body: bytes, file_field: str) -> dict[str, Any
             value = form[name]  # the last part of that name, as BentoML reads it
             if name == file_field:
                 continue
-            text = await value.read() if isinstance(value, UploadFile) else value
+            if isinstance(value, UploadFile):
+                raise APIError(f"{shown(name, 40)}: only {file_field} is a file; send this field as text "
+                               f"(curl -F {shown(name, 40)}=VALUE)", param=name)
             try:
-                parsed = json.loads(text)
+                parsed = json.loads(value)
             except json.JSONDecodeError:
-                parsed = text  # read as text
+                parsed = value  # read as text
             except RecursionError:
                 raise APIError(f"{shown(name, 40)}: nested too deeply to read", param=name) from None
-            except UnicodeDecodeError:
-                raise APIError(f"{shown(name, 40)}: a file part that is not UTF-8 text", param=name) from None
             except ValueError as error:  # e.g. an integer past Python's 4,300 digits
                 raise APIError(f"{shown(name, 40)}: cannot be read: {shown(error, 80)}", param=name) from None
-            if name in KEPT_FORM_FIELDS and not isinstance(value, UploadFile):
+            if name in KEPT_FORM_FIELDS:
                 values[name] = parsed
         return values
     finally:
