@@ -21,6 +21,7 @@ import pytest
 import soundfile
 
 from stable_audio_bento import client
+from stable_audio_bento.client import Server
 
 from conftest import metric_samples, server_timing_ms
 
@@ -149,6 +150,7 @@ def test_command_line_client_shows_progress(server, tmp_path):
 
 
 AUDIO = b"RIFF audio"  # what the stand-in's downloads hold
+STEADY_AUDIO, STEADY_GAP_S = AUDIO * 20, 0.1  # a "steady" download: 2 s, a chunk every 0.1 s
 
 
 class StandInServer(BaseHTTPRequestHandler):
@@ -191,6 +193,15 @@ class StandInServer(BaseHTTPRequestHandler):
             self.answer(200, json.dumps({"status": "running"}).encode(), {"Content-Type": "application/json"})
         elif step == "redirect":
             self.answer(302, b"", {"Location": "/elsewhere"})
+        elif step == "steady":  # STEADY_AUDIO, a chunk every STEADY_GAP_S
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/wav")
+            self.send_header("Content-Length", str(len(STEADY_AUDIO)))
+            self.end_headers()
+            for chunk in range(0, len(STEADY_AUDIO), len(AUDIO)):
+                time.sleep(STEADY_GAP_S)
+                self.wfile.write(STEADY_AUDIO[chunk:chunk + len(AUDIO)])
+                self.wfile.flush()
         elif step == "succeeded" and success == AUDIO:
             self.answer(200, AUDIO, {"Content-Type": "audio/wav"})
         else:
@@ -289,6 +300,18 @@ def test_the_command_line_client_downloads_again_after_a_failed_download(stand_i
     assert (tmp_path / "out.wav").read_bytes() == AUDIO
     assert [path for _, path in handler.seen].count(JOB_PATH + "/content") == 3
     assert capsys.readouterr().err.count("downloading the audio failed") == 1
+
+
+def test_a_steady_download_longer_than_a_calls_timeout_is_not_cut_before_the_clients(stand_in, tmp_path,
+                                                                                   monkeypatch):
+    """Each read gets a chunk well within the call's (socket) timeout of 1 s; the whole download takes 2 s, within
+    --timeout: it is not cut (and tried again from the start) at the call's timeout."""
+    url, handler = stand_in
+    handler.downloads = ["steady"]
+    monkeypatch.setattr(client, "Server", lambda url, api_key: Server(url, api_key, timeout=1.0))
+    assert run_client(url, tmp_path, "--timeout", "6") == 0
+    assert (tmp_path / "out.wav").read_bytes() == STEADY_AUDIO
+    assert [path for _, path in handler.seen].count(JOB_PATH + "/content") == 1
 
 
 @pytest.mark.parametrize("cancel", ["cancelled", "drop"])

@@ -2,8 +2,9 @@
 while polling it, then downloads the audio. A busy server's refusal (429, or 503 while shutting down) is retried
 after its Retry-After until --timeout, and so is a poll or download that fails on the way (a dropped connection, a
 proxy's 502/504). Whatever makes the client give up on a job still queued or running (--timeout, Ctrl-C, an error),
-it cancels the job on the server, so that no GPU time goes to audio nobody will fetch. No exchange with the server
-outlasts its timeout, not even an answer that trickles in.
+it cancels the job on the server, so that no GPU time goes to audio nobody will fetch. Once connected, no exchange
+with the server outlasts --timeout, not even an answer that trickles in (connecting is bounded per address by the
+call's socket timeout).
 
     python -m stable_audio_bento.client "Thunder and rain sounds" --audio-length 15 --seed 42 -o rain.wav
     python -m stable_audio_bento.client "A cello" --init-audio loop.wav --strength 0.5 -o cello.wav
@@ -120,7 +121,8 @@ class Watchdog:
     """Shuts an exchange's socket down once ``seconds`` have passed, and then raises TimeoutError as the exchange
     ends, whatever it returned or raised (a body cut short by the shutdown may look whole). A socket timeout bounds
     each read alone: a server or proxy that sends a byte now and then would hold the exchange for ever; a socket
-    shut down ends the read it is blocked in."""
+    shut down ends the read it is blocked in. It gets the socket only once connected: name resolution is not
+    bounded here, and connecting is bounded by the socket timeout for each address tried (see Server)."""
 
     def __init__(self, seconds: float, what: str):
         self.seconds, self.what = seconds, what
@@ -128,7 +130,7 @@ class Watchdog:
         self.timer = threading.Timer(seconds, self.fire)
 
     def watch(self, sock: socket.socket) -> None:
-        """The exchange's socket, once connected (the connection itself is bounded by its socket timeout)."""
+        """The exchange's socket, once connected (each address tried is bounded by the socket timeout alone)."""
         with self.lock:
             self.sock = sock
             if self.fired:
@@ -178,9 +180,12 @@ class WatchedHTTPSHandler(WatchedHandler, urllib.request.HTTPSHandler):
 
 
 class Server:
-    """deadline: a time.monotonic() past which no call waits (each waits at most ``timeout`` besides), unless it
-    names its own timeout (the cancel on the way out). A call's time bounds the whole exchange: connecting, sending
-    and the whole answer, an error's body included."""
+    """``timeout``: the socket timeout of a call, bounding each read (and each address's connect) alone.
+    deadline: a time.monotonic() past which no call waits (the --timeout of generate), unless it names its own
+    timeout (the cancel on the way out). Once connected, a call's exchange is bounded as a whole (sending and the
+    whole answer, an error's body included) by the deadline, or without one by the call's timeout: a steady but
+    slow download is not cut before --timeout. Connecting is not: each address the name resolves to is tried with
+    the socket timeout (N addresses: up to N times it), and the name's resolution is not bounded at all."""
 
     def __init__(self, url: str, api_key: str | None, timeout: float = 60.0):
         self.url, self.timeout = url.rstrip("/"), timeout
@@ -196,12 +201,14 @@ class Server:
         data, headers = None if body is None else json.dumps(body).encode(), self.headers
         if form is not None:
             data, headers = form[0], {**self.headers, "Content-Type": form[1]}
+        whole = timeout  # the bound of the whole exchange, once connected
         if timeout is None:
-            timeout = self.timeout
+            timeout = whole = self.timeout
             if self.deadline is not None:
-                timeout = max(MIN_CALL_TIMEOUT_S, min(timeout, self.deadline - time.monotonic()))
+                whole = max(MIN_CALL_TIMEOUT_S, self.deadline - time.monotonic())
+                timeout = min(timeout, whole)
         request = urllib.request.Request(self.url + path, data, headers, method=method)
-        with Watchdog(timeout, f"{method} {path}") as request.watchdog:
+        with Watchdog(whole, f"{method} {path}") as request.watchdog:
             return self.exchange(request, timeout)
 
     def exchange(self, request: urllib.request.Request, timeout: float) -> tuple[bytes, dict[str, str]]:
@@ -339,8 +346,8 @@ def create(server: Server, body: dict, form: tuple[bytes, str] | None, show: "Pr
 @contextmanager
 def stops_deferred(show: "ProgressBar") -> Iterator[None]:
     """The first Ctrl-C or SIGTERM inside is held until the block ends, then raised as KeyboardInterrupt in place of
-    whatever the block returned or raised: the block ends by itself, its exchange bounded by the call's timeout. A
-    second one is raised at once, as that bound may be a minute, long for a user who wants out."""
+    whatever the block returned or raised: the block ends by itself, its exchange bounded by --timeout. A second
+    one is raised at once, as that bound may be long for a user who wants out."""
     stops = []
 
     def hold(signum, frame) -> None:
