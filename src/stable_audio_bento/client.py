@@ -128,6 +128,7 @@ class Watchdog:
         self.seconds, self.what = seconds, what
         self.lock, self.sock, self.fired = threading.Lock(), None, False
         self.timer = threading.Timer(seconds, self.fire)
+        self.timer.daemon = True  # a timer left over never keeps the process alive
 
     def watch(self, sock: socket.socket) -> None:
         """The exchange's socket, once connected (each address tried is bounded by the socket timeout alone)."""
