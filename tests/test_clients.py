@@ -314,6 +314,18 @@ def test_a_steady_download_longer_than_a_calls_timeout_is_not_cut_before_the_cli
     assert [path for _, path in handler.seen].count(JOB_PATH + "/content") == 1
 
 
+def test_the_client_generates_from_a_thread_other_than_the_main_one(stand_in):
+    """Only the main thread may set signal handlers: elsewhere a stop is not deferred during the submission."""
+    url, handler = stand_in
+    result = []
+    thread = threading.Thread(target=lambda: result.append(
+        client.generate(client.Server(url, None), {"input": "a bell"}, 10, client.ProgressBar(False))))
+    thread.start()
+    thread.join(20)
+    assert result and result[0][0] == AUDIO
+    assert ("POST", "/v1/audio/jobs") in handler.seen
+
+
 @pytest.mark.parametrize("cancel", ["cancelled", "drop"])
 @pytest.mark.parametrize("polls, flags, message", [
     (["running", 500], [], "error 500: "),  # an error that trying again would not fix

@@ -348,7 +348,11 @@ def create(server: Server, body: dict, form: tuple[bytes, str] | None, show: "Pr
 def stops_deferred(show: "ProgressBar") -> Iterator[None]:
     """The first Ctrl-C or SIGTERM inside is held until the block ends, then raised as KeyboardInterrupt in place of
     whatever the block returned or raised: the block ends by itself, its exchange bounded by --timeout. A second
-    one is raised at once, as that bound may be long for a user who wants out."""
+    one is raised at once, as that bound may be long for a user who wants out. Only in the main thread, the one
+    that gets signals (and the only one that may set their handlers): elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     stops = []
 
     def hold(signum, frame) -> None:
