@@ -110,10 +110,11 @@ def test_audio_longer_than_the_window_is_refused(tmp_path):
     assert raised.value.param == "audio"
 
 
-def ffmpeg_silence(path: Path, seconds: float, rate: int = 8000) -> Path:
-    """A long mono AAC file of silence: a few kilobytes that decode to ``seconds`` of audio."""
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"anullsrc=r={rate}:cl=mono", "-t", str(seconds),
-                    "-c:a", "aac", "-b:a", "8k", str(path)], check=True)
+def ffmpeg_silence(path: Path, seconds: float, rate: int = 8000, layout: str = "mono",
+                   encoding: tuple[str, ...] = ("-c:a", "aac", "-b:a", "8k")) -> Path:
+    """A long file of silence (AAC by default): a few kilobytes that decode to ``seconds`` of audio."""
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"anullsrc=r={rate}:cl={layout}", "-t", str(seconds),
+                    *encoding, str(path)], check=True)
     return path
 
 
@@ -144,6 +145,31 @@ def test_ffmpeg_decodes_an_upload_inside_the_window_whole_and_refuses_one_past_i
     assert audio.shape[0] == 2 and abs(audio.shape[1] - 47.0 * 44100) <= 0.256 * 44100 and not audio.any()
     with pytest.raises(APIError, match="window"):
         load_init_audio(ffmpeg_silence(tmp_path / "past.m4a", 48.0), LIMITS)
+
+
+@pytest.mark.parametrize(("name", "rate", "codec"), [("past.mkv", 44100, "flac"), ("past.webm", 48000, "libopus")])
+def test_ffmpeg_refuses_an_upload_just_past_the_window_rather_than_truncating_it(tmp_path, name, rate, codec):
+    """Cut by timestamps (-t), Matroska's millisecond ones, decoding stopped a few samples short of the window's
+    end: a 48 s file came back 47.55 s long instead of refused."""
+    path = ffmpeg_silence(tmp_path / name, 48.0, rate, "stereo", ("-c:a", codec))
+    with pytest.raises(APIError, match="window") as raised:
+        load_init_audio(path, LIMITS)
+    assert raised.value.param == "audio"
+
+
+def test_ffmpeg_stops_decoding_at_the_window_when_the_timestamps_do_not_advance(tmp_path):
+    """A Matroska file whose packets all say 0 s never reaches a cut by timestamps: ffmpeg decoded it whole into
+    this process (600 s at 192 kHz, a 160 KB upload, held 1.7 GB). 180 s at 48 kHz would be 35 MB of float32."""
+    path = ffmpeg_silence(tmp_path / "zeroed.mkv", 180.0, 48000, "mono", ("-c:a", "flac", "-bsf:a", "setts=ts=0"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(APIError, match="longer than the window") as raised:
+            load_init_audio(path, LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert raised.value.param == "audio"
+    assert peak < 2 * LIMITS.max_seconds * 48000 * 4, peak  # the window at the file's rate is 9.1 MB of float32
 
 
 def test_ffmpeg_keeps_the_first_two_of_three_channels_as_they_are(tmp_path):
@@ -184,7 +210,7 @@ def test_an_ffmpeg_call_past_its_time_is_killed_and_refused(monkeypatch):
     refused = APIError("audio: undecodable", param="audio")
     started = time.monotonic()
     with pytest.raises(APIError) as raised:
-        init_audio.run_ffmpeg(["sleep", "30"], refused)
+        init_audio.run_ffmpeg(["sleep", "30"], refused, max_bytes=1 << 16)
     assert raised.value is refused and time.monotonic() - started < 5
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ DECODE_BLOCK_FRAMES = 1 << 16
 # ffmpeg's demuxers for audio files (mov: MP4 and M4A; matroska: WebM; asf: WMA); none that reads a list of others
 FFMPEG_DEMUXERS = "wav,w64,aiff,caf,flac,mp3,ogg,mov,matroska,aac,ac3,eac3,asf,wv,ape,amr,au,tta,dts"
 FFMPEG_TIMEOUT_S = 30.0  # a 380 s upload decodes in about a second
+FFMPEG_READ_BYTES = 1 << 16  # a pipe's buffer
 
 
 def load_init_audio(path: Path, limits: ModelLimits) -> np.ndarray:
@@ -95,7 +97,7 @@ def decode_with_ffmpeg(path: Path, limits: ModelLimits) -> tuple[np.ndarray, int
     undecodable = APIError("audio: the uploaded file is not audio that libsndfile or ffmpeg can decode",
                            param="audio")
     probed = run_ffmpeg(["ffprobe", "-v", "error", "-of", "json", "-show_entries", "stream=sample_rate,channels",
-                         "-select_streams", "a:0", *ffmpeg_input(path)], undecodable)
+                         "-select_streams", "a:0", *ffmpeg_input(path)], undecodable, max_bytes=1 << 16)
     try:
         [stream] = json.loads(probed)["streams"]
         rate, channels = int(stream["sample_rate"]), int(stream["channels"])
@@ -104,16 +106,14 @@ def decode_with_ffmpeg(path: Path, limits: ModelLimits) -> tuple[np.ndarray, int
     check_header(rate, channels)
     limit = frames_to_read(rate, limits)
     keep = min(channels, limits.channels)
-    # The first channels as they are (a channel map, not a downmix), float32 at the file's own rate; ffmpeg stops
-    # one frame's worth past the limit (-t): a longer file is never decoded whole.
+    # The first channels as they are (a channel map, not a downmix), float32 at the file's own rate. Cut by bytes,
+    # not -t: timestamps stop a few samples short (a longer file passed, truncated), or never (a file can zero them).
     decoded = run_ffmpeg(["ffmpeg", "-v", "error", "-nostdin", *ffmpeg_input(path), "-map", "0:a:0",
-                          "-t", f"{(limit + 1) / rate:.6f}", "-af", f"pan={keep}c|" + "|".join(
-                              f"c{channel}=c{channel}" for channel in range(keep)),
-                          "-ar", str(rate), "-f", "f32le", "-"], undecodable)
-    frames = np.frombuffer(decoded, dtype="<f4").reshape(-1, keep)
-    if len(frames) > limit:
+                          "-af", f"pan={keep}c|" + "|".join(f"c{channel}=c{channel}" for channel in range(keep)),
+                          "-ar", str(rate), "-f", "f32le", "-"], undecodable, max_bytes=limit * keep * 4)
+    if len(decoded) > limit * keep * 4:
         raise too_long(limits, None)
-    return frames, rate
+    return np.frombuffer(decoded, dtype="<f4").reshape(-1, keep), rate
 
 
 def ffmpeg_input(path: Path) -> list[str]:
@@ -123,12 +123,32 @@ def ffmpeg_input(path: Path) -> list[str]:
     return ["-protocol_whitelist", "file", "-format_whitelist", FFMPEG_DEMUXERS, "-i", f"file:{path}"]
 
 
-def run_ffmpeg(command: list[str], undecodable: APIError) -> bytes:
-    """Its output; a failure, or a call still running after ``FFMPEG_TIMEOUT_S`` (killed), is ``undecodable``."""
+def run_ffmpeg(command: list[str], undecodable: APIError, max_bytes: int) -> bytearray:
+    """Its output, read until past ``max_bytes`` (then ffmpeg is killed: at most a chunk more is held); a failure,
+    or a call still running after ``FFMPEG_TIMEOUT_S`` (killed), is ``undecodable``."""
     try:
-        return subprocess.run(command, capture_output=True, check=True, timeout=FFMPEG_TIMEOUT_S).stdout
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as error:  # OSError: no ffmpeg
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL)
+    except OSError as error:  # no ffmpeg
         raise undecodable from error
+    deadline = threading.Timer(FFMPEG_TIMEOUT_S, process.kill)  # a kill ends the read below: its pipe closes
+    output = bytearray()
+    try:
+        deadline.start()
+        while len(output) <= max_bytes and (chunk := process.stdout.read(FFMPEG_READ_BYTES)):
+            output += chunk
+        if len(output) <= max_bytes:  # its output ended: its exit code says whether all of it came (a kill: no)
+            process.wait()
+    finally:
+        deadline.cancel()
+        if deadline.is_alive():  # its kill must not come after the wait below, to another process given the pid
+            deadline.join()
+        process.kill()
+        process.wait()
+        process.stdout.close()
+    if len(output) <= max_bytes and process.returncode != 0:
+        raise undecodable
+    return output
 
 
 def resample(audio: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
