@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # the Bento sh
 import bentoml  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, Response  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
 from stable_audio_bento import metric_labels, traffic_timeout  # noqa: E402
 from stable_audio_bento.admission import Admission  # noqa: E402
@@ -38,6 +38,7 @@ from stable_audio_bento.protocol import (  # noqa: E402
 )
 from stable_audio_bento.serving import (  # noqa: E402
     ModelCard, OpenAIErrorMiddleware, RequestGuardMiddleware, current_request, error_headers, install_log_filters,
+    streamed,
 )
 from stable_audio_bento.startup import (  # noqa: E402
     EngineReadiness, front_settings, start_engine, supervise_like_a_container,
@@ -144,8 +145,8 @@ def error_response(ctx: bentoml.Context, error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-def audio_response(audio: GeneratedAudio) -> Response:
-    return Response(audio.data, media_type=FORMATS[audio.response_format].media_type, headers=audio.headers())
+def audio_response(audio: GeneratedAudio) -> StreamingResponse:
+    return streamed(audio.data, FORMATS[audio.response_format].media_type, audio.headers())
 
 
 @bentoml.service(http={"port": SETTINGS.port}, traffic={"timeout": SETTINGS.request_timeout_s})

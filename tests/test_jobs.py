@@ -17,7 +17,7 @@ from stable_audio_bento.gateway import Delivery, Gateway, GeneratedAudio
 from stable_audio_bento.generation import AudioRequest, ModelLimits
 from stable_audio_bento.jobs import JobStore, new_job_id
 from stable_audio_bento.protocol import APIError, EditRequest, GenerateRequest
-from stable_audio_bento.serving import ModelCard
+from stable_audio_bento.serving import RESPONSE_CHUNK_BYTES, ModelCard, streamed
 
 
 def job_request() -> AudioRequest:
@@ -293,3 +293,24 @@ def test_a_request_before_the_engine_can_describe_its_model_is_a_503_not_a_500()
     with pytest.raises(APIError) as raised:
         asyncio.run(gateway.prepare(GenerateRequest(input="a bell", audio_length=1.0), "request-1"))
     assert (raised.value.status, raised.value.code) == (503, "engine_unavailable") and raised.value.retry_after >= 1
+
+
+def test_audio_is_handed_to_the_server_a_chunk_at_a_time_with_its_whole_length():
+    """Handed over whole, a job's audio was copied into the buffer of every connection downloading it, held there
+    for as long as its client did not read (5 MB per connection for an 8 MB WAV); in chunks, the server takes the
+    next only once the connection has room."""
+    data = bytes(range(256)) * 1000  # 256 kB
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        await asyncio.Event().wait()
+
+    response = streamed(data, "audio/wav", {"X-Seed": "7"})
+    asyncio.run(response({"type": "http", "method": "GET", "path": "/"}, receive, send))
+    start, *bodies = sent
+    assert dict(start["headers"])[b"content-length"] == b"256000" and dict(start["headers"])[b"x-seed"] == b"7"
+    assert b"".join(bytes(body["body"]) for body in bodies) == data
+    assert max(len(body["body"]) for body in bodies) == RESPONSE_CHUNK_BYTES and len(bodies) >= 4

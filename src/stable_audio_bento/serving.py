@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from .env_values import env_integer, env_seconds, env_text
 from .generation import ModelLimits
@@ -135,6 +136,21 @@ NOT_TO_BE_RETRIED = {"X-Should-Retry": "false"}
 def error_headers(error: APIError) -> dict[str, str]:
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
     return {**headers, **NOT_TO_BE_RETRIED} if error.status == 504 else headers
+
+
+RESPONSE_CHUNK_BYTES = 64 << 10
+
+
+def streamed(data: bytes, media_type: str, headers: dict[str, str]) -> StreamingResponse:
+    """``data`` sent a chunk at a time, each once the connection has taken the last: sent whole, it is copied into
+    the buffer of every connection whose client reads slowly or not at all (tens of MB each, held until it reads)."""
+    view = memoryview(data)
+
+    async def chunks():
+        for start in range(0, len(view), RESPONSE_CHUNK_BYTES):
+            yield view[start:start + RESPONSE_CHUNK_BYTES]
+
+    return StreamingResponse(chunks(), media_type=media_type, headers={**headers, "Content-Length": str(len(data))})
 
 
 async def send_json(send, status: int, body: dict[str, Any], extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
