@@ -534,6 +534,15 @@ def test_a_format_that_contradicts_the_output_suffix_is_refused_before_anything_
     assert client.request_body(unknown_suffix)["response_format"] == "wav"
 
 
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-5", "1e10"])
+def test_a_timeout_no_timer_can_wait_is_refused_before_anything_is_sent(timeout, capsys):
+    """A call's watchdog waits until --timeout: a timer past the platform's limit died in its thread, and the call
+    then had no bound at all."""
+    with pytest.raises(SystemExit) as exit_:
+        client.parse_args(["a bell", "--timeout", timeout])
+    assert exit_.value.code == 2 and "--timeout must be over 0 and at most 2.592e+06 s" in capsys.readouterr().err
+
+
 def test_metrics_count_requests_batches_steps_and_audio(server):
     before = metric_samples(server)
     ok = httpx.post(server + "/v1/audio/generate", json={**BODY, "response_format": "mp3"}, timeout=120)

@@ -342,7 +342,9 @@ def test_of_an_upload_form_the_front_keeps_only_the_format_for_the_request():
 
 @pytest.mark.parametrize("extra_part, message, param", [
     (b'name="seed"; filename="seed.txt"\r\n\r\n42', "seed: only audio is a file; send this field as text", "seed"),
-    (b'name="input"\r\n\r\n' + b"x" * (300 << 10), "each at most 256 KiB", "audio"),
+    (b'name="input"\r\n\r\n' + b"x" * (300 << 10), "at most 64 of 256 KiB each", None),
+    (b''.join(b'name="x%d"\r\n\r\n1\r\n--fence\r\nContent-Disposition: form-data; ' % n for n in range(64))
+     + b'name="x"\r\n\r\n1', "Too many fields", None),
     (b'name="notes"\r\n\r\n' + b"[" * 100_000 + b"]" * 100_000, "notes: nested too deeply", "notes"),
 ])
 def test_an_upload_form_that_is_costly_or_unsafe_to_read_is_refused_naming_its_field(extra_part, message, param):

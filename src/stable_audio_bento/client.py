@@ -41,6 +41,7 @@ DEFAULT_RETRY_AFTER_S = 1.0
 TRANSIENT_STATUSES = (429, 502, 503, 504)
 ACTIVE = ("queued", "running")
 CANCEL_TIMEOUT_S = 10.0  # the client is already giving up: a cancel that hangs must not keep it from exiting
+MAX_TIMEOUT_S = 30 * 86400.0
 MIN_CALL_TIMEOUT_S = 0.5  # a call at the deadline still gets this long, so that its failure says why
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and kill or a container stop (see stop_on_sigterm)
 T = TypeVar("T")
@@ -82,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default 3600)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:  # inf or nan too: a timer cannot wait that long
+        parser.error(f"--timeout must be over 0 and at most {MAX_TIMEOUT_S:g} s (30 days), not {args.timeout:g}")
     for name in EDIT_FIELDS:
         if getattr(args, name) is not None and args.init_audio is None:
             parser.error(f"--{name.replace('_', '-')} needs --init-audio")

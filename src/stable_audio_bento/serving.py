@@ -149,6 +149,9 @@ def streamed(data: bytes, media_type: str, headers: dict[str, str]) -> Streaming
     async def chunks():
         for start in range(0, len(view), RESPONSE_CHUNK_BYTES):
             yield view[start:start + RESPONSE_CHUNK_BYTES]
+            # A turn of the event loop between chunks: a connection the client reset is only marked lost on the
+            # next turn, and until then every chunk written into it logged a warning (about 100 per hang-up).
+            await asyncio.sleep(0)
 
     return StreamingResponse(chunks(), media_type=media_type, headers={**headers, "Content-Length": str(len(data))})
 
@@ -228,7 +231,8 @@ UPLOAD_PATHS = {"/v1/audio/edits": "audio", "/v1/audio/edits/jobs": "audio"}
 # once, by a parser: searching the body for a field again cost time quadratic in a crafted body's size.
 UPLOAD_FORM_SCOPE_KEY = "stable_audio.upload_form"
 KEPT_FORM_FIELDS = ("response_format",)  # for the request metrics' label
-# An edit has 15 fields, its prompts at most 10,000 characters (60 kB as JSON escapes); unknown fields are ignored.
+# An edit has 15 fields, its prompts at most 10,000 characters (120 kB as JSON escapes of emoji); unknown fields are
+# ignored.
 MAX_FORM_FIELDS = 64
 MAX_FORM_PART_BYTES = 256 << 10
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads this response
@@ -311,9 +315,11 @@ async def read_upload_form(scope, body: bytes, file_field: str) -> dict[str, Any
             max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_PART_BYTES)
     except (MultiPartException, HTTPException) as error:  # BentoML's own reading would raise the same: a 500
         reason = getattr(error, "detail", None) or getattr(error, "message", None) or type(error).__name__
+        # Past a limit ("Part exceeded maximum size", "Too many fields. Maximum ..."), which part is not said.
+        param = None if "maximum" in str(reason).lower() else file_field
         raise APIError(f"the request is not a multipart form that can be read ({shown(reason, 80)}): send the file "
-                       f"as {file_field} (curl -F {file_field}=@FILE) and the other fields as text, each at most "
-                       f"{MAX_FORM_PART_BYTES // 1024} KiB", param=file_field) from None
+                       f"as {file_field} (curl -F {file_field}=@FILE) and the other fields as text, at most "
+                       f"{MAX_FORM_FIELDS} of {MAX_FORM_PART_BYTES // 1024} KiB each", param=param) from None
     try:
         value = form.get(file_field)
         if value is not None and not isinstance(value, UploadFile):
