@@ -171,7 +171,8 @@ class GuardSettings:
         every path except ``public_paths`` needs ``Authorization: Bearer <key>``.
     public_paths [STABLE_AUDIO_PUBLIC_PATHS, comma-separated]: open without a key (the playground page asks for
         the key itself); add /docs or /metrics here.
-    max_body_bytes [STABLE_AUDIO_MAX_BODY_BYTES]: larger request bodies get 413.
+    max_body_bytes [STABLE_AUDIO_MAX_BODY_BYTES]: larger request bodies get 413, as do the text fields of an upload's
+        form together.
     max_upload_bytes [STABLE_AUDIO_MAX_UPLOAD_BYTES]: the same for the routes that take a file (UPLOAD_PATHS).
     body_timeout_s [STABLE_AUDIO_BODY_TIMEOUT_S]: a body not received whole in this time gets 408: a stalled or
         trickling upload would otherwise hold its memory for as long as its client keeps the connection open.
@@ -231,10 +232,7 @@ UPLOAD_PATHS = {"/v1/audio/edits": "audio", "/v1/audio/edits/jobs": "audio"}
 # once, by a parser: searching the body for a field again cost time quadratic in a crafted body's size.
 UPLOAD_FORM_SCOPE_KEY = "stable_audio.upload_form"
 KEPT_FORM_FIELDS = ("response_format",)  # for the request metrics' label
-# An edit has 15 fields, its prompts at most 10,000 characters (120 kB as JSON escapes of emoji); unknown fields are
-# ignored.
-MAX_FORM_FIELDS = 64
-MAX_FORM_PART_BYTES = 256 << 10
+MAX_FORM_FIELDS = 64  # an edit has 15; unknown ones are ignored
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads this response
 BODY_GRACE_S = 10.0  # a body's first seconds, before body_min_rate applies: a connection's slow start, a pause
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -296,42 +294,51 @@ def install_log_filters() -> None:
                 handler.addFilter(kind())
 
 
-async def read_upload_form(scope, body: bytes, file_field: str) -> dict[str, Any]:
+async def read_upload_form(scope, body: bytes, file_field: str, max_text_bytes: int) -> dict[str, Any]:
     """The form's ``KEPT_FORM_FIELDS`` that it has, as BentoML reads them (JSON when it parses, else text; the last
     part of a name); the other text parts are parsed and let go (kept, a form of JSON arrays would take about eight
     times its size for the request's minutes).
 
-    Raises a 400 naming the field for a form BentoML would answer with a 500, or that would cost the front's event
-    loop seconds to read as BentoML does (every value through the JSON parser, about 40 ms per MiB of nested
-    arrays): text in the ``file_field`` part (BentoML would take it for a URL and fetch it, from this server's
-    network), a file in another part, more than ``MAX_FORM_FIELDS`` text parts or one over ``MAX_FORM_PART_BYTES``,
-    or a value that reading as JSON cannot survive (nesting past the parser's recursion limit, an integer past
-    Python's digit limit)."""
+    Refuses, naming the field, a form BentoML would answer with a 500, or that would cost the front's event loop
+    seconds to read as BentoML does (every value through the JSON parser, about 40 ms per MiB of nested arrays):
+    text in the ``file_field`` part (BentoML would take it for a URL and fetch it, from this server's network), a
+    file in another part, text parts together over ``max_text_bytes`` (413, naming the largest: the fields of a
+    JSON request have the same bound) or more than ``MAX_FORM_FIELDS`` of them, or a value that reading as JSON
+    cannot survive (nesting past the parser's recursion limit, an integer past Python's digit limit)."""
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
 
-    try:
+    try:  # no part is larger than the body, already whole: the bound on text is checked below, on all of it
         form = await Request({**scope, "method": "POST"}, receive).form(
-            max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_PART_BYTES)
+            max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS, max_part_size=len(body) + 1)
     except (MultiPartException, HTTPException) as error:  # BentoML's own reading would raise the same: a 500
         reason = getattr(error, "detail", None) or getattr(error, "message", None) or type(error).__name__
-        # Past a limit ("Part exceeded maximum size", "Too many fields. Maximum ..."), which part is not said.
-        param = None if "maximum" in str(reason).lower() else file_field
+        param = None if "maximum" in str(reason).lower() else file_field  # too many parts: none is to blame
         raise APIError(f"the request is not a multipart form that can be read ({shown(reason, 80)}): send the file "
-                       f"as {file_field} (curl -F {file_field}=@FILE) and the other fields as text, at most "
-                       f"{MAX_FORM_FIELDS} of {MAX_FORM_PART_BYTES // 1024} KiB each", param=param) from None
+                       f"as {file_field} (curl -F {file_field}=@FILE) and at most {MAX_FORM_FIELDS} other fields "
+                       f"as text", param=param) from None
     try:
         value = form.get(file_field)
         if value is not None and not isinstance(value, UploadFile):
             raise APIError(f"{file_field} must be a file (curl -F {file_field}=@FILE), not text", param=file_field)
-        values = {}
-        for name in form:
-            value = form[name]  # the last part of that name, as BentoML reads it
+        sizes: dict[str, int] = {}
+        for name, value in form.multi_items():
             if name == file_field:
                 continue
             if isinstance(value, UploadFile):
                 raise APIError(f"{shown(name, 40)}: only {file_field} is a file; send this field as text "
                                f"(curl -F {shown(name, 40)}=VALUE)", param=name)
+            sizes[name] = sizes.get(name, 0) + len(value.encode())
+        if sum(sizes.values()) > max_text_bytes:
+            largest = max(sizes, key=sizes.__getitem__)
+            raise APIError(f"{shown(largest, 40)}: the form's fields other than {file_field} come to "
+                           f"{sum(sizes.values())} bytes, over the {max_text_bytes} a request's fields may take; "
+                           f"this one is the largest", param=largest, status=413)
+        values = {}
+        for name in form:
+            if name == file_field:
+                continue
+            value = form[name]  # the last part of that name, as BentoML reads it
             try:
                 parsed = json.loads(value)
             except json.JSONDecodeError:
@@ -451,7 +458,8 @@ class RequestGuardMiddleware:
         replayed = False
         if upload:
             try:
-                fields = await read_upload_form(scope, received, UPLOAD_PATHS[scope["path"]])
+                fields = await read_upload_form(scope, received, UPLOAD_PATHS[scope["path"]],
+                                                self.settings.max_body_bytes)
             except APIError as refusal:
                 return await send_json(send, refusal.status, refusal.body())
             if (wanted := scope.get(UPLOAD_FORM_SCOPE_KEY)) is not None:
