@@ -104,14 +104,14 @@ def decode_with_ffmpeg(path: Path, limits: ModelLimits) -> tuple[np.ndarray, int
     except (KeyError, ValueError, TypeError) as error:  # no audio stream, or one ffprobe could not describe
         raise undecodable from error
     check_header(rate, channels)
-    limit = frames_to_read(rate, limits)
     keep = min(channels, limits.channels)
+    max_bytes = frames_to_read(rate, limits) * keep * 4  # float32
     # The first channels as they are (a channel map, not a downmix), float32 at the file's own rate. Cut by bytes,
     # not -t: timestamps stop a few samples short (a longer file passed, truncated), or never (a file can zero them).
     decoded = run_ffmpeg(["ffmpeg", "-v", "error", "-nostdin", *ffmpeg_input(path), "-map", "0:a:0",
                           "-af", f"pan={keep}c|" + "|".join(f"c{channel}=c{channel}" for channel in range(keep)),
-                          "-ar", str(rate), "-f", "f32le", "-"], undecodable, max_bytes=limit * keep * 4)
-    if len(decoded) > limit * keep * 4:
+                          "-ar", str(rate), "-f", "f32le", "-"], undecodable, max_bytes=max_bytes)
+    if len(decoded) > max_bytes:
         raise too_long(limits, None)
     return np.frombuffer(decoded, dtype="<f4").reshape(-1, keep), rate
 

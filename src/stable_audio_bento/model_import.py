@@ -31,7 +31,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from . import sa3_checkpoint, sa3_loading
 from .loading import HUB_ID, TINY, ensure_tiny_model
 from .model_cache import written_whole
-from .model_store import FAMILIES, STORED_MODEL_NAME, store_folder, stored_models
+from .model_store import FAMILIES, STORED_MODEL_NAME, latest_file, store_folder, stored_models
 
 STORED_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -137,8 +137,8 @@ def _newest_stored(matches: Callable[[dict], bool]) -> bentoml.Model | None:
 
 def _make_latest(model: bentoml.Model) -> None:
     """Point ``stable-audio:latest`` at ``model``, as a fresh import of it would: re-importing a source means serving
-    it. BentoML keeps the latest version's name in ``<store>/<name>/latest`` and has no call to set it."""
-    latest = Path(model.path).parent / "latest"
+    it."""
+    latest = latest_file()
     descriptor, partial = tempfile.mkstemp(dir=latest.parents[2])  # beside the store: its listing reads every file
     with os.fdopen(descriptor, "w") as file:
         file.write(model.tag.version)

@@ -44,11 +44,16 @@ def store_folder() -> Path:
     return Path(BentoMLContainer.model_store.get()._path)
 
 
+def latest_file() -> Path:
+    """Where BentoML keeps the name of ``stable-audio``'s latest version; it has no call to read or set it."""
+    return store_folder() / STORED_MODEL_NAME / "latest"
+
+
 def latest_stored_model() -> bentoml.Model | None:
     """The store's ``stable-audio:latest``: the version its ``latest`` file names or, that file missing or naming
     no readable entry, the newest readable one (what BentoML would write there)."""
     stored = {model.tag.version: model for model in stored_models()}
-    latest = store_folder() / STORED_MODEL_NAME / "latest"
+    latest = latest_file()
     named = latest.read_text().strip() if latest.is_file() else None
     return stored.get(named) or max(stored.values(), key=lambda model: model.creation_time, default=None)
 
