@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # the Bento ships src/ without installing it
 
 import bentoml  # noqa: E402
-from fastapi import FastAPI, Request  # noqa: E402
+from fastapi import FastAPI, Request, Response  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
@@ -26,10 +26,11 @@ from stable_audio_bento.engine_pool import EnginePool  # noqa: E402
 from stable_audio_bento.engine_workers import (  # noqa: E402
     depends_on_engines, engine_clients, engine_services, engine_worker_count,
 )
-from stable_audio_bento.gateway import Delivery, Gateway, GeneratedAudio  # noqa: E402
+from stable_audio_bento.gateway import Gateway, GeneratedAudio  # noqa: E402
 from stable_audio_bento.generation import AudioRequest  # noqa: E402
 from stable_audio_bento.graceful_stop import stop_after  # noqa: E402
-from stable_audio_bento.jobs import JobStore, new_job_id  # noqa: E402
+from stable_audio_bento.idempotency import REPLAYED_HEADERS  # noqa: E402
+from stable_audio_bento.jobs import JobStore  # noqa: E402
 from stable_audio_bento.metrics import EngineMetrics, FrontMetrics, RequestMetricsMiddleware  # noqa: E402
 from stable_audio_bento.model_store import stored_model_reference  # noqa: E402
 from stable_audio_bento.playground import playground_page  # noqa: E402
@@ -212,13 +213,12 @@ class StableAudio:
     @bentoml.api(route="/v1/audio/edits/jobs", input_spec=EditRequest)
     async def submit_edit_job(self, ctx: bentoml.Context, **fields) -> dict:
         """An edit as a job (the form of /v1/audio/edits); poll, fetch and cancel it under /v1/audio/jobs/{id}."""
-        request = EditRequest(**fields)
         try:
-            prepared = await self.gateway.prepare(request, current_request().request_id, new_job_id())
-            job = self.jobs.submit(prepared, Delivery.of(request))
+            job, replayed = await self.jobs.create(EditRequest(**fields), current_request())
         except APIError as error:
             return error_response(ctx, error)
         ctx.response.status_code = 202
+        ctx.response.headers.update(REPLAYED_HEADERS if replayed else {})
         return await self.jobs.describe(job)
 
     @http_routes.post("/v1/audio/speech")
@@ -245,9 +245,11 @@ class StableAudio:
         return card.openai_model()
 
     @http_routes.post("/v1/audio/jobs", status_code=202)
-    async def submit_job(self, request: GenerateRequest):
-        job = self.jobs.submit(await self.gateway.prepare(request, current_request().request_id, new_job_id()),
-                               Delivery.of(request))
+    async def submit_job(self, request: GenerateRequest, response: Response):
+        """A job: 202 with its id at once. With an ``Idempotency-Key`` header, the same request sent again with the
+        same key gets the job the first one created (a client that lost the answer learns the id)."""
+        job, replayed = await self.jobs.create(request, current_request())
+        response.headers.update(REPLAYED_HEADERS if replayed else {})
         return await self.jobs.describe(job)
 
     @http_routes.get("/v1/audio/jobs/{job_id}")

@@ -94,6 +94,21 @@ def test_bad_job_submissions_are_400_naming_the_field(server, body, param):
     assert response.json()["error"]["param"] == param and response.json()["error"]["message"]
 
 
+def test_a_job_sent_again_with_its_idempotency_key_is_the_same_job(server):
+    """A client that lost the answer to its POST sends it again with the same key and learns the job's id."""
+    key = {"Idempotency-Key": "kettle-once"}
+    first = httpx.post(server + "/v1/audio/jobs", json=BODY, headers=key)
+    again = httpx.post(server + "/v1/audio/jobs", json={**BODY, "audio_start": 0.0}, headers=key)  # a default written out
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    other = httpx.post(server + "/v1/audio/jobs", json={**BODY, "seed": 1}, headers=key)
+    assert other.status_code == 422
+    assert (other.json()["error"]["param"], other.json()["error"]["code"]) == ("Idempotency-Key", "idempotency_key_reused")
+    unusable = httpx.post(server + "/v1/audio/jobs", json=BODY, headers={"Idempotency-Key": "x" * 300})
+    assert unusable.status_code == 400 and unusable.json()["error"]["param"] == "Idempotency-Key"
+    assert poll(server, first.json()["id"])[-1]["status"] == "succeeded"
+
+
 def test_the_openai_sdk_lists_the_model_and_creates_speech(server):
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
     [listed] = client.models.list()
@@ -155,14 +170,15 @@ STEADY_AUDIO, STEADY_GAP_S = AUDIO * 20, 0.1  # a "steady" download: 2 s, a chun
 
 class StandInServer(BaseHTTPRequestHandler):
     """The jobs API as the command-line client sees it: the first ``refusals`` submissions answered ``refusal``
-    (status, Retry-After), then a job that has already succeeded. Every request's method and path are kept.
+    (status, Retry-After; or "drop"), then a job that has already succeeded. Every request's method and path are
+    kept, and each submission's Idempotency-Key.
 
     ``polls`` and ``downloads`` script the answers to the job's status and content, one per request (the last one
     repeats): a job status ("running", "succeeded"), an HTTP status (int; 429 and 503 come with Retry-After: 0), or
     "drop" (the connection is closed without an answer). With ``polls`` set, the submitted job is running. With
     ``held`` (an Event) set, the answer to a submission waits for it."""
 
-    refusals, refusal, seen, held = 0, (429, "0"), [], None
+    refusals, refusal, seen, keys, held = 0, (429, "0"), [], [], None
     polls, downloads, cancel = [], [], "cancelled"  # cancel: the DELETE's answer, a job status or "drop"
     JOB = {"id": "job_1", "status": "succeeded", "progress": {"steps_done": 2, "steps_total": 2}, "seed": 7,
            "queue_position": None, "audio_duration": 1.0, "response_format": "wav", "error": None,
@@ -210,10 +226,14 @@ class StandInServer(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         self.seen.append(("POST", self.path))
+        self.keys.append(self.headers["Idempotency-Key"])
         if self.held is not None:
             self.held.wait(20)
         if len(self.seen) <= self.refusals:
             status, retry_after = self.refusal
+            if status == "drop":
+                self.close_connection = True  # the job may have been created: its answer is lost
+                return
             error = {"error": {"message": "the server is busy", "type": "x", "param": None, "code": None}}
             return self.answer(status, json.dumps(error).encode(), {"Retry-After": retry_after})
         self.answer(202, json.dumps({**self.JOB, "status": "running"} if self.polls else self.JOB).encode(), {})
@@ -241,7 +261,7 @@ class StandInServer(BaseHTTPRequestHandler):
 def stand_in(monkeypatch):
     """(the stand-in server's URL, its handler class); ``refusals``, ``refusal``, ``polls``, ``downloads``,
     ``cancel`` and ``held`` set per test."""
-    for name, value in {"seen": [], "refusals": 0, "refusal": (429, "0"), "polls": [], "downloads": [],
+    for name, value in {"seen": [], "keys": [], "refusals": 0, "refusal": (429, "0"), "polls": [], "downloads": [],
                         "cancel": "cancelled", "held": None}.items():
         monkeypatch.setattr(StandInServer, name, value)
     server = ThreadingHTTPServer(("127.0.0.1", 0), StandInServer)
@@ -259,7 +279,21 @@ def test_the_command_line_client_submits_again_after_a_busy_servers_retry_after(
     assert client.main(["a bell", "--url", url, "--quiet", "-o", str(output)]) == 0
     assert [path for method, path in handler.seen if method == "POST"] == ["/v1/audio/jobs"] * 3
     assert output.read_bytes() == AUDIO
-    assert capsys.readouterr().err.count(f"server refused the job ({status}); retrying in 0 s") == 2
+    assert capsys.readouterr().err.count(f"submitting the job failed (HTTP {status} ") == 1  # once for the run
+    assert len(set(handler.keys)) == 1 and handler.keys[0]  # the same Idempotency-Key each time
+
+
+@pytest.mark.parametrize("failure", ["drop", 409, 502, 504])
+def test_a_submission_whose_answer_is_lost_is_sent_again_with_the_same_idempotency_key(stand_in, tmp_path, capsys,
+                                                                                     failure):
+    """A job the first try created is what the server answers the second with (test_idempotency.py), so sending
+    it again is safe; without the key, a lost answer left a job generating that nobody would fetch."""
+    url, handler = stand_in
+    handler.refusals, handler.refusal = 1, (failure, "0")
+    assert client.main(["a bell", "--url", url, "--quiet", "-o", str(tmp_path / "out.wav")]) == 0
+    assert [path for method, path in handler.seen if method == "POST"] == ["/v1/audio/jobs"] * 2
+    assert handler.keys[0] == handler.keys[1] and (tmp_path / "out.wav").read_bytes() == AUDIO
+    assert "submitting the job failed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("refusal, timeout", [((400, "0"), "60"), ((429, "30"), "5")])

@@ -446,6 +446,21 @@ def test_edit_as_a_job_reports_progress_and_returns_the_same_audio(server):
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "strength"
 
 
+def test_an_edit_job_sent_again_with_its_idempotency_key_is_the_same_job_and_another_upload_is_refused(server):
+    fields = {**FIELDS, "strength": "0.7"}
+    headers = {"Idempotency-Key": "edit-once"}
+
+    def submit(upload: bytes) -> httpx.Response:
+        files = {"audio": ("loop.wav", upload, "audio/wav")}
+        return httpx.post(server + "/v1/audio/edits/jobs", data=fields, files=files, headers=headers, timeout=60)
+
+    first, again, other = submit(wav_bytes()), submit(wav_bytes()), submit(wav_bytes(seconds=0.3))
+    assert (first.status_code, again.status_code) == (202, 202), again.text
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert other.status_code == 422 and other.json()["error"]["param"] == "Idempotency-Key"
+
+
 def test_command_line_client_edits_a_file(server, tmp_path):
     loop = tmp_path / "loop.wav"
     loop.write_bytes(wav_bytes())

@@ -1,7 +1,7 @@
 """Command-line client (standard library only, so it runs anywhere). It submits a job, shows a progress bar
 while polling it, then downloads the audio. A busy server's refusal (429, or 503 while shutting down) is retried
-after its Retry-After until --timeout, and so is a poll or download that fails on the way (a dropped connection, a
-proxy's 502/504). Whatever makes the client give up on a job still queued or running (--timeout, Ctrl-C, an error),
+after its Retry-After until --timeout, and so is a submission, poll or download that fails on the way (a dropped
+connection, a proxy's 502/504): the submission carries an Idempotency-Key, so a job is never created twice. Whatever makes the client give up on a job still queued or running (--timeout, Ctrl-C, an error),
 it cancels the job on the server, so that no GPU time goes to audio nobody will fetch. Once connected, no exchange
 with the server outlasts --timeout, not even an answer that trickles in (connecting is bounded per address by the
 call's socket timeout).
@@ -31,14 +31,15 @@ from typing import Callable, Iterator, TypeVar
 
 POLL_INTERVAL_S = 0.25
 BAR_WIDTH = 30
-# Refused before admission: the server is full (429) or shutting down (503; behind a load balancer the next try may
-# reach another replica). Nothing was generated, so the job is sent again after Retry-After, until --timeout.
-RETRIED_STATUSES = (429, 503)
 DEFAULT_RETRY_AFTER_S = 1.0
-# A poll or download that fails on the way may work at the next try while the job goes on on the server: the
-# connection dropped, was refused or timed out (a restarting proxy, a flaky network), or the server or a proxy
-# answered busy (429), bad gateway (502), unavailable (503) or gateway timeout (504). Tried again until --timeout.
+# A call that fails on the way may work at the next try: the connection dropped, was refused or timed out (a
+# restarting proxy, a flaky network), or the server or a proxy answered busy (429), bad gateway (502), unavailable
+# (503: shutting down; behind a load balancer the next try may reach another replica) or gateway timeout (504).
+# Tried again after Retry-After, until --timeout.
 TRANSIENT_STATUSES = (429, 502, 503, 504)
+# ... and a submission whose copy, sent before, is still being taken (409). A submission carries an Idempotency-Key,
+# so that sending it again after a lost answer gets the job a lost answer named, not a second job.
+SUBMISSION_RETRIED_STATUSES = (409, *TRANSIENT_STATUSES)
 ACTIVE = ("queued", "running")
 CANCEL_TIMEOUT_S = 10.0  # the client is already giving up: a cancel that hangs must not keep it from exiting
 MAX_TIMEOUT_S = 30 * 86400.0
@@ -200,11 +201,11 @@ class Server:
         self.opener = urllib.request.build_opener(RefusedRedirect, WatchedHTTPHandler, WatchedHTTPSHandler)
 
     def call(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None,
-             timeout: float | None = None) -> tuple[bytes, dict[str, str]]:
+             timeout: float | None = None, headers: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
         """A JSON ``body``, or a ``form`` (multipart body and its Content-Type), or neither."""
-        data, headers = None if body is None else json.dumps(body).encode(), self.headers
+        data, headers = None if body is None else json.dumps(body).encode(), {**self.headers, **(headers or {})}
         if form is not None:
-            data, headers = form[0], {**self.headers, "Content-Type": form[1]}
+            data, headers = form[0], {**headers, "Content-Type": form[1]}
         whole = timeout  # the bound of the whole exchange, once connected
         if timeout is None:
             timeout = whole = self.timeout
@@ -224,8 +225,9 @@ class Server:
             raise urllib.error.HTTPError(error.filename, error.code, error.reason, error.headers,
                                          io.BytesIO(error.read())) from None
 
-    def job(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None) -> dict:
-        return json.loads(self.call(method, path, body, form)[0])
+    def job(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None,
+            headers: dict[str, str] | None = None) -> dict:
+        return json.loads(self.call(method, path, body, form, headers=headers)[0])
 
 
 def multipart_form(fields: dict, audio: Path) -> tuple[bytes, str]:
@@ -282,15 +284,17 @@ def wait_for(server: Server, job: dict, deadline: float, timeout: float, show: "
     return job
 
 
-def retrying(attempt: Callable[[], T], deadline: float, show: "ProgressBar", what: str) -> T:
-    """``attempt()``, tried again after a short wait while it fails transiently (see TRANSIENT_STATUSES) and the
-    deadline allows; else its error is raised. A run of failures is reported once on stderr, not at every try."""
+def retrying(attempt: Callable[[], T], deadline: float, show: "ProgressBar", what: str,
+             statuses: tuple[int, ...] = TRANSIENT_STATUSES) -> T:
+    """``attempt()``, tried again after a short wait while it fails transiently (on the way, or with one of
+    ``statuses``) and the deadline allows; else its error is raised. A run of failures is reported once on stderr,
+    not at every try."""
     reported = False
     while True:
         try:
             return attempt()
         except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError and socket timeouts are OSErrors
-            if isinstance(error, urllib.error.HTTPError) and error.code not in TRANSIENT_STATUSES:
+            if isinstance(error, urllib.error.HTTPError) and error.code not in statuses:
                 raise
             wait = retry_after(error) if isinstance(error, urllib.error.HTTPError) else DEFAULT_RETRY_AFTER_S
             if time.monotonic() + wait > deadline:
@@ -317,29 +321,26 @@ def cancel(server: Server, job_id: str, show: "ProgressBar") -> None:
 
 
 def submit(server: Server, body: dict, init_audio: Path | None, deadline: float, show: "ProgressBar") -> dict:
-    """The new job; a refusal in RETRIED_STATUSES is sent again after its Retry-After while the deadline allows."""
+    """The new job. Sent again while the deadline allows when refused for now or when its answer is lost (see
+    SUBMISSION_RETRIED_STATUSES), each time with the same Idempotency-Key: a job created by a try whose answer never
+    came is the one the next try is answered with, not a second job generating unseen."""
     form = None if init_audio is None else multipart_form(body, init_audio)
-    while True:
-        try:
-            return create(server, body, form, show)
-        except urllib.error.HTTPError as error:
-            wait = retry_after(error)
-            if error.code not in RETRIED_STATUSES or time.monotonic() + wait > deadline:
-                raise
-            show.note(f"server refused the job ({error.code}); retrying in {wait:g} s")
-            time.sleep(wait)
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    return retrying(lambda: create(server, body, form, key, show), deadline, show, "submitting the job",
+                    SUBMISSION_RETRIED_STATUSES)
 
 
-def create(server: Server, body: dict, form: tuple[bytes, str] | None, show: "ProgressBar") -> dict:
-    """POSTs the job. The server names a job only in this answer (it takes no id from the client), so a stop while
-    the answer is awaited waits for it, and cancels the job it names (see stops_deferred)."""
+def create(server: Server, body: dict, form: tuple[bytes, str] | None, key: dict[str, str], show: "ProgressBar"
+           ) -> dict:
+    """POSTs the job. The server names a job only in its answer, so a stop while the answer is awaited waits for
+    it, and cancels the job it names (see stops_deferred)."""
     job = None
     try:
         with stops_deferred(show):
             if form is None:
-                job = server.job("POST", "/v1/audio/jobs", body)
+                job = server.job("POST", "/v1/audio/jobs", body, headers=key)
             else:
-                job = server.job("POST", "/v1/audio/edits/jobs", form=form)
+                job = server.job("POST", "/v1/audio/edits/jobs", form=form, headers=key)
     except KeyboardInterrupt:
         if job is not None:
             cancel(server, job["id"], show)

@@ -19,7 +19,9 @@ from typing import Any, Literal
 from .admission import Slot
 from .gateway import Delivery, Gateway, GeneratedAudio
 from .generation import AudioRequest
-from .protocol import APIError, shown
+from .idempotency import IdempotencyKeys, request_fingerprint
+from .protocol import APIError, GenerateRequest, shown
+from .serving import RequestContext
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,28 @@ class JobStore:
         self.gateway, self.ttl_s, self.max_finished, self.max_run_s = gateway, ttl_s, max_finished, max_run_s
         self.max_finished_bytes = max_finished_bytes  # None: no bound
         self._jobs: dict[str, Job] = {}  # in submission order
+        self.keys = IdempotencyKeys()
+
+    async def create(self, request: GenerateRequest, client: RequestContext) -> tuple[Job, bool]:
+        """A new job for the request (an edit's upload decoded, admitted); or, when the client's Idempotency-Key
+        created one for the same request, that job, and True: the answer is a replay."""
+        key = client.idempotency_key
+        if key is None:
+            return await self._prepare_and_submit(request, client), False
+        fingerprint = await asyncio.to_thread(request_fingerprint, request)
+        self._expire()  # a key whose job has expired is free again
+        if (job_id := self.keys.claim(key, fingerprint)) is not None:
+            return self._jobs[job_id], True
+        try:
+            job = await self._prepare_and_submit(request, client)
+        except BaseException:
+            self.keys.release(key)
+            raise
+        self.keys.bind(key, job.id)
+        return job, False
+
+    async def _prepare_and_submit(self, request: GenerateRequest, client: RequestContext) -> Job:
+        return self.submit(await self.gateway.prepare(request, client.request_id, new_job_id()), Delivery.of(request))
 
     def submit(self, request: AudioRequest, delivery: Delivery) -> Job:
         """Admits the job (429/503 like a synchronous request) and starts it."""
@@ -191,3 +215,4 @@ class JobStore:
             if position < excess or now - job.finished_at > self.ttl_s or (over_budget and job is not finished[-1]):
                 del self._jobs[job.id]
                 held -= len(job.output.data) if job.output is not None else 0
+        self.keys.keep_only(self._jobs)

@@ -244,6 +244,7 @@ class RequestContext:
 
     request_id: str
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    idempotency_key: str | None = None  # the Idempotency-Key header, as sent (the job store checks it)
 
 
 _current_request: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar("request", default=None)
@@ -396,7 +397,9 @@ class RequestGuardMiddleware:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         given_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        context = RequestContext(given_id if REQUEST_ID_PATTERN.fullmatch(given_id) else uuid.uuid4().hex)
+        given_key = headers.get(b"idempotency-key")
+        context = RequestContext(given_id if REQUEST_ID_PATTERN.fullmatch(given_id) else uuid.uuid4().hex,
+                                 idempotency_key=None if given_key is None else given_key.decode("latin-1"))
         _current_request.set(context)
 
         async def send_with_id(message):
