@@ -263,6 +263,29 @@ def test_result_board_hands_results_from_the_loop_thread_to_waiters_and_forgets_
     asyncio.run(scenario())
 
 
+def test_collected_results_kept_for_a_retry_hold_at_most_their_byte_budget_oldest_dropped_first():
+    """A fast GPU collects GBs of audio within the grace; a retried result call comes at once, so the oldest go."""
+    async def scenario():
+        board = ResultBoard(claimed_max_bytes=100)
+        for generation_id, samples in (("a", 3), ("b", 3), ("c", 3), ("huge", 100)):  # float64: 48, 48, 48, 1600 B
+            board.expect(generation_id)
+            board.deliverer(generation_id)(AudioResult(audio=np.ones((2, samples))))
+        await asyncio.sleep(0.05)
+
+        async def still_held(*ids):  # asked again, as a retried result call would
+            return [generation_id for generation_id in ids if (await board.wait(generation_id, 1)).audio is not None]
+
+        for generation_id in "abc":
+            await board.wait(generation_id, 1)
+        three_collected = await still_held("a", "b", "c")
+        await board.wait("huge", 1)
+        return three_collected, await still_held("a", "b", "c", "huge"), len(board)
+
+    three_collected, after_huge, held = asyncio.run(scenario())
+    assert three_collected == ["b", "c"]  # 144 B held: the oldest dropped
+    assert after_huge == ["huge"] and held == 1  # the newest stays whatever its size
+
+
 def test_a_stopping_engine_waits_until_every_result_is_collected_or_given_up_on():
     """What the engine waits for after SIGTERM: nothing still generating, and every result collected by the front
     (which asks at once) or left uncollected for a while (its request was abandoned)."""

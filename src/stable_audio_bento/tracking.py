@@ -24,6 +24,9 @@ ENTRY_TTL_S = 3600.0
 MAX_ENTRIES = 100_000
 UNCLAIMED_RESULT_TTL_S = 120.0  # the front collects a result at once; one left this long was given up on
 CLAIMED_RESULT_GRACE_S = 30.0  # a result call retried after a broken connection still finds its result
+# ... within this much audio held for such retries (the newest claimed result kept whatever its size): a retry comes
+# at once, while a fast GPU collects GBs of audio in 30 s (47 s of stereo float32 is 17 MB).
+CLAIMED_RESULTS_MAX_BYTES = 512 << 20
 # At a stop, a result not collected this long after it was posted is taken as given up on (the front is polling
 # for it at once otherwise).
 UNCOLLECTED_AT_STOP_S = 10.0
@@ -114,13 +117,18 @@ class ResultBoard:
     """Results by generation id, handed from the loop's thread to the async call that waits for each.
 
     ``expect`` is called on the event loop when a request is submitted; ``deliverer`` gives the loop the callback
-    that posts the result; ``wait`` returns it. Results are dropped a while after they are collected, or after
+    that posts the result; ``wait`` returns it. Results are dropped a while after they are collected (sooner when
+    the collected ones hold more than ``claimed_max_bytes`` of audio, oldest first), or after
     ``UNCLAIMED_RESULT_TTL_S`` when nobody collects them (the front gave up on the request)."""
 
-    def __init__(self, unclaimed_ttl_s: float = UNCLAIMED_RESULT_TTL_S, claimed_grace_s: float = CLAIMED_RESULT_GRACE_S):
+    def __init__(self, unclaimed_ttl_s: float = UNCLAIMED_RESULT_TTL_S, claimed_grace_s: float = CLAIMED_RESULT_GRACE_S,
+                 claimed_max_bytes: int = CLAIMED_RESULTS_MAX_BYTES):
         self.unclaimed_ttl_s, self.claimed_grace_s = unclaimed_ttl_s, claimed_grace_s
+        self.claimed_max_bytes = claimed_max_bytes
         self._results: dict[str, asyncio.Future] = {}
         self._uncollected: dict[str, float | None] = {}  # id -> when its result was posted (None: not yet)
+        self._claimed: OrderedDict[str, int] = OrderedDict()  # id -> bytes of its audio, first collected first
+        self._claimed_bytes = 0
         self._last_arrival = float("-inf")  # time.monotonic() of the last expect
 
     def expect(self, generation_id: str) -> bool:
@@ -157,6 +165,7 @@ class ResultBoard:
     def _forget(self, generation_id: str) -> None:
         self._results.pop(generation_id, None)
         self._uncollected.pop(generation_id, None)
+        self._claimed_bytes -= self._claimed.pop(generation_id, 0)
 
     async def wait(self, generation_id: str, timeout_s: float) -> AudioResult | None:
         """The result, or None if it is not there within ``timeout_s`` (the caller asks again)."""
@@ -167,8 +176,16 @@ class ResultBoard:
         except asyncio.TimeoutError:  # not yet the built-in TimeoutError on Python 3.10
             return None
         self._uncollected.pop(generation_id, None)
-        asyncio.get_running_loop().call_later(self.claimed_grace_s, self._results.pop, generation_id, None)
+        if generation_id not in self._claimed:  # else a retried call: already held, and its timer set
+            self._hold_claimed(generation_id, 0 if result.audio is None else result.audio.nbytes)
         return result
+
+    def _hold_claimed(self, generation_id: str, size: int) -> None:
+        self._claimed[generation_id] = size
+        self._claimed_bytes += size
+        while self._claimed_bytes > self.claimed_max_bytes and len(self._claimed) > 1:
+            self._forget(next(iter(self._claimed)))
+        asyncio.get_running_loop().call_later(self.claimed_grace_s, self._forget, generation_id)
 
     def __len__(self) -> int:
         return len(self._results)
