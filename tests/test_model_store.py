@@ -22,7 +22,7 @@ from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models import ModelStore
 from diffusers import DiffusionPipeline, StableAudioPipeline
 from huggingface_hub import HfApi
-from huggingface_hub.errors import OfflineModeIsEnabled
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from stable_audio_bento.audio import encode_audio
 from stable_audio_bento.config import EngineConfig
@@ -347,15 +347,23 @@ def hub_at(commit: str):
     return lambda api, repo, **options: SimpleNamespace(sha=commit, siblings=holding)
 
 
-def unreachable_hub(api, repo, **options):
+def offline_hub(api, repo, **options):
     raise OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/models: offline mode is enabled. To disable "
                                "it, please unset the `HF_HUB_OFFLINE` environment variable.")
 
 
-def test_an_offline_reimport_of_a_hub_id_finds_its_newest_stored_import(store, model_cache, monkeypatch, capsys):
-    """With the hub unreachable (HF_HUB_OFFLINE, no network) a hub id's revision cannot be read: its newest import in
-    the dtype asked for is reused, loading nothing, and made latest; a hub id (or dtype) never imported fails with
-    one line saying the hub cannot be reached and nothing is stored for it."""
+def failing_hub(api, repo, **options):
+    answer = httpx.Response(503, request=httpx.Request("GET", f"https://huggingface.co/api/models/{repo}"))
+    raise HfHubHTTPError("503 Server Error: Service Unavailable", response=answer)
+
+
+@pytest.mark.parametrize("unreachable_hub, error_name", [(offline_hub, "OfflineModeIsEnabled"),
+                                                        (failing_hub, "HfHubHTTPError")], ids=["offline", "hub-503"])
+def test_an_offline_reimport_of_a_hub_id_finds_its_newest_stored_import(store, model_cache, monkeypatch, capsys,
+                                                                        unreachable_hub, error_name):
+    """With the hub unreachable (HF_HUB_OFFLINE, no network, the hub failing) a hub id's revision cannot be read: its
+    newest import in the dtype asked for is reused, loading nothing, and made latest; a hub id (or dtype) never
+    imported fails with one line saying the hub cannot be reached and nothing is stored for it."""
     load = DiffusionPipeline.from_pretrained
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda source, **options: load(ensure_tiny_model()))
     imports = {}
@@ -375,6 +383,6 @@ def test_an_offline_reimport_of_a_hub_id_finds_its_newest_stored_import(store, m
         assert main([source, "--dtype", dtype]) == 1
         [error] = capsys.readouterr().err.strip().splitlines()
         assert error.startswith(f"stable-audio-import-model: error: could not read {source!r} from the Hugging Face "
-                                "hub, which cannot be reached (OfflineModeIsEnabled: ")
+                                f"hub, which cannot be reached ({error_name}: ")
         assert f"no import of {source!r} in {dtype} is stored" in error
     assert store.get(STORED_MODEL_TAG).tag == newest.tag and len(store.list()) == 3

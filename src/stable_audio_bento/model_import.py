@@ -245,10 +245,12 @@ def _from_hub(repo: str, text_encoder: str) -> IdentifiedSource:
     token = os.environ.get("HF_TOKEN")
     try:
         info = HfApi(token=token).model_info(repo)
-    except HfHubHTTPError as exc:  # the hub's answer: unknown repo, gated without a token, ...
-        raise ImportFailed(f"could not read {repo!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). Gated "
-                           "models need their license accepted and HF_TOKEN set") from exc
-    except Exception as exc:  # no answer: HF_HUB_OFFLINE (OfflineModeIsEnabled), a connection error or timeout
+    except Exception as exc:
+        if isinstance(exc, HfHubHTTPError) and exc.response.status_code < 500:  # about the repo: unknown, gated, ...
+            raise ImportFailed(f"could not read {repo!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+                               "Gated models need their license accepted and HF_TOKEN set") from exc
+        # No answer about the repo: HF_HUB_OFFLINE (OfflineModeIsEnabled), a connection error or timeout, or the
+        # hub failing (5xx)
         raise HubUnreachable(f"could not read {repo!r} from the Hugging Face hub, which cannot be reached "
                              f"({type(exc).__name__}: {exc})") from exc
     files = {sibling.rfilename for sibling in info.siblings or []}
