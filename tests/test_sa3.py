@@ -5,6 +5,7 @@ windowed decode against the whole one, and the published models' full-size archi
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,8 +21,9 @@ from stable_audio_bento.loading import ModelLoadError, load_sa3_engine
 from stable_audio_bento.pipeline import SamplingOptions
 from stable_audio_bento.sa3 import BatchedStableAudio3, SA3Options
 from stable_audio_bento.sa3_loading import (FREQUENCY_BUFFERS, MEDIUM_ARCHITECTURE, SMALL_ARCHITECTURE,
-                                            TINY_MAX_SECONDS, TINY_SA3, TINY_SA3_BASE, is_sa3_model, load_tiny_sa3,
-                                            max_seconds_for, place_sa3_pipeline, published_architecture,
+                                            TINY_ARCHITECTURE, TINY_MAX_SECONDS, TINY_SA3, TINY_SA3_BASE,
+                                            build_sa3_pipeline, is_sa3_model, load_tiny_sa3, max_seconds_for,
+                                            place_sa3_pipeline, published_architecture, randomize_zero_initialised,
                                             tiny_sa3_model_dir, trained_max_seconds)
 from stable_audio_bento.same_chunked import uses_chunked_attention
 from stable_audio_bento.same_windows import decoder_reach_frames
@@ -157,6 +159,46 @@ def test_requests_joining_a_running_loop_get_their_solo_audio(family, join_at):
         [alone] = run_to_completion(family, [request])
         assert results[name].error is None, (name, results[name].error)
         assert np.array_equal(results[name].audio, alone.audio), name
+
+
+SHORT_CLIPS = [  # about a second and less: each request brings the DiT's projections only a few rows
+    AudioRequest("a click", seed=31, audio_length=1.0, guidance_scale=1.0, num_inference_steps=3),  # 11 frames
+    AudioRequest("a snap", seed=32, audio_length=1.0, guidance_scale=1.0, num_inference_steps=3),
+    AudioRequest("a knock", seed=33, audio_length=0.46, negative_prompt="noise", guidance_scale=3.0,
+                 num_inference_steps=3),  # 5 frames, 2 rows each
+    AudioRequest("a tap", seed=34, audio_length=0.46, guidance_scale=2.0, num_inference_steps=3),
+    AudioRequest("a tick", seed=35, audio_length=0.05, guidance_scale=1.0, num_inference_steps=3),  # 1 frame
+    AudioRequest("a tock", seed=36, audio_length=0.05, guidance_scale=1.0, num_inference_steps=3),
+]
+
+
+@pytest.fixture(scope="module")
+def many_memory_tokens():
+    """The tiny model with the published models' 64 memory tokens: every request brings the blocks' Linears enough
+    rows to share them, and only the input and output projections see a short clip's few."""
+    architecture = replace(TINY_ARCHITECTURE, transformer={**TINY_ARCHITECTURE.transformer, "num_memory_tokens": 64})
+    pipe = build_sa3_pipeline(architecture, stochastic_sampling=True, seed=0)
+    randomize_zero_initialised(pipe.transformer, gain=0.5)
+    return BatchedStableAudio3(place_sa3_pipeline(pipe, torch.device("cpu"), torch.float32, torch.float32),
+                               options=WHOLE_DECODE)
+
+
+@pytest.mark.parametrize("model, shared", [("tiny", [1, 1, 2, 2, 1, 1]), ("64 memory tokens", [2, 2, 2, 2, 2, 2])])
+def test_short_clips_get_their_solo_audio_whoever_shares_their_steps(family, many_memory_tokens, model, shared):
+    """On CPU a Linear over a few rows rounds otherwise than the same rows in a taller matrix: the projections run
+    per request, and a request bringing the blocks too few rows (the tiny model's 4 memory tokens) runs alone."""
+    engine = family if model == "tiny" else many_memory_tokens
+    results = {}
+    loop = StepLoop(engine)
+    for index, request in enumerate(SHORT_CLIPS):
+        if index % 2:
+            loop.step()  # the second of each pair joins the first's run
+        loop.submit(request, lambda result, index=index: results.__setitem__(index, result))
+    loop.run_until_idle()
+    assert [results[index].batch_size for index in range(len(SHORT_CLIPS))] == shared
+    for index, request in enumerate(SHORT_CLIPS):
+        [alone] = run_to_completion(engine, [request])
+        assert results[index].error is None and np.array_equal(results[index].audio, alone.audio), request
 
 
 def test_every_length_reads_one_rotary_table(family):

@@ -4,13 +4,16 @@ per denoising step.
 Each request keeps everything that makes its audio its own: its text and duration conditioning (projected once,
 on admission), its latent length, its generator (initial noise and, with stochastic sampling, the fresh noise of
 every step), its own sigma schedule and step count. Only the DiT's blocks run on the stacked rows of many requests.
-What the DiT computes per sample (the AdaLN signal from timestep and duration, the text projection) and its residual
-input and output convs run per request, over that request's own rows, as the pipeline runs them for one prompt: on
-CPU a Linear over a few more rows rounds differently, and a Conv1d over one row takes another kernel than over
-several. (The blocks' Linears see rows × frames rows, where the row count no longer changes the rounding.)
-Self-attention over latent frames has no padding mask in diffusers' Stable Audio 3 DiT, so only requests of equal
-latent length share a forward; and inpainting requests (``sa3_edits.py``) share theirs only with each other: their
-DiT adds the local conditioning in every block, the pipelines for the others add nothing.
+What the DiT computes per sample (the AdaLN signal from timestep and duration, the text projection), its residual
+input and output convs and its input and output projections run per request, over that request's own rows, as the
+pipeline runs them for one prompt: on CPU a Linear over a few more rows rounds differently, and a Conv1d over one
+row takes another kernel than over several. The blocks' Linears see the rows of every request in the forward, each
+request's rows × tokens of them (its frames and the memory tokens), where the row count no longer changes the
+rounding once each request brings ``MIN_SHARED_LINEAR_ROWS``; a request that brings fewer (a clip of about a second,
+or a model with few memory tokens) takes its forwards alone. Self-attention over latent frames has no padding mask
+in diffusers' Stable Audio 3 DiT, so only requests of equal latent length share a forward; and inpainting requests
+(``sa3_edits.py``) share theirs only with each other: their DiT adds the local conditioning in every block, the
+pipelines for the others add nothing.
 
 On CPU fp32 a request's audio is bit-identical to ``StableAudio3Pipeline`` (an edit: to
 ``StableAudio3AudioToAudioPipeline`` or ``StableAudio3InpaintPipeline``) with the same seed, alone or with any others
@@ -42,6 +45,9 @@ from .step_loop import RequestState
 # The pipeline's defaults: the reference sampler's log-SNR range, warped into the sigma schedule.
 LOGSNR_MIN, LOGSNR_MAX = -6.2, 2.0
 DISTILLED_STEPS, BASE_STEPS = 8, 100  # the pipeline's default step counts for the two kinds of checkpoint
+# On this project's CPUs a Linear over 1-3, 5-7 or 9-11 rows rounds differently from the same rows inside a taller
+# matrix (another kernel), over 4, 8 or 12 and more the same; 16 leaves a margin.
+MIN_SHARED_LINEAR_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -243,17 +249,21 @@ class BatchedStableAudio3:
 
     # 2. One denoising step: a DiT forward over the rows of states of equal latent length, then each request's own
     # guidance and sampler step.
-    @staticmethod
-    def forward_key(state: StableAudio3State) -> tuple[int, bool]:
+    def forward_key(self, state: StableAudio3State) -> tuple[int, bool, int | None]:
         """States with equal keys can share one forward: the latent length (no padding mask in self-attention), and
         whether the blocks add local conditioning (inpainting, or every request with reference_conditioning), which
-        diffusers' other pipelines leave out."""
-        return state.frames, state.local_conditioning is not None
+        diffusers' other pipelines leave out; and a state too short to share the blocks' Linears bit for bit gets
+        a key of its own."""
+        tokens = self.tokens(state.frames)
+        if state.local_conditioning is not None:  # every block projects it over the frames alone
+            tokens = min(tokens, state.frames)
+        alone = id(state) if state.request.rows * tokens < MIN_SHARED_LINEAR_ROWS else None
+        return state.frames, state.local_conditioning is not None, alone
 
     @torch.no_grad()
     def forward(self, states: list[StableAudio3State]) -> list[torch.Tensor]:
         """Each state's (guided) velocity at its own timestep, from one batched pass through the DiT's blocks."""
-        latents = torch.cat([self.preprocess(state) for state in states])
+        hidden = torch.cat([self.preprocess(state) for state in states])
         context = torch.cat([state.context for state in states])
         modulation = torch.cat([self.modulation(state) for state in states])
         local = None
@@ -262,19 +272,22 @@ class BatchedStableAudio3:
             # them take another kernel for a contiguous (rows, frames, channels) tensor, which rounds differently.
             local = torch.cat([state.local_conditioning.expand(state.request.rows, -1, -1) for state in states])
             local = local.transpose(1, 2)
-        rope = self.rotary_embedding(self.tokens(latents.shape[-1]))
-        hidden = self._transformer_forward(latents, context, modulation, rope, local)
+        rope = self.rotary_embedding(self.tokens(states[0].frames))
+        hidden = self._transformer_forward(hidden, context, modulation, rope, local)
         rows = hidden.split([state.request.rows for state in states])
         return [self.guide(state, self.postprocess(output)) for state, output in zip(states, rows)]
 
     def preprocess(self, state: StableAudio3State) -> torch.Tensor:
-        """The DiT's residual input conv, per request over its own rows: on CPU a Conv1d over one row runs
-        PyTorch's own kernel and over several oneDNN's (for short clips), which round differently."""
+        """The DiT's residual input conv and input projection, per request over its own rows: on CPU a Conv1d over
+        one row runs PyTorch's own kernel and over several oneDNN's (for short clips), and a Linear over a few rows
+        another kernel than over more, which round differently. (rows, frames / patch, embed_dim)."""
         latents = torch.cat([state.latents] * state.request.rows).to(self.dtype)  # the pipeline concatenates
-        return self.transformer.preprocess_conv(latents) + latents
+        return self.transformer.proj_in(self.patch(self.transformer.preprocess_conv(latents) + latents))
 
-    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
-        """The DiT's residual output conv, per request over its own rows (as ``preprocess``)."""
+    def postprocess(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The DiT's output projection and residual output conv, per request over its own rows (as ``preprocess``):
+        (rows, latent channels, frames)."""
+        output = self.unpatch(self.transformer.proj_out(hidden))
         return self.transformer.postprocess_conv(output) + output
 
     def modulation(self, state: StableAudio3State) -> torch.Tensor:
@@ -295,20 +308,18 @@ class BatchedStableAudio3:
         length; a table kept per length would hold ~1.1 GB for the medium model once clips of every length had run."""
         return self._rotary_table[:length]
 
-    def transformer_forward(self, latents: torch.Tensor, context: torch.Tensor, modulation: torch.Tensor,
+    def transformer_forward(self, hidden: torch.Tensor, context: torch.Tensor, modulation: torch.Tensor,
                             rope: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
-        """StableAudio3DiTModel.forward between its residual convs, with the context, the AdaLN modulation and the
-        rotary embedding (of the memory tokens and frames) already computed: (rows, channels, frames) in and out;
-        ``local``: inpainting's (rows, frames, 1 + latent channels), which every block projects and adds to the
-        frames."""
+        """StableAudio3DiTModel.forward's blocks, with the context, the AdaLN modulation and the rotary embedding
+        (of the memory tokens and frames) already computed: (rows, frames / patch, embed_dim) in and out; ``local``:
+        inpainting's (rows, frames, 1 + latent channels), which every block projects and adds to the frames."""
         dit, memory_tokens = self.transformer, self.transformer.config.num_memory_tokens
-        hidden = dit.proj_in(self.patch(latents))
         if memory_tokens:  # the learned memory tokens go in front of the frames, and come off before proj_out
             hidden = torch.cat([dit.memory_tokens.unsqueeze(0).expand(hidden.shape[0], -1, -1), hidden], dim=1)
         for block in dit.transformer_blocks:
             hidden = block(hidden, context=context, global_modulation=modulation, rope=rope, local_seq=local,
                            num_memory_tokens=memory_tokens)
-        return self.unpatch(dit.proj_out(hidden[:, memory_tokens:]))
+        return hidden[:, memory_tokens:]
 
     def patch(self, latents: torch.Tensor) -> torch.Tensor:
         """(batch, channels, frames) → (batch, frames / patch, channels · patch)."""
