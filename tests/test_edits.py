@@ -20,7 +20,7 @@ import torch
 
 from stable_audio_bento.audio import encode_audio
 from stable_audio_bento.generation import AudioRequest, ModelLimits
-from stable_audio_bento.init_audio import load_init_audio
+from stable_audio_bento.init_audio import MAX_UPLOAD_PEAK, load_init_audio
 from stable_audio_bento.pipeline import ENCODE_MARGIN_FRAMES
 from stable_audio_bento.protocol import DEFAULT_STRENGTH, APIError
 from stable_audio_bento.serving import GuardSettings
@@ -80,6 +80,19 @@ def test_unusable_uploads_name_the_audio_field(tmp_path, content):
     path = tmp_path / "upload"
     path.write_bytes(content)
     with pytest.raises(APIError) as raised:
+        load_init_audio(path, LIMITS)
+    assert (raised.value.param, raised.value.status) == ("audio", 400)
+
+
+@pytest.mark.parametrize("peak, taken", [(1.5, True), (MAX_UPLOAD_PEAK, True), (17.0, False), (1e30, False)])
+def test_a_float_upload_far_past_full_scale_is_a_400_not_a_failed_generation(tmp_path, peak, taken):
+    """A finite but huge float file made the model generate non-finite audio: a 500 for the client's input. A little
+    past full scale (a master's peaks) is taken as it is."""
+    path = write(tmp_path / "loud.wav", tone(44100, 0.1, [440.0], amplitude=peak), 44100, "FLOAT")
+    if taken:
+        assert np.abs(load_init_audio(path, LIMITS)).max() == pytest.approx(peak, rel=1e-3)
+        return
+    with pytest.raises(APIError, match="peaks at") as raised:
         load_init_audio(path, LIMITS)
     assert (raised.value.param, raised.value.status) == ("audio", 400)
 

@@ -49,6 +49,7 @@ def test_random_seeds_differ_and_given_seeds_are_kept():
     ({"audio_length": 47.6}, "audio_length", 400),
     ({"audio_start": 40.0, "audio_length": 8.0}, "audio_start", 400),
     ({"audio_start": 47.56}, "audio_start", 400),
+    ({"audio_start": 47.55446}, "audio_start", 400),  # in the window, but half a sample from its end: no default length
     ({"audio_length": 1e-6}, "audio_length", 400),
     ({"num_inference_steps": 501}, "num_inference_steps", 400),
     ({"model": "stabilityai/stable-audio-open-2.0"}, "model", 404),

@@ -28,6 +28,10 @@ DECODE_BLOCK_FRAMES = 1 << 16
 # ffmpeg's demuxers for audio files (mov: MP4 and M4A; matroska: WebM; asf: WMA); none that reads a list of others
 FFMPEG_DEMUXERS = "wav,w64,aiff,caf,flac,mp3,ogg,mov,matroska,aac,ac3,eac3,asf,wv,ape,amr,au,tta,dts"
 FFMPEG_TIMEOUT_S = 30.0  # a 380 s upload decodes in about a second
+# Full scale is 1. Float files may go past it a little (a master's inter-sample peaks); one past this is no audio
+# signal the models were trained on, and a finite but huge one (1e24 on the tiny model) made them generate non-finite
+# audio: a 500 for the client's input.
+MAX_UPLOAD_PEAK = 16.0
 FFMPEG_READ_BYTES = 1 << 16  # a pipe's buffer
 
 
@@ -63,6 +67,9 @@ def decode(path: Path, limits: ModelLimits) -> tuple[np.ndarray, int]:
         raise APIError("audio: the uploaded file holds no samples", param="audio")
     if not np.isfinite(frames).all():
         raise APIError("audio: the uploaded file holds non-finite samples", param="audio")
+    if (peak := float(np.abs(frames).max())) > MAX_UPLOAD_PEAK:
+        raise APIError(f"audio: the uploaded file peaks at {peak:.3g} times full scale; at most {MAX_UPLOAD_PEAK:g} "
+                       "is taken (normalise it)", param="audio")
     return np.ascontiguousarray(frames.T), rate
 
 

@@ -126,6 +126,9 @@ class GenerateRequest(BaseModel):
             raise APIError(f"audio_length must be at most {limits.max_seconds:.2f} s for this model "
                            f"(got {self.audio_length:g})", param="audio_length")
         if limits.samples(length) < 1:
+            if self.audio_length is None:  # the default length, what is left of the window after the start
+                raise APIError(f"audio_start leaves less than one sample of the {limits.max_seconds:.2f} s window "
+                               f"(got {self.audio_start:g})", param="audio_start")
             raise APIError("audio_length must cover at least one sample", param="audio_length")
         end_sample = limits.start_sample(self.audio_start) + limits.samples(length)
         if end_sample > limits.max_samples:
