@@ -170,7 +170,7 @@ STEADY_AUDIO, STEADY_GAP_S = AUDIO * 20, 0.1  # a "steady" download: 2 s, a chun
 
 class StandInServer(BaseHTTPRequestHandler):
     """The jobs API as the command-line client sees it: the first ``refusals`` submissions answered ``refusal``
-    (status, Retry-After; or "drop"), then a job that has already succeeded. Every request's method and path are
+    (status, Retry-After; or "drop"; or a list of them, one per submission), then a job that has already succeeded. Every request's method and path are
     kept, and each submission's Idempotency-Key.
 
     ``polls`` and ``downloads`` script the answers to the job's status and content, one per request (the last one
@@ -230,7 +230,7 @@ class StandInServer(BaseHTTPRequestHandler):
         if self.held is not None:
             self.held.wait(20)
         if len(self.seen) <= self.refusals:
-            status, retry_after = self.refusal
+            status, retry_after = self.refusal[len(self.seen) - 1] if isinstance(self.refusal, list) else self.refusal
             if status == "drop":
                 self.close_connection = True  # the job may have been created: its answer is lost
                 return
@@ -306,7 +306,43 @@ def test_a_bad_request_or_a_retry_past_the_timeout_is_not_sent_again(stand_in, t
     assert f"error {refusal[0]}: " in capsys.readouterr().err and not (tmp_path / "out.wav").exists()
 
 
+@pytest.mark.parametrize("url", ["htp://127.0.0.1:{port}", "http://127.0.0.1:{port}x", "https://127.0.0.1:{port}"],
+                         ids=["unknown-scheme", "bad-port", "tls-to-http"])
+def test_a_submission_no_retry_can_get_past_fails_at_once(stand_in, tmp_path, capsys, url):
+    served, _ = stand_in
+    started = time.monotonic()
+    url = url.format(port=served.rsplit(":", 1)[1])
+    assert client.main(["a bell", "--url", url, "--timeout", "30", "--quiet", "-o", str(tmp_path / "out.wav")]) == 1
+    assert time.monotonic() - started < 3 and "retrying" not in capsys.readouterr().err
+
+
 JOB_PATH = "/v1/audio/jobs/job_1"
+
+
+def test_a_job_a_lost_answer_made_is_found_and_cancelled_when_the_client_gives_up(stand_in, tmp_path, capsys):
+    """The first answer is lost, the second try is a 504 whose Retry-After runs past --timeout: the job the first
+    may have made is asked for with the same key, and cancelled."""
+    url, handler = stand_in
+    handler.refusals, handler.refusal = 2, [("drop", "0"), (504, "5")]
+    assert client.main(["a bell", "--url", url, "--timeout", "2", "--quiet", "-o", str(tmp_path / "out.wav")]) == 1
+    assert handler.seen == [("POST", "/v1/audio/jobs")] * 3 + [("DELETE", JOB_PATH)], handler.seen
+    assert len(set(handler.keys)) == 1 and "error 504" in capsys.readouterr().err
+
+
+def test_ctrl_c_between_submission_tries_cancels_the_job_a_lost_answer_made(stand_in, tmp_path):
+    url, handler = stand_in
+    handler.refusals, handler.refusal = 1, ("drop", "0")
+    process = subprocess.Popen([sys.executable, "-m", "stable_audio_bento.client", "a bell", "--url", url, "--quiet",
+                                "-o", str(tmp_path / "out.wav")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not handler.seen:  # the first answer is being lost; the next try comes a second later
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=30)[1]
+    assert process.returncode == 130 and err.splitlines()[-1] == "cancelled", err
+    assert handler.seen == [("POST", "/v1/audio/jobs")] * 2 + [("DELETE", JOB_PATH)], handler.seen
+    assert handler.keys[0] == handler.keys[1]
 
 
 def run_client(url: str, tmp_path, *flags: str) -> int:

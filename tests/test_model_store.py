@@ -352,13 +352,18 @@ def offline_hub(api, repo, **options):
                                "it, please unset the `HF_HUB_OFFLINE` environment variable.")
 
 
-def failing_hub(api, repo, **options):
-    answer = httpx.Response(503, request=httpx.Request("GET", f"https://huggingface.co/api/models/{repo}"))
-    raise HfHubHTTPError("503 Server Error: Service Unavailable", response=answer)
+def hub_answering(status: int):
+    """HfApi.model_info of a hub failing (5xx) or limiting its rate (429): no answer about the repo."""
+    def model_info(api, repo, **options):
+        answer = httpx.Response(status, request=httpx.Request("GET", f"https://huggingface.co/api/models/{repo}"))
+        raise HfHubHTTPError(f"{status} error", response=answer)
+    return model_info
 
 
 @pytest.mark.parametrize("unreachable_hub, error_name", [(offline_hub, "OfflineModeIsEnabled"),
-                                                        (failing_hub, "HfHubHTTPError")], ids=["offline", "hub-503"])
+                                                        (hub_answering(503), "HfHubHTTPError"),
+                                                        (hub_answering(429), "HfHubHTTPError")],
+                         ids=["offline", "hub-503", "hub-429"])
 def test_an_offline_reimport_of_a_hub_id_finds_its_newest_stored_import(store, model_cache, monkeypatch, capsys,
                                                                         unreachable_hub, error_name):
     """With the hub unreachable (HF_HUB_OFFLINE, no network, the hub failing) a hub id's revision cannot be read: its

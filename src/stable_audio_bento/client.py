@@ -1,8 +1,11 @@
 """Command-line client (standard library only, so it runs anywhere). It submits a job, shows a progress bar
 while polling it, then downloads the audio. A busy server's refusal (429, or 503 while shutting down) is retried
 after its Retry-After until --timeout, and so is a submission, poll or download that fails on the way (a dropped
-connection, a proxy's 502/504): the submission carries an Idempotency-Key, so a job is never created twice. Whatever makes the client give up on a job still queued or running (--timeout, Ctrl-C, an error),
-it cancels the job on the server, so that no GPU time goes to audio nobody will fetch. Once connected, no exchange
+connection, a proxy's 502/504): the submission carries an Idempotency-Key, so the server answers a copy with the
+job the first made (keys live on the instance that took them: behind a load balancer, poll with affinity).
+Whatever makes the client give up on a job still queued or running (--timeout, Ctrl-C, an error), it cancels the
+job on the server, so that no GPU time goes to audio nobody will fetch; also a job that a submission whose answer
+was lost may have made. Once connected, no exchange
 with the server outlasts --timeout, not even an answer that trickles in (connecting is bounded per address by the
 call's socket timeout).
 
@@ -19,6 +22,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -26,6 +30,7 @@ import urllib.error
 import urllib.request
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -40,6 +45,9 @@ TRANSIENT_STATUSES = (429, 502, 503, 504)
 # ... and a submission whose copy, sent before, is still being taken (409). A submission carries an Idempotency-Key,
 # so that sending it again after a lost answer gets the job a lost answer named, not a second job.
 SUBMISSION_RETRIED_STATUSES = (409, *TRANSIENT_STATUSES)
+# A submission answered with these made no job (a refusal); any other failure may have lost the answer of one that
+# did: a dropped connection, a proxy's 502 or 504, a 409 (an earlier copy is being taken).
+NOTHING_MADE_STATUSES = (400, 401, 403, 404, 405, 413, 415, 422, 429, 503)
 ACTIVE = ("queued", "running")
 CANCEL_TIMEOUT_S = 10.0  # the client is already giving up: a cancel that hangs must not keep it from exiting
 MAX_TIMEOUT_S = 30 * 86400.0
@@ -225,9 +233,8 @@ class Server:
             raise urllib.error.HTTPError(error.filename, error.code, error.reason, error.headers,
                                          io.BytesIO(error.read())) from None
 
-    def job(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None,
-            headers: dict[str, str] | None = None) -> dict:
-        return json.loads(self.call(method, path, body, form, headers=headers)[0])
+    def job(self, method: str, path: str) -> dict:
+        return json.loads(self.call(method, path)[0])
 
 
 def multipart_form(fields: dict, audio: Path) -> tuple[bytes, str]:
@@ -294,7 +301,7 @@ def retrying(attempt: Callable[[], T], deadline: float, show: "ProgressBar", wha
         try:
             return attempt()
         except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError and socket timeouts are OSErrors
-            if isinstance(error, urllib.error.HTTPError) and error.code not in statuses:
+            if isinstance(error, urllib.error.HTTPError) and error.code not in statuses or never_passes(error):
                 raise
             wait = retry_after(error) if isinstance(error, urllib.error.HTTPError) else DEFAULT_RETRY_AFTER_S
             if time.monotonic() + wait > deadline:
@@ -303,6 +310,19 @@ def retrying(attempt: Callable[[], T], deadline: float, show: "ProgressBar", wha
                 show.note(f"{what} failed ({describe(error)}); retrying until --timeout")
                 reported = True
             time.sleep(wait)
+
+
+def never_passes(error: BaseException) -> bool:
+    """A failure no retry gets past: a URL that cannot be used (an unknown scheme, no host, a port that is not a
+    number), or a TLS handshake that failed for good (a certificate that does not verify, TLS to a plain HTTP
+    port). A connection cut during the handshake may pass, and is tried again."""
+    if isinstance(error, http.client.InvalidURL):
+        return True
+    if isinstance(error, urllib.error.HTTPError) or not isinstance(error, urllib.error.URLError):
+        return False  # an answer (its status decides), or a failure on the way
+    reason = error.reason
+    cut = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+    return isinstance(reason, str) or isinstance(reason, ssl.SSLError) and not isinstance(reason, cut)
 
 
 def describe(error: BaseException) -> str:
@@ -320,32 +340,83 @@ def cancel(server: Server, job_id: str, show: "ProgressBar") -> None:
         show.note(f"could not cancel job {job_id} on the server ({describe(error)}); it may run to its end there")
 
 
+@dataclass
+class Submission:
+    """One job's POST, the same at every try: its body or form, and its Idempotency-Key (the server answers a copy
+    with the job the first made, on the instance that took it)."""
+
+    body: dict
+    form: tuple[bytes, str] | None
+    key: dict[str, str] = field(default_factory=lambda: {"Idempotency-Key": uuid.uuid4().hex})
+    job: dict | None = None  # the job an answer named, once one has
+
+    def send(self, server: Server, timeout: float | None = None) -> dict:
+        path = "/v1/audio/jobs" if self.form is None else "/v1/audio/edits/jobs"
+        body = None if self.form is not None else self.body
+        return json.loads(server.call("POST", path, body, self.form, timeout=timeout, headers=self.key)[0])
+
+
 def submit(server: Server, body: dict, init_audio: Path | None, deadline: float, show: "ProgressBar") -> dict:
     """The new job. Sent again while the deadline allows when refused for now or when its answer is lost (see
     SUBMISSION_RETRIED_STATUSES), each time with the same Idempotency-Key: a job created by a try whose answer never
-    came is the one the next try is answered with, not a second job generating unseen."""
-    form = None if init_audio is None else multipart_form(body, init_audio)
-    key = {"Idempotency-Key": uuid.uuid4().hex}
-    return retrying(lambda: create(server, body, form, key, show), deadline, show, "submitting the job",
-                    SUBMISSION_RETRIED_STATUSES)
+    came is the one the next try is answered with, not a second job generating unseen. Given up on (--timeout,
+    Ctrl-C, an error) after a try that may have made a job, that job is found and cancelled."""
+    submission = Submission(body, None if init_audio is None else multipart_form(body, init_audio))
+    maybe_made = False
 
+    def attempt() -> dict:
+        nonlocal maybe_made
+        try:
+            return create(server, submission, show)
+        except BaseException as error:
+            made_nothing = isinstance(error, urllib.error.HTTPError) and error.code in NOTHING_MADE_STATUSES
+            maybe_made = maybe_made or not (made_nothing or never_passes(error))
+            raise
 
-def create(server: Server, body: dict, form: tuple[bytes, str] | None, key: dict[str, str], show: "ProgressBar"
-           ) -> dict:
-    """POSTs the job. The server names a job only in its answer, so a stop while the answer is awaited waits for
-    it, and cancels the job it names (see stops_deferred)."""
-    job = None
     try:
-        with stops_deferred(show):
-            if form is None:
-                job = server.job("POST", "/v1/audio/jobs", body, headers=key)
-            else:
-                job = server.job("POST", "/v1/audio/edits/jobs", form=form, headers=key)
-    except KeyboardInterrupt:
-        if job is not None:
-            cancel(server, job["id"], show)
+        return retrying(attempt, deadline, show, "submitting the job", SUBMISSION_RETRIED_STATUSES)
+    except StoppedAgain:
         raise
-    return job
+    except BaseException:
+        if submission.job is not None:
+            cancel(server, submission.job["id"], show)
+        elif maybe_made:
+            cancel_unseen(server, submission, show)
+        raise
+
+
+def create(server: Server, submission: Submission, show: "ProgressBar") -> dict:
+    """POSTs the job. The server names a job only in its answer, so a stop while the answer is awaited waits for
+    it (see stops_deferred), for the job it names to be cancelled."""
+    with stops_deferred(show):
+        submission.job = submission.send(server)
+    return submission.job
+
+
+def cancel_unseen(server: Server, submission: Submission, show: "ProgressBar") -> None:
+    """The job a lost answer may have named: the submission sent once more, with its key, names it (or makes it
+    now), and it is cancelled. Best effort, within CANCEL_TIMEOUT_S, as ``cancel``."""
+    show.note("giving up: asking the server for the job a lost answer may have named, to cancel it; stop again to "
+              "quit at once")
+    give_up_at = time.monotonic() + CANCEL_TIMEOUT_S
+    try:
+        while True:
+            try:
+                job = submission.send(server, timeout=max(MIN_CALL_TIMEOUT_S, give_up_at - time.monotonic()))
+                break
+            except urllib.error.HTTPError as error:  # 409: the first copy is still being taken
+                if error.code != 409 or time.monotonic() + retry_after(error) > give_up_at:
+                    raise
+                time.sleep(retry_after(error))
+    except Exception as error:
+        show.note(f"could not learn whether the server made the job ({describe(error)}); if it did, it may run to "
+                  "its end there")
+        return
+    cancel(server, job["id"], show)
+
+
+class StoppedAgain(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM while the first waits: quit at once, without finding the job to cancel it."""
 
 
 @contextmanager
@@ -363,17 +434,21 @@ def stops_deferred(show: "ProgressBar") -> Iterator[None]:
         if stops:
             show.note("stopped before the server answered: if it has created the job, the job runs to its end "
                       "there (the server names it only in that answer), and it cannot be cancelled from here")
-            raise KeyboardInterrupt
+            raise StoppedAgain
         stops.append(signum)
         show.note("stopping once the server answers, to cancel the job it creates; stop again to quit at once")
 
     previous = {signum: signal.signal(signum, hold) for signum in STOP_SIGNALS}
+    again = False
     try:
         yield
+    except StoppedAgain:
+        again = True
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if stops:
+        if stops and not again:
             raise KeyboardInterrupt
 
 

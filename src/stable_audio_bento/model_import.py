@@ -246,11 +246,12 @@ def _from_hub(repo: str, text_encoder: str) -> IdentifiedSource:
     try:
         info = HfApi(token=token).model_info(repo)
     except Exception as exc:
-        if isinstance(exc, HfHubHTTPError) and exc.response.status_code < 500:  # about the repo: unknown, gated, ...
+        status = exc.response.status_code if isinstance(exc, HfHubHTTPError) else None
+        if status is not None and status < 500 and status != 429:  # about the repo: unknown, gated, ...
             raise ImportFailed(f"could not read {repo!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
                                "Gated models need their license accepted and HF_TOKEN set") from exc
         # No answer about the repo: HF_HUB_OFFLINE (OfflineModeIsEnabled), a connection error or timeout, or the
-        # hub failing (5xx)
+        # hub failing (5xx) or limiting its rate (429)
         raise HubUnreachable(f"could not read {repo!r} from the Hugging Face hub, which cannot be reached "
                              f"({type(exc).__name__}: {exc})") from exc
     files = {sibling.rfilename for sibling in info.siblings or []}
