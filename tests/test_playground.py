@@ -298,6 +298,34 @@ def test_an_unreachable_server_and_a_bad_gateway_are_waited_out(server, browser)
     assert text(browser, "status").startswith("Done: ") and text(browser, "error") == ""
 
 
+def test_a_submission_whose_answer_is_lost_is_sent_again_and_follows_the_job_the_first_made(server, browser):
+    """The first POST reaches the server, which makes the job, but its answer is lost (a dropped connection): the
+    page sends it again with the same Idempotency-Key and is answered with that job, not a second one."""
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length="2.0", num_inference_steps=3, seed=8)
+    browser.execute_script("""
+        const fetchNow = window.fetch;
+        window.postKeys = []; window.postAnswers = [];
+        window.fetch = (path, options) => {
+          if (!options || options.method !== "POST") return fetchNow(path, options);
+          window.postKeys.push(options.headers["Idempotency-Key"]);
+          const sent = fetchNow(path, options);
+          sent.then((r) => r.clone().json().then((job) =>
+            window.postAnswers.push([job.id, r.headers.get("Idempotent-Replayed")])));
+          return window.postKeys.length === 1 ? sent.then(() => Promise.reject(new TypeError("Failed to fetch")))
+                                              : sent;
+        };""")
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "status") == "Server unreachable: submitting again…", 30,
+             "the lost answer was not shown")
+    clip = wait_for_clip(browser)
+    assert clip["duration"] == pytest.approx(2.0, abs=0.05) and text(browser, "error") == ""
+    keys, answers = browser.execute_script("return [window.postKeys, window.postAnswers]")
+    assert len(keys) == 2 and keys[0] == keys[1] and len(keys[0]) == 32
+    [(first_id, first_replayed), (second_id, second_replayed)] = answers
+    assert first_id == second_id == text(browser, "job-id") and (first_replayed, second_replayed) == (None, "true")
+
+
 def test_a_poll_answered_by_a_page_that_is_not_the_job_is_retried(server, browser):
     """A proxy's page with a 200 in place of the job's status: said in the status, and polled again until the
     job's own answer comes."""
