@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import json
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -328,6 +330,54 @@ def test_a_job_a_lost_answer_made_is_found_and_cancelled_when_the_client_gives_u
     assert client.main(["a bell", "--url", url, "--timeout", "2", "--quiet", "-o", str(tmp_path / "out.wav")]) == 1
     assert handler.seen == [("POST", "/v1/audio/jobs")] * 3 + [("DELETE", JOB_PATH)], handler.seen
     assert len(set(handler.keys)) == 1 and "error 504" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, made_nothing", [
+    (urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")), True),  # raised while connecting
+    (ValueError("unknown url type: 'localhost/v1/audio/jobs'"), True),
+    (urllib.error.HTTPError("u", 301, "Moved", {}, None), True),
+    (urllib.error.HTTPError("u", 429, "Too Many Requests", {}, None), True),
+    (urllib.error.HTTPError("u", 502, "Bad Gateway", {}, None), False),
+    (urllib.error.HTTPError("u", 409, "Conflict", {}, None), False),
+    (http.client.RemoteDisconnected("closed"), False),  # raised while the answer was awaited
+    (TimeoutError("timed out"), False),
+    (json.JSONDecodeError("not JSON", "<html>", 0), False),
+    (KeyboardInterrupt(), False),  # held until the answer, which it replaced
+])
+def test_which_failed_submissions_surely_made_no_job(error, made_nothing):
+    """Those that may have made one are asked for again on the way out, to cancel the job (and warn if they
+    cannot be): a connection refused or a redirect did neither."""
+    assert client.made_nothing(error) is made_nothing
+
+
+def test_finding_and_cancelling_the_job_a_lost_answer_made_share_one_bound(monkeypatch):
+    monkeypatch.setattr(client, "CANCEL_TIMEOUT_S", 2.0)
+    calls = []
+
+    class SlowServer:
+        def call(self, method, path, body=None, form=None, timeout=None, headers=None):
+            calls.append((method, timeout))
+            time.sleep(1.5 if method == "POST" else timeout)
+            if method == "DELETE":
+                raise TimeoutError("timed out")
+            return json.dumps(StandInServer.JOB).encode(), {}
+
+    started = time.monotonic()
+    client.cancel_unseen(SlowServer(), client.Submission({"input": "a bell"}, None), client.ProgressBar(False))
+    assert [method for method, _ in calls] == ["POST", "DELETE"]
+    assert calls[1][1] <= client.MIN_CALL_TIMEOUT_S + 0.05 and time.monotonic() - started < 2.0 + 0.7
+
+
+def test_a_stop_ignored_by_the_parent_stays_ignored_while_the_job_is_submitted():
+    """sh starts a background job with SIGINT ignored: a Ctrl-C meant for the script must not cancel the job."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with client.stops_deferred(client.ProgressBar(False)):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # not ignored: held as before
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_between_submission_tries_cancels_the_job_a_lost_answer_made(stand_in, tmp_path):

@@ -298,23 +298,40 @@ def test_an_unreachable_server_and_a_bad_gateway_are_waited_out(server, browser)
     assert text(browser, "status").startswith("Done: ") and text(browser, "error") == ""
 
 
-def test_a_submission_whose_answer_is_lost_is_sent_again_and_follows_the_job_the_first_made(server, browser):
-    """The first POST reaches the server, which makes the job, but its answer is lost (a dropped connection): the
-    page sends it again with the same Idempotency-Key and is answered with that job, not a second one."""
-    open_page(browser, server)
-    fill(browser, input=PROMPT, audio_length="2.0", num_inference_steps=3, seed=8)
-    browser.execute_script("""
+def answer_posts(browser, answer: str) -> None:
+    """From now on the page's POSTs are answered by the JavaScript expression ``answer``, in which ``n`` is the
+    POST's number (1 for the first) and ``sent()`` sends it to the server for real; window.postKeys keeps each
+    one's Idempotency-Key, window.postAnswers the [job id, Idempotent-Replayed] of each the server answered."""
+    browser.execute_script(f"""
         const fetchNow = window.fetch;
         window.postKeys = []; window.postAnswers = [];
-        window.fetch = (path, options) => {
+        window.fetch = (path, options) => {{
           if (!options || options.method !== "POST") return fetchNow(path, options);
           window.postKeys.push(options.headers["Idempotency-Key"]);
-          const sent = fetchNow(path, options);
-          sent.then((r) => r.clone().json().then((job) =>
-            window.postAnswers.push([job.id, r.headers.get("Idempotent-Replayed")])));
-          return window.postKeys.length === 1 ? sent.then(() => Promise.reject(new TypeError("Failed to fetch")))
-                                              : sent;
-        };""")
+          const n = window.postKeys.length;
+          const sent = () => {{
+            const answered = fetchNow(path, options);
+            answered.then((r) => r.clone().json().then((job) =>
+              window.postAnswers.push([job.id, r.headers.get("Idempotent-Replayed")])));
+            return answered;
+          }};
+          return ({answer});
+        }};""")
+
+
+LOST_ANSWERS = {  # the server makes the job; its answer does not reach the page
+    "no answer": 'n === 1 ? sent().then(() => Promise.reject(new TypeError("Failed to fetch"))) : sent()',
+    "body cut": 'n === 1 ? sent().then((r) => new Response(new ReadableStream({start(c) { '
+                'c.error(new TypeError("network error")); }}), {status: r.status, headers: r.headers})) : sent()',
+}
+
+
+@pytest.mark.parametrize("lost", LOST_ANSWERS)
+def test_a_submission_whose_answer_is_lost_is_sent_again_and_follows_the_job_the_first_made(server, browser, lost):
+    """The page sends it again with the same Idempotency-Key and is answered with the first's job, not a second."""
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length="2.0", num_inference_steps=3, seed=8)
+    answer_posts(browser, LOST_ANSWERS[lost])
     browser.find_element(By.ID, "generate").click()
     wait_for(browser, lambda: text(browser, "status") == "Server unreachable: submitting again…", 30,
              "the lost answer was not shown")
@@ -324,6 +341,49 @@ def test_a_submission_whose_answer_is_lost_is_sent_again_and_follows_the_job_the
     assert len(keys) == 2 and keys[0] == keys[1] and len(keys[0]) == 32
     [(first_id, first_replayed), (second_id, second_replayed)] = answers
     assert first_id == second_id == text(browser, "job-id") and (first_replayed, second_replayed) == (None, "true")
+
+
+REFUSED_FOR_NOW = 'Promise.resolve(new Response("{}", {status: %d, headers: {"Retry-After": "%s"}}))'
+
+
+def test_cancel_ends_the_wait_to_submit_again_at_once_and_nothing_more_is_sent(server, browser):
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length="2.0", num_inference_steps=3)
+    answer_posts(browser, REFUSED_FOR_NOW % (429, "30"))
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "status") == "Server answered HTTP 429: submitting again…", 10,
+             "the refusal was not shown")
+    browser.find_element(By.ID, "cancel").click()
+    wait_for(browser, lambda: browser.find_element(By.ID, "generate").is_enabled(), 3, "Cancel waited out the 30 s")
+    assert text(browser, "status").startswith("Cancelled before the server answered")
+    assert browser.execute_script("return window.postKeys.length") == 1
+
+
+def test_a_retry_after_date_or_a_copy_in_use_is_waited_for_and_cancel_says_what_happened(server, browser):
+    """A Retry-After that is an HTTP date waits the page's own second (it fired at once: 39,000 POSTs in 3 s); a 409
+    (a copy still being taken) after Cancel is not "refused"."""
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length="2.0", num_inference_steps=3)
+    answer_posts(browser, 'n === 1 ? ' + REFUSED_FOR_NOW % (503, "Wed, 21 Oct 2015 07:28:00 GMT")
+                 + ' : ' + REFUSED_FOR_NOW % (409, "1"))
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "status") == "Server answered HTTP 409: submitting again…", 10,
+             "the second try was not sent")
+    browser.find_element(By.ID, "cancel").click()
+    wait_for(browser, lambda: browser.find_element(By.ID, "generate").is_enabled(), 3, "Cancel did not end it")
+    assert browser.execute_script("return window.postKeys.length") <= 3
+    assert text(browser, "status").startswith("Cancelled before the server answered")
+
+
+def test_a_request_the_browser_cannot_send_fails_at_once_on_the_api_key_field(server, browser):
+    """A key pasted with a character no header can carry: no retry can send it."""
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length="2.0", num_inference_steps=3)
+    browser.execute_script('document.getElementById("api_key").value = "sk-secret\u2026";')
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: browser.find_element(By.ID, "generate").is_enabled(), 5, "it was retried")
+    assert text(browser, "status") == "Not sent: the browser cannot send the request."
+    assert text(browser, "api_key-error").startswith("the browser cannot send this request")
 
 
 def test_a_poll_answered_by_a_page_that_is_not_the_job_is_retried(server, browser):

@@ -45,9 +45,8 @@ TRANSIENT_STATUSES = (429, 502, 503, 504)
 # ... and a submission whose copy, sent before, is still being taken (409). A submission carries an Idempotency-Key,
 # so that sending it again after a lost answer gets the job a lost answer named, not a second job.
 SUBMISSION_RETRIED_STATUSES = (409, *TRANSIENT_STATUSES)
-# A submission answered with these made no job (a refusal); any other failure may have lost the answer of one that
-# did: a dropped connection, a proxy's 502 or 504, a 409 (an earlier copy is being taken).
-NOTHING_MADE_STATUSES = (400, 401, 403, 404, 405, 413, 415, 422, 429, 503)
+# A submission answered with these made no job (a refusal, a redirect); see made_nothing.
+NOTHING_MADE_STATUSES = (*range(300, 400), 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 503)
 ACTIVE = ("queued", "running")
 CANCEL_TIMEOUT_S = 10.0  # the client is already giving up: a cancel that hangs must not keep it from exiting
 MAX_TIMEOUT_S = 30 * 86400.0
@@ -331,11 +330,11 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__  # RemoteDisconnected and the like can have an empty message
 
 
-def cancel(server: Server, job_id: str, show: "ProgressBar") -> None:
+def cancel(server: Server, job_id: str, show: "ProgressBar", timeout: float = CANCEL_TIMEOUT_S) -> None:
     """Best effort: the caller is already on its way out with an error of its own, which must not be replaced by
     this one (the server may well be unreachable, which is why we are giving up)."""
     try:
-        server.call("DELETE", f"/v1/audio/jobs/{job_id}", timeout=CANCEL_TIMEOUT_S)
+        server.call("DELETE", f"/v1/audio/jobs/{job_id}", timeout=timeout)
     except Exception as error:
         show.note(f"could not cancel job {job_id} on the server ({describe(error)}); it may run to its end there")
 
@@ -369,8 +368,7 @@ def submit(server: Server, body: dict, init_audio: Path | None, deadline: float,
         try:
             return create(server, submission, show)
         except BaseException as error:
-            made_nothing = isinstance(error, urllib.error.HTTPError) and error.code in NOTHING_MADE_STATUSES
-            maybe_made = maybe_made or not (made_nothing or never_passes(error))
+            maybe_made = maybe_made or not made_nothing(error)
             raise
 
     try:
@@ -383,6 +381,18 @@ def submit(server: Server, body: dict, init_audio: Path | None, deadline: float,
         elif maybe_made:
             cancel_unseen(server, submission, show)
         raise
+
+
+def made_nothing(error: BaseException) -> bool:
+    """Whether a submission that failed so surely made no job. An answer says so by its status; urllib raises a
+    URLError that is not an answer only while connecting or sending (the server has no whole request), and a
+    ValueError for a URL it cannot use. Anything else may have lost the answer of a job made: a connection dropped
+    or timed out while the answer was awaited, a proxy's 502 or 504, a 409 (an earlier copy is being taken), a Ctrl-C
+    held until the answer came (it takes the answer's place)."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code in NOTHING_MADE_STATUSES
+    return isinstance(error, urllib.error.URLError) or isinstance(error, ValueError) and not isinstance(
+        error, json.JSONDecodeError) or never_passes(error)
 
 
 def create(server: Server, submission: Submission, show: "ProgressBar") -> dict:
@@ -399,10 +409,14 @@ def cancel_unseen(server: Server, submission: Submission, show: "ProgressBar") -
     show.note("giving up: asking the server for the job a lost answer may have named, to cancel it; stop again to "
               "quit at once")
     give_up_at = time.monotonic() + CANCEL_TIMEOUT_S
+
+    def left() -> float:
+        return max(MIN_CALL_TIMEOUT_S, give_up_at - time.monotonic())
+
     try:
         while True:
             try:
-                job = submission.send(server, timeout=max(MIN_CALL_TIMEOUT_S, give_up_at - time.monotonic()))
+                job_id = submission.send(server, timeout=left())["id"]
                 break
             except urllib.error.HTTPError as error:  # 409: the first copy is still being taken
                 if error.code != 409 or time.monotonic() + retry_after(error) > give_up_at:
@@ -412,7 +426,7 @@ def cancel_unseen(server: Server, submission: Submission, show: "ProgressBar") -
         show.note(f"could not learn whether the server made the job ({describe(error)}); if it did, it may run to "
                   "its end there")
         return
-    cancel(server, job["id"], show)
+    cancel(server, job_id, show, timeout=left())
 
 
 class StoppedAgain(KeyboardInterrupt):
@@ -438,7 +452,9 @@ def stops_deferred(show: "ProgressBar") -> Iterator[None]:
         stops.append(signum)
         show.note("stopping once the server answers, to cancel the job it creates; stop again to quit at once")
 
-    previous = {signum: signal.signal(signum, hold) for signum in STOP_SIGNALS}
+    # A signal ignored (as sh starts a background job's SIGINT) stays ignored: the stop is meant for others.
+    previous = {signum: signal.signal(signum, hold) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     again = False
     try:
         yield
