@@ -97,6 +97,24 @@ def test_a_float_upload_far_past_full_scale_is_a_400_not_a_failed_generation(tmp
     assert (raised.value.param, raised.value.status) == ("audio", 400)
 
 
+def test_a_file_shorter_than_its_header_or_not_seekable_decodes_to_its_own_samples_only(tmp_path):
+    """libsndfile's block reader handed back its whole buffer whatever it had read: a cut MP3 came out with stale
+    memory after its audio (another upload's samples, or values refused as non-finite, at random), and a GSM 6.10
+    WAV, which libsndfile cannot seek in, as 'longer than the window'."""
+    gsm = write(tmp_path / "gsm.wav", tone(8000, 0.5, [440.0]), 8000, "GSM610")
+    assert load_init_audio(gsm, LIMITS).shape[1] == pytest.approx(0.5 * 44100, rel=0.15)  # GSM pads to 160 frames
+    whole = write(tmp_path / "whole.mp3", tone(44100, 0.5, [440.0]), 44100, "MPEG_LAYER_III")
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(whole.read_bytes()[:3000])  # its header still counts the whole file's frames
+    loud = write(tmp_path / "loud.wav", np.sign(tone(44100, 0.5, [5.0, 5.0])) * 0.9, 44100)
+    decoded = []
+    for _ in range(3):
+        load_init_audio(loud, LIMITS)  # leaves its samples in freed memory
+        decoded.append(load_init_audio(cut, LIMITS))
+    assert all(np.array_equal(audio, decoded[0]) for audio in decoded)
+    assert decoded[0].shape[1] < 0.5 * 44100 and np.abs(decoded[0]).max() < 0.6
+
+
 def test_an_upload_that_resamples_to_no_samples_is_a_400(tmp_path):
     """One sample at 192 kHz is less than one at 44.1 kHz: refused by name, not sent on as a clip of 0 s."""
     path = write(tmp_path / "blip.wav", np.full((1, 2), 0.5), 192_000, "PCM_16")

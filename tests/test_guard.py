@@ -357,3 +357,24 @@ def test_an_upload_form_that_is_costly_or_unsafe_to_read_is_refused_naming_its_f
     error = json.loads(sent[1]["body"])["error"]
     assert sent[0]["status"] == (413 if param == "input" else 400) and reached == []
     assert error["param"] == param and message in error["message"], error
+
+
+@pytest.mark.parametrize("file_name", ["音" * 82 + ".wav", "x" * 300 + ".wav", "in\x00.wav"],
+                         ids=["250-bytes-utf8", "304-bytes", "nul"])
+def test_an_upload_whose_file_name_cannot_be_kept_is_a_400_naming_audio(file_name):
+    """BentoML keeps the upload in a temporary file named after it: past 244 bytes (or with a NUL) that file
+    cannot be made, and it answered 500."""
+    form = (b'--fence\r\nContent-Disposition: form-data; name="audio"; filename="' + file_name.encode()
+            + b'"\r\n\r\nRIFF\r\n--fence--\r\n')
+    sent, reached = run_through_the_front("/v1/audio/edits", [form], GuardSettings())
+    error = json.loads(sent[1]["body"])["error"]
+    assert sent[0]["status"] == 400 and reached == [] and error["param"] == "audio", error
+    assert "rename the file" in error["message"]
+
+
+def test_an_upload_with_a_long_but_usable_file_name_goes_through():
+    form = (b'--fence\r\nContent-Disposition: form-data; name="audio"; filename="' + ("音" * 60).encode()
+            + b'.wav"\r\n\r\nRIFF\r\n--fence--\r\n')  # 184 bytes
+    sent, reached = run_through_the_front("/v1/audio/edits", [form], GuardSettings())
+    assert sent[0]["status"] == 200 and len(reached) == 1
+

@@ -27,6 +27,10 @@ from .silence import trim_trailing_silence
 logger = logging.getLogger(__name__)
 
 ENGINE_CONNECTION_ATTEMPTS = 3
+# Decoding an upload holds a few copies of it at its own rate (a 99 KB FLAC of 120 s of 192 kHz stereo silence:
+# about 0.5 GB at the peak), so only this many decode at once, whatever arrives together; the rest wait their turn
+# on the event loop, holding no thread.
+CONCURRENT_DECODES = 2
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class Gateway:
     def __init__(self, engines: EnginePool, admission: Admission):
         self.engines = engines
         self.admission = admission
+        self.decoding = asyncio.Semaphore(CONCURRENT_DECODES)
         self._card: ModelCard | None = None
 
     async def model_card(self) -> ModelCard:
@@ -106,7 +111,8 @@ class Gateway:
             raise APIError(f"{card.model} cannot start from audio yet", param="audio", code="unsupported")
         self.admission.check_room()  # a server that is full or draining refuses the upload before decoding it
         # Decoding and resampling take up to a few tenths of a second (0.17 s for 47.55 s at 48 kHz): off the loop.
-        audio = await asyncio.to_thread(load_init_audio, request.audio, card.limits)
+        async with self.decoding:
+            audio = await asyncio.to_thread(load_init_audio, request.audio, card.limits)
         limits = card.limits
         upload_seconds = limits.seconds(audio.shape[1])
         if request.audio_length is None and limits.fixed_start:  # a model with a duration: that of the upload

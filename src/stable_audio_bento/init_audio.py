@@ -65,9 +65,10 @@ def decode(path: Path, limits: ModelLimits) -> tuple[np.ndarray, int]:
         frames, rate = decode_with_ffmpeg(path, limits)
     if frames.shape[0] == 0:
         raise APIError("audio: the uploaded file holds no samples", param="audio")
-    if not np.isfinite(frames).all():
+    low, high = float(frames.min()), float(frames.max())  # no temporary of the upload's size, as abs() would make
+    if not (math.isfinite(low) and math.isfinite(high)):  # NaN wins min and max
         raise APIError("audio: the uploaded file holds non-finite samples", param="audio")
-    if (peak := float(np.abs(frames).max())) > MAX_UPLOAD_PEAK:
+    if (peak := max(high, -low)) > MAX_UPLOAD_PEAK:
         raise APIError(f"audio: the uploaded file peaks at {peak:.3g} times full scale; at most {MAX_UPLOAD_PEAK:g} "
                        "is taken (normalise it)", param="audio")
     return np.ascontiguousarray(frames.T), rate
@@ -92,8 +93,14 @@ def decode_with_libsndfile(upload: soundfile.SoundFile, limits: ModelLimits) -> 
     if upload.frames > limit:  # the header knows the length: refused without decoding
         raise too_long(limits, upload.frames / upload.samplerate)
     keep = min(upload.channels, limits.channels)
-    blocks = [block[:, :keep] for block in upload.blocks(DECODE_BLOCK_FRAMES, frames=limit + 1, dtype="float32",
-                                                         always_2d=True)]
+    # read() returns the frames it got; SoundFile.blocks() would yield its whole buffer, whatever was read into it:
+    # a file shorter than its header says (a cut MP3) or one libsndfile cannot seek in (GSM 6.10) came out with
+    # stale memory after its audio, another upload's samples included.
+    blocks, read = [], 0
+    while read <= limit and len(block := upload.read(min(DECODE_BLOCK_FRAMES, limit + 1 - read), dtype="float32",
+                                                     always_2d=True)):
+        blocks.append(block[:, :keep] if keep == block.shape[1] else np.ascontiguousarray(block[:, :keep]))
+        read += len(block)
     frames = np.concatenate(blocks) if blocks else np.zeros((0, keep), dtype=np.float32)
     if len(frames) > limit:  # a header that understated the length
         raise too_long(limits, None)

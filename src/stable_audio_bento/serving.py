@@ -233,6 +233,9 @@ UPLOAD_PATHS = {"/v1/audio/edits": "audio", "/v1/audio/edits/jobs": "audio"}
 UPLOAD_FORM_SCOPE_KEY = "stable_audio.upload_form"
 KEPT_FORM_FIELDS = ("response_format",)  # for the request metrics' label
 MAX_FORM_FIELDS = 64  # an edit has 15; unknown ones are ignored
+# BentoML keeps an upload in a temporary file whose name ends with the upload's: past 244 bytes the name is too long
+# for the filesystem (255), and BentoML answered 500.
+MAX_FILE_NAME_BYTES = 200
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads this response
 BODY_GRACE_S = 10.0  # a body's first seconds, before body_min_rate applies: a connection's slow start, a pause
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -322,6 +325,9 @@ async def read_upload_form(scope, body: bytes, file_field: str, max_text_bytes: 
         value = form.get(file_field)
         if value is not None and not isinstance(value, UploadFile):
             raise APIError(f"{file_field} must be a file (curl -F {file_field}=@FILE), not text", param=file_field)
+        if value is not None and not usable_file_name(value.filename):
+            raise APIError(f"{file_field}: the file's name cannot be kept (over {MAX_FILE_NAME_BYTES} bytes, or with a "
+                           "NUL character); rename the file", param=file_field)
         sizes: dict[str, int] = {}
         for name, value in form.multi_items():
             if name == file_field:
@@ -353,6 +359,11 @@ async def read_upload_form(scope, body: bytes, file_field: str, max_text_bytes: 
         return values
     finally:
         await form.close()
+
+
+def usable_file_name(name: str | None) -> bool:
+    base = os.path.basename(name or "")
+    return len(base.encode("utf-8", "surrogateescape")) <= MAX_FILE_NAME_BYTES and "\0" not in base
 
 
 def unreadable_json_text(body: bytes) -> str | None:
