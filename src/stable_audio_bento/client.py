@@ -5,9 +5,8 @@ connection, a proxy's 502/504): the submission carries an Idempotency-Key, so th
 job the first made (keys live on the instance that took them: behind a load balancer, poll with affinity).
 Whatever makes the client give up on a job still queued or running (--timeout, Ctrl-C, an error), it cancels the
 job on the server, so that no GPU time goes to audio nobody will fetch; also a job that a submission whose answer
-was lost may have made. Once connected, no exchange
-with the server outlasts --timeout, not even an answer that trickles in (connecting is bounded per address by the
-call's socket timeout).
+was lost may have made. Once connected, no exchange with the server outlasts --timeout, not even an answer that
+trickles in (connecting is bounded per address by the call's socket timeout).
 
     python -m stable_audio_bento.client "Thunder and rain sounds" --audio-length 15 --seed 42 -o rain.wav
     python -m stable_audio_bento.client "A cello" --init-audio loop.wav --strength 0.5 -o cello.wav

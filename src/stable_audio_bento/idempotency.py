@@ -50,8 +50,7 @@ class IdempotencyKeys:
 
     def claim(self, key: str, fingerprint: str) -> str | None:
         """The id of the job this key created for the same request; None once the key is claimed for a new one
-        (then ``bind`` or ``release`` it)."""
-        check_key(key)
+        (then ``bind`` or ``release`` it). ``key`` has passed ``check_key``."""
         if (held := self._keys.get(key)) is None:
             self._keys[key] = (fingerprint, None)
             return None

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from .admission import Slot
 from .gateway import Delivery, Gateway, GeneratedAudio
 from .generation import AudioRequest
-from .idempotency import IdempotencyKeys, request_fingerprint
+from .idempotency import IdempotencyKeys, check_key, request_fingerprint
 from .protocol import APIError, GenerateRequest, shown
 from .serving import RequestContext
 
@@ -77,6 +77,7 @@ class JobStore:
         key = client.idempotency_key
         if key is None:
             return await self._prepare_and_submit(request, client), False
+        check_key(key)  # before an upload is read for its fingerprint
         fingerprint = await asyncio.to_thread(request_fingerprint, request)
         self._expire()  # a key whose job has expired is free again
         if (job_id := self.keys.claim(key, fingerprint)) is not None:
