@@ -77,10 +77,22 @@ build_image() {
   previous=$(podman image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
   began=$(date +%s)
   "$PYTHON" -m stable_audio_bento.model_import "$MODEL"
-  tag=$("$PYTHON" -m bentoml build "$REPO" --output tag | sed -n 's/^__tag__://p')
-  say "built Bento $tag"
-  "$PYTHON" -m bentoml containerize --backend podman "$tag" -t "$IMAGE" >"$WORK/containerize.log" 2>&1 \
-    || { tail -40 "$WORK/containerize.log"; exit 1; }
+  # `bentoml build` locks the packages against PyPI, the image's uv installs them from PyPI again minutes later;
+  # while a release is being published or withdrawn, PyPI's views of it can disagree for a while (seen: a version
+  # locked that the image's uv was told does not exist). Only that failure is worth locking again for.
+  local attempt
+  for attempt in 1 2 3; do
+    tag=$("$PYTHON" -m bentoml build "$REPO" --output tag | sed -n 's/^__tag__://p')
+    say "built Bento $tag"
+    "$PYTHON" -m bentoml containerize --backend podman "$tag" -t "$IMAGE" >"$WORK/containerize.log" 2>&1 && break
+    if [ "$attempt" = 3 ] || ! grep -q "No solution found when resolving dependencies" "$WORK/containerize.log"; then
+      tail -40 "$WORK/containerize.log"
+      exit 1
+    fi
+    grep -m1 "cause:" "$WORK/containerize.log" || true
+    say "the image's install found no version the lock pinned (PyPI's views disagree): locking again in 60 s"
+    sleep 60
+  done
   BUILD_S=$(($(date +%s) - began))
   local id
   id=$(podman image inspect -f '{{.Id}}' "$IMAGE")
