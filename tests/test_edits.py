@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import subprocess
 import sys
 import time
@@ -139,6 +140,14 @@ def test_audio_longer_than_the_window_is_refused(tmp_path):
     with pytest.raises(APIError, match="window") as raised:
         load_init_audio(write(tmp_path / "long.wav", too_long, 11025, "PCM_16"), LIMITS)
     assert raised.value.param == "audio"
+
+
+def test_an_upload_one_sample_too_long_is_told_apart_from_the_window(tmp_path):
+    one_over = np.zeros((LIMITS.max_samples + 1, 1))
+    with pytest.raises(APIError) as raised:
+        load_init_audio(write(tmp_path / "long.wav", one_over, LIMITS.sample_rate, "PCM_16"), LIMITS)
+    upload_seconds, window_seconds = re.findall(r"([0-9.]+) s\b", raised.value.message)
+    assert float(upload_seconds) > float(window_seconds) == pytest.approx(LIMITS.max_seconds, abs=1e-5)
 
 
 def ffmpeg_silence(path: Path, seconds: float, rate: int = 8000, layout: str = "mono",

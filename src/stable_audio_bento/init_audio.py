@@ -49,8 +49,11 @@ def load_init_audio(path: Path, limits: ModelLimits) -> np.ndarray:
 
 def too_long(limits: ModelLimits, seconds: float | None) -> APIError:
     """``seconds``: the upload's length, None when decoding stopped past the window without learning it."""
-    length = "longer than the window" if seconds is None else f"{seconds:.2f} s long"
-    return APIError(f"audio is {length}; this model's window is {limits.max_seconds:.2f} s", param="audio")
+    digits = 2  # more where needed to tell the two apart: a sample over the window is 23 µs at 44.1 kHz
+    while seconds is not None and digits < 6 and f"{seconds:.{digits}f}" == f"{limits.max_seconds:.{digits}f}":
+        digits += 1
+    length = "longer than the window" if seconds is None else f"{seconds:.{digits}f} s long"
+    return APIError(f"audio is {length}; this model's window is {limits.max_seconds:.{digits}f} s", param="audio")
 
 
 def decode(path: Path, limits: ModelLimits) -> tuple[np.ndarray, int]:
