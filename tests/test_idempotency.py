@@ -132,7 +132,18 @@ def test_a_key_is_forgotten_with_its_job():
     assert second is not first and not replayed and keys == 1
 
 
-@pytest.mark.parametrize("key", ["", "x" * 256, "clé", "a\nb", "tab\there"])
+def test_a_key_sent_as_the_drafts_quoted_string_is_the_same_key_as_sent_bare():
+    async def scenario():
+        store = store_of(PreparingGateway())
+        first, _ = await store.create(BELL, keyed('8e03978e-"x"\\y'))
+        quoted, replayed = await store.create(BELL, keyed('"8e03978e-\\"x\\"\\\\y"'))
+        return first, quoted, replayed
+
+    first, quoted, replayed = asyncio.run(scenario())
+    assert quoted is first and replayed
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "clé", "a\nb", "tab\there", '""', '"a"b"', '"a\\x"', '"a\\"'])
 def test_an_unusable_key_is_a_400_naming_the_header(key):
     with pytest.raises(APIError) as refused:
         asyncio.run(store_of(PreparingGateway()).create(BELL, keyed(key)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Container
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .protocol import APIError
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
+SF_STRING = re.compile(r'"((?:[^"\\]|\\["\\])*)"')  # RFC 8941's only escapes are \" and \\
 REPLAYED_HEADERS = {"Idempotent-Replayed": "true"}  # on the answer that returns an existing job (Stripe's name)
 
 
@@ -35,10 +37,18 @@ def request_fingerprint(request: BaseModel) -> str:
     return digest.hexdigest()
 
 
-def check_key(key: str) -> None:
+def parse_key(header: str) -> str:
+    """The key a header value names. The draft makes the value a structured-field string (RFC 8941: quoted, with
+    backslash escapes); clients written for Stripe's API send the key bare. Both are taken: ``"k"`` and ``k`` are
+    the same key."""
+    key = header
+    if len(header) >= 2 and header[0] == header[-1] == '"':
+        quoted = SF_STRING.fullmatch(header)
+        key = "" if quoted is None else re.sub(r'\\(["\\])', r"\1", quoted[1])  # "": refused below
     if not (1 <= len(key) <= MAX_KEY_LENGTH and key.isascii() and key.isprintable()):
-        raise APIError(f"the {HEADER} header must be 1 to {MAX_KEY_LENGTH} printable ASCII characters (a UUID, say)",
-                       param=HEADER, status=400, code="invalid_idempotency_key")
+        raise APIError(f"the {HEADER} header must be 1 to {MAX_KEY_LENGTH} printable ASCII characters (a UUID, say), "
+                       "bare or as a quoted string", param=HEADER, status=400, code="invalid_idempotency_key")
+    return key
 
 
 class IdempotencyKeys:

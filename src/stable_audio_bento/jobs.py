@@ -19,7 +19,7 @@ from typing import Any, Literal
 from .admission import Slot
 from .gateway import Delivery, Gateway, GeneratedAudio
 from .generation import AudioRequest
-from .idempotency import IdempotencyKeys, check_key, request_fingerprint
+from .idempotency import IdempotencyKeys, parse_key, request_fingerprint
 from .protocol import APIError, GenerateRequest, shown
 from .serving import RequestContext
 
@@ -74,10 +74,9 @@ class JobStore:
     async def create(self, request: GenerateRequest, client: RequestContext) -> tuple[Job, bool]:
         """A new job for the request (an edit's upload decoded, admitted); or, when the client's Idempotency-Key
         created one for the same request, that job, and True: the answer is a replay."""
-        key = client.idempotency_key
-        if key is None:
+        if client.idempotency_key is None:
             return await self._prepare_and_submit(request, client), False
-        check_key(key)  # before an upload is read for its fingerprint
+        key = parse_key(client.idempotency_key)  # before an upload is read for its fingerprint
         fingerprint = await asyncio.to_thread(request_fingerprint, request)
         self._expire()  # a key whose job has expired is free again
         if (job_id := self.keys.claim(key, fingerprint)) is not None:
