@@ -119,6 +119,27 @@ def test_a_key_whose_request_was_refused_or_abandoned_is_free_again():
     assert not replayed and job.status in ("queued", "succeeded") and keys == 1
 
 
+def test_a_job_its_engine_lost_frees_its_key_for_the_resend_its_error_asks_for():
+    class LosingGateway(PreparingGateway):
+        async def generate(self, job, delivery, disconnected=None):
+            if self.prepared == 1:
+                raise APIError("the model engine is unavailable: it restarted and lost this request; send it again",
+                               status=503, code="engine_unavailable", retry_after=1)
+            return await super().generate(job, delivery, disconnected)
+
+    async def scenario():
+        store = store_of(LosingGateway())
+        lost, _ = await store.create(BELL, keyed("k"))
+        await asyncio.wait([lost.task])
+        resent, replayed = await store.create(BELL, keyed("k"))
+        await asyncio.wait([resent.task])
+        return lost, resent, replayed, await store.create(BELL, keyed("k"))
+
+    lost, resent, replayed, (again, replayed_again) = asyncio.run(scenario())
+    assert lost.status == "failed" and resent is not lost and not replayed and resent.status == "succeeded"
+    assert again is resent and replayed_again
+
+
 def test_a_key_is_forgotten_with_its_job():
     async def scenario():
         store = store_of(PreparingGateway(), ttl_s=0.05)

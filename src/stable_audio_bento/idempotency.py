@@ -80,6 +80,13 @@ class IdempotencyKeys:
         """The claimed key made no job (the request was refused or its client left): it may be sent again."""
         self._keys.pop(key, None)
 
+    def free(self, job_id: str) -> None:
+        """The job failed in a way its message says to send the request again (its engine restarted under it): the
+        key is free for that, rather than answering the failed job until it expires."""
+        for key, (_, bound_job) in list(self._keys.items()):
+            if bound_job == job_id:
+                del self._keys[key]
+
     def keep_only(self, job_ids: Container[str]) -> None:
         """Forgets the keys of jobs no longer kept; keys still being claimed stay."""
         for key, (_, job_id) in list(self._keys.items()):

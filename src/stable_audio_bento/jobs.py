@@ -123,6 +123,8 @@ class JobStore:
         own code never started."""
         if job.status == "queued":
             job.status = "cancelled"
+        if job.error is not None and job.error.status == 503:  # nothing wrong with the request: it may be resent
+            self.keys.free(job.id)
         job.slot.release()
         job.finished_at = time.time()
         job.request = replace(job.request, init_audio=None)  # finished jobs need not hold the upload
