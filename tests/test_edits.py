@@ -116,6 +116,18 @@ def test_a_file_shorter_than_its_header_or_not_seekable_decodes_to_its_own_sampl
     assert decoded[0].shape[1] < 0.5 * 44100 and np.abs(decoded[0]).max() < 0.6
 
 
+def test_two_mp3s_joined_with_cat_decode_to_both(tmp_path):
+    """The first file's Xing header counts its own frames only: libsndfile stopped there, the second part lost."""
+    parts = [write(tmp_path / f"{name}.mp3", tone(44100, seconds, [frequency] * 2), 44100, "MPEG_LAYER_III")
+             for name, seconds, frequency in [("a", 0.5, 440.0), ("b", 1.0, 660.0)]]
+    joined = tmp_path / "joined.mp3"
+    joined.write_bytes(b"".join(part.read_bytes() for part in parts))
+    audio = load_init_audio(joined, LIMITS)
+    assert audio.shape[1] == pytest.approx(1.5 * 44100, abs=5000)  # + the second file's header frame, delay, padding
+    spectrum = np.abs(np.fft.rfft(audio[0, -22050:]))
+    assert np.argmax(spectrum) * 2 == pytest.approx(660, abs=3)  # 0.5 s: 2 Hz a bin
+
+
 def test_an_upload_that_resamples_to_no_samples_is_a_400(tmp_path):
     """One sample at 192 kHz is less than one at 44.1 kHz: refused by name, not sent on as a clip of 0 s."""
     path = write(tmp_path / "blip.wav", np.full((1, 2), 0.5), 192_000, "PCM_16")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -58,14 +59,18 @@ def too_long(limits: ModelLimits, seconds: float | None) -> APIError:
 
 def decode(path: Path, limits: ModelLimits) -> tuple[np.ndarray, int]:
     """(channels, frames) float32, at most ``limits.channels`` channels, and the sample rate; libsndfile first (WAV,
-    FLAC, MP3, Ogg Vorbis/Opus), then ffmpeg for the rest (AAC, M4A, WebM, ...)."""
+    FLAC, Ogg Vorbis/Opus; MP3 only without ffmpeg), then ffmpeg for the rest (MP3, AAC, M4A, WebM, ...)."""
     if path.stat().st_size == 0:
         raise APIError("audio: the uploaded file is empty", param="audio")
     try:
         with soundfile.SoundFile(path) as upload:
-            frames, rate = decode_with_libsndfile(upload, limits)
+            # libsndfile ends an MP3 where its first frame's Xing header says: two MP3s joined with `cat` came out
+            # as the first alone. ffmpeg decodes every frame.
+            by_ffmpeg = upload.format == "MP3" and shutil.which("ffmpeg") is not None
+            decoded = None if by_ffmpeg else decode_with_libsndfile(upload, limits)
     except (soundfile.LibsndfileError, RuntimeError, TypeError):  # unreadable to libsndfile, on opening or reading
-        frames, rate = decode_with_ffmpeg(path, limits)
+        decoded = None
+    frames, rate = decode_with_ffmpeg(path, limits) if decoded is None else decoded
     if frames.shape[0] == 0:
         raise APIError("audio: the uploaded file holds no samples", param="audio")
     low, high = float(frames.min()), float(frames.max())  # no temporary of the upload's size, as abs() would make
