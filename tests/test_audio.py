@@ -56,6 +56,23 @@ def test_pcm_is_interleaved_signed_16_bit_little_endian(stereo_tone):
     assert data == wav.astype("<i2").tobytes()  # the same samples as the wav's
 
 
+def test_every_16_bit_format_holds_the_same_samples_rounded_to_nearest():
+    """libsndfile's own float conversion rounded FLAC's samples otherwise than WAV's: one in two differed by one."""
+    noise = np.random.default_rng(0).uniform(-0.9, 0.9, (2, 4410)).astype(np.float32)
+    expected = np.rint(noise.T * 32768).astype(np.int16)
+    for name in ("wav", "flac"):
+        decoded, _ = soundfile.read(io.BytesIO(encode_audio(noise, RATE, name)), dtype="int16")
+        assert np.array_equal(decoded, expected), name
+    assert np.array_equal(np.frombuffer(encode_audio(noise, RATE, "pcm"), dtype="<i2").reshape(-1, 2), expected)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_the_same_audio_encodes_to_the_same_bytes(name):
+    """A seed means the same file: an Ogg stream's serial number was random at every encode."""
+    clip = tone(0.5)
+    assert encode_audio(clip, RATE, name) == encode_audio(clip.copy(), RATE, name)
+
+
 def test_out_of_range_samples_are_clipped_not_wrapped():
     loud = np.array([[1.5, -1.5], [2.0, -3.0]], dtype=np.float32)
     samples = np.frombuffer(encode_audio(loud, RATE, "pcm"), dtype="<i2")
@@ -99,6 +116,13 @@ def assert_same_tones(decoded: np.ndarray, rate: int):
     for channel, (amplitude, hz) in zip(decoded, TONES):
         fitted, correlation = fit_tone(channel[edge:-edge], rate, hz)
         assert fitted == pytest.approx(amplitude, rel=0.02) and correlation > 0.99, (hz, fitted, correlation)
+
+
+@pytest.mark.parametrize("samples", [1, 20, 21])
+def test_an_opus_clip_of_a_few_samples_holds_them(samples):
+    """ffmpeg's resampler turned clips under 22 samples into Ogg files of headers only."""
+    decoded, rate = decode_with_ffmpeg(encode_audio(tone(1.0)[:, :samples], RATE, "opus"))
+    assert rate == 48000 and abs(decoded.shape[1] - samples * 48000 / RATE) <= 1 and decoded.shape[1] >= 1
 
 
 @pytest.mark.parametrize("seconds", [1.0, 2.5])

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import soundfile
+import soxr
 from pydub import AudioSegment
 from pydub.utils import which
 
@@ -29,6 +30,9 @@ class FfmpegCodec:
     muxer: str  # ffmpeg -f
     encoder: str  # ffmpeg -acodec, as `ffmpeg -encoders` lists it
     bitrate: str
+    # The only rate the codec takes, resampled to here with soxr: through ffmpeg's resampler a clip under 22
+    # samples came out as no audio at all.
+    sample_rate: int | None = None
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,8 @@ FORMATS: dict[str, AudioFormatSpec] = {
     # Raw signed 16-bit little-endian samples, channels interleaved (L R L R ...), at the model's rate.
     "pcm": AudioFormatSpec("pcm", "audio/pcm", None, "PCM_16"),
     # Ogg Opus (RFC 7845, whose media type is audio/ogg; audio/opus names the RTP payload). Opus runs at
-    # 48 kHz only, so ffmpeg resamples the 44.1 kHz input; the pre-skip and end trim keep the length exact.
-    "opus": AudioFormatSpec("opus", "audio/ogg", ffmpeg=FfmpegCodec("opus", "libopus", OPUS_BITRATE)),
+    # 48 kHz only, so the 44.1 kHz audio is resampled; the pre-skip and end trim keep the length exact.
+    "opus": AudioFormatSpec("opus", "audio/ogg", ffmpeg=FfmpegCodec("opus", "libopus", OPUS_BITRATE, 48000)),
     # Raw ADTS AAC-LC, as streamed. ADTS cannot record the encoder delay, so decoders play 1024 samples of
     # priming and the padding of the last frame: up to 46 ms more than was encoded.
     "aac": AudioFormatSpec("aac", "audio/aac", ffmpeg=FfmpegCodec("adts", "aac", AAC_BITRATE)),
@@ -94,18 +98,17 @@ def _frames(audio: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(audio, dtype=np.float32).T, -1.0, 1.0)
 
 
-def _pcm16(frames: np.ndarray) -> bytes:
-    """16-bit little-endian samples, converted by libsndfile as for wav and flac, so every format of one request
-    holds the same samples."""
-    buffer = io.BytesIO()
-    soundfile.write(buffer, frames, 1, format="RAW", subtype="PCM_16", endian="LITTLE")  # RAW: the rate is not kept
-    return buffer.getvalue()
+def _pcm16(frames: np.ndarray) -> np.ndarray:
+    """(samples, channels) little-endian 16-bit samples, rounded to nearest: the inverse of reading them back as
+    x / 32768. Quantized here once for every 16-bit format: libsndfile's own conversion rounds differently for WAV
+    and for FLAC (every other sample differed by one)."""
+    return np.clip(np.rint(frames * 32768.0), -32768, 32767).astype("<i2")
 
 
 def pcm16_segment(audio: np.ndarray, sample_rate: int) -> AudioSegment:
     """(channels, samples) float audio as a pydub segment of 16-bit samples."""
-    frames = _frames(audio)
-    return AudioSegment(_pcm16(frames), sample_width=2, frame_rate=sample_rate, channels=frames.shape[1])
+    samples = _pcm16(_frames(audio))
+    return AudioSegment(samples.tobytes(), sample_width=2, frame_rate=sample_rate, channels=samples.shape[1])
 
 
 def encode_audio(audio: np.ndarray, sample_rate: int, response_format: str) -> bytes:
@@ -114,14 +117,21 @@ def encode_audio(audio: np.ndarray, sample_rate: int, response_format: str) -> b
         reason = format_unavailable(response_format)
         if reason is not None:
             raise EncoderUnavailable(reason)
+        codec = spec.ffmpeg
+        if codec.sample_rate is not None and codec.sample_rate != sample_rate:
+            audio = soxr.resample(np.asarray(audio, dtype=np.float32).T, sample_rate, codec.sample_rate,
+                                  quality="VHQ").T
+            sample_rate = codec.sample_rate
         # 16-bit input: its quantization noise lies far below what these lossy codecs discard.
         segment = pcm16_segment(audio, sample_rate)
-        codec = spec.ffmpeg
-        return segment.export(io.BytesIO(), format=codec.muxer, codec=codec.encoder,
-                              bitrate=codec.bitrate).getvalue()
+        # bitexact: the same audio makes the same bytes (an Ogg stream's serial number is random otherwise)
+        return segment.export(io.BytesIO(), format=codec.muxer, codec=codec.encoder, bitrate=codec.bitrate,
+                              parameters=["-fflags", "+bitexact", "-flags:a", "+bitexact"]).getvalue()
     frames = _frames(audio)
+    if spec.subtype == "PCM_16":
+        frames = _pcm16(frames)  # written as they are (libsndfile converts no integer samples)
     if spec.soundfile_format is None:
-        return _pcm16(frames)
+        return frames.tobytes()
     buffer = io.BytesIO()
     soundfile.write(buffer, frames, sample_rate, format=spec.soundfile_format, subtype=spec.subtype)
     return buffer.getvalue()
