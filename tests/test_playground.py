@@ -10,11 +10,13 @@ import os
 import re
 from pathlib import Path
 
+import bentoml
 import httpx
 import numpy as np
 import pytest
 import soundfile
 import yaml
+from bentoml.exceptions import BentoMLException
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.options import Options
@@ -424,10 +426,20 @@ def keyed_server(model_cache, tmp_path_factory):
 
 def test_with_a_key_the_probes_and_the_page_stay_open_and_nothing_else(keyed_server):
     """The default public paths: a Kubernetes probe or a load balancer's health check has no key."""
-    for path in ("/health", "/healthz", "/livez", "/readyz", "/ui"):
+    for path in ("/health", "/healthz", "/livez", "/readyz", "/ui", "/schema.json"):
         assert httpx.get(keyed_server + path, timeout=30).status_code == 200, path
     for path in ("/metrics", "/docs", "/docs.json", "/v1/models"):
         assert httpx.get(keyed_server + path, timeout=30).status_code == 401, path
+
+
+def test_bentomls_client_without_the_key_is_told_401_not_500(keyed_server):
+    """It reads /schema.json when it opens: behind the key, that failed as "500 Failed to fetch schema"."""
+    with bentoml.SyncHTTPClient(keyed_server, timeout=60) as client:
+        with pytest.raises(BentoMLException) as refused:
+            client.generate(input=PROMPT, audio_length=0.5, num_inference_steps=1)
+    assert refused.value.error_code == 401 and "invalid_api_key" in str(refused.value)
+    with bentoml.SyncHTTPClient(keyed_server, timeout=60, token="playground-secret") as client:
+        assert soundfile.info(client.generate(input=PROMPT, audio_length=0.5, num_inference_steps=1)).frames == 22050
 
 
 def test_api_key_is_asked_for_and_sent(keyed_server, browser):

@@ -184,7 +184,9 @@ class GuardSettings:
     """
 
     api_key: str | None = None
-    public_paths: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz", "/ui")
+    # /schema.json: BentoML's client reads it when it opens, before any call; behind the key, a client without it
+    # failed with "500 Failed to fetch schema" instead of the 401 its first call now gets.
+    public_paths: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz", "/ui", "/schema.json")
     max_body_bytes: int = 1 << 20
     # the longest window, Stable Audio 3 medium's 380 s, as 24-bit stereo WAV at 48 kHz is 109 MB
     max_upload_bytes: int = 128 << 20
