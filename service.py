@@ -28,7 +28,7 @@ from stable_audio_bento.engine_workers import (  # noqa: E402
 )
 from stable_audio_bento.gateway import Gateway, GeneratedAudio  # noqa: E402
 from stable_audio_bento.generation import AudioRequest  # noqa: E402
-from stable_audio_bento.graceful_stop import stop_after  # noqa: E402
+from stable_audio_bento.graceful_stop import keep_sockets_until_workers_stop, stop_after  # noqa: E402
 from stable_audio_bento.idempotency import REPLAYED_HEADERS  # noqa: E402
 from stable_audio_bento.jobs import JobStore  # noqa: E402
 from stable_audio_bento.metrics import EngineMetrics, FrontMetrics, RequestMetricsMiddleware  # noqa: E402
@@ -55,6 +55,7 @@ try:
 except ValueError as unusable:  # a setting read while BentoML imports this file: one line, not its traceback
     raise SystemExit(f"stable-audio-bento cannot start: {unusable}") from None
 traffic_timeout.install()  # BentoML's own keeps every request alive for traffic.timeout
+keep_sockets_until_workers_stop()  # BentoML removes the engine's socket as soon as it is told to stop
 metric_labels.install()  # BentoML's own labels its request metrics with every path requested
 
 

@@ -189,33 +189,38 @@ def test_job_results_expire(limited_server):
 
 def test_sigterm_stops_admission_and_finishes_in_flight_requests(model_cache):
     """The signal reaches every worker at once: the front keeps answering (503 to new work, /readyz not ready)
-    and the engine keeps serving the front (progress, results) until what is in flight is done; a job that
-    succeeds during the drain can still be fetched."""
+    and the engine keeps serving the front (progress, results, cancels: also over new connections, as BentoML
+    removed its socket at once) until what is in flight is done; a job that succeeds during the drain can still be
+    fetched."""
     log = ARTIFACTS / "sigterm-server.log"
     with local_server({"STABLE_AUDIO_MODEL": "tiny"}, log, startup_timeout_s=180) as url:
         async def scenario():
             async with httpx.AsyncClient(timeout=300) as client:
                 in_flight = asyncio.ensure_future(client.post(url + "/v1/audio/generate", json=LONG))
                 job = (await client.post(url + "/v1/audio/jobs", json=LONG)).json()
+                dropped = (await client.post(url + "/v1/audio/jobs", json=LONG,
+                                             headers={"X-Request-Id": "dropped-in-the-drain"})).json()
                 while (await client.get(f"{url}/v1/audio/jobs/{job['id']}")).json()["progress"] is None:
                     await asyncio.sleep(0.1)
                 url.process.send_signal(signal.SIGTERM)  # to `bentoml serve` alone, as `docker stop` does
                 await asyncio.sleep(0.5)
                 refused = await client.post(url + "/v1/audio/generate", json=SHORT)
                 health, ready = await client.get(url + "/health"), await client.get(url + "/readyz")
+                cancelled = (await client.delete(f"{url}/v1/audio/jobs/{dropped['id']}")).json()
                 steps_done = []  # the engine, signalled too, still answers the front's progress calls
-                for _ in range(3):
-                    polled = (await client.get(f"{url}/v1/audio/jobs/{job['id']}")).json()
-                    steps_done.append(polled["progress"]["steps_done"] if polled["status"] == "running" else 150)
+                for _ in range(3):  # polls at once: more calls to the engine than the front had connections open
+                    polls = await asyncio.gather(*[client.get(f"{url}/v1/audio/jobs/{job['id']}") for _ in range(8)])
+                    steps_done.append(max(polled["progress"]["steps_done"] if polled["status"] == "running" else 150
+                                          for polled in (poll.json() for poll in polls)))
                     await asyncio.sleep(0.3)
                 finished = await in_flight
                 while (await client.get(f"{url}/v1/audio/jobs/{job['id']}")).json()["status"] != "succeeded":
                     await asyncio.sleep(0.25)  # the command-line client's pace
                 await asyncio.sleep(1.0)  # a slower client: the drain is over, the job's audio is still there
                 fetched = await client.get(f"{url}/v1/audio/jobs/{job['id']}/content")
-                return finished, refused, health, ready, steps_done, fetched
+                return finished, refused, health, ready, steps_done, fetched, cancelled
 
-        finished, refused, health, ready, steps_done, fetched = asyncio.run(scenario())
+        finished, refused, health, ready, steps_done, fetched, cancelled = asyncio.run(scenario())
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert refused.json()["error"]["code"] == "shutting_down"
         assert health.status_code == 503 and ready.status_code == 503
@@ -224,4 +229,6 @@ def test_sigterm_stops_admission_and_finishes_in_flight_requests(model_cache):
         assert soundfile.info(io.BytesIO(finished.content)).frames == 1024 * 2048
         assert fetched.status_code == 200 and soundfile.info(io.BytesIO(fetched.content)).frames == 1024 * 2048
         assert url.process.wait(60) == 0
-    assert "Exception in ASGI application" not in log.read_text(errors="replace")
+    text = log.read_text(errors="replace")
+    assert "Exception in ASGI application" not in text and "UnixClientConnectorError" not in text
+    assert cancelled["status"] == "cancelled" and "request dropped-in-the-drain finished: cancelled" in text

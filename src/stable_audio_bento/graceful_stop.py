@@ -7,6 +7,11 @@ for a result in calls of at most ``result_wait_s``; the next call would find no 
 in front of uvicorn's handler: the socket keeps answering until each of the ``settled`` steps has returned, in
 order, then uvicorn shuts down.
 A second SIGTERM delivered to the worker itself stops waiting (BentoML's supervisor signals its workers once only).
+
+The engine's socket is a Unix socket in a folder that BentoML's supervisor removes when told to stop, before it
+stops the workers (``keep_sockets_until_workers_stop`` moves that to after): the connections the front held kept
+working, but a new one (a cancel, a progress call, a result once those were busy) failed, so a job cancelled during
+a drain was generated all the same and polls showed running jobs as queued.
 """
 
 from __future__ import annotations
@@ -41,3 +46,25 @@ def stop_after(*settled: Callable[[], Awaitable[None]]) -> None:
 async def in_order(steps) -> None:
     for step in steps:
         await step()
+
+
+def keep_sockets_until_workers_stop() -> None:
+    """In the supervisor's process (where BentoML imports service.py too): its stop runs circus's alone, which
+    stops the workers (each drains first, see ``stop_after``), and what BentoML's stop ran first (removing the
+    sockets' folder) runs once its start returns, when they have all stopped. Idempotent."""
+    from bentoml._internal.utils import circus
+    from circus.arbiter import Arbiter as CircusArbiter
+
+    if getattr(circus.Arbiter.start, "closes_after_stop", False):
+        return
+    bentoml_start = circus.Arbiter.start
+
+    def start(arbiter, cb=None) -> None:
+        try:
+            bentoml_start(arbiter, cb)  # returns once the loop has stopped: the workers have
+        finally:
+            arbiter.exit_stack.close()
+
+    start.closes_after_stop = True
+    circus.Arbiter.start = start
+    circus.Arbiter.stop = CircusArbiter.stop
