@@ -101,7 +101,7 @@ class StableAudioEngine:
     async def startup_report(self) -> dict:
         return self.startup.to_dict()
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.arrivals_per_call, max_latency_ms=SETTINGS.max_latency_ms)
     async def submit(self, requests: list[AudioRequest]) -> list[str]:
         for request in requests:
             if self.results.expect(request.id):

@@ -18,7 +18,7 @@ import pytest
 
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import ModelLoadError, tiny_model_dir
-from stable_audio_bento.local_server import free_port, kill_server, why_it_stopped
+from stable_audio_bento.local_server import free_port, kill_server, local_server, why_it_stopped
 from stable_audio_bento.protocol import APIError
 from stable_audio_bento.startup import EngineReadiness, explain_failure
 
@@ -102,6 +102,24 @@ def test_an_unusable_setting_read_at_import_stops_with_one_line(variable, value)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(f"stable-audio-bento cannot start: {variable}={value!r}")
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_step_loop_of_one_request_serves_one_at_a_time(tmp_path, model_cache):
+    """max_batch_size 1, the reference server's way: BentoML refuses 1 on a batchable API, which stopped the server
+    with its traceback; the engine now takes arrivals two at a time and its loop runs one."""
+    config = tmp_path / "configuration.yaml"
+    config.write_text((REPO / "configuration.yaml").read_text().replace("max_batch_size: 8", "max_batch_size: 1"))
+    env = {"STABLE_AUDIO_MODEL": "tiny", "BENTOML_CONFIG": str(config)}
+    with local_server(env, ARTIFACTS / "server-one-at-a-time.log", startup_timeout_s=180) as url:
+        async def both():
+            async with httpx.AsyncClient(timeout=300) as client:
+                return await asyncio.gather(*[client.post(url + "/v1/audio/generate", json={
+                    "input": "a click", "audio_length": 1.0, "num_inference_steps": 4, "seed": seed})
+                    for seed in (1, 2)])
+
+        answers = asyncio.run(both())
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert [answer.headers["x-batch-size"] for answer in answers] == ["1", "1"]
 
 
 def test_without_error_lines_the_quote_is_the_logs_end(tmp_path):

@@ -337,3 +337,11 @@ def test_batching_mode_comes_from_configuration_and_environment(tmp_path, monkey
     monkeypatch.setenv("STABLE_AUDIO_BATCHING", "sometimes")
     with pytest.raises(ValueError, match="STABLE_AUDIO_BATCHING"):
         ServiceSettings.load(config)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "2.5", "eight", "true"])
+def test_an_unusable_batch_setting_is_named(tmp_path, value):
+    config = tmp_path / "configuration.yaml"
+    config.write_text(f"services:\n  StableAudioEngine:\n    batching:\n      max_batch_size: {value}\n")
+    with pytest.raises(ValueError, match=r"services.StableAudioEngine.batching.max_batch_size must be a whole number"):
+        ServiceSettings.load(config)

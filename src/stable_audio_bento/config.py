@@ -148,6 +148,12 @@ class ServiceSettings:
     batching: BatchingMode = "continuous"
 
     @property
+    def arrivals_per_call(self) -> int:
+        """The engine's ``max_batch_size`` for BentoML, which refuses 1 on a batchable API; one more arrival than
+        the step loop takes just waits in its queue."""
+        return max(2, self.max_batch_size)
+
+    @property
     def result_wait_s(self) -> float:
         """How long one ``result`` call to an engine waits before it answers "not yet" and the front asks again:
         well inside the engine's traffic timeout, so that no generation, however long, meets that timeout."""
@@ -161,6 +167,11 @@ class ServiceSettings:
         front = services.get(FRONT_SERVICE, {})
         engine = services.get(ENGINE_SERVICE, {})
         batching = engine.get("batching", {})
+        for name in ("max_batch_size", "max_latency_ms"):
+            value = batching.get(name, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{path}: services.{ENGINE_SERVICE}.batching.{name} must be a whole number of at "
+                                 f"least 1 (got {value!r})")
         return cls(
             port=front.get("http", {}).get("port", cls.port),
             request_timeout_s=front.get("traffic", {}).get("timeout", cls.request_timeout_s),
