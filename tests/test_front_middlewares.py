@@ -15,6 +15,7 @@ import yaml
 
 from stable_audio_bento.local_server import local_server
 from stable_audio_bento.metric_labels import FIXED_ROUTES, OTHER, TEMPLATES, endpoint_label
+from stable_audio_bento.metrics import requested_format
 
 from conftest import metric_samples, own_bentoml_home
 
@@ -105,3 +106,15 @@ def test_traffic_timeout_504_carries_the_request_id_and_is_counted(short_timeout
                     if "status=504" in line and "/v1/audio/generate" in line]
     assert any("[request_id=t504]" in line for line in access_lines), access_lines
     assert any(f"[request_id={generated.headers['x-request-id']}]" in line for line in access_lines), access_lines
+
+
+@pytest.mark.parametrize(("body", "label"), [
+    (b'{"input": "x"}', "wav"), (b'{"input": "x", "response_format": "mp3"}', "mp3"),
+    (b'{"response_format": "flac", "response_format": "opus"}', "opus"),  # the last of a repeated key, as json.loads
+    (b'{"response_format": "\\u006dp3", "extra": [NaN, Infinity, 1e400, 123456789012345678901234567890]}', "mp3"),
+    (b'{"response_format": "MP3"}', "invalid"), (b'{"response_format": null}', "invalid"), (b"[1]", "invalid"),
+    (b"not json", "invalid"), (b"", "invalid"), (b'{"response_format": "wav"} trailing', "invalid"),
+    (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b', "response_format": "pcm"}', "invalid"),  # nested too deep
+])
+def test_the_requested_format_is_read_from_the_json_body_alone(body, label):
+    assert requested_format(body) == label
