@@ -133,6 +133,32 @@ def test_vectorized_sde_noise_is_reproducible_batch_invariant_and_not_the_tree(t
     assert not np.array_equal(run_to_completion(engine, MIXED_BATCH[:1])[0].audio, audio[0])
 
 
+def test_denoising_steps_never_wait_for_the_device(tiny_pipe):
+    """With the GPU's noise, no step reads a tensor's value on the host (item(), nonzero(): each would make the
+    host wait for every kernel queued, on a GPU): the scheduler found each request's first step by value."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "equal", "is_nonzero"):
+                self.reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    vectorized = BatchedStableAudio(tiny_pipe, SamplingOptions(sde_noise="vectorized"))
+    edit = AudioRequest("a bell", seed=2, audio_length=1.0, num_inference_steps=3, strength=0.5,
+                        init_audio=np.zeros((2, 44100), dtype=np.float32))
+    states = [vectorized.prepare_request(request) for request in (*MIXED_BATCH[:2], edit)]
+    with HostReads() as watched:
+        for _ in range(2):
+            for state, prediction in zip(states, vectorized.forward(states)):
+                vectorized.advance(state, prediction)
+    assert watched.reads == []
+
+
 def test_auto_sde_noise_is_the_tree_on_cpu_and_vectorized_on_cuda(tiny_pipe, engine):
     assert engine.options.sde_noise == "exact"  # the default, resolved for this CPU engine
     assert BatchedStableAudio(tiny_pipe, SamplingOptions(sde_noise="vectorized")).options.sde_noise == "vectorized"

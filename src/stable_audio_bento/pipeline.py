@@ -179,6 +179,9 @@ class BatchedStableAudio:
         else:
             scheduler = self.edit_scheduler(request)
             latents = self.prepare_edit_latents(generator, request.init_audio, scheduler.config.sigma_max, frames)
+        # Its first step is its first timestep: found by value otherwise, with a nonzero() and an item(), two waits
+        # for the GPU on every request's first step.
+        scheduler.set_begin_index(0)
         if self.options.sde_noise == "vectorized":
             scheduler.noise_sampler = GaussianIncrements(generator, latents)
         return StableAudioState(
