@@ -420,7 +420,7 @@ class TimedStages:
         self.prepares: list[tuple[float, float]] = []
         self.decodes: list[tuple[float, float]] = []
 
-    def __getattr__(self, name):  # forward, advance, forward_key, release_memory: the engine's own
+    def __getattr__(self, name):  # forward, advance, forward_key, release_memory, wait_for_device: the engine's own
         return getattr(self.engine, name)
 
     def prepare_request(self, request: AudioRequest):

@@ -1,5 +1,5 @@
 """GPU memory, the same for every model family: how many DiT rows fit, giving back what a failed forward left in
-CUDA's cache, and noise drawn on the host reaching the GPU without a wait."""
+CUDA's cache, noise drawn on the host reaching the GPU without a wait, and waiting for the work queued."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def rows_that_fit(device: torch.device, forward: Callable[[], object], rows: int
     torch.cuda.empty_cache()  # the probe's blocks, still cached, would count as used
     free, _ = torch.cuda.mem_get_info(device)
     return max(2, int(headroom * free / per_row))
+
+
+def wait_for_queued_work(device: torch.device) -> None:
+    """The host runs ahead of a GPU, so a time read before this would leave out the kernels still queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def release_cached_memory(device: torch.device) -> None:

@@ -25,7 +25,7 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 
 from .compilation import eager_forward, prepared_forward
-from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit
+from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit, wait_for_queued_work
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .step_loop import RequestState
 
@@ -147,6 +147,9 @@ class BatchedStableAudio:
 
     def release_memory(self) -> None:
         release_cached_memory(self.device)
+
+    def wait_for_device(self) -> None:
+        wait_for_queued_work(self.device)
 
     # 1. Per-request conditioning, noise and scheduler, computed exactly as StableAudioPipeline does for one prompt.
     @torch.no_grad()

@@ -36,7 +36,7 @@ from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_si
 from diffusers.utils.torch_utils import randn_tensor
 
 from .compilation import eager_forward, prepared_forward
-from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit
+from .cuda_memory import host_drawn_noise, release_cached_memory, rows_that_fit, wait_for_queued_work
 from .generation import AudioRequest, AudioResult, ModelLimits
 from .sa3_edits import encode_reference, inpainting_conditioning, regenerated_frames, variation_start
 from .same_windows import decode_in_windows, decoder_reach_frames, encoder_reach_frames
@@ -146,6 +146,9 @@ class BatchedStableAudio3:
 
     def release_memory(self) -> None:
         release_cached_memory(self.device)
+
+    def wait_for_device(self) -> None:
+        wait_for_queued_work(self.device)
 
     # 1. Per-request conditioning, noise and schedule, computed exactly as StableAudio3Pipeline does for one prompt.
     @torch.no_grad()
