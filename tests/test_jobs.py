@@ -16,7 +16,7 @@ from stable_audio_bento.admission import Admission
 from stable_audio_bento.engine_pool import EnginePool
 from stable_audio_bento.gateway import Delivery, Gateway, GeneratedAudio
 from stable_audio_bento.generation import AudioRequest, ModelLimits
-from stable_audio_bento.jobs import JobStore, new_job_id
+from stable_audio_bento.jobs import PROGRESS_FRESH_S, JobStore, new_job_id
 from stable_audio_bento.protocol import APIError, EditRequest, GenerateRequest
 from stable_audio_bento.serving import RESPONSE_CHUNK_BYTES, ModelCard, streamed
 
@@ -53,6 +53,35 @@ def test_a_job_whose_generation_fails_unforeseen_is_failed_not_queued_forever():
     assert described["status"] == "failed" and described["finished_at"] is not None
     assert described["error"]["code"] == "generation_failed" and "OSError" in described["error"]["message"]
     assert not pending  # its admission slot was given back
+
+
+def test_polls_at_once_share_one_engine_call_and_a_later_poll_asks_again():
+    class CountingGateway(GatewayThatGenerates):
+        calls = 0
+
+        async def generate(self, job, delivery, disconnected=None):
+            await asyncio.sleep(60)
+
+        async def progress(self, ids):
+            self.calls += 1
+            await asyncio.sleep(0.05)
+            return {ids[0]: {"steps_done": self.calls, "steps_total": 100}}
+
+    async def scenario():
+        gateway = CountingGateway(None)
+        store = JobStore(gateway, ttl_s=60, max_finished=10, max_run_s=900)
+        job = store.submit(job_request(), Delivery("wav"))
+        at_once = await asyncio.gather(*[store.describe(job) for _ in range(20)])
+        calls_at_once = gateway.calls
+        await asyncio.sleep(PROGRESS_FRESH_S + 0.05)
+        later = await store.describe(job)
+        job.task.cancel()
+        return at_once, calls_at_once, later, gateway.calls
+
+    at_once, calls_at_once, later, calls = asyncio.run(scenario())
+    assert calls_at_once == 1 and {polled["progress"]["steps_done"] for polled in at_once} == {1}
+    assert all(polled["status"] == "running" for polled in at_once)
+    assert calls == 2 and later["progress"]["steps_done"] == 2
 
 
 def test_a_job_cancelled_before_its_task_first_runs_is_cancelled_and_frees_its_slot():

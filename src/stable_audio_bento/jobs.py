@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 # At a stop, how long a job that has succeeded waits to be fetched: its client polls every fraction of a second
 # (client.py, the playground), so longer means it went away.
 UNFETCHED_AT_STOP_S = 30.0
+# How long one answer of the engines about progress serves the polls that follow (a client polls every fraction of
+# a second): each call names every pending generation, so P clients polling on their own made O(P²) work.
+PROGRESS_FRESH_S = 0.2
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -70,6 +73,8 @@ class JobStore:
         self.max_finished_bytes = max_finished_bytes  # None: no bound
         self._jobs: dict[str, Job] = {}  # in submission order
         self.keys = IdempotencyKeys()
+        self._progress: asyncio.Future | None = None  # the engines' last answer, or the call under way
+        self._progress_asked_at = 0.0
 
     async def create(self, request: GenerateRequest, client: RequestContext) -> tuple[Job, bool]:
         """A new job for the request (an edit's upload decoded, admitted); or, when the client's Idempotency-Key
@@ -195,7 +200,7 @@ class JobStore:
         cannot be asked (it is shutting down, its socket closed, while it finishes what it holds; or restarting)
         leaves the last state read: the job is in flight all the same, and a poll is no place for a 500."""
         try:
-            started = await self.gateway.progress(list(self.gateway.admission.pending))
+            started = await self._engine_progress()
         except Exception as error:  # noqa: BLE001 - whatever the engine call raised, the job's state is known
             logger.info("job %s: the engine's progress is unavailable (%s: %s); its last known state is shown",
                         job.id, type(error).__name__, error)
@@ -204,6 +209,16 @@ class JobStore:
         job.live = ("running" if progress is not None else "queued", progress,
                     self.gateway.admission.queue_position(job.id, set(started)))
         return job.live
+
+    async def _engine_progress(self) -> dict[str, dict[str, int]]:
+        """The progress of every started generation, from one engine call shared by the polls that arrive while it
+        is under way or within PROGRESS_FRESH_S of it."""
+        now = time.monotonic()
+        if self._progress is None or (self._progress.done() and now - self._progress_asked_at > PROGRESS_FRESH_S):
+            self._progress = asyncio.ensure_future(self.gateway.progress(list(self.gateway.admission.pending)))
+            self._progress.add_done_callback(lambda call: call.cancelled() or call.exception())  # seen, if all left
+            self._progress_asked_at = now
+        return await asyncio.shield(self._progress)  # a poll whose client leaves does not cancel the others' call
 
     def _expire(self) -> None:
         now = time.time()
