@@ -115,6 +115,7 @@ def test_traffic_timeout_504_carries_the_request_id_and_is_counted(short_timeout
     (b'{"response_format": "MP3"}', "invalid"), (b'{"response_format": null}', "invalid"), (b"[1]", "invalid"),
     (b"not json", "invalid"), (b"", "invalid"), (b'{"response_format": "wav"} trailing', "invalid"),
     (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b', "response_format": "pcm"}', "invalid"),  # nested too deep
+    (b'{"user": ' + b"[" * 250 + b"]" * 250 + b', "response_format": "flac"}', "flac"),  # what json.loads reads
 ])
 def test_the_requested_format_is_read_from_the_json_body_alone(body, label):
     assert requested_format(body) == label

@@ -66,7 +66,7 @@ def decode(path: Path, limits: ModelLimits) -> tuple[np.ndarray, int]:
         with soundfile.SoundFile(path) as upload:
             # libsndfile ends an MP3 where its first frame's Xing header says: two MP3s joined with `cat` came out
             # as the first alone. ffmpeg decodes every frame.
-            by_ffmpeg = upload.format == "MP3" and shutil.which("ffmpeg") is not None
+            by_ffmpeg = upload.format == "MP3" and all(shutil.which(tool) for tool in ("ffmpeg", "ffprobe"))
             decoded = None if by_ffmpeg else decode_with_libsndfile(upload, limits)
     except (soundfile.LibsndfileError, RuntimeError, TypeError):  # unreadable to libsndfile, on opening or reading
         decoded = None

@@ -13,6 +13,7 @@ over all of them, which makes those the aggregate; the ``stable_audio_engine_*``
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,10 +165,14 @@ class RequestedFormat(BaseModel):
 def requested_format(body: bytes | bytearray) -> str:
     """The JSON body's response_format when it is a known one, ``wav`` when absent, else ``invalid``."""
     try:
-        fields = RequestedFormat.model_validate_json(body)
-    except ValidationError:  # not JSON, not an object, nested too deep to parse
+        return requested_in({"response_format": RequestedFormat.model_validate_json(body).response_format})
+    except ValidationError:  # not JSON, or deeper than pydantic's 200 levels, which the FastAPI routes' json.loads read
+        pass
+    try:
+        fields = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, nested too deep to parse
         return "invalid"
-    return requested_in({"response_format": fields.response_format})
+    return requested_in(fields) if isinstance(fields, dict) else "invalid"
 
 
 def requested_in(fields: dict[str, Any]) -> str:
