@@ -77,6 +77,13 @@ def test_pod_gets_the_gpu_the_engine_asks_for(manifests):
     assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus
 
 
+def test_gpu_deployments_refuse_to_serve_on_the_cpu(manifests):
+    """With the default device (auto), a pod whose CUDA is unusable went ready on the CPU and timed out everything."""
+    (container,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert {"name": "STABLE_AUDIO_DEVICE", "value": "cuda"} in container["env"]
+    assert {"name": "STABLE_AUDIO_DEVICE", "value": "cuda"} in bentocloud()["services"][ENGINE_SERVICE]["envs"]
+
+
 def test_no_deployment_overrides_the_model_baked_into_the_image(manifests):
     """A model setting overrides the stored model (model_store.serving_config): every pod would download the
     weights again, with a token, which is what baking them in avoids."""
