@@ -46,6 +46,42 @@ def test_missing_folder_says_how_to_point_at_weights(tmp_path):
         load_pipeline(EngineConfig(model=str(tmp_path)))
 
 
+def test_an_incomplete_folder_is_not_told_to_download_itself(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ModelLoadError) as refused:
+        load_pipeline(EngineConfig(model=str(tmp_path)))
+    assert f"hf download {tmp_path}" not in str(refused.value)
+    assert "hf download stabilityai/stable-audio-open-1.0 --local-dir DIR" in str(refused.value)
+
+
+@pytest.mark.parametrize(("setting", "value", "named"), [
+    ("device", "tpu", "STABLE_AUDIO_DEVICE='tpu'"), ("dtype", "float8", "STABLE_AUDIO_DTYPE"),
+    ("compile", "cuda-graphs", "STABLE_AUDIO_COMPILE=cuda-graphs needs a CUDA device")])
+def test_unusable_settings_are_told_before_any_weights_are_read(monkeypatch, setting, value, named):
+    """A hub model would be downloaded first (gigabytes) and only then refused."""
+    import stable_audio_bento.loading as loading
+
+    def read_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(loading, "load_pipeline", read_weights)
+    monkeypatch.setattr(loading, "load_sa3_engine", read_weights)
+    config = {"device": "cpu", **{setting: value}}
+    for model in ("stabilityai/stable-audio-open-1.0", "tiny-sa3"):
+        with pytest.raises(ModelLoadError, match=named):
+            load_engine(EngineConfig(model=model, **config))
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sa3"])
+def test_an_unwritable_cache_for_the_tiny_model_is_named(tmp_path, monkeypatch, model):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("STABLE_AUDIO_CACHE", str(blocker / "cache"))
+    with pytest.raises(ModelLoadError, match=r"cannot build the tiny model under .*a-file/cache: NotADirectoryError.*"
+                                             r"Set STABLE_AUDIO_CACHE to a writable folder"):
+        load_engine(EngineConfig(model=model))
+
+
 def test_hub_id_without_network_fails_with_a_hint(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="local diffusers-format folder"):

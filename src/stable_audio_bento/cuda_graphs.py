@@ -75,12 +75,16 @@ class _RecordedForward:
         return self.output.clone()
 
 
+def require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"STABLE_AUDIO_COMPILE=cuda-graphs needs a CUDA device; the engine runs on {device}")
+
+
 class GraphedForward:
     """``forward`` (a DiT forward of tensors, tuples of tensors and Nones) replayed from CUDA graphs on ``device``."""
 
     def __init__(self, forward: Callable[..., torch.Tensor], device: torch.device, max_graphs: int = MAX_GRAPHS):
-        if device.type != "cuda":
-            raise ValueError(f"STABLE_AUDIO_COMPILE=cuda-graphs needs a CUDA device; the engine runs on {device}")
+        require_cuda(device)
         self.forward, self.device, self.max_graphs = forward, device, max_graphs
         self.recorded: OrderedDict[Hashable, _RecordedForward] = OrderedDict()  # least recently used first
         self.seen: set[Hashable] = set()

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from . import sa3_loading
 from .compilation import CUDA_GRAPHS
+from .cuda_graphs import require_cuda
 from .config import EngineConfig
 from .model_cache import cache_root, save_once
 from .pipeline import BatchedStableAudio
@@ -99,6 +101,15 @@ def tiny_model_dir() -> Path:
     return cache_root() / f"tiny-v{TINY_FORMAT_VERSION}"
 
 
+def built_in_cache(build: Callable[[], Path | str]) -> str:
+    """The folder ``build`` returns, having built a tiny model there on first use."""
+    try:
+        return str(build())
+    except OSError as error:  # an unwritable or missing cache folder (a read-only home in a container, say)
+        raise ModelLoadError(f"cannot build the tiny model under {cache_root()}: {type(error).__name__}: {error}. "
+                             "Set STABLE_AUDIO_CACHE to a writable folder") from None
+
+
 def ensure_tiny_model(directory: Path | None = None) -> Path:
     """Build and save the tiny model once; later loads read it back like any diffusers folder."""
     return save_once(directory or tiny_model_dir(), lambda: build_random_pipeline(TINY_SIZE))
@@ -148,6 +159,13 @@ def _parse_dtype(name: str, variable: str) -> torch.dtype:
 def load_engine(config: EngineConfig) -> BatchedStableAudio | BatchedStableAudio3:
     """The served model as its family's stages, compiled if configured (``startup.py`` warms it up); the family is
     read from the model's name or its folder's model_index.json."""
+    # Settings that cannot work are told before the weights are read (or gigabytes downloaded).
+    placement = resolve_placement(config)
+    if config.compile == CUDA_GRAPHS:
+        try:
+            require_cuda(placement.device)
+        except ValueError as error:
+            raise ModelLoadError(f"{error}. Unset STABLE_AUDIO_COMPILE, or choose a torch.compile mode") from None
     if sa3_loading.is_sa3_model(config.weights or config.model):
         engine = load_sa3_engine(config)
     else:
@@ -157,10 +175,7 @@ def load_engine(config: EngineConfig) -> BatchedStableAudio | BatchedStableAudio
                 f" (stored model {config.model_tag})" if config.model_tag else "", engine.device,
                 engine.dtype, engine.vae.dtype, torch.get_num_threads(), engine.options, forward)
     if config.compile:
-        try:
-            engine.compile(config.compile)
-        except ValueError as error:  # a mode this device cannot run
-            raise ModelLoadError(f"{error}. Unset STABLE_AUDIO_COMPILE, or choose a torch.compile mode") from None
+        engine.compile(config.compile)
     return engine
 
 
@@ -183,7 +198,7 @@ def load_sa3_engine(config: EngineConfig) -> BatchedStableAudio3:
             raise ModelLoadError(f"STABLE_AUDIO_LOAD_FORMAT=dummy: {exc}") from None
         logger.info("built full-size %s architecture with random weights (dummy load format)", config.model)
     elif config.load_format == "auto":
-        source = config.weights or sa3_loading.sa3_source(config.model)
+        source = config.weights or built_in_cache(lambda: sa3_loading.sa3_source(config.model))
         try:
             components = sa3_loading.chunked_autoencoder_components(source)
         except ValueError as exc:
@@ -213,7 +228,7 @@ def load_pipeline(config: EngineConfig) -> StableAudioPipeline:
     elif config.weights:
         pipe = _from_pretrained(config.weights)
     elif config.model == TINY:
-        pipe = _from_pretrained(str(ensure_tiny_model()))
+        pipe = _from_pretrained(built_in_cache(ensure_tiny_model))
     else:
         pipe = _from_pretrained(config.model)
     return place_pipeline(pipe, resolve_placement(config))
@@ -239,9 +254,10 @@ def _from_pretrained(source: str, pipeline_class: type = StableAudioPipeline, **
         if cause is not None:  # diffusers refers to a stack trace, which this one-line message replaces
             reason = reason.replace("Please check out the root cause in the stacktrace above.",
                                     f"The cause: {type(cause).__name__}: {cause}")
+        example = "stabilityai/stable-audio-open-1.0" if is_folder else source  # a folder is no hub id to download
         raise ModelLoadError(
             f"{hint}: {reason}. Point STABLE_AUDIO_MODEL at a local diffusers-format folder "
-            f"(e.g. one made with `hf download {source} --local-dir DIR`), "
+            f"(e.g. one made with `hf download {example} --local-dir DIR`), "
             "or use STABLE_AUDIO_MODEL=tiny (or tiny-sa3) for a small random model."
         ) from exc
 
