@@ -151,7 +151,10 @@ def audio_response(audio: GeneratedAudio) -> StreamingResponse:
     return streamed(audio.data, FORMATS[audio.response_format].media_type, audio.headers())
 
 
-@bentoml.service(http={"port": SETTINGS.port}, traffic={"timeout": SETTINGS.request_timeout_s})
+# runner_probe: /readyz asks the engines itself (EngineReadiness): BentoML's probe of them failed with a 500 and
+# tracebacks when one stopped answering
+@bentoml.service(http={"port": SETTINGS.port}, traffic={"timeout": SETTINGS.request_timeout_s},
+                 runner_probe={"enabled": False})
 @bentoml.asgi_app(http_routes, path="/")
 @depends_on_engines(ENGINES)
 class StableAudio:
@@ -177,8 +180,8 @@ class StableAudio:
         self.readiness = EngineReadiness(engine_clients(self))
 
     async def __is_ready__(self) -> bool:
-        """BentoML's /readyz: 503 until every engine has loaded and warmed up its model, and again once draining
-        (before BentoML probes the engines, which may have closed their sockets: that probe raises)."""
+        """BentoML's /readyz: 503 until every engine has loaded and warmed up its model, while one does not answer,
+        and once draining."""
         return not self.admission.draining and await self.readiness.check() is not None
 
     @http_routes.get("/health")

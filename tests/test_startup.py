@@ -186,7 +186,7 @@ class SlowEngine:
 def test_the_front_is_ready_only_when_every_engine_is():
     async def scenario():
         engines = [SlowEngine({"load_s": 1.0, "warmup_s": 2.0}), SlowEngine({"load_s": 3.0, "warmup_s": 0.5})]
-        readiness = EngineReadiness(engines, timeout_s=0.05)
+        readiness = EngineReadiness(engines, timeout_s=0.05, started_timeout_s=0.2)
         assert await readiness.check() is None
         with pytest.raises(APIError) as refused:
             await readiness.require()
@@ -195,7 +195,11 @@ def test_the_front_is_ready_only_when_every_engine_is():
         assert await readiness.check() is None  # one engine still loading
         engines[1].started.set()
         assert await readiness.check() == {"load_s": 3.0, "warmup_s": 2.0}  # the slowest start
-        engines[1].started.clear()  # once ready, kept: the engines are not asked again
+        engines[1].started.clear()  # hung: asked again, with the longer timeout, it does not answer
+        started = time.monotonic()
+        assert await readiness.check() is None
+        assert 0.2 <= time.monotonic() - started < 1
+        engines[1].started.set()
         assert await readiness.require() == {"load_s": 3.0, "warmup_s": 2.0}
 
     asyncio.run(scenario())
