@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -101,6 +102,21 @@ def test_an_unusable_setting_read_at_import_stops_with_one_line(variable, value)
                           text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(f"stable-audio-bento cannot start: {variable}={value!r}")
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_port_in_use_stops_the_server_with_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "bentoml", "serve", ".", "--port", str(port), "--host",
+                               "127.0.0.1"], cwd=REPO, env={**os.environ, "STABLE_AUDIO_MODEL": "tiny"},
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == ("stable-audio-bento cannot start: its port is in use (Address "
+                                                    "already in use); stop what listens there, or serve on another "
+                                                    "with --port")
     assert "Traceback" not in done.stderr + done.stdout
 
 

@@ -17,6 +17,7 @@ a drain was generated all the same and polls showed running jobs as queued.
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 import threading
 from collections.abc import Awaitable, Callable
@@ -51,7 +52,8 @@ async def in_order(steps) -> None:
 def keep_sockets_until_workers_stop() -> None:
     """In the supervisor's process (where BentoML imports service.py too): its stop runs circus's alone, which
     stops the workers (each drains first, see ``stop_after``), and what BentoML's stop ran first (removing the
-    sockets' folder) runs once its start returns, when they have all stopped. Idempotent."""
+    sockets' folder) runs once its start returns, when they have all stopped. A port in use stops the start with one
+    line (after BentoML's own "Could not bind"), not a traceback of 55. Idempotent."""
     from bentoml._internal.utils import circus
     from circus.arbiter import Arbiter as CircusArbiter
 
@@ -62,6 +64,11 @@ def keep_sockets_until_workers_stop() -> None:
     def start(arbiter, cb=None) -> None:
         try:
             bentoml_start(arbiter, cb)  # returns once the loop has stopped: the workers have
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            raise SystemExit(f"stable-audio-bento cannot start: its port is in use ({error.strerror}); stop what "
+                             "listens there, or serve on another with --port") from None
         finally:
             arbiter.exit_stack.close()
 
