@@ -165,7 +165,7 @@ class RequestedFormat(BaseModel):
 def requested_format(body: bytes | bytearray) -> str:
     """The JSON body's response_format when it is a known one, ``wav`` when absent, else ``invalid``."""
     try:
-        return requested_in({"response_format": RequestedFormat.model_validate_json(body).response_format})
+        return format_label(RequestedFormat.model_validate_json(body).response_format)
     except ValidationError:  # not JSON, or deeper than pydantic's 200 levels, which the FastAPI routes' json.loads read
         pass
     try:
@@ -177,5 +177,8 @@ def requested_format(body: bytes | bytearray) -> str:
 
 def requested_in(fields: dict[str, Any]) -> str:
     """The same for a request's fields, read."""
-    value = fields.get("response_format", "wav")
+    return format_label(fields.get("response_format", "wav"))
+
+
+def format_label(value: Any) -> str:
     return value if isinstance(value, str) and value in FORMATS else "invalid"
