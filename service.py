@@ -29,6 +29,7 @@ from stable_audio_bento.engine_workers import (  # noqa: E402
 from stable_audio_bento.gateway import Gateway, GeneratedAudio  # noqa: E402
 from stable_audio_bento.generation import AudioRequest  # noqa: E402
 from stable_audio_bento.graceful_stop import keep_sockets_until_workers_stop, stop_after  # noqa: E402
+from stable_audio_bento.health import EngineReadiness, StallWatchdog  # noqa: E402
 from stable_audio_bento.idempotency import REPLAYED_HEADERS  # noqa: E402
 from stable_audio_bento.jobs import JobStore  # noqa: E402
 from stable_audio_bento.metrics import EngineMetrics, FrontMetrics, RequestMetricsMiddleware  # noqa: E402
@@ -41,9 +42,7 @@ from stable_audio_bento.serving import (  # noqa: E402
     ModelCard, OpenAIErrorMiddleware, RequestGuardMiddleware, current_request, error_headers, install_log_filters,
     streamed,
 )
-from stable_audio_bento.startup import (  # noqa: E402
-    EngineReadiness, front_settings, start_engine, supervise_like_a_container,
-)
+from stable_audio_bento.startup import front_settings, start_engine, supervise_like_a_container  # noqa: E402
 from stable_audio_bento.step_loop import LoopLimits, StepLoop  # noqa: E402
 from stable_audio_bento.tracking import RequestTracker, ResultBoard  # noqa: E402
 
@@ -84,6 +83,7 @@ class StableAudioEngine:
         self.loop = StepLoop(self.engine, self.tracker, LoopLimits(SETTINGS.batching, SETTINGS.max_batch_size,
                                                                    self.engine.options.max_rows))
         self.loop.start()
+        StallWatchdog(self.loop, SETTINGS.stall_timeout_s).start()  # a hung step ends the server, to be restarted
         stop_after(self.results.all_collected)  # SIGTERM: the front collects what is in flight before the socket goes
         self.card = ModelCard(self.config.model, self.engine.limits,
                               self.config.default_inference_steps or self.engine.default_steps,
@@ -177,7 +177,11 @@ class StableAudio:
                              SETTINGS.request_timeout_s, self.config.max_finished_bytes)
         # SIGTERM: 503 to new work; the generations in flight finish, then the jobs that succeeded are fetched
         stop_after(self.admission.drain, self.jobs.all_fetched)
-        self.readiness = EngineReadiness(engine_clients(self))
+        self.readiness = EngineReadiness(engine_clients(self), SETTINGS.stall_timeout_s)
+
+    async def __is_alive__(self) -> bool:
+        """BentoML's /livez: fails once an engine has stopped answering for STABLE_AUDIO_STALL_TIMEOUT_S."""
+        return await self.readiness.alive()
 
     async def __is_ready__(self) -> bool:
         """BentoML's /readyz: 503 until every engine has loaded and warmed up its model, while one does not answer,

@@ -20,8 +20,7 @@ import pytest
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.loading import ModelLoadError, tiny_model_dir
 from stable_audio_bento.local_server import free_port, kill_server, local_server, why_it_stopped
-from stable_audio_bento.protocol import APIError
-from stable_audio_bento.startup import EngineReadiness, explain_failure
+from stable_audio_bento.startup import explain_failure
 
 from conftest import ARTIFACTS, REPO
 
@@ -185,40 +184,6 @@ def test_ready_only_once_the_model_is_loaded_and_warmed_up(model_cache):
         assert body["load_s"] > 0 and body["warmup_s"] > 0
     finally:
         stop(process)
-
-
-class SlowEngine:
-    """An engine client whose start-up report comes only once ``started`` is set, as a real engine answers nothing
-    before its __init__ (load and warm-up) has returned."""
-
-    def __init__(self, report: dict[str, float]):
-        self.started, self.report, self.to_async = asyncio.Event(), report, self
-
-    async def startup_report(self) -> dict[str, float]:
-        await self.started.wait()
-        return self.report
-
-
-def test_the_front_is_ready_only_when_every_engine_is():
-    async def scenario():
-        engines = [SlowEngine({"load_s": 1.0, "warmup_s": 2.0}), SlowEngine({"load_s": 3.0, "warmup_s": 0.5})]
-        readiness = EngineReadiness(engines, timeout_s=0.05, started_timeout_s=0.2)
-        assert await readiness.check() is None
-        with pytest.raises(APIError) as refused:
-            await readiness.require()
-        assert (refused.value.status, refused.value.code) == (503, "not_ready")
-        engines[0].started.set()
-        assert await readiness.check() is None  # one engine still loading
-        engines[1].started.set()
-        assert await readiness.check() == {"load_s": 3.0, "warmup_s": 2.0}  # the slowest start
-        engines[1].started.clear()  # hung: asked again, with the longer timeout, it does not answer
-        started = time.monotonic()
-        assert await readiness.check() is None
-        assert 0.2 <= time.monotonic() - started < 1
-        engines[1].started.set()
-        assert await readiness.require() == {"load_s": 3.0, "warmup_s": 2.0}
-
-    asyncio.run(scenario())
 
 
 def test_out_of_memory_is_named_without_a_traceback():

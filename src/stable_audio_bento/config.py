@@ -139,6 +139,8 @@ class ServiceSettings:
 
     batching [``batching.mode``, overridden by STABLE_AUDIO_BATCHING]: ``continuous`` admits requests into the
         running denoising loop at every step; ``whole`` runs each batch to its end before the next (see step_loop).
+    stall_timeout_s [STABLE_AUDIO_STALL_TIMEOUT_S]: how long one turn of an engine's step loop may run, and an
+        engine may not answer, before it counts as hung (see health).
     """
 
     port: int = 8091
@@ -146,6 +148,7 @@ class ServiceSettings:
     max_batch_size: int = 8
     max_latency_ms: int = 600_000
     batching: BatchingMode = "continuous"
+    stall_timeout_s: float = 600.0
 
     @property
     def arrivals_per_call(self) -> int:
@@ -179,4 +182,5 @@ class ServiceSettings:
             max_latency_ms=batching.get("max_latency_ms", cls.max_latency_ms),
             batching=env_choice(os.environ, "STABLE_AUDIO_BATCHING", BATCHING_MODES,
                                 default=batching.get("mode", cls.batching)),
+            stall_timeout_s=env_seconds(os.environ, "STABLE_AUDIO_STALL_TIMEOUT_S", cls.stall_timeout_s),
         )

@@ -19,6 +19,9 @@ from .generation import AudioRequest
 # How long a released generation's placement is kept: a cancel sent while the request is being abandoned (the
 # handler may be cancelled itself meanwhile) still finds the engine that holds it.
 PLACEMENT_GRACE_S = 30.0
+# How long a started engine may take to answer a call that does no work (its model card, its start-up report),
+# however busy: its event loop runs apart from the step loop's thread. An engine still loading answers nothing.
+QUICK_ANSWER_S = 4.0
 
 
 class EnginePool:
@@ -30,8 +33,10 @@ class EnginePool:
         self._turn = 0
 
     async def describe(self) -> dict:
-        """The model card; every engine must answer it, and all the same."""
-        cards = await asyncio.gather(*(engine.to_async.describe() for engine in self.engines))
+        """The model card; every engine must answer it within QUICK_ANSWER_S (else TimeoutError: one is loading its
+        model, or hung), and all the same."""
+        cards = await asyncio.wait_for(asyncio.gather(*(engine.to_async.describe() for engine in self.engines)),
+                                       QUICK_ANSWER_S)
         if any(card != cards[0] for card in cards[1:]):
             raise RuntimeError(f"the engines serve different models: {[card['model'] for card in cards]}")
         return cards[0]

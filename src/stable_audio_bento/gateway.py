@@ -85,6 +85,8 @@ class Gateway:
         if self._card is None:
             try:
                 described = await self.engines.describe()
+            except TimeoutError as exc:
+                raise self.engine_unavailable("it does not answer (still loading its model, or hung)") from exc
             except Exception as exc:
                 logger.exception("the engines could not be asked for their model")
                 raise self.engine_unavailable(type(exc).__name__) from exc

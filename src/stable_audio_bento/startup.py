@@ -13,16 +13,12 @@ whoever runs it (Kubernetes, a restart policy) decides about restarting. The eng
 once and exits without raising: an exception out of a service's ``__init__`` is printed by BentoML, Starlette and
 uvicorn, three tracebacks per attempt.
 
-Readiness. A worker's uvicorn serves only after the service's ``__init__`` has returned, so warming up inside the
-engine's ``__init__`` keeps the engine unanswered until the first generation has run. The front's ``/readyz``
-(``__is_ready__``) and ``/health`` ask the engines (``EngineReadiness``), short while they start, longer once they
-have answered. BentoML's own probe of the engines (``runner_probe``) is off: an engine that stopped answering made
-it fail with a 500 and two tracebacks per probe.
+A worker's uvicorn serves only after the service's ``__init__`` has returned, so warming up inside the engine's
+``__init__`` keeps the engine unanswered until the first generation has run; the probes (health) rely on that.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -40,7 +36,6 @@ from .engine_workers import own_device
 from .generation import AudioRequest
 from .loading import ModelLoadError, fit_rows_to_free_memory, load_engine
 from .model_store import serving_config
-from .protocol import APIError
 from .serving import GuardSettings
 from .step_loop import run_to_completion
 
@@ -51,10 +46,6 @@ logger = logging.getLogger(__name__)
 # selection and allocator growth happen before the first request instead of in it.
 WARM_UP = AudioRequest("warm-up", seed=0, audio_length=1.0, guidance_scale=7.0, num_inference_steps=2,
                        id="warm-up")
-# How long /readyz and /health wait for a starting engine's answer before saying "not ready" (Kubernetes' default
-# probe timeout is 1 s); and for one that has answered before, busy with generations (the manifest's is 5 s).
-PROBE_TIMEOUT_S = 0.5
-STARTED_PROBE_TIMEOUT_S = 4.0
 # The engine worker's exit status when its model cannot be served; `bentoml serve` itself then exits with 1.
 EXIT_MODEL_UNAVAILABLE = 3
 
@@ -121,41 +112,6 @@ def front_settings(capacity: int) -> FrontConfig:
         exit_worker(f"cannot start the front: {_one_line(exc)}. The server stops; fix the setting and start it again.")
 
 
-class EngineReadiness:
-    """The front's view of the engines. An engine answers calls only once its ``__init__`` has loaded and warmed up
-    the model, and until then a call waits unanswered; so this asks each with a short timeout until its first
-    answer, and then with a longer one (a busy engine answers slower), every time: a hung engine makes the front not
-    ready. (One that exits ends the whole server.)"""
-
-    def __init__(self, engines: list[Any], timeout_s: float = PROBE_TIMEOUT_S,
-                 started_timeout_s: float = STARTED_PROBE_TIMEOUT_S):
-        self.engines, self.timeout_s, self.started_timeout_s = engines, timeout_s, started_timeout_s
-        self.reports: dict[int, dict[str, float]] = {}
-
-    async def check(self) -> dict[str, float] | None:
-        """When every engine answers, the slowest start (load_s, warmup_s) as a dict; else None."""
-        answered = await asyncio.gather(*(self._ask(index, engine) for index, engine in enumerate(self.engines)))
-        if not all(answered):
-            return None
-        first = self.reports[0]
-        return {key: max(report[key] for report in self.reports.values()) for key in first}
-
-    async def _ask(self, index: int, engine: Any) -> bool:
-        timeout_s = self.started_timeout_s if index in self.reports else self.timeout_s
-        try:
-            self.reports[index] = await asyncio.wait_for(engine.to_async.startup_report(), timeout_s)
-        except Exception:  # noqa: BLE001 - loading or hung (timeout), or not reachable: not ready either way
-            return False
-        return True
-
-    async def require(self) -> dict[str, float]:
-        """For /health: the report, or a 503 saying the model is not ready yet."""
-        if (report := await self.check()) is None:
-            raise APIError("not ready: the model engine is loading or warming up the model, or not answering",
-                           status=503, code="not_ready", retry_after=5)
-        return report
-
-
 def explain_failure(config: EngineConfig | None, exc: BaseException) -> str:
     """One line: what could not be served, why, and what to do about it."""
     if config is None:  # the environment itself is invalid
@@ -178,7 +134,8 @@ def explain_failure(config: EngineConfig | None, exc: BaseException) -> str:
     return f"{what}: {why}. The server stops; fix the setting and start it again."
 
 
-def exit_worker(message: str, traceback_of: BaseException | None = None) -> None:
+def exit_worker(message: str, traceback_of: BaseException | None = None,
+                status: int = EXIT_MODEL_UNAVAILABLE) -> None:
     """Logs the failure once (after the traceback of an unexpected one) and ends this worker process at once:
     raising would make BentoML, Starlette and uvicorn print it three times, and there is nothing to clean up."""
     if traceback_of is not None:
@@ -188,7 +145,7 @@ def exit_worker(message: str, traceback_of: BaseException | None = None) -> None
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EXIT_MODEL_UNAVAILABLE)
+    os._exit(status)
 
 
 def _is_explained(config: EngineConfig | None, exc: BaseException) -> bool:

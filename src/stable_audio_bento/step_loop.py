@@ -154,6 +154,7 @@ class StepLoop:
         self._active: list[_Held] = []
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._turn_started: float | None = None  # perf_counter() while a turn runs
         self.finished = 0  # requests that have left the loop, for any reason
 
     def submit(self, request: AudioRequest, deliver: Callable[[AudioResult], None]) -> None:
@@ -170,17 +171,26 @@ class StepLoop:
     def active_rows(self) -> int:
         return sum(held.request.rows for held in self._active)
 
+    @property
+    def turn_seconds(self) -> float:
+        """How long the turn now running has run so far (0 between turns), for a watchdog in another thread."""
+        started = self._turn_started
+        return 0.0 if started is None else time.perf_counter() - started
+
     def step(self) -> None:
         """One turn of the loop: drop the stopped, admit, one denoising step for all, retire the finished."""
-        started = time.perf_counter()
-        with self._wakeup:
-            self._waiting.extend(self._incoming)
-            self._incoming.clear()
-        self._drop_interrupted()
-        self._admit()
-        for group in self._forward_groups():
-            self._step_group(group)
-        self._retire_finished()
+        self._turn_started = started = time.perf_counter()
+        try:
+            with self._wakeup:
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+            self._drop_interrupted()
+            self._admit()
+            for group in self._forward_groups():
+                self._step_group(group)
+            self._retire_finished()
+        finally:
+            self._turn_started = None
         self._tell_monitor(self.monitor.on_turn, time.perf_counter() - started)
 
     def run_until_idle(self) -> None:
