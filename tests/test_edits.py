@@ -318,7 +318,7 @@ def test_initial_latents_are_encoded_audio_plus_scaled_noise(engine):
     request = edit(seed=123, strength=0.3)
     state = engine.prepare_request(request)
     generator = torch.Generator().manual_seed(123)
-    shape = (1, 64, 1024)
+    shape = (1, engine.transformer.config.in_channels, 1024)
     noise = torch.randn(shape, generator=generator)  # first draw: the initial noise, as text-to-audio's
     posterior_noise = torch.randn(shape, generator=generator)  # second: the VAE posterior's sample
     with torch.no_grad():
