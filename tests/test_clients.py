@@ -306,7 +306,24 @@ def test_a_bad_request_or_a_retry_past_the_timeout_is_not_sent_again(stand_in, t
     started = time.monotonic()
     assert client.main(["a bell", "--url", url, "--timeout", timeout, "-o", str(tmp_path / "out.wav")]) == 1
     assert time.monotonic() - started < 5 and handler.seen == [("POST", "/v1/audio/jobs")]
-    assert f"error {refusal[0]}: " in capsys.readouterr().err and not (tmp_path / "out.wav").exists()
+    err = capsys.readouterr().err
+    assert f"error {refusal[0]}: the server is busy\n" in err and not (tmp_path / "out.wav").exists()  # the message
+    assert ("asks to retry after 30 s, past --timeout" in err) == (refusal[0] == 429)
+
+
+@pytest.mark.parametrize(("errno", "retried"), [(socket.EAI_NONAME, False), (socket.EAI_AGAIN, True)],
+                         ids=["no-such-host", "lookup-failed-for-now"])
+def test_a_host_that_does_not_exist_fails_at_once_and_a_failed_lookup_is_tried_again(tmp_path, capsys, monkeypatch,
+                                                                                      errno, retried):
+    def lookup(host, *args, **kwargs):
+        raise socket.gaierror(errno, "looked up in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    started = time.monotonic()
+    url = "http://stable-audio.example:8091"
+    assert client.main(["a bell", "--url", url, "--timeout", "3", "--quiet", "-o", str(tmp_path / "out.wav")]) == 1
+    assert (time.monotonic() - started >= 2) == retried
+    assert ("retrying until --timeout" in capsys.readouterr().err) == retried
 
 
 @pytest.mark.parametrize("url", ["htp://127.0.0.1:{port}", "http://127.0.0.1:{port}x", "https://127.0.0.1:{port}"],

@@ -47,6 +47,8 @@ SUBMISSION_RETRIED_STATUSES = (409, *TRANSIENT_STATUSES)
 # A submission answered with these made no job (a refusal, a redirect); see made_nothing.
 NOTHING_MADE_STATUSES = (*range(300, 400), 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 503)
 ACTIVE = ("queued", "running")
+# Name lookups that say the host does not exist, as a mistyped --url does; not EAI_AGAIN, a resolver failing for now.
+NO_SUCH_HOST = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 CANCEL_TIMEOUT_S = 10.0  # the client is already giving up: a cancel that hangs must not keep it from exiting
 MAX_TIMEOUT_S = 30 * 86400.0
 MIN_CALL_TIMEOUT_S = 0.5  # a call at the deadline still gets this long, so that its failure says why
@@ -303,6 +305,9 @@ def retrying(attempt: Callable[[], T], deadline: float, show: "ProgressBar", wha
                 raise
             wait = retry_after(error) if isinstance(error, urllib.error.HTTPError) else DEFAULT_RETRY_AFTER_S
             if time.monotonic() + wait > deadline:
+                if wait > DEFAULT_RETRY_AFTER_S:
+                    show.note(f"{what} failed ({describe(error)}); the server asks to retry after {wait:g} s, "
+                              "past --timeout")
                 raise
             if not reported:
                 show.note(f"{what} failed ({describe(error)}); retrying until --timeout")
@@ -312,13 +317,16 @@ def retrying(attempt: Callable[[], T], deadline: float, show: "ProgressBar", wha
 
 def never_passes(error: BaseException) -> bool:
     """A failure no retry gets past: a URL that cannot be used (an unknown scheme, no host, a port that is not a
-    number), or a TLS handshake that failed for good (a certificate that does not verify, TLS to a plain HTTP
-    port). A connection cut during the handshake may pass, and is tried again."""
+    number), a host name that does not exist (not a lookup that failed for now), or a TLS handshake that failed for
+    good (a certificate that does not verify, TLS to a plain HTTP port). A connection cut during the handshake may
+    pass, and is tried again."""
     if isinstance(error, http.client.InvalidURL):
         return True
     if isinstance(error, urllib.error.HTTPError) or not isinstance(error, urllib.error.URLError):
         return False  # an answer (its status decides), or a failure on the way
     reason = error.reason
+    if isinstance(reason, socket.gaierror):
+        return reason.errno in NO_SUCH_HOST
     cut = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
     return isinstance(reason, str) or isinstance(reason, ssl.SSLError) and not isinstance(reason, cut)
 
@@ -467,6 +475,16 @@ def stops_deferred(show: "ProgressBar") -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+def error_message(body: bytes) -> str:
+    """What an error answer says: our API's message, else the first line of the body (a proxy's page), cut short."""
+    text = body.decode(errors="replace")
+    try:
+        return str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        lines = text.strip().splitlines() or ["(no body)"]
+        return lines[0][:200] + (" …" if len(lines) > 1 or len(lines[0]) > 200 else "")
+
+
 def retry_after(error: urllib.error.HTTPError) -> float:
     """The refusal's Retry-After in seconds (the server sends whole seconds), else a default."""
     try:
@@ -529,7 +547,7 @@ def run(args: argparse.Namespace) -> int:
             bar.note(f"error {error.code}: the server redirects to {error.headers.get('Location')}, which is not "
                      "followed (it would get the API key): give that address as --url")
         else:
-            bar.note(f"error {error.code}: {error.read().decode(errors='replace')}")
+            bar.note(f"error {error.code}: {error_message(error.read())}")
         return 1
     except (OSError, RuntimeError, ValueError, http.client.HTTPException) as error:  # URLError and TimeoutError
         # are OSErrors, as is an unreadable file; HTTPException: a response cut short or garbled, past --timeout;
