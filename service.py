@@ -174,7 +174,7 @@ class StableAudio:
         self.admission = Admission(self.config.max_pending, capacity, on_pending_change=FrontMetrics.get().pending.set)
         self.gateway = Gateway(EnginePool(engine_clients(self), SETTINGS.result_wait_s), self.admission)
         self.jobs = JobStore(self.gateway, self.config.job_ttl_s, self.config.max_finished_jobs,
-                             SETTINGS.request_timeout_s, self.config.max_finished_bytes)
+                             SETTINGS.request_timeout_s, self.config.max_finished_bytes, FrontMetrics.get().count_job)
         # SIGTERM: 503 to new work; the generations in flight finish, then the jobs that succeeded are fetched
         stop_after(self.admission.drain, self.jobs.all_fetched)
         self.readiness = EngineReadiness(engine_clients(self), SETTINGS.stall_timeout_s)

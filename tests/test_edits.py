@@ -435,9 +435,14 @@ def test_bad_edits_are_4xx_naming_the_field(server, case):
     assert error["param"] == param and error["type"].endswith("_error") and error["message"]
 
 
-def test_json_body_on_the_edits_route_is_a_400_naming_audio(server):
-    response = httpx.post(server + "/v1/audio/edits", json={"input": "a cello", "audio": "/etc/hostname"}, timeout=60)
-    assert response.status_code == 400 and response.json()["error"]["param"] == "audio"
+@pytest.mark.parametrize("route", ["/v1/audio/edits", "/v1/audio/edits/jobs"])
+def test_a_body_that_is_not_a_form_on_an_edits_route_is_a_415_naming_audio(server, route):
+    json_body = httpx.post(server + route, json={"input": "a cello", "audio": "/etc/hostname"}, timeout=60)
+    url_encoded = httpx.post(server + route, data={"input": "a cello", "audio": "/etc/hostname"}, timeout=60)
+    for response in (json_body, url_encoded):
+        error = response.json()["error"]
+        assert (response.status_code, error["param"]) == (415, "audio")
+        assert "multipart form data" in error["message"] and "curl -F audio=@FILE" in error["message"]
 
 
 BIG_TEXT_PART = (b'--B\r\nContent-Disposition: form-data; name="audio"\r\n\r\n' + b"RIFF" * (1 << 18) + b"x"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def test_traffic_timeout_504_carries_the_request_id_and_is_counted(short_timeout
     url = short_timeout_server
     key = 'stable_audio_requests_total{endpoint="/v1/audio/generate",format="wav",status="504"}'
     before = metric_samples(url, "stable_audio_requests_total{").get(key, 0)
+    outcomes = metric_samples(url, "stable_audio_engine_generations_total{")
 
     def post(headers):
         return httpx.post(url + "/v1/audio/generate", json=SLOW, headers=headers, timeout=120)
@@ -102,10 +104,22 @@ def test_traffic_timeout_504_carries_the_request_id_and_is_counted(short_timeout
     assert given.headers["x-request-id"] == "t504"
     assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-request-id"])
     assert metric_samples(url, "stable_audio_requests_total{").get(key, 0) == before + 2
+    # expired, as with a `timeout` of its own, not cancelled by a client that went away (counted at the engine's
+    # next step boundary)
+    expired = {'stable_audio_engine_generations_total{outcome="deadline_exceeded",worker="0"}': 2}
+    deadline = time.monotonic() + 30
+    while (ended := new_counts(outcomes, metric_samples(url, "stable_audio_engine_generations_total{"))) != expired \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ended == expired
     access_lines = [line for line in LOG.read_text(errors="replace").splitlines()
                     if "status=504" in line and "/v1/audio/generate" in line]
     assert any("[request_id=t504]" in line for line in access_lines), access_lines
     assert any(f"[request_id={generated.headers['x-request-id']}]" in line for line in access_lines), access_lines
+
+
+def new_counts(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: value - before.get(name, 0) for name, value in after.items() if value != before.get(name, 0)}
 
 
 @pytest.mark.parametrize(("body", "label"), [
@@ -116,6 +130,8 @@ def test_traffic_timeout_504_carries_the_request_id_and_is_counted(short_timeout
     (b"not json", "invalid"), (b"", "invalid"), (b'{"response_format": "wav"} trailing', "invalid"),
     (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b', "response_format": "pcm"}', "invalid"),  # nested too deep
     (b'{"user": ' + b"[" * 250 + b"]" * 250 + b', "response_format": "flac"}', "flac"),  # what json.loads reads
+    # refused before any parser reads them (not UTF-8, or with a byte order mark), though json.loads would read them
+    (b'\xef\xbb\xbf{"response_format": "flac"}', "invalid"), ('{"response_format": "mp3"}'.encode("utf-16"), "invalid"),
 ])
 def test_the_requested_format_is_read_from_the_json_body_alone(body, label):
     assert requested_format(body) == label

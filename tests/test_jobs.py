@@ -16,7 +16,7 @@ from stable_audio_bento.admission import Admission
 from stable_audio_bento.engine_pool import EnginePool
 from stable_audio_bento.gateway import Delivery, Gateway, GeneratedAudio
 from stable_audio_bento.generation import AudioRequest, ModelLimits
-from stable_audio_bento.jobs import PROGRESS_FRESH_S, JobStore, new_job_id
+from stable_audio_bento.jobs import EXPIRY_LATENESS_S, PROGRESS_FRESH_S, JobStore, new_job_id
 from stable_audio_bento.protocol import APIError, EditRequest, GenerateRequest
 from stable_audio_bento.serving import RESPONSE_CHUNK_BYTES, ModelCard, streamed
 
@@ -97,6 +97,25 @@ def test_a_job_cancelled_before_its_task_first_runs_is_cancelled_and_frees_its_s
     assert described["result_url"] is None and not pending
 
 
+def test_each_ended_job_is_told_once_with_its_outcome():
+    async def outcome_of(generated, cancel: bool = False) -> list[str]:
+        told: list[str] = []
+        store = JobStore(GatewayThatGenerates(generated), ttl_s=60, max_finished=10, max_run_s=900,
+                         on_finished=told.append)
+        job = store.submit(job_request(), Delivery())
+        if cancel:
+            await store.cancel(job.id)
+        await asyncio.wait([job.task])
+        await asyncio.sleep(0)  # the task's done callback
+        await store.cancel(job.id)  # a cancel after the end changes nothing
+        return told
+
+    assert asyncio.run(outcome_of(GeneratedAudio(b"RIFF", "wav", 1, 1, 1.0))) == ["succeeded"]
+    assert asyncio.run(outcome_of(GeneratedAudio(b"RIFF", "wav", 1, 1, 1.0), cancel=True)) == ["cancelled"]
+    assert asyncio.run(outcome_of(OSError("No space left on device"))) == ["generation_failed"]
+    assert asyncio.run(outcome_of(APIError("too slow", status=504, code="timeout"))) == ["timeout"]
+
+
 def test_finished_jobs_are_forgotten_without_anyone_polling():
     async def scenario():
         store = JobStore(GatewayThatGenerates(GeneratedAudio(b"\0" * 1000, "wav", 1, 1, 1.0)), ttl_s=60,
@@ -107,6 +126,20 @@ def test_finished_jobs_are_forgotten_without_anyone_polling():
         return len(store._jobs)
 
     assert asyncio.run(scenario()) == 2
+
+
+def test_a_finished_job_is_forgotten_when_it_expires_on_an_idle_server():
+    async def scenario():
+        store = JobStore(GatewayThatGenerates(GeneratedAudio(b"\0" * 1000, "wav", 1, 1, 1.0)), ttl_s=0.3,
+                         max_finished=10, max_run_s=900)
+        job = store.submit(job_request(), Delivery())
+        await asyncio.wait([job.task])
+        await asyncio.sleep(0)  # the task's done callback
+        kept = len(store._jobs)
+        await asyncio.sleep(0.3 + EXPIRY_LATENESS_S + 0.2)  # nobody submits, polls or fetches meanwhile
+        return kept, len(store._jobs)
+
+    assert asyncio.run(scenario()) == (1, 0)
 
 
 def test_finished_jobs_hold_at_most_their_byte_budget_and_the_newest_is_kept_whatever_its_size():

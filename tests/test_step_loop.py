@@ -121,12 +121,12 @@ class FailingFor(GenerationMonitor):
     def on_forward(self, requests, rows, seconds):
         self.maybe_fail("on_forward")
 
-    def on_turn(self, seconds):
-        self.maybe_fail("on_turn")
+    def on_work(self, seconds):
+        self.maybe_fail("on_work")
 
 
 @pytest.mark.parametrize("hook, victim_fails", [("interruption", True), ("forward_key", True), ("on_step", False),
-                                                 ("on_forward", False), ("on_turn", False)])
+                                                 ("on_forward", False), ("on_work", False)])
 def test_a_hook_that_raises_for_one_request_costs_at_most_that_request(engine, alone, monkeypatch, hook,
                                                                       victim_fails):
     """Whether a request was stopped or which forward it joins cannot be known when the hook raises, so that request
@@ -160,6 +160,33 @@ def test_the_queue_time_ends_where_prepare_starts(engine, monkeypatch):
     monkeypatch.setattr(drive.loop.family, "prepare_request", slow_prepare)
     result = drive.run(monkeypatch, {0: ["short"]})["short"]
     assert result.started_at <= entered[0] and result.timings["prepare_s"] >= 0.2
+
+
+def test_the_loops_work_is_told_as_it_goes_and_adds_up_to_its_turns(engine):
+    """A long turn (an edit's encoding, many decodes) must not show as idle until it ends and then as a burst."""
+    class WorkLog(GenerationMonitor):
+        def __init__(self):
+            self.told: list[tuple[float, float]] = []  # (when, seconds)
+
+        def on_work(self, seconds):
+            self.told.append((time.perf_counter(), seconds))
+
+    log, request = WorkLog(), BY_ID["negative"]
+    loop = StepLoop(engine, log)
+    results = []
+    loop.submit(request, results.append)
+    started = time.perf_counter()
+    loop.step()  # admits and prepares the request, and runs its first step
+    first_turn = time.perf_counter() - started
+    loop.run_until_idle()
+    [result] = results
+    calls = len(log.told)
+    assert calls >= 1 + request.num_inference_steps + 2  # prepare, each step, the device wait and the decode
+    assert log.told[0][1] == pytest.approx(result.timings["prepare_s"], abs=0.01)
+    assert sum(1 for when, _ in log.told if when <= started + first_turn) >= 2  # told mid-turn: prepared, stepped
+    told = sum(seconds for _, seconds in log.told)
+    assert told <= time.perf_counter() - started
+    assert told >= result.timings["prepare_s"] + result.timings["denoise_s"] + result.timings["decode_s"]
 
 
 def test_neighbours_cancelled_or_expiring_mid_run_leave_the_others_exact(engine, alone, monkeypatch):

@@ -125,7 +125,9 @@ class Gateway:
 
     async def serve(self, request: GenerateRequest, client: RequestContext) -> GeneratedAudio:
         """A request whose client waits for the audio: validated, admitted, generated unless the client leaves."""
-        job = await self.prepare(request, client.request_id)
+        # Bounded by the traffic timeout too: past it the engine counts the request as expired, not as cancelled
+        # by its client, and the 504 comes from here, a moment before the timeout's own.
+        job = (await self.prepare(request, client.request_id)).due_by(client.deadline)
         with self.admission.admit(job.id):
             return await self.generate(job, Delivery.of(request), client.disconnected)
 

@@ -5,7 +5,7 @@ hooks that watch it while it runs, and the limits of the served model. Plain dat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal, Optional
 
 import numpy as np
@@ -55,6 +55,12 @@ class AudioRequest:
         """How logs name this request: the client's request id when there is one."""
         return self.request_id or self.id
 
+    def due_by(self, latest: float | None) -> "AudioRequest":
+        """This request with its deadline no later than ``latest`` (time.time(); None: no bound)."""
+        if latest is None or (self.deadline is not None and self.deadline <= latest):
+            return self
+        return replace(self, deadline=latest)
+
 
 # unknown_generation: the engine holds no such request (it restarted since, or forgot it): the front may send it again.
 Failure = Literal["cancelled", "deadline_exceeded", "server_error", "unknown_generation"]
@@ -103,8 +109,10 @@ class GenerationMonitor:
         """Called after each batched denoising step: one DiT forward over ``rows`` rows of ``requests`` requests,
         and their own solver steps."""
 
-    def on_turn(self, seconds: float) -> None:
-        """Called after each turn of the loop: its admissions (text and audio encoding), steps and decodes."""
+    def on_work(self, seconds: float) -> None:
+        """Called as the loop works, with the seconds since the last call: after each request's preparation (text
+        and audio encoding), each batched step, the wait for the device, each decode, and at the end of a turn.
+        Together, all the time the loop worked, told as it goes rather than once a long turn has ended."""
 
     def on_finish(self, request: AudioRequest, result: AudioResult) -> None:
         """Called once per request when it leaves the loop: with its audio, failed, or stopped."""

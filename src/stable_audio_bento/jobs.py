@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -63,14 +64,19 @@ class Job:
         return self.finished_at is not None
 
 
+EXPIRY_LATENESS_S = 0.5
+
+
 class JobStore:
     """max_run_s: the longest a job may run, its ``timeout`` or not, as a direct request is cut by the traffic
-    timeout: a drain, which waits for every job in flight, ends within the same bound."""
+    timeout: a drain, which waits for every job in flight, ends within the same bound. on_finished: told each
+    job's outcome once it has ended (``succeeded``, ``cancelled``, or its error's code), for the metrics."""
 
     def __init__(self, gateway: Gateway, ttl_s: float, max_finished: int, max_run_s: float,
-                 max_finished_bytes: int | None = None):
+                 max_finished_bytes: int | None = None, on_finished: Callable[[str], None] = lambda outcome: None):
         self.gateway, self.ttl_s, self.max_finished, self.max_run_s = gateway, ttl_s, max_finished, max_run_s
         self.max_finished_bytes = max_finished_bytes  # None: no bound
+        self.on_finished = on_finished
         self._jobs: dict[str, Job] = {}  # in submission order
         self.keys = IdempotencyKeys()
         self._progress: asyncio.Future | None = None  # the engines' last answer, or the call under way
@@ -100,9 +106,7 @@ class JobStore:
     def submit(self, request: AudioRequest, delivery: Delivery) -> Job:
         """Admits the job (429/503 like a synchronous request) and starts it."""
         self._expire()
-        latest = time.time() + self.max_run_s
-        if request.deadline is None or request.deadline > latest:
-            request = replace(request, deadline=latest)
+        request = request.due_by(time.time() + self.max_run_s)
         job = Job(request, delivery, self.gateway.admission.admit(request.id))
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
         job.task.add_done_callback(lambda _: self._settle(job))
@@ -132,8 +136,11 @@ class JobStore:
             self.keys.free(job.id)
         job.slot.release()
         job.finished_at = time.time()
+        self.on_finished(job.status if job.status != "failed" else job.error.code or "failed")
         job.request = replace(job.request, init_audio=None)  # finished jobs need not hold the upload
         self._expire()  # the store stays bounded whether or not anyone polls
+        # and the audio goes when the job expires, on an idle server too (a moment past, so that it has expired)
+        asyncio.get_running_loop().call_later(self.ttl_s + EXPIRY_LATENESS_S, self._expire)
 
     def get(self, job_id: str) -> Job:
         self._expire()

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .audio import FORMATS
 from .generation import AudioRequest, AudioResult
-from .serving import CLIENT_CLOSED_REQUEST, JSON_BODY_PATHS, UPLOAD_FORM_SCOPE_KEY, UPLOAD_PATHS
+from .serving import CLIENT_CLOSED_REQUEST, JSON_BODY_PATHS, UPLOAD_FORM_SCOPE_KEY, UPLOAD_PATHS, unreadable_json_text
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0)
 RATIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0)
@@ -31,6 +31,7 @@ RATIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 1
 class FrontMetrics:
     requests: Any  # Counter: generation requests by endpoint, status and response_format
     pending: Any  # Gauge: generations queued or running
+    jobs: Any  # Counter: jobs that ended, by outcome (succeeded, cancelled, or the error's code)
 
     @classmethod
     @functools.cache
@@ -42,7 +43,13 @@ class FrontMetrics:
                                         "and requested response_format", ["endpoint", "status", "format"]),
             pending=prometheus.Gauge("stable_audio_pending_generations", "Generations admitted and not finished "
                                      "(queued or running)", multiprocess_mode="livesum"),
+            jobs=prometheus.Counter("stable_audio_jobs", "Jobs that ended, by outcome: succeeded, cancelled, or "
+                                    "the error's code (timeout, generation_failed, engine_unavailable, ...)",
+                                    ["outcome"]),
         )
+
+    def count_job(self, outcome: str) -> None:
+        self.jobs.labels(outcome).inc()
 
 
 @dataclass
@@ -73,7 +80,8 @@ class EngineMetrics:
             step_rows=prometheus.Histogram("stable_audio_step_rows", "DiT rows per batched forward",
                                            buckets=sorted({*batch_buckets, 2 * max_batch_size})),
             step_seconds=prometheus.Histogram("stable_audio_denoise_step_seconds",
-                                              "Seconds per batched denoising step (DiT forward and solver steps)",
+                                              "Seconds per batched denoising step (DiT forward and solver "
+                                              "steps); on a GPU, the host's time to queue them",
                                               buckets=STEP_BUCKETS),
             audio_seconds=prometheus.Counter("stable_audio_generated_audio_seconds", "Seconds of audio generated"),
             seconds_per_audio_second=prometheus.Histogram(
@@ -140,7 +148,8 @@ class RequestMetricsMiddleware:
             if message["type"] == "http.response.start":
                 answered, status = True, message["status"]
                 if path in UPLOAD_PATHS:
-                    label = requested_in(form["fields"]) if "fields" in form else "unread"
+                    label = (requested_in(form["fields"]) if "fields" in form
+                             else "invalid" if status == 415 else "unread")  # 415: not a form, so no request
                 else:
                     label = "unread" if status in (401, 413) else requested
                 FrontMetrics.get().requests.labels(path, str(status), label).inc()
@@ -163,7 +172,10 @@ class RequestedFormat(BaseModel):
 
 
 def requested_format(body: bytes | bytearray) -> str:
-    """The JSON body's response_format when it is a known one, ``wav`` when absent, else ``invalid``."""
+    """The JSON body's response_format when it is a known one, ``wav`` when absent, else ``invalid`` (also for a
+    body the JSON routes refuse to read)."""
+    if unreadable_json_text(bytes(body)) is not None:
+        return "invalid"
     try:
         return format_label(RequestedFormat.model_validate_json(body).response_format)
     except ValidationError:  # not JSON, or deeper than pydantic's 200 levels, which the FastAPI routes' json.loads read

@@ -250,6 +250,7 @@ class RequestContext:
     request_id: str
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     idempotency_key: str | None = None  # the Idempotency-Key header, as sent (the job store checks it)
+    deadline: float | None = None  # time.time() when the server's traffic timeout ends the request
 
 
 _current_request: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar("request", default=None)
@@ -314,8 +315,14 @@ async def read_upload_form(scope, body: bytes, file_field: str, max_text_bytes: 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
 
+    request = Request({**scope, "method": "POST"}, receive)
+    content_type = request.headers.get("content-type", "no Content-Type")
+    if content_type.split(";")[0].strip().lower() != "multipart/form-data":
+        raise APIError(f"send the request as multipart form data with the file as {file_field} (curl -F "
+                       f"{file_field}=@FILE -F input=...), not as {shown(content_type, 40)}", param=file_field,
+                       status=415)
     try:  # no part is larger than the body, already whole: the bound on text is checked below, on all of it
-        form = await Request({**scope, "method": "POST"}, receive).form(
+        form = await request.form(
             max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS, max_part_size=len(body) + 1)
     except (MultiPartException, HTTPException) as error:  # BentoML's own reading would raise the same: a 500
         reason = getattr(error, "detail", None) or getattr(error, "message", None) or type(error).__name__

@@ -155,6 +155,7 @@ class StepLoop:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._turn_started: float | None = None  # perf_counter() while a turn runs
+        self._worked_until = 0.0  # perf_counter() up to which the monitor has been told of the work
         self.finished = 0  # requests that have left the loop, for any reason
 
     def submit(self, request: AudioRequest, deliver: Callable[[AudioResult], None]) -> None:
@@ -179,7 +180,7 @@ class StepLoop:
 
     def step(self) -> None:
         """One turn of the loop: drop the stopped, admit, one denoising step for all, retire the finished."""
-        self._turn_started = started = time.perf_counter()
+        self._turn_started = self._worked_until = time.perf_counter()
         try:
             with self._wakeup:
                 self._waiting.extend(self._incoming)
@@ -191,7 +192,12 @@ class StepLoop:
             self._retire_finished()
         finally:
             self._turn_started = None
-        self._tell_monitor(self.monitor.on_turn, time.perf_counter() - started)
+            self._report_work()
+
+    def _report_work(self) -> None:
+        now = time.perf_counter()
+        self._tell_monitor(self.monitor.on_work, now - self._worked_until)
+        self._worked_until = now
 
     def run_until_idle(self) -> None:
         self.step()
@@ -270,6 +276,7 @@ class StepLoop:
             return
         held.timings["prepare_s"] = time.perf_counter() - started
         held.denoise_started = time.perf_counter()
+        self._report_work()
         self._active.append(held)
         self._tell_monitor(self.monitor.on_step, held.request, 0, held.state.steps_total)
 
@@ -300,6 +307,7 @@ class StepLoop:
         if stepped:
             self._tell_monitor(self.monitor.on_forward, len(stepped), sum(held.request.rows for held, _ in stepped),
                                time.perf_counter() - started)
+        self._report_work()
 
     def _forward_isolating(self, group: list[_Held]) -> list[tuple[_Held, Any]]:
         """The group's forward; if it raises (out of memory, a bad kernel, a bug one request triggers), the
@@ -329,6 +337,7 @@ class StepLoop:
         finished = [held for held in self._active if held.state.finished]
         if finished:  # on a GPU the steps are still running: their time is denoising, not the first decode's
             self.family.wait_for_device()
+            self._report_work()
         for held in finished:
             self._active.remove(held)
             held.timings["denoise_s"] = time.perf_counter() - held.denoise_started
@@ -339,6 +348,7 @@ class StepLoop:
                 logger.exception("request %s failed to decode", held.request.label)
                 result = self._failure(exc)
             held.timings["decode_s"] = time.perf_counter() - started
+            self._report_work()
             self._finish(held, result)
 
     @staticmethod

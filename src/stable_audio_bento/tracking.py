@@ -97,7 +97,7 @@ class RequestTracker(GenerationMonitor):
         if self.metrics is not None:
             self.metrics.observe_step(requests, rows, seconds)
 
-    def on_turn(self, seconds: float) -> None:
+    def on_work(self, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.busy_seconds.inc(seconds)
 

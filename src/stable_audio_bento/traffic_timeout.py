@@ -17,15 +17,23 @@ no request id on its access log line (the guard sets the id in the handler's tas
 not counted in ``stable_audio_requests_total``. Inside them, the 504 goes through their ``send`` like any
 answer, in the task where the guard set the request id. The timeout then starts once the guard has read the
 body (at most the body limit); until then a stalled upload is the server's connection handling's business.
+
+A generation ends at the timeout by itself: the request's context carries the moment (``deadline``), which the
+gateway makes the generation's deadline, so the engine counts it as expired (not as cancelled by its client, as
+a cancelled handler would be) and the 504 is the gateway's. The timer here fires ``BACKSTOP_S`` later, for
+whatever else outlasts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import time
 
 from .protocol import APIError
-from .serving import error_headers, send_json
+from .serving import current_request, error_headers, send_json
+
+BACKSTOP_S = 1.0
 
 
 class TrafficTimeoutMiddleware:
@@ -42,10 +50,11 @@ class TrafficTimeoutMiddleware:
             response_started.set()
             await send(message)
 
+        current_request().deadline = time.time() + self.timeout
         handler = asyncio.ensure_future(self.app(scope, receive, send_marking_start))
         started = asyncio.ensure_future(response_started.wait())
         try:
-            done, _ = await asyncio.wait([handler, started], timeout=self.timeout,
+            done, _ = await asyncio.wait([handler, started], timeout=self.timeout + BACKSTOP_S,
                                          return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             handler.cancel()
