@@ -3,6 +3,7 @@ STABLE_AUDIO_MODEL is set; `bentoml build` declares it and the exported Bento ca
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -23,15 +24,18 @@ from bentoml._internal.models import ModelStore
 from diffusers import DiffusionPipeline, StableAudioPipeline
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from safetensors import SafetensorError
 
 from stable_audio_bento.audio import encode_audio
 from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.generation import AudioRequest
-from stable_audio_bento.loading import ensure_tiny_model, load_engine
+from stable_audio_bento.loading import ModelLoadError, ensure_tiny_model, load_engine
 from stable_audio_bento.local_server import local_server
 from stable_audio_bento.model_import import identify_source, import_model, main
-from stable_audio_bento.model_store import STORED_MODEL_TAG, serving_config, stored_model_reference, stored_models
+from stable_audio_bento.model_store import (STORED_MODEL_TAG, latest_stored_model, serving_config,
+                                            stored_model_reference, stored_models)
 from stable_audio_bento.sa3_loading import TINY_SA3, ensure_tiny_sa3_model, load_tiny_sa3
+from stable_audio_bento.startup import explain_failure
 from stable_audio_bento.step_loop import run_to_completion
 from test_sa3_checkpoint import write_stability_checkpoint
 
@@ -67,6 +71,24 @@ def change_one_weight(weights: Path) -> None:
 
 def refuse(*args, **kwargs):
     raise AssertionError("not expected to be called")
+
+
+def truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def keep_only_metadata(model: bentoml.Model, *keys: str) -> None:
+    """Rewrites a stored model's model.yaml as an earlier import version wrote it: only ``keys`` of its metadata."""
+    model_yaml = Path(model.path) / "model.yaml"
+    info = yaml.safe_load(model_yaml.read_text())
+    info["metadata"] = {key: info["metadata"][key] for key in keys}
+    model_yaml.write_text(yaml.safe_dump(info))
+
+
+def last_error_line(error: str) -> str:
+    """The one line an import that failed ends with, after diffusers' progress bars if it got that far."""
+    assert "Traceback" not in error
+    return error.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +169,7 @@ def test_bad_sources_fail_with_a_clear_message(source, message, tmp_path, capsys
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model_index.json").write_text('{"_class_name": "StableAudioPipeline"}')
     assert main([source.format(empty=tmp_path / "empty", broken=tmp_path / "broken")]) == 1
-    error = capsys.readouterr().err
-    assert "Traceback" not in error
-    last_line = error.strip().splitlines()[-1]  # after diffusers' progress bars, if it got that far
+    last_line = last_error_line(capsys.readouterr().err)
     assert last_line.startswith("stable-audio-import-model: error: ") and message in last_line
 
 
@@ -336,6 +356,151 @@ def test_a_store_entry_without_a_readable_model_yaml_is_skipped_with_a_warning(s
     warnings = [record.getMessage() for record in caplog.records if record.name.startswith("stable_audio_bento")]
     assert len(warnings) == 4 and all(f"skipping {broken} " in warning and f"`rm -r {broken}`" in warning
                                       for warning in warnings)
+
+
+def test_a_downloaded_hub_folder_holding_both_layouts_is_imported_as_its_diffusers_pipeline(tiny_folder, store):
+    """`hf download stabilityai/stable-audio-open-1.0 --local-dir DIR` brings its diffusers pipeline and Stability's
+    checkpoint (model_config.json + model.safetensors) into one folder: it is the pipeline, as on the hub."""
+    (tiny_folder / "model_config.json").write_text('{"model_type": "diffusion_cond"}')
+    (tiny_folder / "model.safetensors").write_bytes(b"not Stable Audio 3")
+    metadata = import_model(str(tiny_folder)).model.info.metadata
+    assert metadata["family"] == "stable-audio-open" and "text_encoder" not in metadata
+
+
+@pytest.mark.parametrize("recorded", ["file sizes", "total size only"])
+def test_a_stored_entry_whose_files_changed_size_is_not_reused(store, model_cache, caplog, recorded):
+    """A truncated file in an entry (a full disk, a copy of the store cut short): re-importing its source says so and
+    stores it afresh instead of answering "already stored"; an entry stored before each file's size was recorded is
+    checked against their total."""
+    first = import_model("tiny").model
+    if recorded == "total size only":
+        keep_only_metadata(first, "source", "revision", "family", "dtype", "size_bytes")
+    truncate(Path(first.path) / "text_encoder" / "model.safetensors", 1000)
+    again = import_model("tiny")
+    assert not again.already_stored and again.model.tag != first.tag == store.get(first.tag).tag
+    assert store.get(STORED_MODEL_TAG).tag == again.model.tag
+    damage = ("text_encoder/model.safetensors is 1000 bytes, " if recorded == "file sizes" else "its files total ")
+    [warning] = [record.getMessage() for record in caplog.records if record.name.startswith("stable_audio_bento")]
+    assert warning.startswith(f"not reusing {first.tag}: {damage}")
+    assert f"`bentoml models delete {first.tag}`" in warning
+    assert import_model("tiny").model.tag == again.model.tag  # the fresh entry is reused in turn
+
+
+def test_a_stored_model_that_fails_to_load_stops_the_server_saying_to_delete_and_import_it_again(store, model_cache,
+                                                                                               monkeypatch):
+    stored = import_model("tiny").model
+    truncate(Path(stored.path) / "transformer" / "diffusion_pytorch_model.safetensors", 1000)
+    monkeypatch.delenv("STABLE_AUDIO_MODEL", raising=False)
+    config = serving_config(stored)
+    with pytest.raises(ModelLoadError) as failure:
+        load_engine(config)
+    message = explain_failure(config, failure.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot serve the stored model {stored.tag} (imported from tiny): ")
+    assert f"Delete the stored model with `bentoml models delete {stored.tag}` and import its source again" in message
+
+
+def test_a_store_entry_without_a_source_is_skipped_with_a_warning(store, model_cache, monkeypatch, caplog):
+    """A `stable-audio` entry another tool stored (or one whose model.yaml lost its metadata) records no source to
+    serve: listing, the service's stored model and its settings skip it, naming it with how to remove it."""
+    good = import_model("tiny").model
+    with bentoml.models.create("stable-audio") as foreign:  # newer, and made latest
+        (Path(foreign.path) / "weights.bin").write_bytes(b"0")
+    assert store.get(STORED_MODEL_TAG).tag == foreign.tag
+    monkeypatch.delenv("STABLE_AUDIO_MODEL", raising=False)
+    assert [model.tag for model in stored_models()] == [good.tag]
+    assert serving_config(latest_stored_model()).weights == good.path
+    assert stored_model_reference().stored.path == good.path
+    warnings = [record.getMessage() for record in caplog.records if record.name.startswith("stable_audio_bento")]
+    assert len(warnings) == 3 and all(f"skipping {foreign.tag} " in warning
+                                      and f"`bentoml models delete {foreign.tag}`" in warning for warning in warnings)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                                   "error 28)")], ids=["OSError", "SafetensorError"])
+def test_an_import_that_cannot_write_exits_with_one_line_naming_the_store(store, model_cache, monkeypatch, capsys,
+                                                                          error):
+    """A full disk or a read-only store: one line naming the store and the error, not a traceback."""
+    def failing_save(pipe, directory, **options):
+        raise error
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", failing_save)
+    assert main(["tiny"]) == 1
+    line = last_error_line(capsys.readouterr().err)
+    assert line.startswith(f"stable-audio-import-model: error: importing into the model store {store._path} failed: ")
+    assert "No space left on device" in line and stored_models() == []
+
+
+def test_reimporting_the_served_model_writes_nothing_to_the_store(store, model_cache, monkeypatch):
+    """Already stored and already latest: nothing to write, so a store since made read-only does not fail it."""
+    first = import_model("tiny").model
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    again = import_model("tiny")
+    assert again.already_stored and again.model.tag == first.tag
+
+
+KILLED_IMPORT = """
+import os, signal
+from diffusers import DiffusionPipeline
+from stable_audio_bento.model_import import import_model
+
+def killed(pipe, directory, **options):
+    open(os.path.join(directory, "model_index.json"), "w").write("{}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+DiffusionPipeline.save_pretrained = killed
+import_model("tiny")
+"""
+
+
+def test_an_import_removes_the_staging_folder_of_an_import_killed_while_writing(store, model_cache, tmp_path, caplog):
+    """kill -9 runs no clean-up: the next import removes what the killed one was writing, and leaves alone a folder
+    being written by a live process and hidden folders named otherwise."""
+    killed = subprocess.run([sys.executable, "-c", KILLED_IMPORT], env=bentoml_env(tmp_path), cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr
+    [abandoned] = [path for path in tmp_path.iterdir() if path.name.startswith(".")]
+    assert (abandoned / "model_index.json").is_file()
+    live = tmp_path / re.sub(r"-\d+-", f"-{os.getpid()}-", abandoned.name)
+    other = tmp_path / ".stable-audio-import-1-abcdefgh"
+    live.mkdir()
+    other.mkdir()
+    import_model("tiny")
+    assert not abandoned.exists() and live.is_dir() and other.is_dir()
+    assert f"removed {abandoned}, left by process " in caplog.text
+
+
+def test_an_entry_stored_by_the_first_import_version_is_reused_as_float32(store, model_cache, capsys):
+    """The first version recorded no dtype, and stored float32 only."""
+    first = import_model("tiny").model
+    keep_only_metadata(first, "source", "revision", "family", "size_bytes")
+    assert main(["tiny"]) == 0
+    assert capsys.readouterr().out.startswith(f"already stored as {first.tag} (stable-audio-open, float32, ")
+    assert not import_model("tiny", dtype="bfloat16").already_stored
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("remove transformer/", "model_index.json lists transformer, but there is no folder {folder}/transformer. "),
+    ("remove scheduler/scheduler_config.json", "model_index.json lists scheduler, but {folder}/scheduler has no "
+                                               "config file. "),
+    ("empty text_encoder/model.safetensors", "model_index.json lists text_encoder, but "
+                                             "{folder}/text_encoder/model.safetensors is empty. "),
+    ("truncate text_encoder/model.safetensors", "its text_encoder/ did not load: "),
+])
+def test_an_incomplete_diffusers_folder_is_refused_naming_the_component(tiny_folder, store, capsys, damage, message):
+    action, part = damage.split(" ")
+    path = tiny_folder / part
+    {"remove": lambda: shutil.rmtree(path) if path.is_dir() else path.unlink(), "empty": lambda: truncate(path, 0),
+     "truncate": lambda: truncate(path, path.stat().st_size // 2)}[action]()
+    assert main([str(tiny_folder)]) == 1
+    line = last_error_line(capsys.readouterr().err)
+    assert line.startswith("stable-audio-import-model: error: ") and message.format(folder=tiny_folder) in line
+    assert stored_models() == []
 
 
 HUB_REPO = "stable-audio-bento-tests/tiny-on-the-hub"

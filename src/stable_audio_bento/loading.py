@@ -204,7 +204,7 @@ def load_sa3_engine(config: EngineConfig) -> BatchedStableAudio3:
             components = sa3_loading.chunked_autoencoder_components(source)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
-        pipe = _from_pretrained(source, StableAudio3Pipeline, **components)
+        pipe = _from_pretrained(source, StableAudio3Pipeline, stored_as=config.model_tag, **components)
         try:
             sa3_loading.check_autoencoder_is_faithful(config.model, pipe.vae)
         except ValueError as exc:
@@ -227,7 +227,7 @@ def load_pipeline(config: EngineConfig) -> StableAudioPipeline:
     elif config.load_format != "auto":
         raise ModelLoadError(f"STABLE_AUDIO_LOAD_FORMAT={config.load_format!r}: use 'auto' or 'dummy'")
     elif config.weights:
-        pipe = _from_pretrained(config.weights)
+        pipe = _from_pretrained(config.weights, stored_as=config.model_tag)
     elif config.model == TINY:
         pipe = _from_pretrained(built_in_cache(ensure_tiny_model))
     else:
@@ -235,8 +235,10 @@ def load_pipeline(config: EngineConfig) -> StableAudioPipeline:
     return place_pipeline(pipe, resolve_placement(config))
 
 
-def _from_pretrained(source: str, pipeline_class: type = StableAudioPipeline, **components: Any) -> Any:
-    """components: already loaded ones, which from_pretrained then does not read from ``source``."""
+def _from_pretrained(source: str, pipeline_class: type = StableAudioPipeline, stored_as: str | None = None,
+                     **components: Any) -> Any:
+    """stored_as: the tag of the stored model whose folder ``source`` is. components: already loaded ones, which
+    from_pretrained then does not read from ``source``."""
     is_folder = Path(source).is_dir()
     if not is_folder and not HUB_ID.fullmatch(source):  # a mistyped or unmounted path, not a download to retry
         raise ModelLoadError(f"there is no folder {source!r}, and it is not a hub id (owner/name). Point "
@@ -256,11 +258,15 @@ def _from_pretrained(source: str, pipeline_class: type = StableAudioPipeline, **
             reason = reason.replace("Please check out the root cause in the stacktrace above.",
                                     f"The cause: {type(cause).__name__}: {cause}")
         example = "stabilityai/stable-audio-open-1.0" if is_folder else source  # a folder is no hub id to download
-        raise ModelLoadError(
-            f"{hint}: {reason}. Point STABLE_AUDIO_MODEL at a local diffusers-format folder "
-            f"(e.g. one made with `hf download {example} --local-dir DIR`), "
-            "or use STABLE_AUDIO_MODEL=tiny (or tiny-sa3) for a small random model."
-        ) from exc
+        remedy = (
+            # Its files changed since the import (a disk error, a full disk while copying the store): the import
+            # checks them before reusing an entry, so importing again writes a new one.
+            f"Delete the stored model with `bentoml models delete {stored_as}` and import its source again with "
+            "stable-audio-import-model" if stored_as else
+            f"Point STABLE_AUDIO_MODEL at a local diffusers-format folder (e.g. one made with `hf download {example} "
+            "--local-dir DIR`), or use STABLE_AUDIO_MODEL=tiny (or tiny-sa3) for a small random model."
+        )
+        raise ModelLoadError(f"{hint}: {reason}. {remedy}") from exc
 
 
 def place_pipeline(pipe: StableAudioPipeline, placement: Placement) -> StableAudioPipeline:

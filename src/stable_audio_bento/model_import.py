@@ -5,8 +5,8 @@ SOURCE is a hub id (with ``HF_TOKEN`` for gated repos), a local diffusers-format
 ``tiny-sa3-base``, or a Stable Audio 3 checkpoint in Stability's layout (a folder with ``model_config.json`` and
 ``model.safetensors``, or either file), which is converted to diffusers' layout on the way in. ``--dtype float16``
 (or ``bfloat16``) stores the weights the service casts to ``STABLE_AUDIO_DTYPE`` in that dtype, half the size.
-A source already stored at the same revision in the same dtype is not stored again; offline, a hub id already
-stored is its newest import.
+A source already stored at the same revision in the same dtype is not stored again, unless that entry's files no
+longer have the sizes recorded at import; offline, a hub id already stored is its newest import.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import sys
 import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -27,13 +30,17 @@ from bentoml._internal.models.model import Model, ModelContext, ModelInfo, Model
 from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
+from safetensors import SafetensorError
 
 from . import sa3_checkpoint, sa3_loading
 from .loading import HUB_ID, TINY, ensure_tiny_model
-from .model_cache import written_whole
+from .model_cache import remove_abandoned_staging, written_whole
 from .model_store import FAMILIES, STORED_MODEL_NAME, latest_file, store_folder, stored_models
 
+logger = logging.getLogger(__name__)
+
 STORED_DTYPES = ("float32", "float16", "bfloat16")
+VERSION = "[a-z2-7]{16}"  # a BentoML version: 10 bytes of a UUID in lowercase base32
 
 
 class ImportFailed(RuntimeError):
@@ -60,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportFailed, sa3_checkpoint.CheckpointError) as exc:
         print(f"stable-audio-import-model: error: {exc}", file=sys.stderr)
         return 1
-    metadata = model.info.metadata
+    except (OSError, SafetensorError) as exc:  # safetensors reports its own writes' failures as SafetensorError
+        print(f"stable-audio-import-model: error: importing into the model store {store_folder()} failed: {exc}. "
+              "Free disk space or make the store writable (BENTOML_HOME chooses another), then import again",
+              file=sys.stderr)
+        return 1
+    metadata = _recorded(model)
     what = "already stored as" if already_stored else "stored"
     print(f"{what} {model.tag} ({metadata['family']}, {metadata['dtype']}, {metadata['size_bytes'] / 2**20:.1f} MiB) "
           f"from {metadata['source']} at {metadata['revision']}")
@@ -77,6 +89,7 @@ def import_model(source: str, text_encoder: str = sa3_checkpoint.TEXT_ENCODER_HU
     """The stored model of ``source`` in ``dtype``, made the store's latest (the one served). An earlier import with
     the same identity (see ``identify_source``) is reused: the source is then not even loaded. With the hub
     unreachable, a hub id's newest import stands in for it (see ``_stored_offline``)."""
+    remove_abandoned_staging(store_folder().parent, VERSION)
     source = _absolute_if_local(source)
     try:
         identified = identify_source(source, text_encoder)
@@ -130,15 +143,55 @@ def _stored_offline(repo: str, text_encoder: str, dtype: str, unreachable: HubUn
 
 
 def _newest_stored(matches: Callable[[dict], bool]) -> bentoml.Model | None:
-    """The newest stored model whose metadata ``matches``."""
-    return max((model for model in stored_models() if matches(model.info.metadata)),
-               key=lambda model: model.creation_time, default=None)
+    """The newest stored model whose metadata ``matches`` and whose files are as they were stored."""
+    matching = [model for model in stored_models() if matches(_recorded(model))]
+    return max((model for model in matching if _intact(model)), key=lambda model: model.creation_time, default=None)
+
+
+def _recorded(model: bentoml.Model) -> dict:
+    """``model``'s metadata as this version records it: the first version recorded no dtype, and stored float32."""
+    return {"dtype": "float32", **model.info.metadata}
+
+
+def _intact(model: bentoml.Model) -> bool:
+    """Whether ``model``'s files have the sizes recorded when it was stored: one cut short (a full disk, a copy of the
+    store interrupted) would be reused, and then fail to load, at every import."""
+    damage = _damage(model)
+    if damage is not None:
+        logger.warning("not reusing %s: %s; it cannot be served, remove it with `bentoml models delete %s`",
+                       model.tag, damage, model.tag)
+    return damage is None
+
+
+def _damage(model: bentoml.Model) -> str | None:
+    """How ``model``'s files differ from the sizes recorded when it was stored, or None."""
+    found = _file_sizes(Path(model.path))
+    expected = model.info.metadata.get("file_sizes")
+    if expected is None:  # stored before each file's size was recorded: only their total was
+        total, expected_total = sum(found.values()), model.info.metadata["size_bytes"]
+        return None if total == expected_total else f"its files total {total} bytes, {expected_total} when stored"
+    for name in sorted(found.keys() | expected.keys()):
+        if found.get(name) != expected.get(name):
+            return f"{name} is {_described(found.get(name))}, {_described(expected.get(name))} when stored"
+    return None
+
+
+def _described(size: int | None) -> str:
+    return "absent" if size is None else f"{size} bytes"
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """The size of each of a stored model's files by its path in ``folder``, BentoML's model.yaml left out."""
+    return {path.relative_to(folder).as_posix(): path.stat().st_size for path in _files(folder)
+            if path != folder / "model.yaml"}
 
 
 def _make_latest(model: bentoml.Model) -> None:
     """Point ``stable-audio:latest`` at ``model``, as a fresh import of it would: re-importing a source means serving
     it."""
     latest = latest_file()
+    if latest.is_file() and latest.read_text().strip() == model.tag.version:
+        return  # served already: rewriting it would fail, for nothing, on a read-only store
     descriptor, partial = tempfile.mkstemp(dir=latest.parents[2])  # beside the store: its listing reads every file
     with os.fdopen(descriptor, "w") as file:
         file.write(model.tag.version)
@@ -157,9 +210,10 @@ def _store(pipe: DiffusionPipeline, labels: dict[str, str], metadata: dict[str, 
     (store / STORED_MODEL_NAME).mkdir(parents=True, exist_ok=True)
     with written_whole(store / STORED_MODEL_NAME / tag.version, beside=store.parent) as staging:
         pipe.save_pretrained(staging)
-        size_bytes = sum(path.stat().st_size for path in _files(staging))
+        file_sizes = _file_sizes(staging)  # checked before the entry is reused (see _intact)
         info = ModelInfo(tag=tag, module="", labels=labels, options=ModelOptions(), signatures={},
-                         metadata={**metadata, "size_bytes": size_bytes}, api_version="v1",
+                         metadata={**metadata, "size_bytes": sum(file_sizes.values()), "file_sizes": file_sizes},
+                         api_version="v1",
                          context=ModelContext(framework_name="", framework_versions={}))
         Model(tag, str(staging), info, internal=True).flush()  # model.yaml
     model = bentoml.models.get(tag)
@@ -193,11 +247,12 @@ def identify_source(source: str, text_encoder: str = sa3_checkpoint.TEXT_ENCODER
         return _diffusers_folder(sa3_loading.ensure_tiny_sa3_model(variant=source))
     path = Path(source)
     if path.exists():
+        # A diffusers folder first, as on the hub: stable-audio-open-1.0's repo, downloaded, holds both layouts.
+        if (path / "model_index.json").is_file():
+            return _diffusers_folder(path)
         if sa3_checkpoint.is_stability_checkpoint(path):
             files = sa3_checkpoint.checkpoint_files(path)
             return _stability_checkpoint(lambda: path, _digest(files, files[0].parent), text_encoder)
-        if (path / "model_index.json").is_file():
-            return _diffusers_folder(path)
         raise ImportFailed(f"{source} is neither a diffusers-format folder (model_index.json) nor a Stable Audio 3 "
                            f"checkpoint in Stability's layout ({sa3_checkpoint.CONFIG_FILE} + "
                            f"{sa3_checkpoint.WEIGHTS_FILE})")
@@ -208,7 +263,37 @@ def identify_source(source: str, text_encoder: str = sa3_checkpoint.TEXT_ENCODER
 
 
 def _diffusers_folder(folder: Path) -> IdentifiedSource:
-    return IdentifiedSource(_digest(_files(folder), folder), lambda: _pipeline(str(folder)))
+    return IdentifiedSource(_digest(_files(folder), folder), lambda: _pipeline(str(_complete(folder))))
+
+
+def _complete(folder: Path) -> Path:
+    """``folder``, once each component its model_index.json lists is there (see ``_missing_from``): diffusers,
+    finding one missing, names a file but no folder (``no file named config.json found in directory /top``), and
+    reads an empty file as an invalid header without naming it."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except ValueError as exc:
+        raise ImportFailed(f"{folder / 'model_index.json'} is not JSON ({exc}). Download or copy the model again"
+                           ) from exc
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or None in spec:
+            continue  # the pipeline's own attributes, and optional components saved as [null, null]
+        missing = _missing_from(folder / name)
+        if missing is not None:
+            raise ImportFailed(f"{folder} is not a complete diffusers-format pipeline: model_index.json lists {name}, "
+                               f"but {missing}. Download or copy the model again")
+    return folder
+
+
+def _missing_from(component: Path) -> str | None:
+    """What a component's folder lacks: the folder itself, a config file, or weights in a file that is not empty."""
+    if not component.is_dir():
+        return f"there is no folder {component}"
+    if not any(component.glob("*config.json")):  # config.json, scheduler_config.json, tokenizer_config.json
+        return f"{component} has no config file"
+    empty = [path for suffix in ("*.safetensors", "*.bin") for path in component.glob(suffix)
+             if path.stat().st_size == 0]
+    return f"{empty[0]} is empty" if empty else None
 
 
 def _stability_checkpoint(checkpoint: Callable[[], Path], revision: str, text_encoder: str) -> IdentifiedSource:
@@ -235,10 +320,21 @@ def _pipeline(source: str, **hub: str | None) -> DiffusionPipeline:
         # A folder whose autoencoder is SAME-S with its chunked attention keeps it (diffusers alone would drop it).
         pipe = DiffusionPipeline.from_pretrained(source, **hub, **sa3_loading.chunked_autoencoder_components(source))
     except Exception as exc:  # diffusers raises OSError, ValueError or HTTP errors depending on what is missing
-        raise ImportFailed(f"{source!r} is not a complete diffusers-format pipeline: {exc}") from exc
+        component = _component_loading(exc)
+        where = "" if component is None else f"its {component}/ did not load: "
+        raise ImportFailed(f"{source!r} is not a complete diffusers-format pipeline: {where}{exc}") from exc
     if type(pipe).__name__ not in FAMILIES:
         raise ImportFailed(f"{source!r} holds a {type(pipe).__name__}; this service serves {', '.join(FAMILIES)}")
     return pipe
+
+
+def _component_loading(exc: BaseException) -> str | None:
+    """The component diffusers was loading when it raised ``exc``, read from the traceback: diffusers loads each in
+    ``load_sub_model(name=...)``, and neither its messages nor the libraries' below it (safetensors: ``Error while
+    deserializing header: incomplete metadata``) name the component. None when no such frame is there."""
+    names = [frame.f_locals.get("name") for frame, _ in traceback.walk_tb(exc.__traceback__)
+             if frame.f_code.co_name == "load_sub_model"]
+    return names[-1] if names else None
 
 
 def _from_hub(repo: str, text_encoder: str) -> IdentifiedSource:

@@ -59,10 +59,11 @@ def latest_stored_model() -> bentoml.Model | None:
 
 
 def stored_models() -> list[bentoml.Model]:
-    """Every readable version of ``stable-audio`` in the store. BentoML's own listing (``bentoml.models.list``)
-    raises at the first entry it cannot read, such as a folder without model.yaml (left by an older importer
-    killed while writing, or by anything else): that would stop every import, and the service's start even when
-    it serves another model. Such an entry is skipped, and named with how to remove it."""
+    """Every readable version of ``stable-audio`` in the store that records its source. BentoML's own listing
+    (``bentoml.models.list``) raises at the first entry it cannot read, such as a folder without model.yaml (left by
+    an older importer killed while writing, or by anything else): that would stop every import, and the service's
+    start even when it serves another model. Such an entry is skipped, and named with how to remove it; so is one
+    without a source (another tool's), which the service could not serve."""
     folder = store_folder() / STORED_MODEL_NAME
     entries = sorted(entry for entry in folder.iterdir() if entry.is_dir()) if folder.is_dir() else []
     return [model for model in map(_readable, entries) if model is not None]
@@ -70,9 +71,15 @@ def stored_models() -> list[bentoml.Model]:
 
 def _readable(entry: Path) -> bentoml.Model | None:
     try:
-        return BentoMLContainer.model_store.get().get(bentoml.Tag(STORED_MODEL_NAME, entry.name))
+        model = BentoMLContainer.model_store.get().get(bentoml.Tag(STORED_MODEL_NAME, entry.name))
     except Exception as unreadable:  # noqa: BLE001 - a missing model.yaml, one cut short (YAMLError), without a field
         # (KeyError), a folder name that is no version (ValueError): whatever it is, this entry cannot be served
         logger.warning("skipping %s in BentoML's model store: %s. It cannot be served; remove it with `rm -r %s` "
                        "(`bentoml models list` fails until then)", entry, unreadable, entry)
         return None
+    if "source" not in model.info.metadata:  # stored by another tool, or its model.yaml edited: nothing to serve
+        logger.warning("skipping %s in BentoML's model store: its metadata records no source, so it was not stored by "
+                       "stable-audio-import-model and cannot be served; remove it with `bentoml models delete %s`",
+                       model.tag, model.tag)
+        return None
+    return model
