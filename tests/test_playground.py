@@ -129,6 +129,15 @@ def waveform_coverage(browser) -> list[float]:
     """)
 
 
+def steps_done(browser) -> float:
+    return browser.execute_script("return document.getElementById('progress').value")
+
+
+def stored_job(browser) -> str | None:
+    """What the page keeps in sessionStorage to follow its job after a reload."""
+    return browser.execute_script("return sessionStorage.getItem('stable-audio-job')")
+
+
 def play(browser) -> dict:
     """Plays the clip for about half a second and reports where the playhead got to."""
     return browser.execute_async_script("""
@@ -224,11 +233,21 @@ def test_a_bad_value_shows_the_servers_message_on_its_field(server, browser):
     assert "invalid" not in field.get_attribute("class")
 
 
+def test_a_value_the_page_itself_refuses_says_nothing_was_sent(server, browser):
+    open_page(browser, server)
+    fill(browser, input=PROMPT, seed="12x")
+    browser.find_element(By.ID, "generate").click()
+    assert text(browser, "status") == "Nothing was sent: fix the highlighted field."
+    assert browser.find_element(By.ID, "seed").get_attribute("aria-invalid") == "true"
+    assert text(browser, "job-id") == "–"
+
+
 def test_cancel_stops_a_running_job(server, browser):
     open_page(browser, server)
     fill(browser, input=PROMPT, audio_length=47, num_inference_steps=100)
     browser.find_element(By.ID, "generate").click()
-    wait_for(browser, lambda: text(browser, "status").startswith("Denoising: step"), 60, "the job never ran")
+    wait_for(browser, lambda: text(browser, "progress-text").startswith("Denoising: step"), 60, "the job never ran")
+    assert text(browser, "status") == "Running…"  # announced once, not at every step
     progress = browser.execute_script("const p = document.getElementById('progress'); return [p.value, p.max]")
     assert progress[1] == 100 and 0 <= progress[0] < 100
     assert browser.find_element(By.ID, "cancel").is_displayed()
@@ -238,6 +257,24 @@ def test_cancel_stops_a_running_job(server, browser):
     assert browser.find_element(By.ID, "download").get_attribute("href") is None
     job_id = text(browser, "job-id")
     assert httpx.get(f"{server}/v1/audio/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_the_keyboard_focus_goes_to_generate_when_cancel_is_hidden(server, browser):
+    """Whether Cancel was pressed from the keyboard or the job ended while Cancel had the focus."""
+    open_page(browser, server)
+    generate, cancel = browser.find_element(By.ID, "generate"), browser.find_element(By.ID, "cancel")
+    fill(browser, input=PROMPT, audio_length=47, num_inference_steps=400)
+    generate.click()
+    wait_for(browser, lambda: steps_done(browser) > 0, 60, "the job never ran")
+    cancel.send_keys(Keys.ENTER)
+    wait_for(browser, lambda: text(browser, "status") == "Cancelled.", 30, "the job was not cancelled")
+    assert browser.switch_to.active_element == generate
+
+    fill(browser, audio_length="1.0", num_inference_steps=2)
+    generate.click()
+    browser.execute_script("document.getElementById('cancel').focus()")
+    wait_for(browser, lambda: text(browser, "status").startswith("Done: "), GENERATION_TIMEOUT_S, "the job never ended")
+    assert not cancel.is_displayed() and browser.switch_to.active_element == generate
 
 
 def test_ctrl_enter_and_cancel_while_the_job_is_being_submitted(server, browser):
@@ -414,6 +451,34 @@ def test_a_job_the_server_no_longer_has_is_reported_lost(server, browser):
     assert "no job" in text(browser, "error") and browser.find_element(By.ID, "generate").is_enabled()
 
 
+def test_a_reload_mid_job_follows_the_job_to_its_clip(server, browser):
+    open_page(browser, server)
+    fill(browser, input=PROMPT, audio_length="10", num_inference_steps=50, seed=11, response_format="flac")
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "job-id") != "–", 30, "the job was not accepted")
+    job_id = text(browser, "job-id")
+    browser.refresh()
+    assert text(browser, "job-id") == job_id
+    clip = wait_for_clip(browser)
+    assert clip["duration"] == pytest.approx(10.0, abs=0.05) and clip["filename"] == "stable-audio-11.flac"
+    assert text(browser, "seed-used") == "11" and text(browser, "error") == ""
+    assert stored_job(browser) is None  # the job ended: the next load follows nothing
+    browser.refresh()
+    assert text(browser, "job-id") == "–" and browser.find_element(By.ID, "generate").is_enabled()
+
+
+def test_a_job_gone_by_the_reload_is_reported_once(server, browser):
+    open_page(browser, server)
+    browser.execute_script("sessionStorage.setItem('stable-audio-job', JSON.stringify("
+                           "{id: 'job_gone', format: 'wav', seed: '1', started: Date.now()}))")
+    browser.refresh()
+    wait_for(browser, lambda: text(browser, "status").startswith("Lost the job: the server no longer has it"), 30,
+             "the lost job was not reported")
+    assert stored_job(browser) is None and browser.find_element(By.ID, "generate").is_enabled()
+    browser.refresh()
+    assert text(browser, "status") == "Fill in a prompt and press Generate."
+
+
 @pytest.fixture(scope="module")
 def keyed_server(model_cache, tmp_path_factory):
     """Default guard settings with an API key: /ui must stay open (GuardSettings.public_paths), the API not."""
@@ -461,6 +526,44 @@ def test_api_key_is_asked_for_and_sent(keyed_server, browser):
 
     browser.refresh()  # kept for the tab (sessionStorage), not beyond
     assert browser.find_element(By.ID, "api_key").get_attribute("value") == "playground-secret"
+
+
+def test_typing_in_the_key_field_mid_job_leaves_the_job_its_own_key(keyed_server, browser):
+    """The job is polled and cancelled with the key it was submitted with, not one half typed meanwhile."""
+    open_page(browser, keyed_server)
+    browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()  # where the key field is
+    fill(browser, input=PROMPT, audio_length=47, num_inference_steps=400, api_key="playground-secret")
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: steps_done(browser) > 0, 60, "the job never ran")
+    browser.find_element(By.ID, "api_key").send_keys("x")
+    done = steps_done(browser)
+    wait_for(browser, lambda: steps_done(browser) > done, 30, "the page stopped following the job")
+    browser.find_element(By.ID, "cancel").click()
+    wait_for(browser, lambda: text(browser, "status") == "Cancelled.", 30, "the job was not cancelled")
+    assert text(browser, "error") == ""
+    job = httpx.get(f"{keyed_server}/v1/audio/jobs/{text(browser, 'job-id')}",
+                    headers={"Authorization": "Bearer playground-secret"}, timeout=30).json()
+    assert job["status"] == "cancelled"
+
+
+def test_a_reload_without_the_key_asks_for_it_and_then_follows_the_job(keyed_server, browser):
+    open_page(browser, keyed_server)
+    browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    fill(browser, input=PROMPT, audio_length="2.0", num_inference_steps=3, seed=4, api_key="playground-secret")
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda: text(browser, "job-id") != "–", 30, "the job was not accepted")
+    job_id = text(browser, "job-id")
+    assert "playground-secret" not in stored_job(browser)
+    browser.execute_script("sessionStorage.removeItem('stable-audio-api-key')")
+    browser.refresh()
+    wait_for(browser, lambda: text(browser, "status").startswith("The server wants the API key to follow job"), 30,
+             "the missing key was not asked for")
+    assert job_id in stored_job(browser) and text(browser, "job-id") == job_id
+    fill(browser, api_key="playground-secret")
+    browser.find_element(By.ID, "input").click()  # leaving the key field: its change follows the job again
+    clip = wait_for_clip(browser)
+    assert clip["filename"] == "stable-audio-4.wav" and text(browser, "job-id") == job_id
+    assert text(browser, "error") == ""
 
 
 def test_what_was_typed_stays_when_the_key_lets_the_model_be_read(keyed_server, browser):
@@ -514,6 +617,21 @@ def test_edit_an_uploaded_file_and_play_it_beside_the_result(server, browser, tm
             "guidance_scale": "7", "strength": "0.7", "trim_silence": "true", "response_format": '"wav"', "seed": "5"}
     assert_download_is_the_direct_edit(browser, server, form, loop)
     browser.save_screenshot(str(ARTIFACTS / "playground-edit.png"))
+
+
+def test_the_least_strength_the_field_offers_is_one_the_server_takes(server, browser, tmp_path):
+    open_page(browser, server)
+    browser.find_element(By.ID, "init_audio").send_keys(str(upload_file(tmp_path)))
+    strength = browser.find_element(By.ID, "strength")
+    strength.send_keys(*[Keys.ARROW_DOWN] * 60)  # from 0.5, as far down as the field goes
+    least = float(strength.get_attribute("value"))
+    assert least == float(strength.get_attribute("min")) and least > 0
+    fill(browser, input=PROMPT, audio_length="1.0", num_inference_steps=1)
+    browser.find_element(By.ID, "generate").click()
+    clip = wait_for_clip(browser)
+    assert clip["error"] is None and text(browser, "error") == ""
+    sent = json.loads(browser.execute_script("return document.getElementById('request-json').textContent"))
+    assert sent["strength"] == least
 
 
 def assert_download_is_the_direct_edit(browser, server: str, form: dict, upload: Path) -> None:
