@@ -228,7 +228,8 @@ def generate(engine: BatchedStableAudio, requests: list[AudioRequest]) -> list[A
 def bench_decode(pipe, args) -> None:
     full = BatchedStableAudio(pipe, SamplingOptions(decode_margin_frames=None))
     trimmed = BatchedStableAudio(pipe)
-    latents = torch.randn(1, 64, full.limits.latent_frames, generator=torch.Generator().manual_seed(0))
+    channels = pipe.vae.config.decoder_input_channels
+    latents = torch.randn(1, channels, full.limits.latent_frames, generator=torch.Generator().manual_seed(0))
     latents = latents.to(full.device)
     lengths = [5.0, 10.0] if args.quick else [5.0, 10.0, full.limits.max_seconds]
     say("\n## decode: full 1024-frame decode + crop (baseline) vs trimmed window (margin 16 frames)")
