@@ -174,12 +174,12 @@ class RequestedFormat(BaseModel):
 def requested_format(body: bytes | bytearray) -> str:
     """The JSON body's response_format when it is a known one, ``wav`` when absent, else ``invalid`` (also for a
     body the JSON routes refuse to read)."""
-    if unreadable_json_text(bytes(body)) is not None:
-        return "invalid"
     try:
         return format_label(RequestedFormat.model_validate_json(body).response_format)
     except ValidationError:  # not JSON, or deeper than pydantic's 200 levels, which the FastAPI routes' json.loads read
         pass
+    if unreadable_json_text(bytes(body)) is not None:  # what json.loads reads but the routes refuse (UTF-16, a BOM)
+        return "invalid"
     try:
         fields = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, nested too deep to parse

@@ -315,14 +315,8 @@ async def read_upload_form(scope, body: bytes, file_field: str, max_text_bytes: 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
 
-    request = Request({**scope, "method": "POST"}, receive)
-    content_type = request.headers.get("content-type", "no Content-Type")
-    if content_type.split(";")[0].strip().lower() != "multipart/form-data":
-        raise APIError(f"send the request as multipart form data with the file as {file_field} (curl -F "
-                       f"{file_field}=@FILE -F input=...), not as {shown(content_type, 40)}", param=file_field,
-                       status=415)
     try:  # no part is larger than the body, already whole: the bound on text is checked below, on all of it
-        form = await request.form(
+        form = await Request({**scope, "method": "POST"}, receive).form(
             max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS, max_part_size=len(body) + 1)
     except (MultiPartException, HTTPException) as error:  # BentoML's own reading would raise the same: a 500
         reason = getattr(error, "detail", None) or getattr(error, "message", None) or type(error).__name__
@@ -479,16 +473,22 @@ class RequestGuardMiddleware:
         if received is None:  # the client went away
             return
         replayed = False
+        media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if upload:
+            file_field = UPLOAD_PATHS[scope["path"]]
+            if media_type != b"multipart/form-data":
+                content_type = headers.get(b"content-type", b"no Content-Type").decode("latin-1")
+                body = error_body(f"send the request as multipart form data with the file as {file_field} (curl -F "
+                                  f"{file_field}=@FILE -F input=...), not as {shown(content_type, 40)}", 415,
+                                  param=file_field)
+                return await send_json(send, 415, body)
             try:
-                fields = await read_upload_form(scope, received, UPLOAD_PATHS[scope["path"]],
-                                                self.settings.max_body_bytes)
+                fields = await read_upload_form(scope, received, file_field, self.settings.max_body_bytes)
             except APIError as refusal:
                 return await send_json(send, refusal.status, refusal.body())
             if (wanted := scope.get(UPLOAD_FORM_SCOPE_KEY)) is not None:
                 wanted["fields"] = fields
         if scope["method"] == "POST" and scope["path"] in JSON_BODY_PATHS:
-            media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if media_type.startswith(b"multipart/"):
                 body = error_body("send the request body as JSON (Content-Type: application/json), "
                                   "not multipart form data", 415)
