@@ -95,6 +95,8 @@ LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 MP3_TOLERANCE = round(0.06 * SAMPLE_RATE)  # the MP3 frame grid pads the end by under one frame plus decoder delay
 
 
+# The wire contract (shared/API.md) written out, not read from stable_audio_bento.audio.FORMATS: a wrong media type
+# or rate there must fail the soak, not move its expectation along.
 @dataclass(frozen=True)
 class Format:
     media_type: str

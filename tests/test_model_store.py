@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -460,18 +461,22 @@ import_model("tiny")
 
 def test_an_import_removes_the_staging_folder_of_an_import_killed_while_writing(store, model_cache, tmp_path, caplog):
     """kill -9 runs no clean-up: the next import removes what the killed one was writing, and leaves alone a folder
-    being written by a live process and hidden folders named otherwise."""
+    being written by a live process, one written on another host (a store volume shared by containers: its PID
+    means nothing here) and hidden folders named otherwise."""
     killed = subprocess.run([sys.executable, "-c", KILLED_IMPORT], env=bentoml_env(tmp_path), cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr
     [abandoned] = [path for path in tmp_path.iterdir() if path.name.startswith(".")]
     assert (abandoned / "model_index.json").is_file()
-    live = tmp_path / re.sub(r"-\d+-", f"-{os.getpid()}-", abandoned.name)
+    host = socket.gethostname()
+    assert f"-{host}-" in abandoned.name
+    live = tmp_path / re.sub(r"-\d+-(\w+)$", rf"-{os.getpid()}-\1", abandoned.name)
+    elsewhere = tmp_path / abandoned.name.replace(f"-{host}-", "-another-host-")
     other = tmp_path / ".stable-audio-import-1-abcdefgh"
-    live.mkdir()
-    other.mkdir()
+    for folder in live, elsewhere, other:
+        folder.mkdir()
     import_model("tiny")
-    assert not abandoned.exists() and live.is_dir() and other.is_dir()
+    assert not abandoned.exists() and live.is_dir() and elsewhere.is_dir() and other.is_dir()
     assert f"removed {abandoned}, left by process " in caplog.text
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,8 +41,8 @@ def save_once(directory: Path, build: Callable[[], Any]) -> Path:
 def written_whole(target: Path, beside: Path) -> Iterator[Path]:
     """A fresh folder under ``beside`` (on ``target``'s file system) to write a model into, renamed to ``target``
     when the block ends without an error, and removed otherwise: a reader never sees half a model, and a killed
-    writer leaves only a hidden folder behind, named with its PID for ``remove_abandoned_staging``."""
-    staging = Path(tempfile.mkdtemp(dir=beside, prefix=f".{target.name}-{os.getpid()}-"))
+    writer leaves only a hidden folder behind, named with its host and PID for ``remove_abandoned_staging``."""
+    staging = Path(tempfile.mkdtemp(dir=beside, prefix=f".{target.name}-{socket.gethostname()}-{os.getpid()}-"))
     try:
         yield staging
         staging.chmod(0o755)  # not mkdtemp's 0700: the model may be read by a server run as another user
@@ -53,8 +54,10 @@ def written_whole(target: Path, beside: Path) -> Iterator[Path]:
 def remove_abandoned_staging(beside: Path, target_name: str) -> None:
     """Removes the staging folders under ``beside`` that ``written_whole`` made for a target whose name fully
     matches the regular expression ``target_name`` and whose writer is no longer running: one killed (kill -9, an
-    OOM kill) left a model-sized folder that nothing else would ever remove."""
-    staging = re.compile(rf"\.(?:{target_name})-(\d+)-[a-z0-9_]{{8}}")  # mkdtemp's 8 random characters
+    OOM kill) left a model-sized folder that nothing else would ever remove. Only this host's folders are looked
+    at: a PID means nothing on another (containers sharing one store volume each have their own hostname)."""
+    host = re.escape(socket.gethostname())
+    staging = re.compile(rf"\.(?:{target_name})-{host}-(\d+)-[a-z0-9_]{{8}}")  # mkdtemp's 8 random characters
     for folder in sorted(beside.iterdir()) if beside.is_dir() else []:
         named = staging.fullmatch(folder.name)
         if named and folder.is_dir() and not _running(int(named[1])):
