@@ -139,8 +139,8 @@ class ServiceSettings:
 
     batching [``batching.mode``, overridden by STABLE_AUDIO_BATCHING]: ``continuous`` admits requests into the
         running denoising loop at every step; ``whole`` runs each batch to its end before the next (see step_loop).
-    stall_timeout_s [STABLE_AUDIO_STALL_TIMEOUT_S]: how long one turn of an engine's step loop may run, and an
-        engine may not answer, before it counts as hung (see health).
+    stall_timeout_s [STABLE_AUDIO_STALL_TIMEOUT_S]: how long one piece of an engine's work (a prepare, a batched
+        step, a decode) may run, and an engine may not answer, before it counts as hung (see health).
     """
 
     port: int = 8091

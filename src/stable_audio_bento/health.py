@@ -6,8 +6,8 @@ front's ``/readyz`` (``__is_ready__``) and ``/health`` ask every engine each tim
 once it has answered (a busy engine answers slower). BentoML's own probe of the engines (``runner_probe``) is off:
 an engine that stopped answering made it fail with a 500 and two tracebacks per probe.
 
-Alive. Two hangs differ. An engine whose step loop is stuck in one turn (a hung device or kernel, a deadlock in a
-forward) still answers calls, since its event loop runs apart from the loop's thread, but no request advances and
+Alive. Two hangs differ. An engine whose step loop is stuck in one piece of work (a hung device or kernel, a
+deadlock in a forward) still answers calls, since its event loop runs apart from the loop's thread, but no request advances and
 nothing ends them: deadlines and cancellations are checked between steps. ``StallWatchdog`` ends that engine's
 worker, which ends the server (a worker that exits ends it, see startup), for whoever runs it to restart it. An
 engine that answers nothing any more (its event loop blocked) cannot end itself: the front's ``/livez``
@@ -87,8 +87,9 @@ class EngineReadiness:
 
 
 class StallWatchdog:
-    """Watches one engine's step loop from its own thread; when a turn has run longer than ``timeout_s``, dumps
-    every thread's stack (where it hangs) and calls ``on_stall`` with why, which by default ends the worker."""
+    """Watches one engine's step loop from its own thread; when one piece of its work (a prepare, a batched step,
+    the device wait, a decode) has run longer than ``timeout_s``, dumps every thread's stack (where it hangs) and
+    calls ``on_stall`` with why, which by default ends the worker."""
 
     def __init__(self, loop: StepLoop, timeout_s: float, on_stall: Callable[[str], None] | None = None):
         self.loop, self.timeout_s = loop, timeout_s
@@ -99,9 +100,9 @@ class StallWatchdog:
         threading.Thread(target=self._watch, name="stall-watchdog", daemon=True).start()
 
     def _watch(self) -> None:
-        while (seconds := self.loop.turn_seconds) <= self.timeout_s:
+        while (seconds := self.loop.seconds_without_progress) <= self.timeout_s:
             time.sleep(self.period_s)
         faulthandler.dump_traceback(all_threads=True)
-        self.on_stall(f"the step loop has been in one turn for {seconds:.0f} s with {self.loop.active_rows} DiT rows "
+        self.on_stall(f"the step loop has made no progress for {seconds:.0f} s with {self.loop.active_rows} DiT rows "
                       f"(STABLE_AUDIO_STALL_TIMEOUT_S={self.timeout_s:g}): a hung device, kernel or forward, whose "
                       "thread stacks are above. The engine stops, and the server with it, to be restarted")

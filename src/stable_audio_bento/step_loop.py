@@ -154,7 +154,7 @@ class StepLoop:
         self._active: list[_Held] = []
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._turn_started: float | None = None  # perf_counter() while a turn runs
+        self._in_turn = False
         self._worked_until = 0.0  # perf_counter() up to which the monitor has been told of the work
         self.finished = 0  # requests that have left the loop, for any reason
 
@@ -173,14 +173,16 @@ class StepLoop:
         return sum(held.request.rows for held in self._active)
 
     @property
-    def turn_seconds(self) -> float:
-        """How long the turn now running has run so far (0 between turns), for a watchdog in another thread."""
-        started = self._turn_started
-        return 0.0 if started is None else time.perf_counter() - started
+    def seconds_without_progress(self) -> float:
+        """How long the running turn has gone since its last piece of work ended (a request's prepare, a batched
+        step, the device wait, a decode; 0 between turns), for a watchdog in another thread: a turn of many pieces
+        may be long, one piece that never ends is a hang."""
+        return time.perf_counter() - self._worked_until if self._in_turn else 0.0
 
     def step(self) -> None:
         """One turn of the loop: drop the stopped, admit, one denoising step for all, retire the finished."""
-        self._turn_started = self._worked_until = time.perf_counter()
+        self._worked_until = time.perf_counter()
+        self._in_turn = True
         try:
             with self._wakeup:
                 self._waiting.extend(self._incoming)
@@ -191,7 +193,7 @@ class StepLoop:
                 self._step_group(group)
             self._retire_finished()
         finally:
-            self._turn_started = None
+            self._in_turn = False
             self._report_work()
 
     def _report_work(self) -> None:
