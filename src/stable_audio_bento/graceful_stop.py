@@ -23,6 +23,10 @@ import threading
 from collections.abc import Awaitable, Callable
 
 
+# What circus's arbiter raises from its start once a worker has exited and is not restarted.
+WORKER_EXITED = "No active process found for watcher."
+
+
 def stop_after(*settled: Callable[[], Awaitable[None]]) -> None:
     """Called on the worker's event loop (a service's ``__init__``), after the server has set its handlers."""
     if threading.current_thread() is not threading.main_thread():
@@ -53,7 +57,9 @@ def keep_sockets_until_workers_stop() -> None:
     """In the supervisor's process (where BentoML imports service.py too): its stop runs circus's alone, which
     stops the workers (each drains first, see ``stop_after``), and what BentoML's stop ran first (removing the
     sockets' folder) runs once its start returns, when they have all stopped. A port in use stops the start with one
-    line (after BentoML's own "Could not bind"), not a traceback of 55. Idempotent."""
+    line (after BentoML's own "Could not bind"), not a traceback of 55, and so does a worker that exited (a model that
+    cannot load, a hung engine: it logged why, see startup), which circus raises as "No active process found for
+    watcher". Idempotent."""
     from bentoml._internal.utils import circus
     from circus.arbiter import Arbiter as CircusArbiter
 
@@ -69,6 +75,10 @@ def keep_sockets_until_workers_stop() -> None:
                 raise
             raise SystemExit(f"stable-audio-bento cannot start: its port is in use ({error.strerror}); stop what "
                              "listens there, or serve on another with --port") from None
+        except RuntimeError as error:
+            if str(error) != WORKER_EXITED:
+                raise
+            raise SystemExit("stable-audio-bento stopped: a worker exited, for the reason logged above") from None
         finally:
             arbiter.exit_stack.close()
 

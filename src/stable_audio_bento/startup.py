@@ -6,7 +6,8 @@ BentoML 1.4 creates every watcher with ``respawn=not running_inside_container()`
 setting for a retry limit. Outside a container a worker whose model cannot load is therefore restarted forever;
 inside BentoML's image (its Dockerfile sets ``BENTOML_CONTAINERIZED``) it is not, and circus stops the arbiter as
 soon as a watcher has no process left (circus/arbiter.py ``manage_watchers``: "No active process found for
-watcher"), which drains the other services and exits `bentoml serve` with status 1. A retry cannot fix a missing
+watcher", which graceful_stop turns into one line), which drains the other services and exits `bentoml serve`
+with status 1. A retry cannot fix a missing
 folder, a corrupt file or too little memory, so ``supervise_like_a_container`` gives a bare `bentoml serve` that
 same policy (BentoML 1.4.40 reads the variable there only); a worker that dies later also ends the server, and
 whoever runs it (Kubernetes, a restart policy) decides about restarting. The engine worker reports its failure
