@@ -175,17 +175,19 @@ def test_the_front_middlewares_let_an_upload_go_once_the_service_has_read_it():
 
 
 def test_control_characters_a_client_sent_are_escaped_in_the_log_lines_of_its_request():
-    """BentoML's access line prints the Content-Type as sent: its escape sequences must not reach a terminal."""
+    """BentoML's access line prints the path (unquoted: %0a is a line feed) and the Content-Type as sent: escape
+    sequences must not reach a terminal, nor a line feed start a forged line."""
     from stable_audio_bento import serving
 
     record = logging.LogRecord("bentoml.access", logging.INFO, __file__, 1, "path=%s,type=%s",
-                               ("/v1/models", "text/x\x1b[2J\x1b[31mEVIL\r"), None)
+                               ("/v1/models\n2026-12-07 [ERROR] forged", "text/x\x1b[2J\x1b[31mEVIL\r"), None)
     token = serving._current_request.set(serving.RequestContext("ticket-1"))
     try:
         assert serving.RequestIdLogFilter().filter(record)
     finally:
         serving._current_request.reset(token)
-    assert record.getMessage() == "path=/v1/models,type=text/x\\x1b[2J\\x1b[31mEVIL\\x0d [request_id=ticket-1]"
+    assert record.getMessage() == ("path=/v1/models\\x0a2026-12-07 [ERROR] forged,"
+                                   "type=text/x\\x1b[2J\\x1b[31mEVIL\\x0d [request_id=ticket-1]")
 
 
 def test_a_stalled_body_gets_408_and_uploads_past_the_cap_get_429_before_their_body_is_read():
@@ -230,7 +232,8 @@ def test_a_stalled_body_gets_408_and_uploads_past_the_cap_get_429_before_their_b
 
 
 def run_through_the_front(scope_path: str, chunks: list[bytes], settings: GuardSettings, pause_s: float = 0.0,
-                          content_type: bytes = b"multipart/form-data; boundary=fence", then_leave: bool = False,
+                          content_type: bytes | list[bytes] = b"multipart/form-data; boundary=fence",
+                          then_leave: bool = False,
                           while_serving=lambda: None) -> tuple[list[dict], list]:
     """Sends ``chunks`` (``pause_s`` apart) through the request metrics and the guard to a service that answers
     200, the client staying connected or, ``then_leave``, going away; returns what was sent back and what reached
@@ -258,7 +261,8 @@ def run_through_the_front(scope_path: str, chunks: list[bytes], settings: GuardS
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": scope_path, "query_string": b"",
-             "headers": [(b"content-type", content_type)]}
+             "headers": [(b"content-type", value) for value in
+                         (content_type if isinstance(content_type, list) else [content_type])]}
     asyncio.run(RequestMetricsMiddleware(RequestGuardMiddleware(service, settings))(scope, arriving, recorded))
     return sent, reached
 
@@ -357,6 +361,31 @@ def test_an_upload_form_that_is_costly_or_unsafe_to_read_is_refused_naming_its_f
     error = json.loads(sent[1]["body"])["error"]
     assert sent[0]["status"] == (413 if param == "input" else 400) and reached == []
     assert error["param"] == param and message in error["message"], error
+
+
+@pytest.mark.parametrize("path", ["/v1/audio/generate", "/v1/audio/edits"])
+def test_a_request_with_two_content_types_is_a_400(path):
+    """The guard's checks would read the last Content-Type and the service the first: a form sent as JSON (with
+    none of the form's bounds) or JSON sent as a form (with the upload's body limit)."""
+    form = b'--fence\r\nContent-Disposition: form-data; name="input"\r\n\r\nrain\r\n--fence--\r\n'
+    sent, reached = run_through_the_front(path, [form], GuardSettings(),
+                                          content_type=[b"multipart/form-data; boundary=fence", b"application/json"])
+    error = json.loads(sent[1]["body"])["error"]
+    assert sent[0]["status"] == 400 and reached == [] and "send one Content-Type header" in error["message"]
+
+
+@pytest.mark.parametrize("first_part", [b'name="audio"\r\n\r\nhttp://127.0.0.1:8091/ui',
+                                        b'name="audio"; filename="' + b"x" * 300 + b'.wav"\r\n\r\nRIFF'],
+                         ids=["text-url", "unkeepable-name"])
+def test_an_upload_with_two_audio_parts_is_a_400_naming_audio(first_part):
+    """BentoML reads every audio part (text as a URL to fetch from this server's network, a name it cannot keep as
+    a 500) and keeps the first; the checks above would have read only the last, a valid file."""
+    form = (b"--fence\r\nContent-Disposition: form-data; " + first_part + b"\r\n--fence\r\nContent-Disposition: "
+            b'form-data; name="audio"; filename="in.wav"\r\n\r\nRIFF\r\n--fence--\r\n')
+    sent, reached = run_through_the_front("/v1/audio/edits", [form], GuardSettings())
+    error = json.loads(sent[1]["body"])["error"]
+    assert sent[0]["status"] == 400 and reached == [] and error["param"] == "audio", error
+    assert "send one audio part" in error["message"]
 
 
 @pytest.mark.parametrize("file_name", ["音" * 82 + ".wav", "x" * 300 + ".wav", "in\x00.wav"],

@@ -261,9 +261,10 @@ def current_request() -> RequestContext:
     return _current_request.get() or RequestContext(request_id=uuid.uuid4().hex)
 
 
-# What a client sends can reach a log line (BentoML's access line prints the Content-Type): an escape sequence
-# there would clear or recolour the terminal of whoever reads the log.
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# What a client sends can reach a log line (BentoML's access line prints the path, which uvicorn has unquoted, and
+# the Content-Type): an escape sequence there would clear or recolour the terminal of whoever reads the log, and a
+# line feed would start a forged line. A traceback comes from exc_info, apart from the message.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 class RequestIdLogFilter(logging.Filter):
@@ -325,6 +326,8 @@ async def read_upload_form(scope, body: bytes, file_field: str, max_text_bytes: 
                        f"as {file_field} (curl -F {file_field}=@FILE) and at most {MAX_FORM_FIELDS} other fields "
                        f"as text", param=param) from None
     try:
+        if len(form.getlist(file_field)) > 1:  # BentoML reads every one (text as a URL to fetch), the checks one
+            raise APIError(f"send one {file_field} part, the file (curl -F {file_field}=@FILE)", param=file_field)
         value = form.get(file_field)
         if value is not None and not isinstance(value, UploadFile):
             raise APIError(f"{file_field} must be a file (curl -F {file_field}=@FILE), not text", param=file_field)
@@ -464,6 +467,9 @@ class RequestGuardMiddleware:
                 body = error_body("missing or invalid API key: send 'Authorization: Bearer <key>'", 401,
                                   code="invalid_api_key")
                 return await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        if sum(name == b"content-type" for name, _ in scope["headers"]) > 1:
+            # The checks below read the last one, Starlette and BentoML the first: a form could pass as JSON.
+            return await send_json(send, 400, error_body("send one Content-Type header, not several", 400))
         upload = scope["path"] in UPLOAD_PATHS
         try:
             received = await self.receive_body(receive, upload)
