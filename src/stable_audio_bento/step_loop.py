@@ -370,7 +370,7 @@ class StepLoop:
 
     @staticmethod
     def _failure(exc: Exception) -> AudioResult:
-        return AudioResult.failed("server_error", f"generation failed: {type(exc).__name__}: {exc}"[:300])
+        return AudioResult.failed("server_error", f"{type(exc).__name__}: {exc}"[:300])  # after "generation failed: "
 
     def _finish(self, held: _Held, result: AudioResult) -> None:
         result.timings = {**held.timings, **result.timings}
