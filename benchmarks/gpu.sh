@@ -25,6 +25,8 @@
 #
 #   bash benchmarks/prepare_gpu_wheels.sh     # here, once: the missing packages as Python 3.12 wheels in .whl/
 #   (device tool) run  command="bash benchmarks/gpu.sh throughput"  carry=[".whl"]
+#   e.g. one call: set -o pipefail; (bash benchmarks/gpu.sh graphs; COMPILE=cuda-graphs bash benchmarks/gpu.sh
+#     throughput) 2>&1 | tee $OUT/run1.log; then, eager: THROUGHPUT_ONLY=throughput (no serving part again)
 #   bash benchmarks/gpu.sh [PART...] --cpu-smoke   # here: the same sequence, tiny models on CPU (~2 min a part)
 #
 # Figures are printed as Markdown tables for benchmarks/RESULTS.md; JSON reports (written after each section, so a
@@ -117,17 +119,21 @@ for part in "${parts[@]}"; do
       # the served SDE noise is vectorized on CUDA (exact on CPU): the Brownian tree's latency beside it
       bench --only latency --sde-noise exact --json "$out/bench-tree.json" ;;
     throughput)
-      bench --only serving,throughput --json "$out/bench-throughput${COMPILE:+-$COMPILE}.json" ;;
+      # THROUGHPUT_ONLY=throughput: a second run (another compile mode) leaves out serving, already measured
+      bench --only "${THROUGHPUT_ONLY:-serving,throughput}" --json "$out/bench-throughput${COMPILE:+-$COMPILE}.json" ;;
     arrivals)
       bench --only arrivals --json "$out/bench-arrivals${COMPILE:+-$COMPILE}.json" ;;
     graphs)
       ensure_t5gemma  # the tests cover Stable Audio 3 too
       # No plugins: the image's (xdist, cov, benchmark, timeout...) are built for its own pytest, not the one from
       # .whl/ that runs them here, and these tests need none.
-      PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$python" -m pytest -q \
-        -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tee "$out/graphs-tests.log" \
+      # (so no pytest-timeout: `timeout` bounds a capture that hangs, which would take the whole device call)
+      PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout -k 10 240 "$python" -m \
+        pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tee "$out/graphs-tests.log" \
         || echo "the CUDA-graph tests failed with status $?"
-      $cpu_smoke || bench --only latency --compile cuda-graphs --json "$out/bench-graphs.json" ;;
+      # a failure here must not stop a `gpu.sh graphs && ... gpu.sh throughput` chain
+      $cpu_smoke || bench --only latency --compile cuda-graphs --json "$out/bench-graphs.json" \
+        || echo "the cuda-graphs latency part failed with status $?" ;;
     compile)
       # KILL 30 s after the INT, so the 5 min hold: Python handles the INT only between C++ calls, and its exit
       # waits for Inductor's compile workers to finish their builds
