@@ -4,9 +4,11 @@ BentoML's own parsers accept the BentoCloud one."""
 from __future__ import annotations
 
 import importlib
+import re
+import shlex
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import attr
 import pytest
@@ -132,6 +134,70 @@ def test_metrics_adapter_serves_the_metric_the_autoscaler_reads():
     name = pending_metric_name()
     assert rule["seriesQuery"].startswith(name + "{") and rule["name"]["as"] == name
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}  # per pod, as a Pods metric needs
+
+
+# Where the server writes, by the variable that moves it, and where it writes when the pod leaves that unset (~ is
+# HOME). The image's BENTOML_HOME and HOME are /home/bentoml, which a read-only root filesystem makes unwritable.
+WRITTEN_PATHS = {
+    "BENTOML_HOME": "/home/bentoml",  # its store folders and the Prometheus multiprocess folder, made at start
+    "HOME": "/home/bentoml",  # Triton's ~/.triton, CUDA's ~/.nv, ~/.cache
+    "TMPDIR": "/tmp",  # the front-engine socket, request folders, pydub's files, torch.compile's inductor cache
+    "HF_HOME": "~/.cache/huggingface",
+    "STABLE_AUDIO_CACHE": "~/.cache/stable-audio-bento",
+    "TRITON_CACHE_DIR": "~/.triton/cache",
+    "CUDA_CACHE_PATH": "~/.nv/ComputeCache",
+}
+CACHE_VARIABLE = re.compile(r"(HOME|CACHE|CACHE_DIR|CACHE_PATH|TMPDIR)$")
+
+
+def written_paths(env: dict[str, str]) -> dict[str, str]:
+    """WRITTEN_PATHS as ``env`` sets them, with any other cache-like variable it sets."""
+    home = env.get("HOME", WRITTEN_PATHS["HOME"])
+    paths = {name: env.get(name, default) for name, default in WRITTEN_PATHS.items()}
+    paths |= {name: value for name, value in env.items() if CACHE_VARIABLE.search(name)}
+    return {name: home + path[1:] if path.startswith("~") else path for name, path in paths.items()}
+
+
+def test_pod_runs_non_root_on_a_read_only_root_writing_only_to_volumes(manifests):
+    """As a hardened cluster runs it (readOnlyRootFilesystem): BentoML could not even start with its home on the
+    image's root filesystem."""
+    spec = manifests["Deployment"]["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    security = spec.get("securityContext", {}) | container.get("securityContext", {})
+    assert security.get("readOnlyRootFilesystem") is True
+    # The image names its user (bentoml): runAsNonRoot can only verify a number.
+    assert security.get("runAsNonRoot") is True and security.get("runAsUser", 0) > 0
+    assert security.get("allowPrivilegeEscalation") is False
+    assert security.get("capabilities", {}).get("drop") == ["ALL"]
+    assert security.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    mounts = [PurePosixPath(mount["mountPath"]) for mount in container["volumeMounts"]
+              if not mount.get("readOnly") and "emptyDir" in volumes[mount["name"]]]
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+    for name, path in written_paths(env).items():
+        assert PurePosixPath(path).is_absolute(), f"{name}={path}"
+        assert any(PurePosixPath(path).is_relative_to(mount) for mount in mounts), \
+            f"{name}: {path} is on the read-only root filesystem, under no writable volume"
+
+
+def test_container_check_runs_the_image_as_the_deployment_does(manifests):
+    """check.sh's read-only run (the API-key container) has the manifest's user, env paths and writable mounts."""
+    spec = manifests["Deployment"]["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    script = (REPO / "deploy" / "container" / "check.sh").read_text()
+    array = re.search(r"^READ_ONLY=\((.*?)\)$", script, re.MULTILINE | re.DOTALL)
+    assert array and 'start sab-check-key "${READ_ONLY[@]}"' in script
+    options = shlex.split(array.group(1))
+    pairs = dict(zip(options, options[1:]))
+    assert {"--read-only", "--read-only-tmpfs=false", "--cap-drop=ALL"} <= set(options)
+    assert pairs["--security-opt"] == "no-new-privileges"
+    security = spec["securityContext"] | container["securityContext"]
+    assert pairs["--user"] == f"{security['runAsUser']}:{security['runAsGroup']}"
+    tmpfs = {options[i + 1].split(":")[0] for i, option in enumerate(options) if option == "--tmpfs"}
+    assert tmpfs == {mount["mountPath"] for mount in container["volumeMounts"]}
+    env = dict(options[i + 1].split("=", 1) for i, option in enumerate(options) if option == "-e")
+    manifest_env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+    assert env == {name: value for name, value in manifest_env.items() if name in written_paths(manifest_env)}
 
 
 # ------------------------------------------------------------------------------------------------- BentoCloud

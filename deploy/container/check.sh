@@ -2,6 +2,8 @@
 # Builds the OCI image with `bentoml containerize --backend podman`, runs it and checks it over HTTP (probe.py):
 # /health, wav and flac decoded, errors in the project's shape, the API key, a SIGTERM that drains the request
 # in flight and exits 0 within the stop timeout, and a missing model that stops the container (exit != 0).
+# The API-key container runs as deploy/kubernetes/deployment.yaml runs the image: a read-only root filesystem, no
+# capabilities, no privilege escalation, the manifest's env, and a tmpfs where it mounts an emptyDir.
 # Run as root from anywhere: `bash deploy/container/check.sh`.
 # Settings (environment): PYTHON (a venv with the project and its test extras; default .venv/bin/python),
 # IMAGE (default stable-audio-bento:check), STOP_TIMEOUT_S (120).
@@ -187,9 +189,15 @@ check_fail_fast() {
 
 check_fail_fast
 
+# As deployment.yaml's securityContext, env and emptyDirs (tests/test_deploy.py checks that these match it). A tmpfs
+# stands in for an emptyDir: exec (torch.compile loads the kernels it builds from /tmp) and writable by anyone.
+READ_ONLY=(--read-only --read-only-tmpfs=false --user 1034:1034 --cap-drop=ALL --security-opt no-new-privileges
+  --tmpfs /tmp:rw,exec,mode=1777 --tmpfs /cache:rw,exec,mode=1777
+  -e BENTOML_HOME=/tmp/bentoml -e HOME=/cache -e HF_HOME=/cache/huggingface)
 KEY=check-$RANDOM$RANDOM
-start sab-check-key -e STABLE_AUDIO_API_KEY="$KEY"
-probe sab-check-key auth "$KEY"
+start sab-check-key "${READ_ONLY[@]}" -e STABLE_AUDIO_API_KEY="$KEY"
+probe sab-check-key auth "$KEY"  # generates a WAV with the key
+say "read-only root filesystem (as deployment.yaml): healthy after $HEALTHY_S s, generated with the API key"
 
 say "OK: image $(numfmt --to=si "$IMAGE_BYTES")B, build ${BUILD_S} s, healthy after $FIRST_HEALTHY_S s, \
-missing model stopped in $FAIL_S s, whole check $(($(date +%s) - STARTED)) s"
+missing model stopped in $FAIL_S s, read-only root passed, whole check $(($(date +%s) - STARTED)) s"
