@@ -407,3 +407,50 @@ def test_an_upload_with_a_long_but_usable_file_name_goes_through():
     sent, reached = run_through_the_front("/v1/audio/edits", [form], GuardSettings())
     assert sent[0]["status"] == 200 and len(reached) == 1
 
+
+
+def test_a_response_its_client_stops_reading_is_dropped_once_a_chunk_waits_past_the_send_timeout(monkeypatch, caplog):
+    """The admission slot is free once the audio is made: a client that never reads would keep its response (tens of
+    MB, or a file and its descriptor) for as long as it keeps the connection, and could ask for another meanwhile."""
+    from stable_audio_bento import serving
+
+    monkeypatch.setattr(serving, "SEND_TIMEOUT_S", 0.2)
+    chunks_sent = []
+
+    async def service(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(100):
+            await send({"type": "http.response.body", "body": b"\0" * 65536, "more_body": True})
+            chunks_sent.append(1)
+
+    async def stalled_connection(message):  # the start and one chunk fit in the buffers, then nothing is read
+        if message["type"] == "http.response.body" and chunks_sent:
+            await asyncio.Event().wait()
+
+    bodies = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+    async def arriving():
+        if bodies:
+            return bodies.pop()
+        await asyncio.Event().wait()  # the client stays connected
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/audio/speech", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")]}
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, "stable_audio_bento.serving"):
+        asyncio.run(asyncio.wait_for(RequestGuardMiddleware(service, GuardSettings())(scope, arriving,
+                                                                                     stalled_connection), 10))
+    assert time.monotonic() - started < 2 and len(chunks_sent) == 1
+    assert "the client took nothing of its response for 0.2 s: the response is dropped" in caplog.text
+
+    # uvicorn's own ERROR line for the unfinished response is left out for such a request, and only for it
+    def logged(dropped: bool) -> bool:
+        record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, serving.INCOMPLETE_RESPONSE, (), None)
+        token = serving._current_request.set(serving.RequestContext("ticket-1", response_dropped=dropped))
+        try:
+            return serving.RequestIdLogFilter().filter(record)
+        finally:
+            serving._current_request.reset(token)
+
+    assert not logged(dropped=True) and logged(dropped=False)

@@ -240,7 +240,14 @@ MAX_FORM_FIELDS = 64  # an edit has 15; unknown ones are ignored
 MAX_FILE_NAME_BYTES = 200
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads this response
 BODY_GRACE_S = 10.0  # a body's first seconds, before body_min_rate applies: a connection's slow start, a pause
+# A response's chunk (64 KiB) the client has not taken in this long: it stopped reading, and would keep the response
+# (tens of MB in memory, or a file and its descriptor) for as long as it keeps the connection open.
+SEND_TIMEOUT_S = 60.0
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+class StalledReader(Exception):
+    """The client stopped reading its response."""
 
 
 @dataclass
@@ -251,6 +258,7 @@ class RequestContext:
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     idempotency_key: str | None = None  # the Idempotency-Key header, as sent (the job store checks it)
     deadline: float | None = None  # time.time() when the server's traffic timeout ends the request
+    response_dropped: bool = False  # its client stopped reading (SEND_TIMEOUT_S)
 
 
 _current_request: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar("request", default=None)
@@ -267,12 +275,18 @@ def current_request() -> RequestContext:
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
+# uvicorn's ERROR line for a response the application left unfinished: said once, as a WARNING, for a dropped one.
+INCOMPLETE_RESPONSE = "ASGI callable returned without completing response."
+
+
 class RequestIdLogFilter(logging.Filter):
     """Appends the current request's id to every log line written while it is handled, with control characters
     written out as escapes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         context = _current_request.get()
+        if context is not None and context.response_dropped and record.msg == INCOMPLETE_RESPONSE:
+            return False
         if context is not None and not getattr(record, "request_id_added", False):
             message = CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", record.getMessage())
             record.msg, record.args = f"{message} [request_id={context.request_id}]", None
@@ -422,9 +436,17 @@ class RequestGuardMiddleware:
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message["headers"], (b"x-request-id", context.request_id.encode())]}
-            await send(message)
+            try:
+                await asyncio.wait_for(send(message), SEND_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise StalledReader from None
 
-        await self.guard(scope, receive, send_with_id, context, headers)
+        try:
+            await self.guard(scope, receive, send_with_id, context, headers)
+        except StalledReader:  # the server closes the connection, and the response is let go
+            context.response_dropped = True
+            logger.warning("the client took nothing of its response for %g s: the response is dropped",
+                           SEND_TIMEOUT_S)
 
     async def receive_body(self, receive, upload: bool) -> bytes | None:
         """The whole body (None if the client went away first), within the size limit, ``body_timeout_s`` and
