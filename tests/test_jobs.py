@@ -315,6 +315,30 @@ def test_a_cancel_that_cannot_reach_the_engine_leaves_the_callers_answer_as_it_i
     assert raised.value.code == "engine_unavailable"
 
 
+@pytest.mark.parametrize("call", ["submit", "result"])
+def test_an_engine_that_accepts_calls_but_never_answers_is_a_prompt_503(call, monkeypatch):
+    """A dead engine's socket still accepts connections (its supervisor holds it): a call on one waited for the
+    client's own timeout, 1.01 x traffic.timeout, and so did its cancel, a job's progress and the drain after them."""
+    from stable_audio_bento import engine_pool
+
+    class DeadEngine(SlowEngine):
+        async def never_answers(self, *args):
+            await asyncio.Event().wait()
+
+    engine = DeadEngine()
+    setattr(engine, call, engine.never_answers)
+    engine.cancel = engine.progress = engine.never_answers
+    monkeypatch.setattr(engine_pool, "ENGINE_CALL_MARGIN_S", 0.2)
+    monkeypatch.setattr(engine_pool, "QUICK_ANSWER_S", 0.2)
+    gateway, request, started = gateway_of(engine), job_request(), time.monotonic()
+    with pytest.raises(APIError) as raised:
+        asyncio.run(gateway.wait_for_engine(request, None))
+    assert (raised.value.status, raised.value.code) == (503, "engine_unavailable")
+    assert time.monotonic() - started < 0.5 + 0.2 + 0.2 + 1  # the result call's wait, its margin, the cancel's
+    with pytest.raises(TimeoutError):  # a job's poll then shows its last known state (JobStore._live_state)
+        asyncio.run(gateway.progress([request.id]))
+
+
 def test_a_full_server_refuses_an_upload_before_decoding_it(tmp_path, monkeypatch):
     import stable_audio_bento.gateway as gateway_module
 

@@ -159,8 +159,9 @@ class ServiceSettings:
     @property
     def result_wait_s(self) -> float:
         """How long one ``result`` call to an engine waits before it answers "not yet" and the front asks again:
-        well inside the engine's traffic timeout, so that no generation, however long, meets that timeout."""
-        return min(60.0, self.request_timeout_s / 2)
+        well inside the engine's traffic timeout, so that no generation, however long, meets that timeout; and
+        short, since a call to an engine that has died is given up on only this long and a margin after it."""
+        return min(20.0, self.request_timeout_s / 2)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "ServiceSettings":

@@ -19,9 +19,15 @@ from .generation import AudioRequest
 # How long a released generation's placement is kept: a cancel sent while the request is being abandoned (the
 # handler may be cancelled itself meanwhile) still finds the engine that holds it.
 PLACEMENT_GRACE_S = 30.0
-# How long a started engine may take to answer a call that does no work (its model card, its start-up report),
-# however busy: its event loop runs apart from the step loop's thread. An engine still loading answers nothing.
+# How long a started engine may take to answer a call that does no work (its model card, its start-up report, the
+# progress of its generations), however busy: its event loop runs apart from the step loop's thread. An engine
+# still loading answers nothing.
 QUICK_ANSWER_S = 4.0
+# How much longer than it waits itself a submit (carrying an upload's audio, through the batching dispatcher) or a
+# result call (which waits up to result_wait_s) may take before its engine counts as gone. A dead engine's socket
+# still accepts connections (the supervisor holds it open), and a call on one would otherwise wait for the client's
+# own timeout, 1.01 x traffic.timeout: every client and job of that engine hung for 15 minutes, the drain after them.
+ENGINE_CALL_MARGIN_S = 30.0
 
 
 class EnginePool:
@@ -56,24 +62,29 @@ class EnginePool:
         if self._in_flight.pop(generation_id, None) is not None:
             asyncio.get_running_loop().call_later(PLACEMENT_GRACE_S, self._placement.pop, generation_id, None)
 
+    # Every call below raises TimeoutError past its bound: the engine is gone (see ENGINE_CALL_MARGIN_S).
     async def submit(self, request: AudioRequest) -> None:
         """Hands the request to its engine's step loop; a retried submit goes to the same engine, which ignores it."""
-        await self.engines[self.place(request.id)].to_async.submit([request])
+        await asyncio.wait_for(self.engines[self.place(request.id)].to_async.submit([request]), ENGINE_CALL_MARGIN_S)
 
     async def result(self, generation_id: str) -> dict | None:
         """The engine's result for this generation, or None if it has not come within ``result_wait_s``."""
-        answer = await self.engines[self._placement[generation_id]].to_async.result(generation_id, self.result_wait_s)
+        engine = self.engines[self._placement[generation_id]]
+        answer = await asyncio.wait_for(engine.to_async.result(generation_id, self.result_wait_s),
+                                        self.result_wait_s + ENGINE_CALL_MARGIN_S)
         return None if answer.get("pending") else answer
 
     async def cancel(self, generation_ids: list[str]) -> None:
         """Ids never submitted are skipped: no engine has them, and none will."""
-        await asyncio.gather(*(self.engines[index].to_async.cancel(ids)
-                               for index, ids in self._by_engine(generation_ids).items()))
+        await asyncio.wait_for(asyncio.gather(*(self.engines[index].to_async.cancel(ids)
+                                                for index, ids in self._by_engine(generation_ids).items())),
+                               QUICK_ANSWER_S)
 
     async def progress(self, generation_ids: list[str]) -> dict[str, dict[str, int]]:
         """Steps done and total of the generations among these ids that have started, from their engines."""
-        answers = await asyncio.gather(*(self.engines[index].to_async.progress(ids)
-                                         for index, ids in self._by_engine(generation_ids).items()))
+        answers = await asyncio.wait_for(asyncio.gather(*(self.engines[index].to_async.progress(ids)
+                                                          for index, ids in self._by_engine(generation_ids).items())),
+                                         QUICK_ANSWER_S)
         return {generation_id: steps for answer in answers for generation_id, steps in answer.items()}
 
     def _by_engine(self, generation_ids: list[str]) -> dict[int, list[str]]:

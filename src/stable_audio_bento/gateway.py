@@ -179,6 +179,10 @@ class Gateway:
         if call in done:
             try:
                 result = call.result()
+            except asyncio.TimeoutError as exc:  # engine_pool's bound on a call: the engine died, or hangs
+                logger.error("the engine stopped answering request %s", job.request_id)
+                await self.abandon(call, job)
+                raise self.engine_unavailable("it stopped answering (it has died, or hangs)") from exc
             except Exception as exc:  # the engine process is down or restarting: the request may be retried
                 logger.exception("the engine did not answer request %s", job.request_id)
                 await self.abandon(call, job)  # if it is still there, it stops computing for nobody
@@ -218,8 +222,9 @@ class Gateway:
         call.cancel()
         try:
             await asyncio.shield(self.cancel([job.id]))
-        except Exception:  # noqa: BLE001 - the engine is down: nothing runs there to drop
-            logger.warning("could not tell the engine to drop request %s", job.request_id, exc_info=True)
+        except Exception as error:  # noqa: BLE001 - the engine is down: nothing runs there to drop
+            logger.warning("could not tell the engine to drop request %s", job.request_id,
+                           exc_info=not isinstance(error, asyncio.TimeoutError))  # a timeout's traceback says nothing
 
     async def cancel(self, generation_ids: list[str]) -> None:
         await self.engines.cancel(generation_ids)
