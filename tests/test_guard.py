@@ -454,3 +454,33 @@ def test_a_response_its_client_stops_reading_is_dropped_once_a_chunk_waits_past_
             serving._current_request.reset(token)
 
     assert not logged(dropped=True) and logged(dropped=False)
+
+
+@pytest.mark.parametrize(("method", "fetch_site", "status"), [
+    ("POST", b"cross-site", 403), ("DELETE", b"cross-site", 403), ("POST", b"same-origin", 200),
+    ("POST", b"none", 200), ("POST", None, 200), ("GET", b"cross-site", 200)])
+def test_a_request_a_browser_sent_from_another_site_that_would_change_something_is_refused(method, fetch_site, status):
+    """A page on any site can make a visitor's browser POST to a keyless server on their machine or network (a form,
+    a no-cors fetch with a text/plain body, which is read as JSON): it would spend that server's GPU. Browsers say
+    where a request comes from (Sec-Fetch-Site); the playground's requests are same-origin, a typed URL's none, and
+    programs send nothing."""
+    reached, sent, bodies = [], [], [{"type": "http.request", "body": b'{"input": "rain"}', "more_body": False}]
+
+    async def service(scope, receive, send):
+        reached.append(scope["path"])
+        await send_json(send, 200, {})
+
+    async def arriving():
+        if bodies:
+            return bodies.pop()
+        await asyncio.Event().wait()  # the client stays connected
+
+    async def recorded(message):
+        sent.append(message)
+
+    headers = [(b"content-type", b"text/plain")] + ([(b"sec-fetch-site", fetch_site)] if fetch_site else [])
+    scope = {"type": "http", "method": method, "path": "/v1/audio/jobs", "query_string": b"", "headers": headers}
+    asyncio.run(RequestGuardMiddleware(service, GuardSettings())(scope, arriving, recorded))
+    assert sent[0]["status"] == status and len(reached) == (status == 200)
+    if status == 403:
+        assert json.loads(sent[1]["body"])["error"]["code"] == "cross_site_request"

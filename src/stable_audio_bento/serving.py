@@ -240,6 +240,11 @@ MAX_FORM_FIELDS = 64  # an edit has 15; unknown ones are ignored
 MAX_FILE_NAME_BYTES = 200
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads this response
 BODY_GRACE_S = 10.0  # a body's first seconds, before body_min_rate applies: a connection's slow start, a pause
+# A browser sends a page's form or a no-cors fetch to any site without asking it first (the body JSON in a text/plain
+# request, which the guard reads as JSON for curl -d): a page could spend a keyless server's GPU, so a request
+# that changes something and that the browser marks as sent from another site (Fetch Metadata) is refused. Clients
+# that are not browsers send no such header; nothing here answers CORS, so such a page could not read an answer.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # A response's chunk (64 KiB) the client has not taken in this long: it stopped reading, and would keep the response
 # (tens of MB in memory, or a file and its descriptor) for as long as it keeps the connection open.
 SEND_TIMEOUT_S = 60.0
@@ -489,6 +494,10 @@ class RequestGuardMiddleware:
                 body = error_body("missing or invalid API key: send 'Authorization: Bearer <key>'", 401,
                                   code="invalid_api_key")
                 return await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        if scope["method"] not in SAFE_METHODS and headers.get(b"sec-fetch-site") == b"cross-site":
+            return await send_json(send, 403, error_body(
+                "a request from a page of another site is refused: call this API from a program, or from a page this "
+                "server serves (/ui)", 403, code="cross_site_request"))
         if sum(name == b"content-type" for name, _ in scope["headers"]) > 1:
             # The checks below read the last one, Starlette and BentoML the first: a form could pass as JSON.
             return await send_json(send, 400, error_body("send one Content-Type header, not several", 400))
