@@ -44,7 +44,7 @@ from stable_audio_bento.serving import (  # noqa: E402
 )
 from stable_audio_bento.startup import front_settings, start_engine, supervise_like_a_container  # noqa: E402
 from stable_audio_bento.step_loop import LoopLimits, StepLoop  # noqa: E402
-from stable_audio_bento.tracking import RequestTracker, ResultBoard  # noqa: E402
+from stable_audio_bento.tracking import FRONT_GONE_MARGIN_S, RequestTracker, ResultBoard  # noqa: E402
 
 logger = logging.getLogger("stable_audio_bento")
 logger.setLevel(logging.INFO)
@@ -79,7 +79,8 @@ class StableAudioEngine:
         # Loaded (on this engine's own device) and warmed up, or the server stops.
         self.config, self.engine, self.startup = start_engine(self.stored_model, self.index)
         self.tracker = RequestTracker(metrics=EngineMetrics.get(SETTINGS.max_batch_size, self.index))
-        self.results = ResultBoard()
+        self.results = ResultBoard(orphaned_after_s=SETTINGS.result_wait_s + FRONT_GONE_MARGIN_S)
+        self.results.drop_orphans(self.tracker.cancel)  # a killed front's generations are not computed for no one
         self.loop = StepLoop(self.engine, self.tracker, LoopLimits(SETTINGS.batching, SETTINGS.max_batch_size,
                                                                    self.engine.options.max_rows))
         self.loop.start()
@@ -104,7 +105,7 @@ class StableAudioEngine:
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.arrivals_per_call, max_latency_ms=SETTINGS.max_latency_ms)
     async def submit(self, requests: list[AudioRequest]) -> list[str]:
         for request in requests:
-            if self.results.expect(request.id):
+            if self.results.expect(request.id, request.label):
                 self.loop.submit(request, self.results.deliverer(request.id))
         return [request.id for request in requests]
 

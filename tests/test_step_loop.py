@@ -353,6 +353,47 @@ def test_a_stopping_engine_waits_for_a_request_still_on_its_way():
     assert 3.0 < asyncio.run(scenario()) < 8
 
 
+def test_a_generation_no_one_asks_for_is_cancelled_and_no_longer_holds_up_a_stop(caplog):
+    """A killed front leaves its generations running for no one: one that no result call has waited for in
+    ``orphaned_after_s`` is cancelled through the tracker, with one log line, and a stop stops waiting for it; one
+    with a call waiting (however long it has waited), or asked again within the threshold, goes on."""
+    tracker = RequestTracker()
+
+    def cancelled(generation_id):
+        stopped = tracker.interruption(AudioRequest("x", seed=0, audio_length=1.0, id=generation_id))
+        return stopped is not None and stopped.failure == "cancelled"
+
+    async def ask_again_and_again(board, generation_id):
+        while await board.wait(generation_id, 0.1) is None:
+            await asyncio.sleep(0.05)  # a slow front: the gap between calls is well inside the threshold
+
+    async def scenario():
+        board = ResultBoard(orphaned_after_s=0.4)
+        board.drop_orphans(tracker.cancel, every_s=0.05)
+        for generation_id in ("orphan", "waited", "asked_again"):
+            board.expect(generation_id, label=f"ticket-{generation_id}")
+        waited = asyncio.ensure_future(board.wait("waited", 5))  # one call, waiting far past the threshold
+        asked_again = asyncio.ensure_future(ask_again_and_again(board, "asked_again"))
+        await asyncio.sleep(0.25)
+        assert not any(map(cancelled, ("orphan", "waited", "asked_again")))  # not yet: within the threshold
+        await asyncio.sleep(0.75)
+        assert cancelled("orphan") and not cancelled("waited") and not cancelled("asked_again")
+        stopping = asyncio.ensure_future(board.all_collected(quiet_s=0))
+        await asyncio.sleep(0.3)
+        assert not stopping.done()  # the asked-for ones are still generating
+        for generation_id in ("waited", "asked_again"):
+            board.deliverer(generation_id)(AudioResult(audio=np.ones((2, 1))))
+        assert (await waited).audio.shape == (2, 1)
+        await asyncio.wait_for(asked_again, 1)
+        await asyncio.wait_for(stopping, 1)  # the orphan, never finished here, does not hold the stop up
+
+    with caplog.at_level("WARNING", logger="stable_audio_bento.tracking"):
+        asyncio.run(scenario())
+    dropped = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
+    assert len(dropped) == 1 and dropped[0].startswith("request ticket-orphan dropped: no one has asked for its "
+                                                       "result for 0 s: its front is gone")
+
+
 def test_batching_mode_comes_from_configuration_and_environment(tmp_path, monkeypatch):
     config = tmp_path / "configuration.yaml"
     config.write_text("services:\n  StableAudioEngine:\n    batching:\n      mode: whole\n")

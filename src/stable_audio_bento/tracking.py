@@ -3,7 +3,8 @@ the results waiting to be collected.
 
 The step loop runs in its own thread while cancel, progress and result calls arrive on the event loop, so the
 tracker's state is under a lock and results cross to the event loop with ``call_soon_threadsafe``. Entries
-expire, so a long-running server keeps a bounded amount of state.
+expire, so a long-running server keeps a bounded amount of state. A generation whose front has stopped asking for
+its result (the front's worker was killed) is cancelled, not computed for no one (``ResultBoard.drop_orphans``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .generation import AudioRequest, AudioResult, GenerationMonitor
@@ -34,6 +36,11 @@ UNCOLLECTED_AT_STOP_S = 10.0
 # way (BentoML's batching dispatcher, an upload's transfer), and the engine must not close its socket under it.
 ARRIVAL_QUIET_AT_STOP_S = 2.0
 SETTLED_POLL_S = 0.25
+# The front keeps one result call waiting for each of its generations, each at most result_wait_s, the next sent at
+# once; a generation no call has begun to wait for in result_wait_s plus this margin has lost its front (killed, out
+# of memory). The margin is for a live front that is slow to ask again (its event loop busy, a connection retried).
+FRONT_GONE_MARGIN_S = 30.0
+ORPHAN_CHECK_S = 5.0  # how often the engine looks for such generations
 
 
 class _RecentEntries:
@@ -113,38 +120,84 @@ class RequestTracker(GenerationMonitor):
         logger.info("request %s finished: %s", request.label, ", ".join(parts))
 
 
+@dataclass
+class _AskedFor:
+    """Who still wants a generation whose result has not come yet: result calls waiting for it now, and when the
+    latest one began (its submit, before the first)."""
+
+    label: str
+    asked_at: float  # time.monotonic()
+    calls_waiting: int = 0
+
+
 class ResultBoard:
     """Results by generation id, handed from the loop's thread to the async call that waits for each.
 
     ``expect`` is called on the event loop when a request is submitted; ``deliverer`` gives the loop the callback
     that posts the result; ``wait`` returns it. Results are dropped a while after they are collected (sooner when
     the collected ones hold more than ``claimed_max_bytes`` of audio, oldest first), or after
-    ``UNCLAIMED_RESULT_TTL_S`` when nobody collects them (the front gave up on the request)."""
+    ``UNCLAIMED_RESULT_TTL_S`` when nobody collects them (the front gave up on the request).
+
+    ``orphaned_after_s``: a generation still running for which no ``wait`` is in progress and none has begun for
+    this long has lost its front; ``drop_orphans`` cancels such generations (None: none is ever dropped)."""
 
     def __init__(self, unclaimed_ttl_s: float = UNCLAIMED_RESULT_TTL_S, claimed_grace_s: float = CLAIMED_RESULT_GRACE_S,
-                 claimed_max_bytes: int = CLAIMED_RESULTS_MAX_BYTES):
+                 claimed_max_bytes: int = CLAIMED_RESULTS_MAX_BYTES, orphaned_after_s: float | None = None):
         self.unclaimed_ttl_s, self.claimed_grace_s = unclaimed_ttl_s, claimed_grace_s
         self.claimed_max_bytes = claimed_max_bytes
+        self.orphaned_after_s = orphaned_after_s
         self._results: dict[str, asyncio.Future] = {}
         self._uncollected: dict[str, float | None] = {}  # id -> when its result was posted (None: not yet)
+        self._asked_for: dict[str, _AskedFor] = {}  # the generations whose result has not been posted yet
         self._claimed: OrderedDict[str, int] = OrderedDict()  # id -> bytes of its audio, first collected first
         self._claimed_bytes = 0
         self._last_arrival = float("-inf")  # time.monotonic() of the last expect
 
-    def expect(self, generation_id: str) -> bool:
-        """Opens a slot for this id; False if there is one already (a submit retried after a broken connection)."""
+    def expect(self, generation_id: str, label: str | None = None) -> bool:
+        """Opens a slot for this id (``label``: how logs name it); False if there is one already (a submit retried
+        after a broken connection)."""
         if generation_id in self._results:
             return False
         self._results[generation_id] = asyncio.get_running_loop().create_future()
         self._uncollected[generation_id] = None
         self._last_arrival = time.monotonic()
+        # The front asks for the result as soon as its submit returns: until then, the submit counts as asking.
+        self._asked_for[generation_id] = _AskedFor(label or generation_id, self._last_arrival)
         return True
+
+    def drop_orphans(self, cancel: Callable[[list[str]], None], every_s: float = ORPHAN_CHECK_S) -> None:
+        """From now on, every ``every_s`` on this event loop, the generations orphaned (see the class) are passed to
+        ``cancel`` (the tracker's: the step loop drops them at their next step, or before they start) and no longer
+        held up a stop, each with one log line. A front that dies leaves its generations running with no one to
+        collect them, and the engine's drain (``all_collected``) would wait for them, up to the traffic timeout."""
+        if self.orphaned_after_s is None:
+            return
+        event_loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            event_loop.call_later(every_s, check)
+            self._cancel_orphans(cancel)
+
+        event_loop.call_later(every_s, check)
+
+    def _cancel_orphans(self, cancel: Callable[[list[str]], None]) -> None:
+        now = time.monotonic()
+        orphans = [generation_id for generation_id, asked in self._asked_for.items()
+                   if not asked.calls_waiting and now - asked.asked_at > self.orphaned_after_s]
+        for generation_id in orphans:
+            asked = self._asked_for.pop(generation_id)
+            self._uncollected.pop(generation_id, None)  # no one will collect it: a stop does not wait for it
+            logger.warning("request %s dropped: no one has asked for its result for %.0f s: its front is gone",
+                           asked.label, now - asked.asked_at)
+        if orphans:
+            cancel(orphans)
 
     async def all_collected(self, given_up_after_s: float = UNCOLLECTED_AT_STOP_S,
                             quiet_s: float = ARRIVAL_QUIET_AT_STOP_S) -> None:
         """Returns once no generation has arrived for ``quiet_s`` (counted from this call at the earliest) and every
         generation submitted here has its result posted and collected, or posted and left uncollected for
-        ``given_up_after_s`` (its caller went away): what the engine waits for before it stops."""
+        ``given_up_after_s`` (its caller went away), or was dropped as an orphan (``drop_orphans``: its front is
+        gone, and nothing asks for it during the stop): what the engine waits for before it stops."""
         called = time.monotonic()
         while (time.monotonic() - max(called, self._last_arrival) < quiet_s
                or any(posted is None or time.monotonic() - posted < given_up_after_s
@@ -160,6 +213,7 @@ class ResultBoard:
             future.set_result(result)
         if generation_id in self._uncollected:
             self._uncollected[generation_id] = time.monotonic()
+        self._asked_for.pop(generation_id, None)
         asyncio.get_running_loop().call_later(self.unclaimed_ttl_s, self._forget, generation_id)
 
     def _forget(self, generation_id: str) -> None:
@@ -171,10 +225,16 @@ class ResultBoard:
         """The result, or None if it is not there within ``timeout_s`` (the caller asks again)."""
         if (future := self._results.get(generation_id)) is None:
             return AudioResult.failed("unknown_generation", f"no generation {generation_id!r} was submitted here")
+        if (asked := self._asked_for.get(generation_id)) is not None:
+            asked.asked_at = time.monotonic()
+            asked.calls_waiting += 1
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except asyncio.TimeoutError:  # not yet the built-in TimeoutError on Python 3.10
             return None
+        finally:
+            if asked is not None:
+                asked.calls_waiting -= 1
         self._uncollected.pop(generation_id, None)
         if generation_id not in self._claimed:  # else a retried call: already held, and its timer set
             self._hold_claimed(generation_id, 0 if result.audio is None else result.audio.nbytes)
