@@ -280,7 +280,8 @@ def current_request() -> RequestContext:
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
-# uvicorn's ERROR line for a response the application left unfinished: said once, as a WARNING, for a dropped one.
+# uvicorn's ERROR line for a response the application left unfinished: for a dropped one, the guard's WARNING says
+# why instead.
 INCOMPLETE_RESPONSE = "ASGI callable returned without completing response."
 
 
