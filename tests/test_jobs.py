@@ -335,7 +335,7 @@ def test_an_engine_that_accepts_calls_but_never_answers_is_a_prompt_503(call, mo
         asyncio.run(gateway.wait_for_engine(request, None))
     assert (raised.value.status, raised.value.code) == (503, "engine_unavailable")
     assert time.monotonic() - started < 0.5 + 0.2 + 0.2 + 1  # the result call's wait, its margin, the cancel's
-    with pytest.raises(TimeoutError):  # a job's poll then shows its last known state (JobStore._live_state)
+    with pytest.raises(asyncio.TimeoutError):  # a job's poll then shows its last known state (JobStore._live_state)
         asyncio.run(gateway.progress([request.id]))
 
 

@@ -85,7 +85,7 @@ class Gateway:
         if self._card is None:
             try:
                 described = await self.engines.describe()
-            except TimeoutError as exc:
+            except asyncio.TimeoutError as exc:  # the built-in TimeoutError from Python 3.11 on
                 raise self.engine_unavailable("it does not answer (still loading its model, or hung)") from exc
             except Exception as exc:
                 logger.exception("the engines could not be asked for their model")
