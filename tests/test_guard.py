@@ -448,7 +448,7 @@ def test_a_response_its_client_stops_reading_is_dropped_once_a_chunk_waits_past_
         record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, serving.INCOMPLETE_RESPONSE, (), None)
         token = serving._current_request.set(serving.RequestContext("ticket-1", response_dropped=dropped))
         try:
-            return serving.RequestIdLogFilter().filter(record)
+            return serving.DroppedResponseLogFilter().filter(record)
         finally:
             serving._current_request.reset(token)
 

@@ -285,14 +285,20 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 INCOMPLETE_RESPONSE = "ASGI callable returned without completing response."
 
 
+class DroppedResponseLogFilter(logging.Filter):
+    """Leaves out uvicorn's line for a response the guard dropped on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = _current_request.get()
+        return not (context is not None and context.response_dropped and record.msg == INCOMPLETE_RESPONSE)
+
+
 class RequestIdLogFilter(logging.Filter):
     """Appends the current request's id to every log line written while it is handled, with control characters
     written out as escapes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         context = _current_request.get()
-        if context is not None and context.response_dropped and record.msg == INCOMPLETE_RESPONSE:
-            return False
         if context is not None and not getattr(record, "request_id_added", False):
             message = CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", record.getMessage())
             record.msg, record.args = f"{message} [request_id={context.request_id}]", None
@@ -317,7 +323,7 @@ class ClientErrorLogFilter(logging.Filter):
 def install_log_filters() -> None:
     """On the handlers BentoML configured (the root's and bentoml's), so that its own lines are covered too."""
     for handler in {*logging.getLogger().handlers, *logging.getLogger("bentoml").handlers}:
-        for kind in (ClientErrorLogFilter, RequestIdLogFilter):
+        for kind in (DroppedResponseLogFilter, ClientErrorLogFilter, RequestIdLogFilter):
             if not any(isinstance(existing, kind) for existing in handler.filters):
                 handler.addFilter(kind())
 

@@ -121,13 +121,25 @@ class RequestTracker(GenerationMonitor):
 
 
 @dataclass
-class _AskedFor:
-    """Who still wants a generation whose result has not come yet: result calls waiting for it now, and when the
-    latest one began (its submit, before the first)."""
+class _Slot:
+    """One generation submitted here: its result (a future on the event loop), who still wants it, and whether a
+    stop must wait for it."""
 
+    result: asyncio.Future
     label: str
-    asked_at: float  # time.monotonic()
-    calls_waiting: int = 0
+    asked_at: float  # time.monotonic() when the latest result call began (its submit, before the first)
+    calls_waiting: int = 0  # result calls waiting for it now
+    posted_at: float | None = None  # time.monotonic() when its result came
+    collected: bool = False  # a result call has returned it
+    orphaned: bool = False  # cancelled by drop_orphans: no one will collect it
+
+    def holds_up_a_stop(self, now: float, given_up_after_s: float) -> bool:
+        return not (self.collected or self.orphaned) and (self.posted_at is None
+                                                          or now - self.posted_at < given_up_after_s)
+
+    def is_orphan(self, now: float, orphaned_after_s: float) -> bool:
+        return (self.posted_at is None and not self.orphaned and not self.calls_waiting
+                and now - self.asked_at > orphaned_after_s)
 
 
 class ResultBoard:
@@ -146,9 +158,7 @@ class ResultBoard:
         self.unclaimed_ttl_s, self.claimed_grace_s = unclaimed_ttl_s, claimed_grace_s
         self.claimed_max_bytes = claimed_max_bytes
         self.orphaned_after_s = orphaned_after_s
-        self._results: dict[str, asyncio.Future] = {}
-        self._uncollected: dict[str, float | None] = {}  # id -> when its result was posted (None: not yet)
-        self._asked_for: dict[str, _AskedFor] = {}  # the generations whose result has not been posted yet
+        self._slots: dict[str, _Slot] = {}
         self._claimed: OrderedDict[str, int] = OrderedDict()  # id -> bytes of its audio, first collected first
         self._claimed_bytes = 0
         self._last_arrival = float("-inf")  # time.monotonic() of the last expect
@@ -156,13 +166,12 @@ class ResultBoard:
     def expect(self, generation_id: str, label: str | None = None) -> bool:
         """Opens a slot for this id (``label``: how logs name it); False if there is one already (a submit retried
         after a broken connection)."""
-        if generation_id in self._results:
+        if generation_id in self._slots:
             return False
-        self._results[generation_id] = asyncio.get_running_loop().create_future()
-        self._uncollected[generation_id] = None
         self._last_arrival = time.monotonic()
         # The front asks for the result as soon as its submit returns: until then, the submit counts as asking.
-        self._asked_for[generation_id] = _AskedFor(label or generation_id, self._last_arrival)
+        self._slots[generation_id] = _Slot(asyncio.get_running_loop().create_future(), label or generation_id,
+                                           asked_at=self._last_arrival)
         return True
 
     def drop_orphans(self, cancel: Callable[[list[str]], None], every_s: float = ORPHAN_CHECK_S) -> None:
@@ -182,13 +191,13 @@ class ResultBoard:
 
     def _cancel_orphans(self, cancel: Callable[[list[str]], None]) -> None:
         now = time.monotonic()
-        orphans = [generation_id for generation_id, asked in self._asked_for.items()
-                   if not asked.calls_waiting and now - asked.asked_at > self.orphaned_after_s]
+        orphans = [generation_id for generation_id, slot in self._slots.items()
+                   if slot.is_orphan(now, self.orphaned_after_s)]
         for generation_id in orphans:
-            asked = self._asked_for.pop(generation_id)
-            self._uncollected.pop(generation_id, None)  # no one will collect it: a stop does not wait for it
+            slot = self._slots[generation_id]
+            slot.orphaned = True
             logger.warning("request %s dropped: no one has asked for its result for %.0f s: its front is gone",
-                           asked.label, now - asked.asked_at)
+                           slot.label, now - slot.asked_at)
         if orphans:
             cancel(orphans)
 
@@ -200,8 +209,7 @@ class ResultBoard:
         gone, and nothing asks for it during the stop): what the engine waits for before it stops."""
         called = time.monotonic()
         while (time.monotonic() - max(called, self._last_arrival) < quiet_s
-               or any(posted is None or time.monotonic() - posted < given_up_after_s
-                      for posted in self._uncollected.values())):
+               or any(slot.holds_up_a_stop(time.monotonic(), given_up_after_s) for slot in self._slots.values())):
             await asyncio.sleep(SETTLED_POLL_S)
 
     def deliverer(self, generation_id: str) -> Callable[[AudioResult], None]:
@@ -209,33 +217,29 @@ class ResultBoard:
         return lambda result: event_loop.call_soon_threadsafe(self._post, generation_id, result)
 
     def _post(self, generation_id: str, result: AudioResult) -> None:
-        if (future := self._results.get(generation_id)) is not None and not future.done():
-            future.set_result(result)
-        if generation_id in self._uncollected:
-            self._uncollected[generation_id] = time.monotonic()
-        self._asked_for.pop(generation_id, None)
+        if (slot := self._slots.get(generation_id)) is None or slot.result.done():
+            return
+        slot.result.set_result(result)
+        slot.posted_at = time.monotonic()
         asyncio.get_running_loop().call_later(self.unclaimed_ttl_s, self._forget, generation_id)
 
     def _forget(self, generation_id: str) -> None:
-        self._results.pop(generation_id, None)
-        self._uncollected.pop(generation_id, None)
+        self._slots.pop(generation_id, None)
         self._claimed_bytes -= self._claimed.pop(generation_id, 0)
 
     async def wait(self, generation_id: str, timeout_s: float) -> AudioResult | None:
         """The result, or None if it is not there within ``timeout_s`` (the caller asks again)."""
-        if (future := self._results.get(generation_id)) is None:
+        if (slot := self._slots.get(generation_id)) is None:
             return AudioResult.failed("unknown_generation", f"no generation {generation_id!r} was submitted here")
-        if (asked := self._asked_for.get(generation_id)) is not None:
-            asked.asked_at = time.monotonic()
-            asked.calls_waiting += 1
+        slot.asked_at = time.monotonic()
+        slot.calls_waiting += 1
         try:
-            result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            result = await asyncio.wait_for(asyncio.shield(slot.result), timeout_s)
         except asyncio.TimeoutError:  # not yet the built-in TimeoutError on Python 3.10
             return None
         finally:
-            if asked is not None:
-                asked.calls_waiting -= 1
-        self._uncollected.pop(generation_id, None)
+            slot.calls_waiting -= 1
+        slot.collected = True
         if generation_id not in self._claimed:  # else a retried call: already held, and its timer set
             self._hold_claimed(generation_id, 0 if result.audio is None else result.audio.nbytes)
         return result
@@ -248,4 +252,4 @@ class ResultBoard:
         asyncio.get_running_loop().call_later(self.claimed_grace_s, self._forget, generation_id)
 
     def __len__(self) -> int:
-        return len(self._results)
+        return len(self._slots)
