@@ -149,7 +149,9 @@ def error_response(ctx: bentoml.Context, error: APIError) -> JSONResponse:
 
 
 def audio_response(audio: GeneratedAudio) -> StreamingResponse:
-    return streamed(audio.data, FORMATS[audio.response_format].media_type, audio.headers())
+    """As BentoML sends a file returned by an API method (/v1/audio/generate): named for saving."""
+    return streamed(audio.data, FORMATS[audio.response_format].media_type,
+                    {**audio.headers(), "Content-Disposition": f'attachment; filename="{audio.filename}"'})
 
 
 # runner_probe: /readyz asks the engines itself (EngineReadiness): BentoML's probe of them failed with a 500 and

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import mimetypes
+import os
 import re
+import shutil
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +17,10 @@ import soundfile
 from pydub import AudioSegment
 
 from stable_audio_bento import audio
-from stable_audio_bento.audio import FORMATS, EncoderUnavailable, encode_audio, format_unavailable
+from stable_audio_bento.audio import FORMATS, EncoderUnavailable, EncodingFailed, encode_audio, format_unavailable
+from stable_audio_bento.gateway import Delivery, Gateway
+from stable_audio_bento.generation import AudioRequest
+from stable_audio_bento.protocol import APIError
 
 RATE = 44100
 TONES = [(0.5, 440.0), (0.3, 660.0)]  # (amplitude, Hz) of the left and right channel
@@ -157,9 +165,9 @@ def test_aac_is_adts_aac_lc(seconds):
 
 @pytest.fixture
 def fresh_probe():
-    audio._ffmpeg_encoders.cache_clear()
+    audio._ffmpeg.cache_clear()
     yield
-    audio._ffmpeg_encoders.cache_clear()
+    audio._ffmpeg.cache_clear()
 
 
 def test_every_format_is_available_here(fresh_probe):
@@ -176,7 +184,70 @@ def test_without_ffmpeg_the_ffmpeg_formats_are_refused(fresh_probe, monkeypatch,
 
 
 def test_an_ffmpeg_without_the_encoder_is_refused(monkeypatch):
-    monkeypatch.setattr(audio, "_ffmpeg_encoders", lambda: frozenset({"aac", "libmp3lame"}))
+    monkeypatch.setattr(audio, "_ffmpeg", lambda: ("/usr/bin/ffmpeg", frozenset({"aac", "libmp3lame"})))
     reason = "response_format 'opus' is unavailable on this server: this ffmpeg has no libopus encoder"
     assert format_unavailable("opus") == reason
     assert format_unavailable("aac") is None
+
+
+@pytest.fixture
+def broken_ffmpeg(fresh_probe, monkeypatch, tmp_path):
+    """An ffmpeg first on PATH that lists the real one's encoders, then encodes as its ``mode`` file says: fail,
+    hang, or write nothing. ``TMPDIR`` is watched: nothing may be left there."""
+    real = shutil.which("ffmpeg")
+    bin_dir, scratch = tmp_path / "bin", tmp_path / "tmp"
+    bin_dir.mkdir(), scratch.mkdir()
+    (bin_dir / "ffmpeg").write_text(f"""#!/bin/sh
+case "$*" in *-encoders*) exec {real} "$@";; esac
+cat > /dev/null
+case "$(cat {tmp_path}/mode)" in
+  fail) echo "Error while encoding: the injected fault" >&2; exit 1;;
+  hang) exec sleep 60;;
+  empty) exit 0;;
+esac
+""")
+    (bin_dir / "ffmpeg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    yield lambda mode: (tmp_path / "mode").write_text(mode)
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode, reason", [
+    ("fail", "ffmpeg exited with status 1: Error while encoding: the injected fault"),
+    ("hang", "ffmpeg did not finish within 1 s"), ("empty", "ffmpeg wrote no audio")])
+@pytest.mark.parametrize("name", ["opus", "aac"])
+def test_an_ffmpeg_that_fails_hangs_or_writes_nothing_is_an_encoding_failure_in_bounded_time(
+        broken_ffmpeg, stereo_tone, name, mode, reason):
+    """pydub's export waited on a hung ffmpeg for ever, and left its two temporary files behind when one failed."""
+    broken_ffmpeg(mode)
+    started = time.monotonic()
+    with pytest.raises(EncodingFailed, match=re.escape(reason)):
+        encode_audio(stereo_tone, RATE, name, timeout_s=1.0)
+    assert time.monotonic() - started < 5
+
+
+def test_a_nan_is_encoded_as_silence_not_an_abort(stereo_tone):
+    """LAME aborts the whole process (an assertion) on a NaN."""
+    clip = stereo_tone.copy()
+    clip[:, 1000] = np.nan
+    for name in FORMATS:
+        assert len(encode_audio(clip, RATE, name)) > 1000, name
+    assert not np.frombuffer(encode_audio(clip, RATE, "pcm"), dtype="<i2").reshape(-1, 2)[1000].any()
+
+
+@pytest.mark.parametrize("deadline_in_s, status, code", [(None, 500, "encoding_failed"), (60, 500, "encoding_failed"),
+                                                         (-1, 504, "timeout")])
+def test_the_gateway_answers_an_encoding_failure_in_the_error_shape(broken_ffmpeg, stereo_tone, deadline_in_s,
+                                                                    status, code):
+    """A 500 naming the format and what ffmpeg said, not BentoML's "unexpected error"; past the request's deadline
+    (ffmpeg cut by it), the 504 of any request that outlasts it."""
+    broken_ffmpeg("fail" if deadline_in_s != -1 else "hang")
+    request = AudioRequest("rain", 1, 2.5, deadline=None if deadline_in_s is None else time.time() + deadline_in_s)
+    with pytest.raises(APIError) as raised:
+        asyncio.run(Gateway.encode(request, stereo_tone, RATE, Delivery("opus")))
+    assert (raised.value.status, raised.value.code) == (status, code)
+    if status == 500:
+        assert str(raised.value) == ("encoding the audio as opus failed: ffmpeg exited with status 1: "
+                                     "Error while encoding: the injected fault")

@@ -59,6 +59,9 @@ def test_a_job_reports_progress_and_returns_the_same_audio_as_a_direct_request(s
     assert content.headers["x-seed"] == "99"
     direct = httpx.post(server + "/v1/audio/generate", json=BODY, timeout=120)
     assert content.content == direct.content
+    # saved under the same name as a direct request's, by a browser opening result_url or `curl -OJ`
+    assert content.headers["content-disposition"] == direct.headers["content-disposition"] == (
+        'attachment; filename="audio.flac"')
     samples, rate = soundfile.read(io.BytesIO(content.content))
     assert (rate, samples.shape) == (44100, (88200, 2))
 

@@ -141,7 +141,7 @@ def test_metrics_adapter_serves_the_metric_the_autoscaler_reads():
 WRITTEN_PATHS = {
     "BENTOML_HOME": "/home/bentoml",  # its store folders and the Prometheus multiprocess folder, made at start
     "HOME": "/home/bentoml",  # Triton's ~/.triton, CUDA's ~/.nv, ~/.cache
-    "TMPDIR": "/tmp",  # the front-engine socket, request folders, pydub's files, torch.compile's inductor cache
+    "TMPDIR": "/tmp",  # the front-engine socket, request folders, torch.compile's inductor cache
     "HF_HOME": "~/.cache/huggingface",
     "STABLE_AUDIO_CACHE": "~/.cache/stable-audio-bento",
     "TRITON_CACHE_DIR": "~/.triton/cache",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import mimetypes
+import shutil
 import subprocess
 from dataclasses import dataclass
 
@@ -12,20 +13,27 @@ import numpy as np
 import soundfile
 import soxr
 from pydub import AudioSegment
-from pydub.utils import which
 
 # Near-transparent for stereo music: Opus at 128k, ffmpeg's native AAC encoder (weaker than libfdk) at 192k.
 OPUS_BITRATE = "128k"
 AAC_BITRATE = "192k"
+# 47 s of stereo take ffmpeg about a second: one that takes this long hangs, holding a thread and the request's
+# admission slot.
+ENCODE_TIMEOUT_S = 60.0
 
 
 class EncoderUnavailable(ValueError):
     """The response format needs an ffmpeg (or an ffmpeg encoder) that this machine lacks."""
 
 
+class EncodingFailed(RuntimeError):
+    """ffmpeg failed on this audio, ran out of time, or wrote nothing."""
+
+
 @dataclass(frozen=True)
 class FfmpegCodec:
-    """Formats libsndfile cannot write go through pydub, which pipes a WAV through ffmpeg."""
+    """Formats libsndfile cannot write: 16-bit samples piped through ffmpeg. Not through pydub's export, which has
+    no time limit and leaves its temporary files behind when ffmpeg fails."""
 
     muxer: str  # ffmpeg -f
     encoder: str  # ffmpeg -acodec, as `ffmpeg -encoders` lists it
@@ -64,18 +72,18 @@ for _spec in FORMATS.values():
 
 
 @functools.cache
-def _ffmpeg_encoders() -> frozenset[str] | str:
-    """The encoder names of the ffmpeg that pydub runs, or why it cannot run. Probed once per process."""
-    ffmpeg = which(AudioSegment.converter)
+def _ffmpeg() -> tuple[str, frozenset[str]] | str:
+    """The ffmpeg on PATH and its encoder names, or why it cannot run. Probed once per process."""
+    ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
-        return f"{AudioSegment.converter} was not found on PATH"
+        return "ffmpeg was not found on PATH"
     try:
         listing = subprocess.run([ffmpeg, "-hide_banner", "-encoders"], capture_output=True, text=True,
                                  check=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         return f"{ffmpeg} -encoders failed: {error}"
     # Below the legend's "------" line, rows read " A..... libopus   libopus Opus (codec opus)".
-    return frozenset(row.split()[1] for row in listing.partition("------")[2].splitlines() if row.strip())
+    return ffmpeg, frozenset(row.split()[1] for row in listing.partition("------")[2].splitlines() if row.strip())
 
 
 def format_unavailable(response_format: str) -> str | None:
@@ -83,10 +91,10 @@ def format_unavailable(response_format: str) -> str | None:
     codec = FORMATS[response_format].ffmpeg
     if codec is None:
         return None  # soundfile's wheel bundles libsndfile with its encoders
-    encoders = _ffmpeg_encoders()
-    if isinstance(encoders, str):
-        reason = encoders
-    elif codec.encoder not in encoders:
+    ffmpeg = _ffmpeg()
+    if isinstance(ffmpeg, str):
+        reason = ffmpeg
+    elif codec.encoder not in ffmpeg[1]:
         reason = f"this ffmpeg has no {codec.encoder} encoder"
     else:
         return None
@@ -94,8 +102,9 @@ def format_unavailable(response_format: str) -> str | None:
 
 
 def _frames(audio: np.ndarray) -> np.ndarray:
-    """(channels, samples) float audio as (samples, channels) float32 clipped to full scale, as soundfile wants."""
-    return np.clip(np.asarray(audio, dtype=np.float32).T, -1.0, 1.0)
+    """(channels, samples) float audio as (samples, channels) float32 clipped to full scale, as soundfile wants.
+    A NaN would abort the whole process inside LAME (an assertion): it becomes silence."""
+    return np.clip(np.nan_to_num(np.asarray(audio, dtype=np.float32).T), -1.0, 1.0)
 
 
 def _pcm16(frames: np.ndarray) -> np.ndarray:
@@ -111,22 +120,12 @@ def pcm16_segment(audio: np.ndarray, sample_rate: int) -> AudioSegment:
     return AudioSegment(samples.tobytes(), sample_width=2, frame_rate=sample_rate, channels=samples.shape[1])
 
 
-def encode_audio(audio: np.ndarray, sample_rate: int, response_format: str) -> bytes:
+def encode_audio(audio: np.ndarray, sample_rate: int, response_format: str,
+                 timeout_s: float = ENCODE_TIMEOUT_S) -> bytes:
+    """The file of ``response_format`` holding (channels, samples) float audio; ``timeout_s`` bounds ffmpeg."""
     spec = FORMATS[response_format]
     if spec.ffmpeg is not None:
-        reason = format_unavailable(response_format)
-        if reason is not None:
-            raise EncoderUnavailable(reason)
-        codec = spec.ffmpeg
-        if codec.sample_rate is not None and codec.sample_rate != sample_rate:
-            audio = soxr.resample(np.asarray(audio, dtype=np.float32).T, sample_rate, codec.sample_rate,
-                                  quality="VHQ").T
-            sample_rate = codec.sample_rate
-        # 16-bit input: its quantization noise lies far below what these lossy codecs discard.
-        segment = pcm16_segment(audio, sample_rate)
-        # bitexact: the same audio makes the same bytes (an Ogg stream's serial number is random otherwise)
-        return segment.export(io.BytesIO(), format=codec.muxer, codec=codec.encoder, bitrate=codec.bitrate,
-                              parameters=["-fflags", "+bitexact", "-flags:a", "+bitexact"]).getvalue()
+        return _encode_with_ffmpeg(audio, sample_rate, response_format, timeout_s)
     frames = _frames(audio)
     if spec.subtype == "PCM_16":
         frames = _pcm16(frames)  # written as they are (libsndfile converts no integer samples)
@@ -135,3 +134,33 @@ def encode_audio(audio: np.ndarray, sample_rate: int, response_format: str) -> b
     buffer = io.BytesIO()
     soundfile.write(buffer, frames, sample_rate, format=spec.soundfile_format, subtype=spec.subtype)
     return buffer.getvalue()
+
+
+def _encode_with_ffmpeg(audio: np.ndarray, sample_rate: int, response_format: str, timeout_s: float) -> bytes:
+    reason = format_unavailable(response_format)
+    if reason is not None:
+        raise EncoderUnavailable(reason)
+    ffmpeg, codec = _ffmpeg()[0], FORMATS[response_format].ffmpeg
+    if codec.sample_rate is not None and codec.sample_rate != sample_rate:
+        audio = soxr.resample(np.asarray(audio, dtype=np.float32).T, sample_rate, codec.sample_rate,
+                              quality="VHQ").T
+        sample_rate = codec.sample_rate
+    # 16-bit input: its quantization noise lies far below what these lossy codecs discard.
+    samples = _pcm16(_frames(audio))
+    command = [ffmpeg, "-hide_banner", "-nostats", "-loglevel", "error",
+               "-f", "s16le", "-ar", str(sample_rate), "-ac", str(samples.shape[1]), "-i", "pipe:0",
+               "-c:a", codec.encoder, "-b:a", codec.bitrate,
+               # the same audio makes the same bytes (an Ogg stream's serial number is random otherwise)
+               "-fflags", "+bitexact", "-flags:a", "+bitexact", "-f", codec.muxer, "pipe:1"]
+    try:  # on a timeout, run kills ffmpeg before raising
+        encoded = subprocess.run(command, input=samples.tobytes(), capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise EncodingFailed(f"ffmpeg did not finish within {timeout_s:.0f} s") from None
+    except OSError as error:
+        raise EncodingFailed(f"ffmpeg could not be run: {error}") from None
+    if encoded.returncode != 0:
+        said = encoded.stderr.decode(errors="replace").strip().splitlines()
+        raise EncodingFailed(f"ffmpeg exited with status {encoded.returncode}" + (f": {said[-1][:200]}" if said else ""))
+    if not encoded.stdout:
+        raise EncodingFailed("ffmpeg wrote no audio")
+    return encoded.stdout

@@ -16,13 +16,14 @@ import aiohttp
 import numpy as np
 
 from .admission import Admission
-from .audio import FORMATS, encode_audio
+from .audio import ENCODE_TIMEOUT_S, FORMATS, EncodingFailed, encode_audio
 from .engine_pool import EnginePool
 from .generation import AudioRequest
 from .init_audio import load_init_audio
 from .protocol import APIError, EditRequest, GenerateRequest
 from .serving import CLIENT_CLOSED_REQUEST, ModelCard, RequestContext
 from .silence import trim_trailing_silence
+from .traffic_timeout import BACKSTOP_S
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +66,12 @@ class GeneratedAudio:
                 "X-Audio-Duration": f"{self.duration:.6f}"}
 
 
-def deliver(audio: np.ndarray, sample_rate: int, delivery: Delivery) -> tuple[bytes, float]:
+def deliver(audio: np.ndarray, sample_rate: int, delivery: Delivery, encode_timeout_s: float = ENCODE_TIMEOUT_S
+            ) -> tuple[bytes, float]:
     """The response body made of decoded (channels, samples) audio, and the seconds it holds."""
     if delivery.trim_silence:
         audio = trim_trailing_silence(audio, sample_rate)
-    return encode_audio(audio, sample_rate, delivery.response_format), audio.shape[1] / sample_rate
+    return encode_audio(audio, sample_rate, delivery.response_format, encode_timeout_s), audio.shape[1] / sample_rate
 
 
 class Gateway:
@@ -152,7 +154,7 @@ class Gateway:
             raise APIError(f"generation failed: {result['error']}", status=500, code="generation_failed")
         encode_started = time.perf_counter()
         card = await self.model_card()
-        data, duration = await asyncio.to_thread(deliver, result["audio"], card.limits.sample_rate, delivery)
+        data, duration = await self.encode(job, result["audio"], card.limits.sample_rate, delivery)
         timings = {"queue": result["started_at"] - submitted_at,
                    **{name.removesuffix("_s"): seconds for name, seconds in result["timings"].items()},
                    "encode": time.perf_counter() - encode_started}
@@ -160,6 +162,22 @@ class Gateway:
         logger.info("generated %.2f s of %s with up to %d requests per step: %s", duration, delivery.response_format,
                     result["batch_size"], " ".join(f"{name}={seconds:.3f}s" for name, seconds in timings.items()))
         return GeneratedAudio(data, delivery.response_format, job.seed, result["batch_size"], duration, timings)
+
+    @staticmethod
+    async def encode(job: AudioRequest, audio: np.ndarray, sample_rate: int, delivery: Delivery
+                     ) -> tuple[bytes, float]:
+        """``deliver`` off the event loop, within the request's deadline (a second at least: the audio is made, and
+        the traffic timeout's backstop comes that much later)."""
+        timeout_s = ENCODE_TIMEOUT_S if job.deadline is None else min(ENCODE_TIMEOUT_S, job.deadline - time.time())
+        try:
+            return await asyncio.to_thread(deliver, audio, sample_rate, delivery, max(timeout_s, BACKSTOP_S))
+        except EncodingFailed as error:
+            if job.deadline is not None and time.time() >= job.deadline:
+                raise timeout_error() from error
+            logger.error("request %s could not be encoded as %s: %s", job.request_id, delivery.response_format,
+                         error)
+            raise APIError(f"encoding the audio as {delivery.response_format} failed: {error}", status=500,
+                           code="encoding_failed") from error
 
     async def wait_for_engine(self, job: AudioRequest, disconnected: asyncio.Event | None) -> dict:
         """The engine's result, unless the client disconnects or the deadline passes first: then the engine is
