@@ -117,7 +117,7 @@ def test_running_jobs_report_progress_and_are_cancelled_on_whichever_engine_runs
     assert {worker: after[worker] - before.get(worker, 0.0) for worker in after} == {"0": 1, "1": 1}
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two", " "])
+@pytest.mark.parametrize("value", ["0", "-1", "two", " ", "²"])
 def test_a_bad_worker_count_is_refused_with_the_variable_named(monkeypatch, value):
     monkeypatch.setenv(ENGINE_WORKERS_VARIABLE, value)
     with pytest.raises(ValueError, match=ENGINE_WORKERS_VARIABLE):

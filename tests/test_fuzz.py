@@ -75,6 +75,14 @@ def client(fuzz_server) -> httpx.Client:
         yield shared
 
 
+def test_a_maximum_below_the_models_default_steps_is_served_with_a_warning(client):
+    """Every request without steps is a 400 on this server: said once at start, and by each 400."""
+    assert ("the model's default of 100 steps is above STABLE_AUDIO_MAX_STEPS=4: a request must give "
+            "num_inference_steps") in (ARTIFACTS / "fuzz-server.log").read_text()
+    error = error_of(client.post(ROUTE, json={"input": "x", "audio_length": 0.5}))
+    assert error["param"] == "num_inference_steps" and "the default of 100 is above that" in error["message"]
+
+
 def send(client: httpx.Client, test: str, content=b"", headers: dict | None = None,
          method: str = "POST", route: str = ROUTE) -> httpx.Response:
     REQUESTS[test] += 1

@@ -117,6 +117,25 @@ def test_a_key_file_without_a_key_is_refused(tmp_path, monkeypatch, content, mes
         GuardSettings.from_env()
 
 
+def test_an_api_key_from_a_secret_with_its_line_feed_is_stripped_and_an_unsendable_one_refused(tmp_path,
+                                                                                               monkeypatch):
+    """A Kubernetes Secret made from a file ends in a line feed: kept, no client could match the key (every request
+    401, nothing said at start)."""
+    monkeypatch.setenv("STABLE_AUDIO_API_KEY", "s3cret-key\n")
+    assert GuardSettings.from_env().api_key == "s3cret-key"
+    for unsendable, why in ((" \n", "only whitespace"), ("s3cret key", "a space, a control or a non-ASCII"),
+                            ("s3crét", "a space, a control or a non-ASCII")):
+        monkeypatch.setenv("STABLE_AUDIO_API_KEY", unsendable)
+        with pytest.raises(ValueError, match=f"^STABLE_AUDIO_API_KEY: the key (has|is) {why}") as refused:
+            GuardSettings.from_env()
+        assert "s3cr" not in str(refused.value)  # a log line is no place for the key
+    monkeypatch.delenv("STABLE_AUDIO_API_KEY")
+    (key_file := tmp_path / "api-key").write_text("s3cret\tkey\n")
+    monkeypatch.setenv("STABLE_AUDIO_API_KEY_FILE", str(key_file))
+    with pytest.raises(ValueError, match="STABLE_AUDIO_API_KEY_FILE=.*a space, a control"):
+        GuardSettings.from_env()
+
+
 def test_body_limits_must_be_whole_numbers(monkeypatch):
     monkeypatch.setenv("STABLE_AUDIO_MAX_BODY_BYTES", "1MB")
     with pytest.raises(ValueError, match="STABLE_AUDIO_MAX_BODY_BYTES='1MB'"):

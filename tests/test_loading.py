@@ -156,8 +156,10 @@ def test_stored_weights_are_read_from_their_folder_while_the_name_gives_the_limi
 ])
 def test_an_unusable_engine_setting_is_refused_naming_it(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
-    with pytest.raises(ValueError, match=f"^{variable}={value!r}: give a whole number"):
+    with pytest.raises(ValueError, match=f"^{variable}={value!r}: give a whole number") as refused:
         EngineConfig.from_env()
+    word = {"STABLE_AUDIO_DECODE_MARGIN": "full", "STABLE_AUDIO_MAX_ROWS": "auto"}.get(variable)
+    assert str(refused.value).endswith(f", or {word}") == (word is not None)  # FULL: the word it wants is said
 
 
 def test_a_default_step_count_above_the_maximum_is_refused(monkeypatch):

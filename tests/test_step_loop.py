@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from stable_audio_bento import tracking
-from stable_audio_bento.config import ServiceSettings
 from stable_audio_bento.generation import AudioRequest, AudioResult, GenerationMonitor
 from stable_audio_bento.step_loop import LoopLimits, StepLoop, run_to_completion
 from stable_audio_bento.tracking import RequestTracker, ResultBoard
@@ -392,24 +391,3 @@ def test_a_generation_no_one_asks_for_is_cancelled_and_no_longer_holds_up_a_stop
     dropped = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
     assert len(dropped) == 1 and dropped[0].startswith("request ticket-orphan dropped: no one has asked for its "
                                                        "result for 0 s: its front is gone")
-
-
-def test_batching_mode_comes_from_configuration_and_environment(tmp_path, monkeypatch):
-    config = tmp_path / "configuration.yaml"
-    config.write_text("services:\n  StableAudioEngine:\n    batching:\n      mode: whole\n")
-    monkeypatch.delenv("STABLE_AUDIO_BATCHING", raising=False)
-    assert ServiceSettings.load(config).batching == "whole"
-    assert ServiceSettings.load(tmp_path / "absent.yaml").batching == "continuous"
-    monkeypatch.setenv("STABLE_AUDIO_BATCHING", "continuous")
-    assert ServiceSettings.load(config).batching == "continuous"
-    monkeypatch.setenv("STABLE_AUDIO_BATCHING", "sometimes")
-    with pytest.raises(ValueError, match="STABLE_AUDIO_BATCHING"):
-        ServiceSettings.load(config)
-
-
-@pytest.mark.parametrize("value", ["0", "-2", "2.5", "eight", "true"])
-def test_an_unusable_batch_setting_is_named(tmp_path, value):
-    config = tmp_path / "configuration.yaml"
-    config.write_text(f"services:\n  StableAudioEngine:\n    batching:\n      max_batch_size: {value}\n")
-    with pytest.raises(ValueError, match=r"services.StableAudioEngine.batching.max_batch_size must be a whole number"):
-        ServiceSettings.load(config)

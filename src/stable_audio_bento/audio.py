@@ -160,7 +160,8 @@ def _encode_with_ffmpeg(audio: np.ndarray, sample_rate: int, response_format: st
         raise EncodingFailed(f"ffmpeg could not be run: {error}") from None
     if encoded.returncode != 0:
         said = encoded.stderr.decode(errors="replace").strip().splitlines()
-        raise EncodingFailed(f"ffmpeg exited with status {encoded.returncode}" + (f": {said[-1][:200]}" if said else ""))
+        raise EncodingFailed(f"ffmpeg exited with status {encoded.returncode}"
+                             + (f": {said[-1][:200]}" if said else ""))
     if not encoded.stdout:
         raise EncodingFailed("ffmpeg wrote no audio")
     return encoded.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,12 @@ class EngineConfig:
             max_inference_steps=env_integer(env, "STABLE_AUDIO_MAX_STEPS", cls.max_inference_steps, minimum=1),
             sampling=SamplingOptions(
                 decode_margin_frames=None if margin == "full" else env_integer(
-                    env, "STABLE_AUDIO_DECODE_MARGIN", SamplingOptions.decode_margin_frames, minimum=0),
+                    env, "STABLE_AUDIO_DECODE_MARGIN", SamplingOptions.decode_margin_frames, minimum=0,
+                    or_word="full"),
                 sde_noise=env_choice(env, "STABLE_AUDIO_SDE_NOISE", ("auto", "exact", "vectorized")),
                 denoise_window=env_choice(env, "STABLE_AUDIO_DENOISE_WINDOW", ("full", "short")),
-                max_rows=None if max_rows == "auto" else env_integer(env, "STABLE_AUDIO_MAX_ROWS", None, minimum=1),
+                max_rows=None if max_rows == "auto" else env_integer(env, "STABLE_AUDIO_MAX_ROWS", None, minimum=1,
+                                                                     or_word="auto"),
             ),
             auto_max_rows=max_rows == "auto",
             compile=parse_compile_mode(env_text(env, "STABLE_AUDIO_COMPILE") or "0"),
@@ -165,23 +168,68 @@ class ServiceSettings:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "ServiceSettings":
+        """From the configuration file (``BENTOML_CONFIG``, else the repository's configuration.yaml) with
+        BentoML's overrides on top (``BENTOML_CONFIG_OPTIONS``, ``BENTOML_CONFIG_OVERRIDES``), merged by BentoML
+        as it merges them for itself: a traffic.timeout changed there changes what is derived from it here too."""
         path = Path(path or os.environ.get("BENTOML_CONFIG") or REPO_ROOT / "configuration.yaml")
-        loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
-        services: dict[str, Any] = (loaded or {}).get("services", {})
-        front = services.get(FRONT_SERVICE, {})
-        engine = services.get(ENGINE_SERVICE, {})
-        batching = engine.get("batching", {})
+        services = _section(_bentoml_configuration(path), path, "services")
+        front = _section(services, path, "services", FRONT_SERVICE)
+        engine = _section(services, path, "services", ENGINE_SERVICE)
+        batching = _section(engine, path, "services", ENGINE_SERVICE, "batching")
         for name in ("max_batch_size", "max_latency_ms"):
             value = batching.get(name, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{path}: services.{ENGINE_SERVICE}.batching.{name} must be a whole number of at "
                                  f"least 1 (got {value!r})")
+        mode = batching.get("mode", cls.batching)
+        if mode not in BATCHING_MODES:
+            raise ValueError(f"{path}: services.{ENGINE_SERVICE}.batching.mode={mode!r}: use one of "
+                             + ", ".join(BATCHING_MODES))
+        timeout = _timeout(front, path, FRONT_SERVICE, cls.request_timeout_s)
+        # An engine's own timeout would cut the front's result calls, each up to result_wait_s, and the engine
+        # services named StableAudioEngine1... would keep the front's: the engines take the front's.
+        if _timeout(engine, path, ENGINE_SERVICE, timeout) < timeout:
+            raise ValueError(f"{path}: services.{ENGINE_SERVICE}.traffic.timeout is below "
+                             f"services.{FRONT_SERVICE}.traffic.timeout ({timeout:g}): leave it out, the engines "
+                             "take the front's")
         return cls(
-            port=front.get("http", {}).get("port", cls.port),
-            request_timeout_s=front.get("traffic", {}).get("timeout", cls.request_timeout_s),
+            port=_section(front, path, "services", FRONT_SERVICE, "http").get("port", cls.port),
+            request_timeout_s=timeout,
             max_batch_size=batching.get("max_batch_size", cls.max_batch_size),
             max_latency_ms=batching.get("max_latency_ms", cls.max_latency_ms),
-            batching=env_choice(os.environ, "STABLE_AUDIO_BATCHING", BATCHING_MODES,
-                                default=batching.get("mode", cls.batching)),
+            batching=env_choice(os.environ, "STABLE_AUDIO_BATCHING", BATCHING_MODES, default=mode),
             stall_timeout_s=env_seconds(os.environ, "STABLE_AUDIO_STALL_TIMEOUT_S", cls.stall_timeout_s),
         )
+
+
+def _bentoml_configuration(path: Path) -> dict[str, Any]:
+    from bentoml._internal.configuration import (
+        get_bentoml_override_config_from_env, get_bentoml_override_config_json_from_env,
+    )
+    from bentoml._internal.configuration.containers import BentoMLConfiguration
+    from bentoml.exceptions import BentoMLConfigException
+
+    try:
+        with warnings.catch_warnings():  # BENTOML_CONFIG_OPTIONS is deprecated: BentoML says so itself
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return BentoMLConfiguration(override_config_file=str(path) if path.is_file() else None,
+                                        override_config_values=get_bentoml_override_config_from_env(),
+                                        override_config_json=get_bentoml_override_config_json_from_env()).to_dict()
+    except (BentoMLConfigException, yaml.YAMLError, ValueError) as error:
+        raise ValueError(f"{path}, with BENTOML_CONFIG_OPTIONS / BENTOML_CONFIG_OVERRIDES: {error}") from None
+
+
+def _section(parent: dict[str, Any], path: Path, *keys: str) -> dict[str, Any]:
+    """``parent[keys[-1]]``: a mapping, or {} when absent or left empty (its entries commented out)."""
+    value = parent.get(keys[-1]) or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {'.'.join(keys)} must be a mapping of settings (got {value!r})")
+    return value
+
+
+def _timeout(service: dict[str, Any], path: Path, name: str, default: float) -> float:
+    timeout = _section(service, path, "services", name, "traffic").get("timeout", default)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ValueError(f"{path}: services.{name}.traffic.timeout must be a number of seconds above 0 "
+                         f"(got {timeout!r})")
+    return float(timeout)

@@ -21,7 +21,7 @@ import bentoml
 import torch
 
 from .config import ENGINE_SERVICE, EngineConfig
-from .env_values import env_text
+from .env_values import env_integer, env_text
 
 ENGINE_WORKERS_VARIABLE = "STABLE_AUDIO_ENGINE_WORKERS"
 
@@ -38,9 +38,7 @@ def engine_worker_count() -> int:
         count = max(1, gpus)
         os.environ[ENGINE_WORKERS_VARIABLE] = str(count)
         return count
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"{ENGINE_WORKERS_VARIABLE}={value!r}: give the number of engine workers, 1 or more")
-    count = int(value)
+    count = env_integer(os.environ, ENGINE_WORKERS_VARIABLE, None, minimum=1)
     # Checked where every GPU is visible (the server's own process: no worker index yet). BentoML would hand the
     # engines past the last GPU made-up GPU numbers, and they would quietly run on the CPU.
     if bentoml.server_context.worker_index is None and 0 < gpus < count and not _gpu_allocation_disabled():

@@ -12,9 +12,11 @@ def env_text(env: Mapping[str, str], variable: str) -> str | None:
     return env.get(variable) or None
 
 
-def env_integer(env: Mapping[str, str], variable: str, default: int | None, minimum: int) -> int | None:
+def env_integer(env: Mapping[str, str], variable: str, default: int | None, minimum: int,
+                or_word: str | None = None) -> int | None:
+    """``or_word``: the word the variable also takes (read by the caller), for the message."""
     return _env_number(env, variable, default, int, lambda number: number >= minimum,
-                       f"give a whole number, at least {minimum}")
+                       f"give a whole number, at least {minimum}" + (f", or {or_word}" if or_word else ""))
 
 
 def env_seconds(env: Mapping[str, str], variable: str, default: float) -> float:

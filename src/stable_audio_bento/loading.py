@@ -20,6 +20,7 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 from . import sa3_loading
 from .compilation import CUDA_GRAPHS
 from .cuda_graphs import require_cuda
+from .env_values import env_text
 from .config import EngineConfig
 from .model_cache import cache_root, save_once
 from .pipeline import BatchedStableAudio
@@ -245,8 +246,8 @@ def _from_pretrained(source: str, pipeline_class: type = StableAudioPipeline, st
                              "STABLE_AUDIO_MODEL at a local diffusers-format folder, or use STABLE_AUDIO_MODEL=tiny "
                              "(or tiny-sa3) for a small random model.")
     try:
-        return pipeline_class.from_pretrained(source, token=None if is_folder else os.environ.get("HF_TOKEN"),
-                                              **components)
+        token = None if is_folder else env_text(os.environ, "HF_TOKEN")  # empty: unset, as the hub library reads it
+        return pipeline_class.from_pretrained(source, token=token, **components)
     except Exception as exc:  # diffusers raises OSError, ValueError or HTTP errors depending on what is missing
         hint = (
             f"{source!r} is not a complete diffusers-format {pipeline_class.__name__} folder"

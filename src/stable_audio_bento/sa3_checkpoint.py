@@ -47,6 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel
 
+from .env_values import env_text
 from .sa3_loading import sa3_scheduler
 from .same_chunked import use_chunked_attention
 
@@ -328,7 +329,7 @@ def load_text_encoder(source: str) -> tuple[Any, T5GemmaEncoderModel]:
     both, or a diffusers-format SA3 folder."""
     folder = Path(source)
     parts = ("tokenizer", "text_encoder") if (folder / "text_encoder").is_dir() else ("", "")
-    token = None if folder.is_dir() else os.environ.get("HF_TOKEN")
+    token = None if folder.is_dir() else env_text(os.environ, "HF_TOKEN")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder=parts[0], token=token)
         config = AutoConfig.from_pretrained(source, subfolder=parts[1], token=token)

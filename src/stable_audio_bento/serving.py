@@ -198,7 +198,9 @@ class GuardSettings:
     def from_env(cls) -> "GuardSettings":
         env = os.environ
         key = env_text(env, "STABLE_AUDIO_API_KEY")
-        if key is None and (key_file := env_text(env, "STABLE_AUDIO_API_KEY_FILE")) is not None:
+        if key is not None:
+            key = usable_key(key.strip(), "STABLE_AUDIO_API_KEY")
+        elif (key_file := env_text(env, "STABLE_AUDIO_API_KEY_FILE")) is not None:
             key = read_key_file(key_file)
         paths = env_text(env, "STABLE_AUDIO_PUBLIC_PATHS")
         return cls(
@@ -222,6 +224,22 @@ def read_key_file(path: str) -> str:
         raise ValueError(f"STABLE_AUDIO_API_KEY_FILE={path!r}: cannot read it ({error.strerror})") from None
     if not key:
         raise ValueError(f"STABLE_AUDIO_API_KEY_FILE={path!r}: its first line is empty; put the API key there")
+    return usable_key(key, f"STABLE_AUDIO_API_KEY_FILE={path!r}")
+
+
+# What a client can send after "Bearer " and the guard compare as sent: printable ASCII without spaces.
+API_KEY_CHARACTERS = re.compile(r"[!-~]+")
+
+
+def usable_key(key: str, source: str) -> str:
+    """The key, stripped as a Secret's trailing line feed must be (the guard strips the header's token too); one
+    no client could send is refused, without showing it: serving with it would lock every client out, or serving
+    without the key its operator meant to set would open the service to anyone."""
+    if not key:
+        raise ValueError(f"{source}: the key is only whitespace")
+    if not API_KEY_CHARACTERS.fullmatch(key):
+        raise ValueError(f"{source}: the key has a space, a control or a non-ASCII character inside; clients send "
+                         "it in an Authorization header: use printable ASCII")
     return key
 
 

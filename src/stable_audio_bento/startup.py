@@ -85,6 +85,11 @@ def start_engine(stored: bentoml.Model | None, index: int) -> tuple[EngineConfig
     report = StartupReport(loaded - started, time.perf_counter() - loaded)
     logger.info("ready: %s loaded in %.1f s, warm-up generation in %.1f s", config.model, report.load_s,
                 report.warmup_s)
+    if config.default_inference_steps is None and engine.default_steps > config.max_inference_steps:
+        # allowed (a server may make its clients choose a few steps), but every request without steps gets a 400
+        logger.warning("the model's default of %d steps is above STABLE_AUDIO_MAX_STEPS=%d: a request must give "
+                       "num_inference_steps (set STABLE_AUDIO_DEFAULT_STEPS to give it a default)",
+                       engine.default_steps, config.max_inference_steps)
     return config, engine, report
 
 
