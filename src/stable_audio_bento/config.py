@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -209,14 +210,20 @@ def _bentoml_configuration(path: Path) -> dict[str, Any]:
     from bentoml._internal.configuration.containers import BentoMLConfiguration
     from bentoml.exceptions import BentoMLConfigException
 
+    # BentoML logs each override it applies, and warns that BENTOML_CONFIG_OPTIONS is deprecated: it does both
+    # itself when it loads its configuration, once.
+    bentoml_says = logging.getLogger(BentoMLConfiguration.__module__)
+    was_disabled, bentoml_says.disabled = bentoml_says.disabled, True
     try:
-        with warnings.catch_warnings():  # BENTOML_CONFIG_OPTIONS is deprecated: BentoML says so itself
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             return BentoMLConfiguration(override_config_file=str(path) if path.is_file() else None,
                                         override_config_values=get_bentoml_override_config_from_env(),
                                         override_config_json=get_bentoml_override_config_json_from_env()).to_dict()
     except (BentoMLConfigException, yaml.YAMLError, ValueError) as error:
         raise ValueError(f"{path}, with BENTOML_CONFIG_OPTIONS / BENTOML_CONFIG_OVERRIDES: {error}") from None
+    finally:
+        bentoml_says.disabled = was_disabled
 
 
 def _section(parent: dict[str, Any], path: Path, *keys: str) -> dict[str, Any]:
