@@ -6,9 +6,11 @@ import contextlib
 import http.client
 import io
 import json
+import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -181,10 +183,11 @@ class StandInServer(BaseHTTPRequestHandler):
 
     ``polls`` and ``downloads`` script the answers to the job's status and content, one per request (the last one
     repeats): a job status ("running", "succeeded"), an HTTP status (int; 429 and 503 come with Retry-After: 0), or
-    "drop" (the connection is closed without an answer). With ``polls`` set, the submitted job is running. With
-    ``held`` (an Event) set, the answer to a submission waits for it."""
+    "drop" (the connection is closed without an answer), "redirect" (elsewhere) or "moved" (the same route at
+    another address). With ``polls`` set, the submitted job is running. With ``held`` (an Event) set, the answer to
+    a submission waits for it. Each submission's Authorization header is kept in ``authorizations``, as sent."""
 
-    refusals, refusal, seen, keys, held = 0, (429, "0"), [], [], None
+    refusals, refusal, seen, keys, held, authorizations = 0, (429, "0"), [], [], None, []
     polls, downloads, cancel = [], [], "cancelled"  # cancel: the DELETE's answer, a job status or "drop"
     JOB = {"id": "job_1", "status": "succeeded", "progress": {"steps_done": 2, "steps_total": 2}, "seed": 7,
            "queue_position": None, "audio_duration": 1.0, "response_format": "wav", "error": None,
@@ -215,6 +218,8 @@ class StandInServer(BaseHTTPRequestHandler):
             self.answer(200, json.dumps({"status": "running"}).encode(), {"Content-Type": "application/json"})
         elif step == "redirect":
             self.answer(302, b"", {"Location": "/elsewhere"})
+        elif step == "moved":
+            self.answer(301, b"", {"Location": f"https://audio.example:8443{self.path}"})
         elif step == "steady":  # STEADY_AUDIO, a chunk every STEADY_GAP_S
             self.send_response(200)
             self.send_header("Content-Type", "audio/wav")
@@ -231,6 +236,7 @@ class StandInServer(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
+        self.authorizations.append(self.headers.get("Authorization", "").encode("latin-1"))  # the bytes sent
         self.seen.append(("POST", self.path))
         self.keys.append(self.headers["Idempotency-Key"])
         if self.held is not None:
@@ -268,7 +274,7 @@ def stand_in(monkeypatch):
     """(the stand-in server's URL, its handler class); ``refusals``, ``refusal``, ``polls``, ``downloads``,
     ``cancel`` and ``held`` set per test."""
     for name, value in {"seen": [], "keys": [], "refusals": 0, "refusal": (429, "0"), "polls": [], "downloads": [],
-                        "cancel": "cancelled", "held": None}.items():
+                        "cancel": "cancelled", "held": None, "authorizations": []}.items():
         monkeypatch.setattr(StandInServer, name, value)
     server = ThreadingHTTPServer(("127.0.0.1", 0), StandInServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -512,12 +518,46 @@ def test_an_answer_that_is_json_but_not_a_job_cancels_the_job_and_is_reported(st
     assert "the server's answer is not a job (KeyError" in capsys.readouterr().err
 
 
-def test_a_redirect_is_reported_not_followed_with_the_key(stand_in, tmp_path, capsys):
+@pytest.mark.parametrize("redirect, advice", [
+    ("redirect", "it is not this route at another address: check --url"),
+    ("moved", "give https://audio.example:8443 as --url"),  # the address, not the job's route after it
+])
+def test_a_redirect_is_reported_not_followed_with_the_key(stand_in, tmp_path, capsys, redirect, advice):
     url, handler = stand_in
-    handler.polls = ["running", "redirect"]
+    handler.polls = ["running", redirect]
     assert run_client(url, tmp_path, "--api-key", "secret") == 1
     assert ("GET", "/elsewhere") not in handler.seen and handler.seen[-1] == ("DELETE", JOB_PATH)
-    assert "error 302: the server redirects to /elsewhere, which is not followed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "which is not followed (it would get the API key)" in err and err.rstrip().endswith(advice), err
+    if redirect == "redirect":
+        assert f"the server redirects to {url}/elsewhere," in err
+
+
+def test_a_failed_job_is_reported_by_its_message_and_code(stand_in, tmp_path, capsys, monkeypatch):
+    url, handler = stand_in
+    failure = {"message": "the engine ran out of memory", "type": "server_error", "param": None, "code": "oom"}
+    monkeypatch.setattr(handler, "JOB", {**handler.JOB, "error": failure})
+    handler.polls = ["running", "failed"]
+    assert run_client(url, tmp_path) == 1
+    assert capsys.readouterr().err.rstrip().endswith("job failed: the engine ran out of memory (oom)")
+
+
+def test_a_stop_during_the_download_cancels_nothing_and_names_where_the_audio_is(stand_in, tmp_path):
+    """The job has succeeded: its audio waits on the server until the job expires, and no cancel is sent."""
+    url, handler = stand_in
+    handler.downloads = ["steady"]  # 2 s long
+    process = subprocess.Popen([sys.executable, "-m", "stable_audio_bento.client", "a bell", "--url", url, "--quiet",
+                                "-o", str(tmp_path / "out.wav")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while ("GET", JOB_PATH + "/content") not in handler.seen:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=20)[1]
+    assert process.returncode == 130, err
+    assert err.splitlines()[-1] == ("interrupted while downloading the audio of job job_1, which succeeded; it "
+                                    f"stays on the server until the job expires: {url}{JOB_PATH}/content"), err
+    assert "DELETE" not in [method for method, _ in handler.seen] and not (tmp_path / "out.wav").exists()
 
 
 def test_a_download_that_is_not_audio_is_not_written(stand_in, tmp_path, capsys):
@@ -541,6 +581,55 @@ def test_an_output_that_cannot_be_written_leaves_no_partial_file_and_names_the_r
     err = capsys.readouterr().err
     assert "could not write" in err and "No space left on device" in err
     assert f"{url}/v1/audio/jobs/job_1/content" in err
+
+
+def test_an_output_through_a_link_replaces_the_links_target_and_keeps_the_link(stand_in, tmp_path):
+    """-o a link to a file: the file is replaced whole and the link kept. /dev/stdout redirected to a file is such a
+    link (to /proc/self/fd/1, to the file): replacing the link there, as root, replaced /dev/stdout."""
+    url, _ = stand_in
+    take, link = tmp_path / "takes" / "take.wav", tmp_path / "latest.wav"
+    take.parent.mkdir()
+    take.write_bytes(b"an older take")
+    link.symlink_to(take)
+    assert client.main(["a bell", "--url", url, "--quiet", "-o", str(link)]) == 0
+    assert link.is_symlink() and take.read_bytes() == AUDIO and list(take.parent.iterdir()) == [take]
+    stdout = tmp_path / "stdout"
+    stdout.symlink_to("/proc/self/fd/1")
+    with open(tmp_path / "redirected.wav", "wb") as redirected:
+        done = subprocess.run([sys.executable, "-m", "stable_audio_bento.client", "a bell", "--url", url, "--quiet",
+                               "-o", str(stdout)], stdout=redirected, stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert stdout.is_symlink() and (tmp_path / "redirected.wav").read_bytes() == AUDIO
+
+
+def test_audio_written_to_a_piped_stdout_is_all_that_stdout_carries(stand_in):
+    url, _ = stand_in
+    done = subprocess.run([sys.executable, "-m", "stable_audio_bento.client", "a bell", "--url", url, "--quiet",
+                           "-o", "/dev/stdout"], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == AUDIO and b"wrote /dev/stdout (10 bytes, " in done.stderr
+
+
+def test_a_file_another_client_is_writing_to_the_same_output_is_left_alone(tmp_path):
+    """Each client writes a temporary file of its own: with one name for all, two at once wrote into one file and
+    each renamed the other's audio, or nothing, into place."""
+    output, others = tmp_path / "out.wav", tmp_path / ".out.wav.part"
+    others.write_bytes(b"another client's audio, half written")
+    client.save(output, AUDIO)
+    assert output.read_bytes() == AUDIO and others.read_bytes() == b"another client's audio, half written"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~umask  # as any file the user creates, not mkstemp's 0600
+
+
+def test_a_device_is_checked_for_writing_itself_not_its_folder(monkeypatch, capsys):
+    """A user who may not write in /dev (anyone but root) may write /dev/null and /dev/stdout."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != Path("/dev") and real_access(path, mode))
+    assert client.parse_args(["a bell", "-o", "/dev/null"]).output == Path("/dev/null")
+    with pytest.raises(SystemExit) as exit_:
+        client.parse_args(["a bell", "-o", "/dev/bell.wav"])
+    assert exit_.value.code == 2 and "cannot write /dev/bell.wav" in capsys.readouterr().err
 
 
 def test_a_job_the_server_no_longer_has_is_reported_as_gone_and_not_cancelled(stand_in, tmp_path, capsys):
@@ -680,6 +769,48 @@ def test_a_format_that_contradicts_the_output_suffix_is_refused_before_anything_
     unknown_suffix = client.parse_args(["a bell", "-o", str(tmp_path / "bell.audio"), "--response-format", "wav"])
     assert client.request_body(agreeing)["response_format"] == "opus"
     assert client.request_body(unknown_suffix)["response_format"] == "wav"
+
+
+@pytest.mark.parametrize("output, given, sent", [("out", "MP3", "mp3"), ("out", "ogg", "opus"),
+                                                  ("out.ogg", "OGG", "opus"), ("out.opus", "ogg", "opus")])
+def test_a_response_format_is_sent_as_the_server_names_it(output, given, sent):
+    """The server takes lowercase names, and opus for ogg (as the client reads a .ogg suffix)."""
+    body = client.request_body(client.parse_args(["a bell", "-o", output, "--response-format", given]))
+    assert body["response_format"] == sent
+
+
+def test_an_unknown_response_format_is_refused_before_anything_is_sent(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        client.parse_args(["a bell", "--response-format", "m4a"])
+    formats = "'m4a' is not a format the server writes: give wav, mp3, flac, pcm, opus (or ogg) or aac"
+    assert exit_.value.code == 2 and formats in capsys.readouterr().err
+
+
+def test_an_init_audio_that_cannot_be_read_is_refused_before_anything_is_sent(tmp_path, capsys):
+    missing = tmp_path / "loop.wav"
+    with pytest.raises(SystemExit) as exit_:
+        client.parse_args(["a bell", "--init-audio", str(missing)])
+    assert exit_.value.code == 2 and f"cannot read --init-audio {missing}: " in capsys.readouterr().err
+
+
+def test_an_api_key_is_sent_without_surrounding_whitespace_in_the_bytes_the_server_compares(stand_in, tmp_path,
+                                                                                            monkeypatch):
+    """A key file read with $(cat) or an editor's final newline: the server strips its own key file's line too.
+    The server compares the key's UTF-8 bytes."""
+    url, handler = stand_in
+    monkeypatch.setenv("STABLE_AUDIO_API_KEY", "sekrit\n")
+    assert run_client(url, tmp_path) == 0
+    assert run_client(url, tmp_path, "--api-key", " clé ") == 0
+    assert handler.authorizations == [b"Bearer sekrit", "Bearer clé".encode()]
+
+
+@pytest.mark.parametrize("key", ["sek rit", "sek\trit", "sek\nrit", "sek\x7frit", "sek\u2028rit"])
+def test_an_api_key_no_header_can_carry_is_refused_without_showing_it(key, capsys):
+    """http.client refused it with the header, key included, in its message: a key in the logs."""
+    with pytest.raises(SystemExit) as exit_:
+        client.parse_args(["a bell", "--api-key", key])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "has a space or a control character inside" in err and "sek" not in err
 
 
 @pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-5", "1e10"])

@@ -22,10 +22,13 @@ import os
 import signal
 import socket
 import ssl
+import stat
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from contextlib import contextmanager
@@ -57,6 +60,16 @@ T = TypeVar("T")
 SUFFIX_FORMATS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "pcm": "pcm", "opus": "opus", "ogg": "opus",
                   "aac": "aac"}
 
+
+def response_format(text: str) -> str:
+    """--response-format as the server names it: it takes lowercase names only, and no ogg (opus is in ogg)."""
+    served = SUFFIX_FORMATS.get(text.lower())
+    if served is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a format the server writes: give wav, mp3, flac, pcm, "
+                                         "opus (or ogg) or aac")
+    return served
+
+
 FIELDS = {  # flag -> (type, help); None values are left out so the server applies its defaults
     "audio_length": (float, "seconds of audio (default: the model's maximum, 47.55 s for stable-audio-open-1.0; "
                             "an edit on Stable Audio 3: the file's length)"),
@@ -65,8 +78,8 @@ FIELDS = {  # flag -> (type, help); None values are left out so the server appli
     "guidance_scale": (float, "classifier-free guidance scale (default: the model's; <= 1 disables guidance)"),
     "num_inference_steps": (int, "denoising steps (default: the model's, 100 for stable-audio-open-1.0)"),
     "seed": (int, "random seed; the same seed and request give the same audio"),
-    "response_format": (str, "wav, mp3, flac, pcm, opus or aac (default: from the output file's suffix; wav for a "
-                             "file without one)"),
+    "response_format": (response_format, "wav, mp3, flac, pcm, opus (or ogg) or aac (default: from the output "
+                                         "file's suffix; wav for a file without one)"),
     "model": (str, "model name; must match the served model if given"),
     "strength": (float, "with --init-audio: how far from it to go, over 0 and at most 1 (default 0.5)"),
     "mask_start": (float, "with --init-audio, Stable Audio 3: regenerate from here (seconds), keep the rest"),
@@ -86,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", type=Path, default=Path("output.wav"), help="output file (default output.wav)")
     parser.add_argument("--url", default="http://localhost:8091", help="server address (default http://localhost:8091)")
     parser.add_argument("--api-key", default=os.environ.get("STABLE_AUDIO_API_KEY"),
-                        help="sent as 'Authorization: Bearer KEY' (default: $STABLE_AUDIO_API_KEY)")
+                        help="sent as 'Authorization: Bearer KEY' (default: $STABLE_AUDIO_API_KEY); leading and "
+                             "trailing whitespace is dropped, as the server drops it from its key file's line")
     parser.add_argument("--timeout", type=float, default=3600.0,
                         help="seconds to wait, retries of a busy server included, before cancelling the job "
                              "(default 3600)")
@@ -97,17 +111,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in EDIT_FIELDS:
         if getattr(args, name) is not None and args.init_audio is None:
             parser.error(f"--{name.replace('_', '-')} needs --init-audio")
-    if args.output.is_dir() or not os.access(args.output.parent, os.W_OK):  # known now, not after the generation
-        parser.error(f"cannot write {args.output}: give a file in an existing folder this user can write to")
+    if args.api_key is not None:
+        args.api_key = args.api_key.strip()
+        if not usable_key(args.api_key):  # the key itself is not shown: this line may end up in a shared log
+            parser.error("the API key (--api-key or $STABLE_AUDIO_API_KEY) has a space or a control character "
+                         "inside, which an Authorization header cannot carry")
+    if args.init_audio is not None and not (args.init_audio.is_file() and os.access(args.init_audio, os.R_OK)):
+        parser.error(f"cannot read --init-audio {args.init_audio}: give an audio file this user can read")
+    if not writable(args.output):  # known now, not after the generation
+        parser.error(f"cannot write {args.output}: give a file in an existing folder this user can write to, or a "
+                     "device such as /dev/stdout")
     suffix = args.output.suffix.lstrip(".").lower()
     named = SUFFIX_FORMATS.get(suffix)
-    if named is not None and args.response_format is not None and args.response_format.lower() != named:
+    if named is not None and args.response_format is not None and args.response_format != named:
         parser.error(f"{args.output} names {named} audio but --response-format asks for {args.response_format}: "
                      "drop one, or give the file the format's suffix")
     if suffix and named is None and args.response_format is None:  # e.g. .m4a: WAV in it would be a broken file
         parser.error(f"{args.output}: no format is served as .{suffix}; name the file .wav, .mp3, .flac, .pcm, "
                      ".opus (or .ogg) or .aac, or give --response-format")
     return args
+
+
+def usable_key(key: str) -> bool:
+    """Whether an Authorization header can carry the key as it is: a space would end it, a line feed end the
+    header, and http.client refuses a control character with the header's value, key included, in its message."""
+    return key.isprintable() and " " not in key
+
+
+def in_place(path: Path) -> bool:
+    """Whether -o names something other than a regular file, reached through links or not: a device (/dev/null) or
+    a pipe (/dev/stdout piped), written directly, as there is no file to rename over."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # nothing there yet
+        return False
+
+
+def writable(path: Path) -> bool:
+    """Whether ``save`` can write ``path``: a device or pipe this user may write to, or else a folder to rename a
+    file in, the one the link's target (if any) is in."""
+    if path.is_dir():
+        return False
+    if in_place(path):
+        return os.access(path, os.W_OK)
+    folder = Path(os.path.realpath(path)).parent
+    return folder.is_dir() and os.access(folder, os.W_OK)
 
 
 def request_body(args: argparse.Namespace) -> dict:
@@ -205,7 +253,8 @@ class Server:
         self.deadline: float | None = None
         self.headers = {"Content-Type": "application/json"}
         if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
+            # As UTF-8, the bytes the server compares the key with: http.client sends a header's text as Latin-1.
+            self.headers["Authorization"] = f"Bearer {api_key}".encode().decode("latin-1")
         self.opener = urllib.request.build_opener(RefusedRedirect, WatchedHTTPHandler, WatchedHTTPSHandler)
 
     def call(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None,
@@ -257,9 +306,15 @@ def generate(server: Server, body: dict, timeout: float, show: "ProgressBar", in
     job = wait_for(server, submit(server, body, init_audio, deadline, show), deadline, timeout, show)
     show(job)
     if job["status"] != "succeeded":
-        raise RuntimeError(f"job {job['status']}: {json.dumps(job['error'])}")
+        error = job["error"] or {}  # a cancelled job may have none
+        code = f" ({error['code']})" if error.get("code") else ""
+        raise RuntimeError(f"job {job['status']}" + (f": {error['message']}{code}" if error else ""))
     # The result stays on the server until the job expires, so a failed download can be tried again too.
-    audio, headers = retrying(lambda: server.call("GET", job["result_url"]), deadline, show, "downloading the audio")
+    try:
+        audio, headers = retrying(lambda: server.call("GET", job["result_url"]), deadline, show,
+                                  "downloading the audio")
+    except KeyboardInterrupt:
+        raise DownloadStopped(job) from None
     media_type = {name.lower(): value for name, value in headers.items()}.get("content-type", "")
     if not media_type.startswith("audio/"):  # a proxy's page, say, answered in the server's place
         raise ValueError(f"the download of job {job['id']} is not audio (Content-Type: {media_type or 'none'})")
@@ -436,6 +491,14 @@ def cancel_unseen(server: Server, submission: Submission, show: "ProgressBar") -
     cancel(server, job_id, show, timeout=left())
 
 
+class DownloadStopped(KeyboardInterrupt):
+    """A stop once the job has succeeded: nothing is left to cancel, and the job's audio stays on the server."""
+
+    def __init__(self, job: dict):
+        super().__init__()
+        self.job = job
+
+
 class StoppedAgain(KeyboardInterrupt):
     """A second Ctrl-C or SIGTERM while the first waits: quit at once, without finding the job to cancel it."""
 
@@ -544,8 +607,7 @@ def run(args: argparse.Namespace) -> int:
         audio, job = generate(server, request_body(args), args.timeout, bar, args.init_audio)
     except urllib.error.HTTPError as error:
         if 300 <= error.code < 400:
-            bar.note(f"error {error.code}: the server redirects to {error.headers.get('Location')}, which is not "
-                     "followed (it would get the API key): give that address as --url")
+            bar.note(f"error {error.code}: {redirect_advice(server, error)}")
         else:
             bar.note(f"error {error.code}: {error_message(error.read())}")
         return 1
@@ -557,31 +619,58 @@ def run(args: argparse.Namespace) -> int:
     except (KeyError, TypeError) as error:  # JSON, but not a job's
         bar.note(f"failed ({args.url}): the server's answer is not a job ({type(error).__name__}: {error})")
         return 1
+    except DownloadStopped as stop:
+        bar.note(f"interrupted while downloading the audio of job {stop.job['id']}, which succeeded; it stays on the "
+                 f"server until the job expires: {server.url}{stop.job['result_url']}")
+        return 130
     except KeyboardInterrupt:
         bar.note("cancelled")
         return 130
     try:
         save(args.output, audio)
     except OSError as error:
-        print(f"could not write {args.output} ({error}); the audio stays on the server until the job expires: "
-              f"{server.url}{job['result_url']}", file=sys.stderr)
+        bar.note(f"could not write {args.output} ({error}); the audio stays on the server until the job expires: "
+                 f"{server.url}{job['result_url']}")
         return 1
-    print(f"wrote {args.output} ({len(audio)} bytes, {job['audio_duration']:.3f} s of {job['response_format']}, "
-          f"seed {job['seed']})")
+    # On stderr like every message: with -o /dev/stdout, stdout holds the audio alone.
+    bar.note(f"wrote {args.output} ({len(audio)} bytes, {job['audio_duration']:.3f} s of {job['response_format']}, "
+             f"seed {job['seed']})")
     return 0
 
 
+def redirect_advice(server: Server, error: urllib.error.HTTPError) -> str:
+    """What to give as --url instead: the Location names the route the call was sent to, so the server's address
+    is what comes before that route, when the Location ends with it."""
+    location = urllib.parse.urljoin(error.filename, error.headers.get("Location", ""))
+    route = error.filename[len(server.url):]
+    refused = f"the server redirects to {location}, which is not followed (it would get the API key)"
+    if location.endswith(route) and location != error.filename:
+        return f"{refused}: give {location[:-len(route)]} as --url"
+    return f"{refused}; it is not this route at another address: check --url"
+
+
 def save(path: Path, data: bytes) -> None:
-    """Whole or not at all: written beside the file, then renamed over it (a device such as /dev/null directly)."""
-    if path.exists() and not path.is_file():
+    """Whole or not at all: written to a file of its own beside the target, then renamed over it. Through a link,
+    the link's target is replaced and the link kept (/dev/stdout redirected to a file is such a link); a device or
+    a pipe (/dev/null, /dev/stdout piped) is written directly."""
+    if in_place(path):
         path.write_bytes(data)
         return
-    partial = path.with_name(f".{path.name}.part")
+    target = Path(os.path.realpath(path))
+    handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
-        partial.write_bytes(data)
-        partial.replace(path)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.chmod(partial, 0o666 & ~current_umask())  # not mkstemp's 0600: as a file the user created
+        Path(partial).replace(target)
     finally:
-        partial.unlink(missing_ok=True)
+        Path(partial).unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 if __name__ == "__main__":
