@@ -32,6 +32,7 @@ from stable_audio_bento.config import EngineConfig
 from stable_audio_bento.generation import AudioRequest
 from stable_audio_bento.loading import ModelLoadError, ensure_tiny_model, load_engine
 from stable_audio_bento.local_server import local_server
+from stable_audio_bento.model_cache import save_once
 from stable_audio_bento.model_import import identify_source, import_model, main
 from stable_audio_bento.model_store import (STORED_MODEL_TAG, latest_stored_model, serving_config,
                                             stored_model_reference, stored_models)
@@ -164,12 +165,14 @@ def test_stored_model_is_served_unless_stable_audio_model_names_another(imported
                                                "Hugging Face hub"),
     ("{empty}", "is neither a diffusers-format folder (model_index.json) nor a Stable Audio 3 checkpoint"),
     ("{broken}", "is not a complete diffusers-format pipeline"),
+    ("{listed}", "model_index.json is not a JSON object naming the pipeline's components"),
 ])
 def test_bad_sources_fail_with_a_clear_message(source, message, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "model_index.json").write_text('{"_class_name": "StableAudioPipeline"}')
-    assert main([source.format(empty=tmp_path / "empty", broken=tmp_path / "broken")]) == 1
+    for folder, index in ("broken", '{"_class_name": "StableAudioPipeline"}'), ("listed", "[1, 2]"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model_index.json").write_text(index)
+    assert main([source.format(empty=tmp_path / "empty", broken=tmp_path / "broken", listed=tmp_path / "listed")]) == 1
     last_line = last_error_line(capsys.readouterr().err)
     assert last_line.startswith("stable-audio-import-model: error: ") and message in last_line
 
@@ -431,6 +434,51 @@ def test_an_import_that_cannot_write_exits_with_one_line_naming_the_store(store,
     line = last_error_line(capsys.readouterr().err)
     assert line.startswith(f"stable-audio-import-model: error: importing into the model store {store._path} failed: ")
     assert "No space left on device" in line and stored_models() == []
+
+
+def test_a_read_only_bentoml_home_exits_with_one_line(monkeypatch, capsys):
+    """BentoML makes its folders when its store is first asked for, and raises when it cannot; asking again to name
+    the store in the message raised once more, from inside the handler: two tracebacks instead of the line."""
+    def read_only_home():
+        raise OSError(errno.EROFS, "Read-only file system", "/read-only/bentos")
+
+    monkeypatch.setattr("stable_audio_bento.model_import.store_folder", read_only_home)
+    assert main(["tiny"]) == 1
+    assert last_error_line(capsys.readouterr().err) == (
+        "stable-audio-import-model: error: importing into BentoML's model store failed: [Errno 30] Read-only file "
+        "system: '/read-only/bentos'. Free disk space or make the store writable (BENTOML_HOME chooses another), then "
+        "import again")
+
+
+@pytest.mark.parametrize("argv", [[""], ["tiny", "--text-encoder", ""]], ids=["source", "text-encoder"])
+def test_an_empty_source_is_refused_not_read_as_the_current_folder(argv, store, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "not an empty string" in capsys.readouterr().err and stored_models() == []
+
+
+def test_the_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps it to the terminal's width
+    assert "put a model in BentoML's model store as stable-audio," in shown and "``" not in shown
+
+
+def test_a_tiny_models_build_removes_the_staging_folder_a_killed_build_left(tmp_path, caplog):
+    """The model cache's staging folders are removed as the store's are: a killed writer's, on this host, only."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    abandoned = tmp_path / f".tiny-v2-{host}-{int(dead.stdout)}-abcd1234"
+    live = tmp_path / f".tiny-v2-{host}-{os.getpid()}-abcd1234"
+    elsewhere = tmp_path / f".tiny-v2-another-host-{int(dead.stdout)}-abcd1234"
+    another_model = tmp_path / f".tiny-sa3-{host}-{int(dead.stdout)}-abcd1234"
+    for folder in abandoned, live, elsewhere, another_model:
+        folder.mkdir()
+    built = SimpleNamespace(save_pretrained=lambda folder: (Path(folder) / "model_index.json").write_text("{}"))
+    assert save_once(tmp_path / "tiny-v2", lambda: built) == tmp_path / "tiny-v2"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [live.name, elsewhere.name, another_model.name, "tiny-v2"])
+    assert f"removed {abandoned}, left by process {int(dead.stdout)}" in caplog.text
 
 
 def test_reimporting_the_served_model_writes_nothing_to_the_store(store, model_cache, monkeypatch):

@@ -24,7 +24,9 @@ def cache_root() -> Path:
 
 
 def save_once(directory: Path, build: Callable[[], Any]) -> Path:
-    """Builds the pipeline and saves it to ``directory`` unless a complete copy is there; returns the folder."""
+    """Builds the pipeline and saves it to ``directory`` unless a complete copy is there; returns the folder. A
+    build killed on this host earlier left its staging folder beside it: that is removed first."""
+    remove_abandoned_staging(directory.parent, re.escape(directory.name))
     if (directory / "model_index.json").is_file():
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -52,31 +52,42 @@ class HubUnreachable(ImportFailed):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stable-audio-import-model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="hub id, diffusers folder, tiny / tiny-sa3 / tiny-sa3-base, or a Stable Audio 3 "
-                                       "checkpoint in Stability's layout (model_config.json + model.safetensors)")
-    parser.add_argument("--text-encoder", default=sa3_checkpoint.TEXT_ENCODER_HUB_ID, metavar="ID_OR_PATH",
+    parser = argparse.ArgumentParser(prog="stable-audio-import-model",
+                                     description=__doc__.split("\n\n")[0].replace("``", ""))  # RST is not for --help
+    parser.add_argument("source", type=nonempty,
+                        help="hub id, diffusers folder, tiny / tiny-sa3 / tiny-sa3-base, or a Stable Audio 3 "
+                             "checkpoint in Stability's layout (model_config.json + model.safetensors)")
+    parser.add_argument("--text-encoder", type=nonempty, default=sa3_checkpoint.TEXT_ENCODER_HUB_ID,
+                        metavar="ID_OR_PATH",
                         help="for Stability-format checkpoints: where T5Gemma and its tokenizer come from (default "
                              "%(default)s; or a local folder, or a diffusers-format SA3 folder)")
     parser.add_argument("--dtype", choices=STORED_DTYPES, default="float32",
                         help="store the DiT's, text encoder's and conditioning's weights in this dtype (default "
                              "%(default)s); the autoencoder stays float32. Store what you serve: float16 for GPUs")
     args = parser.parse_args(argv)
+    store = "BentoML's model store"  # until BentoML has made its folders: that fails in a read-only BENTOML_HOME
     try:
+        store = f"the model store {store_folder()}"
         model, already_stored = import_model(args.source, args.text_encoder, args.dtype)
     except (ImportFailed, sa3_checkpoint.CheckpointError) as exc:
         print(f"stable-audio-import-model: error: {exc}", file=sys.stderr)
         return 1
     except (OSError, SafetensorError) as exc:  # safetensors reports its own writes' failures as SafetensorError
-        print(f"stable-audio-import-model: error: importing into the model store {store_folder()} failed: {exc}. "
-              "Free disk space or make the store writable (BENTOML_HOME chooses another), then import again",
-              file=sys.stderr)
+        print(f"stable-audio-import-model: error: importing into {store} failed: {exc}. Free disk space or make the "
+              "store writable (BENTOML_HOME chooses another), then import again", file=sys.stderr)
         return 1
     metadata = _recorded(model)
     what = "already stored as" if already_stored else "stored"
     print(f"{what} {model.tag} ({metadata['family']}, {metadata['dtype']}, {metadata['size_bytes'] / 2**20:.1f} MiB) "
           f"from {metadata['source']} at {metadata['revision']}")
     return 0
+
+
+def nonempty(source: str) -> str:
+    """An empty source or text encoder (an unset variable, quoted) would be the current folder."""
+    if not source:
+        raise argparse.ArgumentTypeError("give a hub id, a folder or a file, not an empty string")
+    return source
 
 
 class Imported(NamedTuple):
@@ -275,6 +286,9 @@ def _complete(folder: Path) -> Path:
     except ValueError as exc:
         raise ImportFailed(f"{folder / 'model_index.json'} is not JSON ({exc}). Download or copy the model again"
                            ) from exc
+    if not isinstance(index, dict):
+        raise ImportFailed(f"{folder / 'model_index.json'} is not a JSON object naming the pipeline's components. "
+                           "Download or copy the model again")
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or None in spec:
             continue  # the pipeline's own attributes, and optional components saved as [null, null]
