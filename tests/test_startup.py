@@ -68,7 +68,8 @@ def assert_stopped_with_one_message(status: int, exited_at: datetime, log: str, 
     assert (exited_at - failed_at).total_seconds() < STOP_AFTER_FAILURE_S + 1, log  # +1: whole-second log times
     assert log.count("[service:StableAudioEngine:1] Applying user config") == 1, "the engine was restarted"
     assert "Traceback (most recent call last)" not in log, log
-    assert log.rstrip().endswith("stable-audio-bento stopped: a worker exited, for the reason logged above"), log
+    assert log.rstrip().endswith("stable-audio-bento stopped: a worker exited (killed by a signal, or for the "
+                                 "reason logged above)"), log
     assert "Application startup failed" not in log
 
 

@@ -78,7 +78,9 @@ def keep_sockets_until_workers_stop() -> None:
         except RuntimeError as error:
             if str(error) != WORKER_EXITED:
                 raise
-            raise SystemExit("stable-audio-bento stopped: a worker exited, for the reason logged above") from None
+            # Circus keeps no exit status by then; a worker killed (kill -9, the OOM killer) has logged nothing.
+            raise SystemExit("stable-audio-bento stopped: a worker exited (killed by a signal, or for the reason "
+                             "logged above)") from None
         finally:
             arbiter.exit_stack.close()
 
