@@ -33,6 +33,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from safetensors import SafetensorError
 
 from . import sa3_checkpoint, sa3_loading
+from .env_values import env_text
 from .loading import HUB_ID, TINY, ensure_tiny_model
 from .model_cache import remove_abandoned_staging, written_whole
 from .model_store import FAMILIES, STORED_MODEL_NAME, latest_file, store_folder, stored_models
@@ -325,7 +326,7 @@ def _text_encoder_revision(text_encoder: str) -> str | None:
     if folder.is_dir():
         return _digest(_files(folder), folder)
     with contextlib.suppress(Exception):  # huggingface_hub's own errors; loading it will say what is wrong
-        return HfApi(token=os.environ.get("HF_TOKEN")).model_info(text_encoder).sha
+        return HfApi(token=env_text(os.environ, "HF_TOKEN")).model_info(text_encoder).sha
     return None
 
 
@@ -352,7 +353,7 @@ def _component_loading(exc: BaseException) -> str | None:
 
 
 def _from_hub(repo: str, text_encoder: str) -> IdentifiedSource:
-    token = os.environ.get("HF_TOKEN")
+    token = env_text(os.environ, "HF_TOKEN")
     try:
         info = HfApi(token=token).model_info(repo)
     except Exception as exc:
