@@ -4,6 +4,7 @@ whichever engine holds them, and the load spreads over both engines."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,7 +15,10 @@ import httpx
 import pytest
 import torch
 
+from stable_audio_bento.admission import Admission
+from stable_audio_bento.engine_pool import EnginePool
 from stable_audio_bento.engine_workers import ENGINE_WORKERS_VARIABLE, engine_worker_count
+from stable_audio_bento.gateway import Gateway
 from stable_audio_bento.local_server import local_server
 
 from conftest import ARTIFACTS, metric_samples, own_bentoml_home
@@ -145,3 +149,23 @@ def test_the_default_is_one_engine_per_visible_gpu_and_child_processes_inherit_i
     expected = max(1, torch.cuda.device_count())
     assert engine_worker_count() == expected
     assert os.environ[ENGINE_WORKERS_VARIABLE] == str(expected)
+
+
+def test_a_jobs_queue_position_counts_only_those_ahead_of_it_on_its_own_engine():
+    """Each engine has its own queue: counted over both, positions were about twice too high ("0 = next" broken)."""
+    async def scenario():
+        gateway = Gateway(EnginePool([object(), object()], result_wait_s=1.0), Admission(max_pending=16,
+                                                                                           max_batch_size=1))
+        slots = [gateway.admission.admit(name) for name in "abcdefg"]
+        for name in "abcdef":  # "g" is admitted, its upload still being decoded: on no engine yet
+            gateway.engines.place(name)
+        engines = {name: gateway.engines.engine_of(name) for name in "abcdef"}
+        assert engines == {"a": 0, "b": 1, "c": 0, "d": 1, "e": 0, "f": 1}
+        started = {"a", "b"}
+        assert {name: gateway.queue_position(name, started) for name in "abcdefg"} == {
+            "a": None, "b": None, "c": 0, "d": 0, "e": 1, "f": 1, "g": 4}
+        with slots[2]:  # c ends (cancelled): e is next on its engine at once
+            pass
+        assert gateway.queue_position("e", started) == 0 and gateway.queue_position("c", started) is None
+
+    asyncio.run(scenario())

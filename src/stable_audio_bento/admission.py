@@ -78,13 +78,6 @@ class Admission:
         batches_ahead = max(1, math.ceil((len(self.pending) - self.max_pending + 1) / self.max_batch_size))
         return max(1, math.ceil(batches_ahead * self.mean_service_s))
 
-    def queue_position(self, generation_id: str, started: set[str]) -> int | None:
-        """0 for the next to start; None once started or when unknown."""
-        if generation_id in started or generation_id not in self.pending:
-            return None
-        waiting = [other for other in self.pending if other not in started]
-        return waiting.index(generation_id)
-
     async def drain(self) -> None:
         """Stop admitting, then return once every admitted generation has finished."""
         self.draining = True

@@ -57,6 +57,10 @@ class EnginePool:
             self._placement[generation_id] = self._in_flight[generation_id] = index
         return index
 
+    def engine_of(self, generation_id: str) -> int | None:
+        """The engine a generation was handed to; None before its submit."""
+        return self._placement.get(generation_id)
+
     def release(self, generation_id: str) -> None:
         """The generation is over for the front: its engine stops counting it at once, forgets it a little later."""
         if self._in_flight.pop(generation_id, None) is not None:

@@ -244,6 +244,17 @@ class Gateway:
             logger.warning("could not tell the engine to drop request %s", job.request_id,
                            exc_info=not isinstance(error, asyncio.TimeoutError))  # a timeout's traceback says nothing
 
+    def queue_position(self, generation_id: str, started: set[str]) -> int | None:
+        """0 for the next to start; None once started or when unknown. Each engine has a queue of its own, in the
+        order of submission: those ahead are the ones admitted earlier, not started, on the same engine (any
+        engine's, for one not yet handed to an engine)."""
+        waiting = [other for other in self.admission.pending if other not in started]
+        if generation_id not in waiting:
+            return None
+        engine = self.engines.engine_of(generation_id)
+        ahead = waiting[:waiting.index(generation_id)]
+        return sum(1 for other in ahead if engine is None or self.engines.engine_of(other) == engine)
+
     async def cancel(self, generation_ids: list[str]) -> None:
         await self.engines.cancel(generation_ids)
 

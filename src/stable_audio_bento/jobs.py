@@ -214,7 +214,7 @@ class JobStore:
             return job.live
         progress = started.get(job.id)
         job.live = ("running" if progress is not None else "queued", progress,
-                    self.gateway.admission.queue_position(job.id, set(started)))
+                    self.gateway.queue_position(job.id, set(started)))
         return job.live
 
     async def _engine_progress(self) -> dict[str, dict[str, int]]:
