@@ -237,17 +237,26 @@ def test_a_nan_is_encoded_as_silence_not_an_abort(stereo_tone):
     assert not np.frombuffer(encode_audio(clip, RATE, "pcm"), dtype="<i2").reshape(-1, 2)[1000].any()
 
 
-@pytest.mark.parametrize("deadline_in_s, status, code", [(None, 500, "encoding_failed"), (60, 500, "encoding_failed"),
-                                                         (-1, 504, "timeout")])
-def test_the_gateway_answers_an_encoding_failure_in_the_error_shape(broken_ffmpeg, stereo_tone, deadline_in_s,
-                                                                    status, code):
-    """A 500 naming the format and what ffmpeg said, not BentoML's "unexpected error"; past the request's deadline
-    (ffmpeg cut by it), the 504 of any request that outlasts it."""
-    broken_ffmpeg("fail" if deadline_in_s != -1 else "hang")
+@pytest.mark.parametrize("mode, deadline_in_s, status, code, seconds", [
+    ("fail", None, 500, "encoding_failed", 1), ("fail", 60, 500, "encoding_failed", 1),
+    ("fail", -1, 500, "encoding_failed", 1),  # ffmpeg's own failure is a 500, whenever it comes
+    ("hang", -1, 504, "timeout", 1),  # a second at least: the audio is made
+    ("hang", 3, 504, "timeout", 3)])  # cut at the request's deadline, not after ENCODE_TIMEOUT_S
+def test_the_gateway_answers_an_encoding_failure_in_the_error_shape(broken_ffmpeg, stereo_tone, caplog, mode,
+                                                                    deadline_in_s, status, code, seconds):
+    """A 500 naming the format and what ffmpeg said, not BentoML's "unexpected error"; an ffmpeg still running at
+    the request's deadline is killed there, and the answer is the 504 of any request that outlasts it. Either is
+    logged with ffmpeg's words."""
+    broken_ffmpeg(mode)
     request = AudioRequest("rain", 1, 2.5, deadline=None if deadline_in_s is None else time.time() + deadline_in_s)
+    started = time.monotonic()
     with pytest.raises(APIError) as raised:
         asyncio.run(Gateway.encode(request, stereo_tone, RATE, Delivery("opus")))
     assert (raised.value.status, raised.value.code) == (status, code)
+    if mode == "hang":
+        assert seconds - 0.5 < time.monotonic() - started < seconds + 2
+    said = ("ffmpeg exited with status 1: Error while encoding: the injected fault" if mode == "fail" else
+            "ffmpeg did not finish within")
+    assert said in caplog.text
     if status == 500:
-        assert str(raised.value) == ("encoding the audio as opus failed: ffmpeg exited with status 1: "
-                                     "Error while encoding: the injected fault")
+        assert str(raised.value) == f"encoding the audio as opus failed: {said}"

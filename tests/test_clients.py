@@ -793,24 +793,23 @@ def test_an_init_audio_that_cannot_be_read_is_refused_before_anything_is_sent(tm
     assert exit_.value.code == 2 and f"cannot read --init-audio {missing}: " in capsys.readouterr().err
 
 
-def test_an_api_key_is_sent_without_surrounding_whitespace_in_the_bytes_the_server_compares(stand_in, tmp_path,
-                                                                                            monkeypatch):
-    """A key file read with $(cat) or an editor's final newline: the server strips its own key file's line too.
-    The server compares the key's UTF-8 bytes."""
+def test_an_api_key_is_sent_without_surrounding_whitespace(stand_in, tmp_path, monkeypatch):
+    """A key file read with $(cat) or an editor's final newline: the server strips its own key too."""
     url, handler = stand_in
     monkeypatch.setenv("STABLE_AUDIO_API_KEY", "sekrit\n")
     assert run_client(url, tmp_path) == 0
-    assert run_client(url, tmp_path, "--api-key", " clé ") == 0
-    assert handler.authorizations == [b"Bearer sekrit", "Bearer clé".encode()]
+    assert run_client(url, tmp_path, "--api-key", " s3k-r1t ") == 0
+    assert handler.authorizations == [b"Bearer sekrit", b"Bearer s3k-r1t"]
 
 
-@pytest.mark.parametrize("key", ["sek rit", "sek\trit", "sek\nrit", "sek\x7frit", "sek\u2028rit"])
-def test_an_api_key_no_header_can_carry_is_refused_without_showing_it(key, capsys):
+@pytest.mark.parametrize("key", ["sek rit", "sek\trit", "sek\nrit", "sek\x7frit", "sek\u2028rit", "sekrét"])
+def test_an_api_key_no_server_can_have_is_refused_without_showing_it(key, capsys):
     """http.client refused it with the header, key included, in its message: a key in the logs."""
     with pytest.raises(SystemExit) as exit_:
         client.parse_args(["a bell", "--api-key", key])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "has a space or a control character inside" in err and "sek" not in err
+    assert exit_.value.code == 2 and "has a space, a control or a non-ASCII character inside" in err
+    assert "sek" not in err
 
 
 @pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-5", "1e10"])

@@ -157,7 +157,7 @@ def test_a_jobs_queue_position_counts_only_those_ahead_of_it_on_its_own_engine()
         gateway = Gateway(EnginePool([object(), object()], result_wait_s=1.0), Admission(max_pending=16,
                                                                                            max_batch_size=1))
         slots = [gateway.admission.admit(name) for name in "abcdefg"]
-        for name in "abcdef":  # "g" is admitted, its upload still being decoded: on no engine yet
+        for name in "abcdef":  # "g" is admitted, its submit not sent yet: on no engine
             gateway.engines.place(name)
         engines = {name: gateway.engines.engine_of(name) for name in "abcdef"}
         assert engines == {"a": 0, "b": 1, "c": 0, "d": 1, "e": 0, "f": 1}

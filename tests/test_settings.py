@@ -4,6 +4,7 @@ with one line naming the file and key."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -79,3 +80,27 @@ def test_a_section_with_its_entries_commented_out_is_as_if_absent(tmp_path, text
     config = tmp_path / "configuration.yaml"
     config.write_text(text)
     assert ServiceSettings.load(config) == ServiceSettings()
+
+
+@pytest.mark.parametrize(("text", "message"), [("", None), ("# all commented out\n", None),
+                                              ("- 1\n- 2\n", "must be a mapping of settings (got list)"),
+                                              ("services: [\n", "not YAML: ")])
+def test_a_file_with_no_settings_is_as_if_absent_and_one_that_is_not_a_mapping_is_named(tmp_path, text, message):
+    """BentoML's merge raised an AttributeError on both: a traceback instead of the defaults or one line."""
+    config = tmp_path / "configuration.yaml"
+    config.write_text(text)
+    if message is None:
+        assert ServiceSettings.load(config) == ServiceSettings()
+    else:
+        with pytest.raises(ValueError, match=f"^{config}: {re.escape(message)}") as refused:
+            ServiceSettings.load(config)
+        assert "\n" not in str(refused.value)
+
+
+def test_a_value_from_an_override_is_blamed_on_the_override_too(tmp_path, monkeypatch):
+    config = tmp_path / "configuration.yaml"
+    config.write_text("services:\n  StableAudio:\n    traffic:\n      timeout: 900\n")
+    monkeypatch.setenv("BENTOML_CONFIG_OPTIONS", "services.StableAudio.traffic.timeout=soon")
+    with pytest.raises(ValueError, match=f"^{config} with BENTOML_CONFIG_OPTIONS: services.StableAudio.traffic.timeout "
+                                         "must be a number of seconds above 0"):
+        ServiceSettings.load(config)

@@ -30,6 +30,10 @@ class EncodingFailed(RuntimeError):
     """ffmpeg failed on this audio, ran out of time, or wrote nothing."""
 
 
+class EncodingTimedOut(EncodingFailed):
+    """ffmpeg was still running at its time limit (and was killed)."""
+
+
 @dataclass(frozen=True)
 class FfmpegCodec:
     """Formats libsndfile cannot write: 16-bit samples piped through ffmpeg. Not through pydub's export, which has
@@ -155,7 +159,7 @@ def _encode_with_ffmpeg(audio: np.ndarray, sample_rate: int, response_format: st
     try:  # on a timeout, run kills ffmpeg before raising
         encoded = subprocess.run(command, input=samples.tobytes(), capture_output=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise EncodingFailed(f"ffmpeg did not finish within {timeout_s:.0f} s") from None
+        raise EncodingTimedOut(f"ffmpeg did not finish within {timeout_s:.0f} s") from None
     except OSError as error:
         raise EncodingFailed(f"ffmpeg could not be run: {error}") from None
     if encoded.returncode != 0:

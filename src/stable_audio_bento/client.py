@@ -114,8 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.api_key is not None:
         args.api_key = args.api_key.strip()
         if not usable_key(args.api_key):  # the key itself is not shown: this line may end up in a shared log
-            parser.error("the API key (--api-key or $STABLE_AUDIO_API_KEY) has a space or a control character "
-                         "inside, which an Authorization header cannot carry")
+            parser.error("the API key (--api-key or $STABLE_AUDIO_API_KEY) has a space, a control or a non-ASCII "
+                         "character inside; the server's key is printable ASCII")
     if args.init_audio is not None and not (args.init_audio.is_file() and os.access(args.init_audio, os.R_OK)):
         parser.error(f"cannot read --init-audio {args.init_audio}: give an audio file this user can read")
     if not writable(args.output):  # known now, not after the generation
@@ -133,9 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def usable_key(key: str) -> bool:
-    """Whether an Authorization header can carry the key as it is: a space would end it, a line feed end the
-    header, and http.client refuses a control character with the header's value, key included, in its message."""
-    return key.isprintable() and " " not in key
+    """Whether the key is one a server can have: printable ASCII without spaces (the server refuses any other at
+    start). A space would end it in the header, a line feed end the header, and http.client refuses a control
+    character with the header's value, key included, in its message."""
+    return key.isascii() and key.isprintable() and " " not in key
 
 
 def in_place(path: Path) -> bool:
@@ -253,8 +254,7 @@ class Server:
         self.deadline: float | None = None
         self.headers = {"Content-Type": "application/json"}
         if api_key:
-            # As UTF-8, the bytes the server compares the key with: http.client sends a header's text as Latin-1.
-            self.headers["Authorization"] = f"Bearer {api_key}".encode().decode("latin-1")
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self.opener = urllib.request.build_opener(RefusedRedirect, WatchedHTTPHandler, WatchedHTTPSHandler)
 
     def call(self, method: str, path: str, body: dict | None = None, form: tuple[bytes, str] | None = None,

@@ -173,28 +173,30 @@ class ServiceSettings:
         BentoML's overrides on top (``BENTOML_CONFIG_OPTIONS``, ``BENTOML_CONFIG_OVERRIDES``), merged by BentoML
         as it merges them for itself: a traffic.timeout changed there changes what is derived from it here too."""
         path = Path(path or os.environ.get("BENTOML_CONFIG") or REPO_ROOT / "configuration.yaml")
-        services = _section(_bentoml_configuration(path), path, "services")
-        front = _section(services, path, "services", FRONT_SERVICE)
-        engine = _section(services, path, "services", ENGINE_SERVICE)
-        batching = _section(engine, path, "services", ENGINE_SERVICE, "batching")
+        overrides = [variable for variable in BENTOML_OVERRIDE_VARIABLES if os.environ.get(variable)]
+        source = f"{path}" + (f" with {' and '.join(overrides)}" if overrides else "")  # where a value came from
+        services = _section(_bentoml_configuration(path, source), source, "services")
+        front = _section(services, source, "services", FRONT_SERVICE)
+        engine = _section(services, source, "services", ENGINE_SERVICE)
+        batching = _section(engine, source, "services", ENGINE_SERVICE, "batching")
         for name in ("max_batch_size", "max_latency_ms"):
             value = batching.get(name, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{path}: services.{ENGINE_SERVICE}.batching.{name} must be a whole number of at "
+                raise ValueError(f"{source}: services.{ENGINE_SERVICE}.batching.{name} must be a whole number of at "
                                  f"least 1 (got {value!r})")
         mode = batching.get("mode", cls.batching)
         if mode not in BATCHING_MODES:
-            raise ValueError(f"{path}: services.{ENGINE_SERVICE}.batching.mode={mode!r}: use one of "
+            raise ValueError(f"{source}: services.{ENGINE_SERVICE}.batching.mode={mode!r}: use one of "
                              + ", ".join(BATCHING_MODES))
-        timeout = _timeout(front, path, FRONT_SERVICE, cls.request_timeout_s)
+        timeout = _timeout(front, source, FRONT_SERVICE, cls.request_timeout_s)
         # An engine's own timeout would cut the front's result calls, each up to result_wait_s, and the engine
         # services named StableAudioEngine1... would keep the front's: the engines take the front's.
-        if _timeout(engine, path, ENGINE_SERVICE, timeout) < timeout:
-            raise ValueError(f"{path}: services.{ENGINE_SERVICE}.traffic.timeout is below "
+        if _timeout(engine, source, ENGINE_SERVICE, timeout) < timeout:
+            raise ValueError(f"{source}: services.{ENGINE_SERVICE}.traffic.timeout is below "
                              f"services.{FRONT_SERVICE}.traffic.timeout ({timeout:g}): leave it out, the engines "
                              "take the front's")
         return cls(
-            port=_section(front, path, "services", FRONT_SERVICE, "http").get("port", cls.port),
+            port=_section(front, source, "services", FRONT_SERVICE, "http").get("port", cls.port),
             request_timeout_s=timeout,
             max_batch_size=batching.get("max_batch_size", cls.max_batch_size),
             max_latency_ms=batching.get("max_latency_ms", cls.max_latency_ms),
@@ -203,13 +205,24 @@ class ServiceSettings:
         )
 
 
-def _bentoml_configuration(path: Path) -> dict[str, Any]:
+BENTOML_OVERRIDE_VARIABLES = ("BENTOML_CONFIG_OPTIONS", "BENTOML_CONFIG_OVERRIDES")
+
+
+def _bentoml_configuration(path: Path, source: str) -> dict[str, Any]:
+    """The file with BentoML's override variables on top, merged by BentoML. An empty file (every line commented
+    out) is as if absent; BentoML's merge fails on one, and on a file that is not a mapping, with no message."""
     from bentoml._internal.configuration import (
         get_bentoml_override_config_from_env, get_bentoml_override_config_json_from_env,
     )
     from bentoml._internal.configuration.containers import BentoMLConfiguration
     from bentoml.exceptions import BentoMLConfigException
 
+    try:
+        written = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not YAML: {_one_line(error)}") from None
+    if written is not None and not isinstance(written, dict):
+        raise ValueError(f"{path}: must be a mapping of settings (got {type(written).__name__})")
     # BentoML logs each override it applies, and warns that BENTOML_CONFIG_OPTIONS is deprecated: it does both
     # itself when it loads its configuration, once.
     bentoml_says = logging.getLogger(BentoMLConfiguration.__module__)
@@ -217,26 +230,30 @@ def _bentoml_configuration(path: Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return BentoMLConfiguration(override_config_file=str(path) if path.is_file() else None,
+            return BentoMLConfiguration(override_config_file=str(path) if written else None,
                                         override_config_values=get_bentoml_override_config_from_env(),
                                         override_config_json=get_bentoml_override_config_json_from_env()).to_dict()
-    except (BentoMLConfigException, yaml.YAMLError, ValueError) as error:
-        raise ValueError(f"{path}, with BENTOML_CONFIG_OPTIONS / BENTOML_CONFIG_OVERRIDES: {error}") from None
+    except (BentoMLConfigException, ValueError) as error:
+        raise ValueError(f"{source}: {_one_line(error)}") from None
     finally:
         bentoml_says.disabled = was_disabled
 
 
-def _section(parent: dict[str, Any], path: Path, *keys: str) -> dict[str, Any]:
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _section(parent: dict[str, Any], source: str, *keys: str) -> dict[str, Any]:
     """``parent[keys[-1]]``: a mapping, or {} when absent or left empty (its entries commented out)."""
     value = parent.get(keys[-1]) or {}
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: {'.'.join(keys)} must be a mapping of settings (got {value!r})")
+        raise ValueError(f"{source}: {'.'.join(keys)} must be a mapping of settings (got {value!r})")
     return value
 
 
-def _timeout(service: dict[str, Any], path: Path, name: str, default: float) -> float:
-    timeout = _section(service, path, "services", name, "traffic").get("timeout", default)
+def _timeout(service: dict[str, Any], source: str, name: str, default: float) -> float:
+    timeout = _section(service, source, "services", name, "traffic").get("timeout", default)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-        raise ValueError(f"{path}: services.{name}.traffic.timeout must be a number of seconds above 0 "
+        raise ValueError(f"{source}: services.{name}.traffic.timeout must be a number of seconds above 0 "
                          f"(got {timeout!r})")
     return float(timeout)

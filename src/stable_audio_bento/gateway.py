@@ -16,7 +16,7 @@ import aiohttp
 import numpy as np
 
 from .admission import Admission
-from .audio import ENCODE_TIMEOUT_S, FORMATS, EncodingFailed, encode_audio
+from .audio import ENCODE_TIMEOUT_S, FORMATS, EncodingFailed, EncodingTimedOut, encode_audio
 from .engine_pool import EnginePool
 from .generation import AudioRequest
 from .init_audio import load_init_audio
@@ -172,10 +172,10 @@ class Gateway:
         try:
             return await asyncio.to_thread(deliver, audio, sample_rate, delivery, max(timeout_s, BACKSTOP_S))
         except EncodingFailed as error:
-            if job.deadline is not None and time.time() >= job.deadline:
-                raise timeout_error() from error
             logger.error("request %s could not be encoded as %s: %s", job.request_id, delivery.response_format,
                          error)
+            if isinstance(error, EncodingTimedOut) and job.deadline is not None and time.time() >= job.deadline:
+                raise timeout_error() from error
             raise APIError(f"encoding the audio as {delivery.response_format} failed: {error}", status=500,
                            code="encoding_failed") from error
 
@@ -246,8 +246,9 @@ class Gateway:
 
     def queue_position(self, generation_id: str, started: set[str]) -> int | None:
         """0 for the next to start; None once started or when unknown. Each engine has a queue of its own, in the
-        order of submission: those ahead are the ones admitted earlier, not started, on the same engine (any
-        engine's, for one not yet handed to an engine)."""
+        order of submission, which is that of admission (an upload is decoded before its request is admitted):
+        those ahead are the ones admitted earlier, not started, on the same engine (on any engine, for one admitted
+        but not submitted yet)."""
         waiting = [other for other in self.admission.pending if other not in started]
         if generation_id not in waiting:
             return None

@@ -19,9 +19,9 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from . import sa3_loading
 from .compilation import CUDA_GRAPHS
+from .config import EngineConfig
 from .cuda_graphs import require_cuda
 from .env_values import env_text
-from .config import EngineConfig
 from .model_cache import cache_root, save_once
 from .pipeline import BatchedStableAudio
 from .sa3 import BatchedStableAudio3, SA3Options

@@ -307,8 +307,9 @@ class DroppedResponseLogFilter(logging.Filter):
     """Leaves out uvicorn's line for a response the guard dropped on purpose."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        context = _current_request.get()
-        return not (context is not None and context.response_dropped and record.msg == INCOMPLETE_RESPONSE)
+        context = _current_request.get()  # the message as sent, or with the request id RequestIdLogFilter adds
+        return not (context is not None and context.response_dropped
+                    and str(record.msg).startswith(INCOMPLETE_RESPONSE))
 
 
 class RequestIdLogFilter(logging.Filter):
