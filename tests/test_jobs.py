@@ -40,6 +40,11 @@ class GatewayThatGenerates:
     async def progress(self, ids):
         return {}
 
+    def queue_position(self, generation_id: str, started: set[str]) -> int | None:
+        """As Gateway's with one engine: the place among the admitted ones not started."""
+        waiting = [other for other in self.admission.pending if other not in started]
+        return waiting.index(generation_id) if generation_id in waiting else None
+
 
 def test_a_job_whose_generation_fails_unforeseen_is_failed_not_queued_forever():
     async def scenario():
@@ -203,12 +208,12 @@ def test_a_job_that_finishes_while_polled_is_described_as_finished_not_running()
     assert described["progress"]["steps_done"] == described["progress"]["steps_total"]
 
 
-class GatewayWhoseEngineGoesAway:
+class GatewayWhoseEngineGoesAway(GatewayThatGenerates):
     """A generation that runs until ``finish`` is set, with its progress readable until ``gone`` is set (then the
     call fails as BentoML's client does once the engine's socket is closed at a drain)."""
 
     def __init__(self):
-        self.admission = Admission(max_pending=100, max_batch_size=8)
+        super().__init__(outcome=None)
         self.finish, self.gone = asyncio.Event(), False
 
     async def generate(self, job: AudioRequest, delivery: Delivery, disconnected=None) -> GeneratedAudio:
