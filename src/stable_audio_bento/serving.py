@@ -232,9 +232,9 @@ API_KEY_CHARACTERS = re.compile(r"[!-~]+")
 
 
 def usable_key(key: str, source: str) -> str:
-    """The key, stripped as a Secret's trailing line feed must be (the guard strips the header's token too); one
-    no client could send is refused, without showing it: serving with it would lock every client out, or serving
-    without the key its operator meant to set would open the service to anyone."""
+    """The key, which the caller has stripped (a Secret's trailing line feed; the guard strips the header's token
+    too), if a client can send it; else refused without showing it: serving with it would lock every client out,
+    and serving without the key its operator meant to set would open the service to anyone."""
     if not key:
         raise ValueError(f"{source}: the key is only whitespace")
     if not API_KEY_CHARACTERS.fullmatch(key):
